@@ -1,0 +1,108 @@
+"""`python -m finetune recipe=NAME_OR_PATH [key=value ...]`: train from a recipe.
+
+The steps, each logged: compose (Hydra) -> validate -> build -> plan -> fit -> save; see
+finetune/train.py. Only the task imports torch, so `--help` and `--cfg job` stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from finetune import config as schema
+from finetune.errors import ConfigError, FinetuneError
+
+log = logging.getLogger("finetune")
+
+# Hydra flags that take the next argv token as their value.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                     "-cn", "--config-dir", "-cd", "--info", "--experimental-rerun"}
+
+# Recipe name -> file, for the recipe(s) this process was asked to run (read by the manifest).
+RECIPE_FILES: dict[str, Path] = {}
+
+
+def split_overrides(argv: list[str]) -> list[int]:
+    """Indices of the `key=value` overrides in argv (not Hydra's flags or their values)."""
+    indices, skip = [], False
+    for i, token in enumerate(argv):
+        if skip:
+            skip = False
+        elif token in _FLAGS_WITH_VALUE:
+            skip = True
+        elif not token.startswith("-") and "=" in token:
+            indices.append(i)
+    return indices
+
+
+def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
+    """Register the schema and the recipes, check the recipe and overrides, return Hydra's argv.
+
+    Raises:
+        ConfigError: every problem found, one line each.
+    """
+    schema.register_schema()
+    for name, path in schema.shipped_recipes().items():
+        schema.register_recipe(name, path)
+    argv = list(argv)
+    problems: list[str] = []
+    overrides = split_overrides(argv)
+    for i in overrides:
+        key, _, value = argv[i].partition("=")
+        if key.lstrip("+") != "recipe":
+            continue
+        names = []
+        for one in value.split(","):  # `-m recipe=a,b` sweeps over recipes
+            name, path = schema.resolve_recipe(one.strip(), cwd)
+            schema.register_recipe(name, path)
+            RECIPE_FILES[name] = path
+            problems += schema.check_recipe(path)
+            names.append(name)
+        argv[i] = f"{key}={','.join(names)}"
+    problems += schema.check_overrides([argv[i] for i in overrides
+                                        if argv[i].partition("=")[0].lstrip("+") != "recipe"])
+    if problems:
+        raise ConfigError(problems)
+    return argv
+
+
+def task(cfg: DictConfig) -> float:
+    """One training job. Returns the monitored metric so Hydra sweepers can optimize it."""
+    from finetune.train import run
+
+    try:
+        return run(cfg, recipe_files=RECIPE_FILES)
+    except FinetuneError as err:
+        report(err)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            return math.nan  # one failed job is recorded; the sweep goes on
+        raise SystemExit(2) from None
+
+
+def report(err: FinetuneError) -> None:
+    problems = err.problems if isinstance(err, ConfigError) else [str(err)]
+    for line in problems:
+        print(f"finetune: error: {line}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        args = prepare(args)
+    except ConfigError as err:
+        report(err)
+        raise SystemExit(2) from None
+    sys.argv = [sys.argv[0], *args]
+    return hydra.main(config_path=str(schema.CONF_DIR), config_name="config",
+                      version_base="1.3")(task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Writing and reading a run dir. Every file is written atomically (temporary file + rename)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from finetune.config import file_sha256
+
+METRICS = "metrics.json"
+LOAD_REPORT = "load_report.json"
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_weights(model: nn.Module, path: Path) -> str:
+    """The state dict as safetensors (tensors only, no pickle); returns the file's sha256."""
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    write_bytes(path, save(tensors))
+    return file_sha256(path)
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def library_versions() -> dict[str, str]:
+    names = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "hydra-core",
+             "omegaconf", "safetensors", "finetune")
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def epoch_metrics(metrics_csv: Path) -> dict[str, dict[int, float]]:
+    """metric -> {epoch: value} from Lightning's metrics.csv (its rows are sparse)."""
+    out: dict[str, dict[int, float]] = {}
+    if not metrics_csv.is_file():
+        return out
+    with open(metrics_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if not row.get("epoch"):
+                continue
+            epoch = int(float(row["epoch"]))
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value not in ("", None):
+                    out.setdefault(key, {})[epoch] = float(value)
+    return out

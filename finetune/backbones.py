@@ -1,0 +1,120 @@
+"""Model name -> torchvision model, its weights enum and the preprocessing the weights expect."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from finetune.errors import FinetuneError
+
+# Keys of old torchvision checkpoints that its builders rename before loading; we load the
+# state dict ourselves (to report on it), so we rename the same way. (densenet: 'norm.1'
+# became 'norm1' when dots were banned from module names.)
+KEY_FIXES: dict[str, list[tuple[str, str]]] = {
+    "densenet": [(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|"
+                  r"running_mean|running_var))$", r"\1\2")],
+}
+
+
+def list_backbones() -> list[str]:
+    """Every classification model torchvision registers."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_name(name: str) -> None:
+    names = list_backbones()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise FinetuneError(f"model.name={name!r} is not a torchvision classification model{hint}; "
+                            "see torchvision.models.list_models(module=torchvision.models)")
+
+
+def weights_enum(model_name: str, weights_name: str) -> WeightsEnum:
+    """The torchvision weights entry, e.g. ('resnet50', 'IMAGENET1K_V2'); DEFAULT works too."""
+    check_name(model_name)
+    enum_cls = torchvision.models.get_model_weights(model_name)
+    members = [m.name for m in enum_cls]
+    if weights_name == "DEFAULT":
+        return enum_cls.DEFAULT
+    if weights_name not in members:
+        close = difflib.get_close_matches(weights_name, members, n=2, cutoff=0.4)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise FinetuneError(f"weights.name={weights_name!r} is not a weights entry of "
+                            f"{model_name}{hint}; choose one of: {', '.join(members)}, DEFAULT")
+    return enum_cls[weights_name]
+
+
+def pretrained_kwargs(model_name: str, weights: WeightsEnum) -> dict[str, Any]:
+    """Builder arguments torchvision sets when it loads these weights (so the shapes match)."""
+    kwargs: dict[str, Any] = {}
+    if model_name in ("inception_v3", "googlenet"):
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    elif model_name.startswith("vit_"):
+        kwargs["image_size"] = weights.meta["min_size"][0]
+    elif model_name.startswith("maxvit"):
+        kwargs["input_size"] = weights.meta["min_size"]
+    return kwargs
+
+
+def key_fixes(model_name: str) -> list[tuple[str, str]]:
+    return [fix for family, fixes in KEY_FIXES.items() if model_name.startswith(family)
+            for fix in fixes]
+
+
+def build(model_name: str, kwargs: dict[str, Any], weights: WeightsEnum | None = None) -> nn.Module:
+    """The architecture with random initialization; weights are loaded by finetune.weights.
+
+    Args:
+        weights: when given, the builder arguments these weights imply are set first
+            (user kwargs still win).
+    """
+    check_name(model_name)
+    merged = {**(pretrained_kwargs(model_name, weights) if weights is not None else {}), **kwargs}
+    try:
+        return torchvision.models.get_model(model_name, weights=None, **merged)
+    except (TypeError, ValueError) as err:
+        raise FinetuneError(f"model.kwargs={kwargs} rejected by torchvision's {model_name} "
+                            f"builder: {err}") from None
+
+
+@dataclass
+class Preprocessing:
+    """The deterministic eval transform: resize the short side, center-crop, normalize."""
+
+    resize: int
+    crop: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def preprocessing(weights: WeightsEnum | None, image_size: int | None,
+                  mean: list[float] | None = None, std: list[float] | None = None
+                  ) -> Preprocessing:
+    """The weights' own eval preprocessing, scaled to `image_size` and overridden where given."""
+    if weights is None:
+        size = image_size or 224
+        return Preprocessing(size, size, list(mean or IMAGENET_MEAN), list(std or IMAGENET_STD))
+    preset = weights.transforms()
+    crop = int(preset.crop_size[0])
+    resize = int(preset.resize_size[0])
+    size = image_size or crop
+    return Preprocessing(
+        resize=round(size * resize / crop), crop=size,
+        mean=list(mean or preset.mean), std=list(std or preset.std),
+        interpolation=preset.interpolation.value,
+    )

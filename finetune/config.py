@@ -1,0 +1,322 @@
+"""Typed schema of every config group, recipe lookup, and compose-time checks.
+
+Nothing here imports torch: `--help` and `--cfg job` stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from finetune.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _shipped_dir(name: str) -> Path:
+    """conf/ or recipes/: inside the package when installed from a wheel, else the repo top."""
+    inside = PACKAGE_DIR / name
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
+
+
+CONF_DIR = _shipped_dir("conf")
+RECIPES_DIR = _shipped_dir("recipes")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WeightsConfig:
+    source: str = "none"
+    name: str = "DEFAULT"
+    path: str | None = None
+    strip_prefix: str = "auto"
+    on_shape_mismatch: str = "skip"
+    min_loaded: float = 0.5
+
+
+@dataclass
+class HeadConfig:
+    num_classes: int | None = None
+    dropout: float = 0.0
+    hidden: list[int] = field(default_factory=list)
+
+
+@dataclass
+class FreezeConfig:
+    train_from: Any = None
+    bn: str = "frozen"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    warmup_epochs: int = 0
+    step_size: int = 10
+    gamma: float = 0.1
+    patience: int = 2
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+    aux_weight: float = 0.4
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    classes: list[Any] | None = None
+    image_size: int | None = None
+    batch_size: int = 32
+    val_fraction: float = 0.2
+    num_workers: Any = "auto"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    augment: list[Any] = field(default_factory=list)
+    fake_size: int = 256
+    fake_classes: int = 10
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    precision: str = "32-true"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    deterministic: Any = False
+    enable_progress_bar: bool = True
+    num_sanity_val_steps: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+
+
+# Keys whose value is one of a closed set; checked at compose time with nearest matches.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "weights.source": ("none", "torchvision", "file"),
+    "weights.strip_prefix": ("auto", "none"),
+    "weights.on_shape_mismatch": ("skip", "error"),
+    "freeze.bn": ("frozen", "train"),
+    "optim.name": ("sgd", "adam", "adamw", "rmsprop"),
+    "sched.name": ("none", "cosine", "step", "onecycle", "plateau"),
+    "data.name": ("digits", "imagefolder", "csv", "fake"),
+    "logger.name": ("csv", "tensorboard", "mlflow"),
+}
+
+# Config groups a user selects with `group=option` (files under conf/<group>/).
+GROUPS = ("data", "logger")
+SCHEMA_NAME = "finetune_schema"
+
+
+def register_schema() -> None:
+    """Store the top-level schema that conf/config.yaml extends."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> file for every recipe in recipes/."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
+    """Map `recipe=VALUE` (a shipped name or a path to a YAML file) to (name, file).
+
+    Raises:
+        ConfigError: when VALUE is neither, naming the closest shipped recipes.
+    """
+    shipped = shipped_recipes()
+    looks_like_path = value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value
+    if not looks_like_path and value in shipped:
+        return value, shipped[value]
+    if looks_like_path:
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (cwd or Path.cwd()) / path
+        if path.is_file():
+            return path.stem, path.resolve()
+        raise ConfigError(
+            [f"recipe={value}: no such file ({path}); check the path, or use a shipped name: "
+             f"{', '.join(shipped)}"]
+        )
+    raise ConfigError([f"recipe={value}: no such recipe{_hint(value, shipped)}; "
+                       f"shipped recipes are in {RECIPES_DIR}, or pass a path to a .yaml file"])
+
+
+def load_recipe(path: Path) -> Any:
+    """Read a recipe file as plain data (no resolvers run, no code imported)."""
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry line/column; keep them in the one line
+        raise ConfigError([f"{path}: not valid YAML: {' '.join(str(err).split())}"]) from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError([f"{path}: a recipe must be a mapping of keys, got {type(node).__name__}"])
+    return node
+
+
+def register_recipe(name: str, path: Path) -> None:
+    """Make `recipe=name` select the file, merged at the top level like `# @package _global_`."""
+    ConfigStore.instance().store(group="recipe", name=name, node=load_recipe(path),
+                                 package="_global_")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Compose-time checks: every problem in the recipe and the overrides, one line each.
+
+
+def _hint(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _schema_at(path: str) -> Any:
+    """The schema object at dotted `path` (a dataclass instance or a default value), or MISSING."""
+    node: Any = Config()
+    for part in path.split("."):
+        if not is_dataclass(node) or part not in {f.name for f in fields(node)}:
+            return MISSING
+        node = getattr(node, part)
+    return node
+
+
+def check_key(path: str, where: str) -> str | None:
+    """None when `path` is a schema key (or inside a free-form dict), else one message."""
+    parts = path.split(".")
+    node: Any = Config()
+    for depth, part in enumerate(parts):
+        if not is_dataclass(node):
+            return None  # inside a free-form mapping such as model.kwargs
+        names = [f.name for f in fields(node)]
+        if part not in names:
+            prefix = ".".join(parts[:depth])
+            scope = f"in '{prefix}'" if prefix else "at the top level"
+            return (f"{where}: unknown key '{path}'{_hint(part, names)}; valid keys {scope}: "
+                    f"{', '.join(names)}")
+        node = getattr(node, part)
+    return None
+
+
+def check_value(path: str, value: Any, where: str) -> str | None:
+    """None when `value` fits the type and choices of `path`, else one message."""
+    if path in CHOICES and value not in CHOICES[path]:
+        return (f"{where}: {path}={value!r} is not one of {', '.join(CHOICES[path])}"
+                f"{_hint(value, CHOICES[path])}")
+    probe = OmegaConf.structured(Config)
+    try:
+        OmegaConf.update(probe, path, value, merge=True)
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        return f"{where}: {path}={value!r} has the wrong type ({reason})"
+    return None
+
+
+def _flatten(node: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, leaf value) pairs; lists and free-form dicts count as leaves."""
+    out: list[tuple[str, Any]] = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and is_dataclass(_schema_at(path)):
+            out += _flatten(value, f"{path}.")
+        else:
+            out.append((path, value))
+    return out
+
+
+def check_recipe(path: Path) -> list[str]:
+    """Every unknown key, wrong type and bad choice in a recipe file."""
+    body = OmegaConf.to_container(load_recipe(path), resolve=False)
+    assert isinstance(body, dict)
+    errors = []
+    for key in ("defaults", "hydra"):
+        body.pop(key, None)
+    for key, value in _flatten(body):
+        problem = check_key(key, str(path)) or check_value(key, value, str(path))
+        if problem:
+            errors.append(problem)
+    return errors
+
+
+def check_overrides(overrides: list[str]) -> list[str]:
+    """Every unknown key, wrong type, bad choice or unknown group option in CLI overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    errors = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:
+        return [f"command line: {' '.join(str(err).split())}"]
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra") or key == "recipe" or override.is_delete():
+            continue
+        where = f"override '{override.input_line}'"
+        values = (list(override.sweep_iterator()) if override.is_sweep_override()
+                  else [override.value()])
+        if key in GROUPS:
+            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            errors += [f"{where}: no {key} option '{v}'{_hint(v, options)}; options: "
+                       f"{', '.join(options)}" for v in values if str(v) not in options]
+            continue
+        problem = check_key(key, where)
+        if problem:
+            errors.append(problem)
+            continue
+        for value in values:
+            problem = check_value(key, value, where)
+            if problem:
+                errors.append(problem)
+                break
+    return errors

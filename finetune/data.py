@@ -1,0 +1,232 @@
+"""Datamodules: digits (built in), image folders, CSV lists, fake data; their transforms."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from finetune.backbones import Preprocessing
+from finetune.errors import FinetuneError
+from finetune.registry import make_transform
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def eval_transform(prep: Preprocessing) -> v2.Compose:
+    """The deterministic transform used for validation and prediction."""
+    return v2.Compose([v2.ToImage(), *_resize_crop(prep), *_to_normalized(prep)])
+
+
+def train_transform(prep: Preprocessing, augment: list[Any]) -> v2.Compose:
+    """Resize and crop as in eval, then the configured augmentations, then normalize."""
+    extra = [make_transform(spec, prep.crop) for spec in augment]
+    return v2.Compose([v2.ToImage(), *_resize_crop(prep), *extra, *_to_normalized(prep)])
+
+
+def _resize_crop(prep: Preprocessing) -> list[v2.Transform]:
+    mode = InterpolationMode(prep.interpolation)
+    return [v2.Resize(prep.resize, interpolation=mode, antialias=True), v2.CenterCrop(prep.crop)]
+
+
+def _to_normalized(prep: Preprocessing) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
+
+
+class TensorImages(Dataset):
+    """uint8 images held in memory as one (N, 3, H, W) tensor."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int], transform: Any) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
+class ImageFiles(Dataset):
+    """Images read from files; grayscale, palette and RGBA become RGB."""
+
+    def __init__(self, paths: list[Path], labels: list[int], transform: Any) -> None:
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB")), self.labels[i]
+
+
+@dataclass
+class Split:
+    """Items of a dataset and their labels, before transforms."""
+
+    items: Any
+    labels: list[int]
+
+    def subset(self, index: np.ndarray) -> Split:
+        items = self.items[torch.as_tensor(index)] if isinstance(self.items, torch.Tensor) \
+            else [self.items[i] for i in index]
+        return Split(items, [self.labels[i] for i in index])
+
+
+def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(train, val) with every class in the same proportion, the same for the same seed."""
+    index = np.arange(len(split.labels))
+    train, val = train_test_split(index, test_size=fraction, random_state=seed,
+                                  stratify=split.labels)
+    return split.subset(np.sort(train)), split.subset(np.sort(val))
+
+
+def _select_classes(names: list[str], wanted: list[Any] | None, where: str) -> list[str]:
+    if wanted is None:
+        return names
+    wanted_names = [str(c) for c in wanted]
+    unknown = [c for c in wanted_names if c not in names]
+    if unknown:
+        raise FinetuneError(f"data.classes: {', '.join(unknown)} not found in {where}; "
+                            f"available: {', '.join(names)}")
+    return wanted_names
+
+
+def load_digits(classes: list[Any] | None) -> tuple[Split, list[str]]:
+    """scikit-learn's 1,797 8x8 digits as uint8 RGB tensors, labels in `classes` order."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    names = _select_classes([str(d) for d in range(10)], classes, "the digits 0-9")
+    label_of = {int(n): i for i, n in enumerate(names)}
+    keep = [i for i, t in enumerate(bunch.target) if int(t) in label_of]
+    gray = torch.from_numpy(np.round(bunch.images[keep] * 255.0 / 16.0).astype(np.uint8))
+    images = gray[:, None].expand(-1, 3, -1, -1).contiguous()
+    return Split(images, [label_of[int(bunch.target[i])] for i in keep]), names
+
+
+def _check_root(root: str | None, kind: str) -> Path:
+    if root is None or root == "???":
+        raise FinetuneError(f"data.root is required for data={kind}; add data.root=PATH")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise FinetuneError(f"data.root={root!r}: no such {'file' if kind == 'csv' else 'folder'}"
+                            f"; check the path (relative paths start at {Path.cwd()})")
+    return path
+
+
+def scan_folder(folder: Path, classes: list[Any] | None) -> tuple[Split, list[str]]:
+    """folder/<class>/<image>: one subfolder per class, sorted by name."""
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise FinetuneError(f"data.root: {folder} has no class subfolders; expected "
+                            f"{folder}/<class>/<image>.png (or train/ and val/ inside it)")
+    names = _select_classes([p.name for p in class_dirs], classes, str(folder))
+    paths, labels = [], []
+    for label, name in enumerate(names):
+        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in
+                       IMAGE_SUFFIXES)
+        if not files:
+            raise FinetuneError(f"data.root: class folder {folder / name} holds no images "
+                                f"({', '.join(sorted(IMAGE_SUFFIXES))}); add some or remove it")
+        paths += files
+        labels += [label] * len(files)
+    return Split(paths, labels), names
+
+
+def read_csv_list(csv_path: Path, classes: list[Any] | None) -> tuple[Split, list[str]]:
+    """Rows of `path,label`; paths relative to the CSV; an optional header is skipped."""
+    with open(csv_path, newline="") as handle:
+        rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
+    if rows and rows[0][:2] == ["path", "label"]:
+        rows = rows[1:]
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
+    if not rows or bad:
+        raise FinetuneError(f"data.root: {csv_path} needs rows of path,label"
+                            + (f"; rows {bad[:5]} have fewer than two fields" if bad else
+                               "; it has none"))
+    names = _select_classes(sorted({r[1] for r in rows}), classes, str(csv_path))
+    label_of = {n: i for i, n in enumerate(names)}
+    kept = [r for r in rows if r[1] in label_of]
+    paths = [(csv_path.parent / r[0]).resolve() for r in kept]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FinetuneError(f"data.root: {len(missing)} images listed in {csv_path} do not "
+                            f"exist, e.g. {missing[0]}")
+    return Split(paths, [label_of[r[1]] for r in kept]), names
+
+
+def fake_data(size: int, num_classes: int, image_size: int, seed: int) -> tuple[Split,
+                                                                                list[str]]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (size, 3, image_size, image_size), dtype=torch.uint8,
+                           generator=generator)
+    labels = [i % num_classes for i in range(size)]
+    return Split(images, labels), [str(i) for i in range(num_classes)]
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train and val datasets already split; loaders from the data config."""
+
+    def __init__(self, train: Dataset, val: Dataset, class_names: list[str], batch_size: int,
+                 num_workers: int) -> None:
+        super().__init__()
+        self.train_set, self.val_set, self.class_names = train, val, class_names
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+def _workers(setting: Any, in_memory: bool) -> int:
+    if setting == "auto":
+        return 0 if in_memory else max(0, min(8, (os.cpu_count() or 1) - 1))
+    if isinstance(setting, int) and setting >= 0:
+        return setting
+    raise FinetuneError(f"data.num_workers={setting!r}: use auto or a whole number >= 0")
+
+
+def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModule:
+    """The datamodule for `cfg` (the data group): split, transforms and loaders."""
+    val: Split | None = None
+    if cfg.name == "digits":
+        full, names = load_digits(cfg.classes)
+    elif cfg.name == "fake":
+        full, names = fake_data(cfg.fake_size, cfg.fake_classes, prep.crop, seed)
+    elif cfg.name == "csv":
+        full, names = read_csv_list(_check_root(cfg.root, "csv"), cfg.classes)
+    else:
+        root = _check_root(cfg.root, "imagefolder")
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            full, names = scan_folder(root / "train", cfg.classes)
+            val, _ = scan_folder(root / "val", names)
+        else:
+            full, names = scan_folder(root, cfg.classes)
+    train = full
+    if val is None:
+        train, val = stratified_split(full, cfg.val_fraction, seed)
+    in_memory = isinstance(full.items, torch.Tensor)
+    dataset = TensorImages if in_memory else ImageFiles
+    return ImageDataModule(
+        dataset(train.items, train.labels, train_transform(prep, list(cfg.augment))),
+        dataset(val.items, val.labels, eval_transform(prep)),
+        names, cfg.batch_size, _workers(cfg.num_workers, in_memory),
+    )

@@ -1,0 +1,63 @@
+"""The components a recipe may name, and the only place that turns those names into objects.
+
+A recipe is data: it can pick from these tables, never import a module by string.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from finetune.errors import FinetuneError
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+# Training augmentations: torchvision.transforms.v2 classes by name.
+TRANSFORMS: dict[str, type[v2.Transform]] = {
+    name: obj for name, obj in vars(v2).items()
+    if isinstance(obj, type) and issubclass(obj, v2.Transform) and name[0].isupper()
+}
+
+
+def _closest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def make_optimizer(name: str, params: Any, lr: float, weight_decay: float, momentum: float
+                   ) -> torch.optim.Optimizer:
+    cls = OPTIMIZERS[name]
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if name in ("sgd", "rmsprop"):
+        kwargs["momentum"] = momentum
+    return cls(params, **kwargs)
+
+
+def make_transform(spec: Any, size: int, where: str = "data.augment") -> v2.Transform:
+    """`Name` or `{Name: {arg: value}}` -> a v2 transform; `size` is filled in when it takes one."""
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    elif isinstance(spec, dict) and len(spec) == 1:
+        name, kwargs = next(iter(spec.items()))
+        kwargs = dict(kwargs or {})
+    else:
+        raise FinetuneError(f"{where}: {spec!r} is not a transform; write a name "
+                            "(RandomHorizontalFlip) or {Name: {arg: value}}")
+    if name not in TRANSFORMS:
+        raise FinetuneError(f"{where}: unknown transform {name!r}{_closest(name, TRANSFORMS)}; "
+                            "names are torchvision.transforms.v2 classes")
+    cls = TRANSFORMS[name]
+    if "size" in cls.__init__.__code__.co_varnames and "size" not in kwargs:
+        kwargs["size"] = size
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise FinetuneError(f"{where}: {name}({kwargs}) rejected: {err}") from None

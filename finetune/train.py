@@ -1,0 +1,240 @@
+"""One training run, top to bottom: validate -> build -> plan -> fit -> save."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from finetune import artifacts, backbones, heads, plots
+from finetune.callbacks import ThroughputMeter
+from finetune.config import file_sha256
+from finetune.data import ImageDataModule, build_datamodule
+from finetune.errors import ConfigError, FinetuneError
+from finetune.freezing import FreezePlan, apply_freeze, plan_freeze
+from finetune.module import FinetuneModule
+from finetune.weights import LoadReport, load_weights
+
+log = logging.getLogger("finetune")
+MONITOR = "val/acc"
+
+
+def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None) -> float:
+    """Train as `cfg` says, write the run dir, return the final val/acc."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    recipe = recipe_info(recipe_files or {})
+    log.info("compose: recipe %s -> %s", recipe["name"], run_dir)
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    entry = pretrained_entry(cfg)
+    prep = backbones.preprocessing(preprocessing_entry(cfg, entry), cfg.data.image_size,
+                                   cfg.data.mean, cfg.data.std)
+    data = build_datamodule(cfg.data, prep, cfg.seed)
+    num_classes = check_num_classes(cfg.head.num_classes, data.class_names)
+    log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
+             len(data.train_set), len(data.val_set), prep.to_dict())
+    model, build_kwargs, head_paths, report = build_model(cfg, num_classes, entry)
+    artifacts.write_json(run_dir / artifacts.LOAD_REPORT, report.to_dict())
+    freeze = plan_freeze(model, cfg.freeze.train_from, cfg.freeze.bn)
+    apply_freeze(model, freeze)
+    log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
+             trainable_summary(model))
+    module = FinetuneModule(model, num_classes, freeze, cfg.optim, cfg.sched,
+                            cfg.loss.label_smoothing, cfg.loss.aux_weight)
+    trainer, meter = make_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=data)
+    metrics = save_run(run_dir, cfg, recipe, module, data, prep, build_kwargs, head_paths, report,
+                       freeze, trainer, meter)
+    print_summary(run_dir, metrics)
+    return float(metrics.get(MONITOR, float("nan")))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every config problem found before building anything, reported together."""
+    checks: list[Callable[[], Any]] = [lambda: backbones.check_name(cfg.model.name)]
+    if cfg.weights.source == "torchvision":
+        checks.append(lambda: backbones.weights_enum(cfg.model.name, cfg.weights.name))
+    if cfg.weights.source == "file" and not cfg.weights.path:
+        checks.append(lambda: _fail("weights.source=file needs weights.path=PATH to a state dict"))
+    if cfg.weights.source == "file" and cfg.weights.path and not Path(
+            cfg.weights.path).expanduser().is_file():
+        checks.append(lambda: _fail(f"weights.path={cfg.weights.path!r}: no such file"))
+    if cfg.data.name in ("imagefolder", "csv"):
+        root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
+        if root is None:
+            checks.append(lambda: _fail(f"data.root is required for data={cfg.data.name}; "
+                                        "add data.root=PATH"))
+        elif not Path(root).expanduser().exists():
+            checks.append(lambda: _fail(f"data.root={root!r}: no such path (relative paths "
+                                        f"start at {Path.cwd()})"))
+    if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
+        checks.append(lambda: _fail(f"head.num_classes={cfg.head.num_classes}: must be >= 1"))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except FinetuneError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _fail(message: str) -> None:
+    raise FinetuneError(message)
+
+
+def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:
+    if cfg.weights.source != "torchvision":
+        return None
+    return backbones.weights_enum(cfg.model.name, cfg.weights.name)
+
+
+def preprocessing_entry(cfg: DictConfig, entry: WeightsEnum | None) -> WeightsEnum | None:
+    """Whose eval transform to use: the weights loaded; for a file, the architecture's usual
+    weights (a .pth from torchvision expects their preprocessing); none for random init."""
+    if cfg.weights.source == "file":
+        return backbones.weights_enum(cfg.model.name, "DEFAULT")
+    return entry
+
+
+def check_num_classes(configured: int | None, class_names: list[str]) -> int:
+    if configured is not None and configured != len(class_names):
+        raise FinetuneError(f"head.num_classes={configured} but the data has {len(class_names)} "
+                            f"classes ({', '.join(class_names[:12])}); set head.num_classes="
+                            f"{len(class_names)}, or null to follow the data")
+    return len(class_names)
+
+
+def build_model(cfg: DictConfig, num_classes: int, entry: WeightsEnum | None
+                ) -> tuple[nn.Module, dict[str, Any], list[str], LoadReport]:
+    """backbone -> head -> weights: the pretrained tensors that still fit are copied in."""
+    user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    assert isinstance(user_kwargs, dict)
+    build_kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, entry) if entry else {}),
+                    **user_kwargs}
+    model = backbones.build(cfg.model.name, build_kwargs)
+    head_paths = heads.replace_heads(model, num_classes, cfg.head.dropout, list(cfg.head.hidden))
+    log.info("build: %s, new head at %s", cfg.model.name, ", ".join(head_paths))
+    report = load_weights(model, cfg.weights, cfg.model.name, head_paths)
+    return model, build_kwargs, head_paths, report
+
+
+def trainable_summary(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.1f}%)"
+
+
+def make_loggers(name: str, run_dir: Path) -> list[Logger]:
+    """metrics.csv always; TensorBoard or MLflow beside it when asked for."""
+    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
+    try:
+        if name == "tensorboard":
+            from pytorch_lightning.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""))
+        elif name == "mlflow":
+            from pytorch_lightning.loggers import MLFlowLogger
+
+            loggers.append(MLFlowLogger(experiment_name="finetune",
+                                        tracking_uri=(run_dir / "mlruns").as_uri()))
+    except ModuleNotFoundError as err:
+        raise FinetuneError(f"logger={name} needs the {err.name} package: "
+                            f"pip install 'finetune[{name}]'") from None
+    return loggers
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, ThroughputMeter]:
+    meter = ThroughputMeter()
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR,
+                        mode="max", save_last=True, auto_insert_metric_name=False),
+        LearningRateMonitor(logging_interval="epoch"),
+        meter,
+    ]
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_kwargs, dict)
+    trainer = pl.Trainer(default_root_dir=run_dir, logger=make_loggers(cfg.logger.name, run_dir),
+                         callbacks=callbacks, **trainer_kwargs)
+    return trainer, meter
+
+
+def recipe_info(recipe_files: dict[str, Path]) -> dict[str, Any]:
+    name = HydraConfig.get().runtime.choices.get("recipe")
+    path = recipe_files.get(name) if name else None
+    return {"name": name, "file": str(path) if path else None,
+            "sha256": file_sha256(path) if path else None}
+
+
+def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], module: FinetuneModule,
+             data: ImageDataModule, prep: backbones.Preprocessing, build_kwargs: dict[str, Any],
+             head_paths: list[str], report: LoadReport, freeze: FreezePlan,
+             trainer: pl.Trainer, meter: ThroughputMeter) -> dict[str, Any]:
+    """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
+    model_sha = artifacts.save_weights(module.model, run_dir / artifacts.WEIGHTS)
+    artifacts.write_json(run_dir / artifacts.MANIFEST, {
+        "format": 1,
+        "recipe": recipe,
+        "overrides": list(HydraConfig.get().overrides.task),
+        "model": {"name": cfg.model.name, "build_kwargs": build_kwargs},
+        "head": {"num_classes": len(data.class_names), "dropout": cfg.head.dropout,
+                 "hidden": list(cfg.head.hidden), "paths": head_paths},
+        "surgery": [],
+        "freeze": {"train_from": freeze.train_from, "bn": cfg.freeze.bn},
+        "class_names": data.class_names,
+        "preprocessing": prep.to_dict(),
+        "weights": {k: getattr(report, k) for k in ("source", "path", "url", "sha256")}
+                   | {"name": cfg.weights.name if cfg.weights.source == "torchvision" else None},
+        "model_sha256": model_sha,
+        "seed": cfg.seed,
+        "versions": artifacts.library_versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    series = artifacts.epoch_metrics(run_dir / "metrics.csv")
+    plots.plot_curves(series, run_dir / "curves.png")
+    if module.last_confusion is not None:
+        plots.plot_confusion(module.last_confusion.tolist(), data.class_names,
+                             run_dir / "confusion_matrix.png")
+    final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
+             if k.startswith("val/")}
+    accs = series.get(MONITOR, {})
+    best_epoch = max(accs, key=lambda e: accs[e]) if accs else None
+    throughput = meter.images_per_second
+    metrics = {
+        "status": "complete",
+        **final,
+        "best/val/acc": round(accs[best_epoch], 6) if best_epoch is not None else None,
+        "best/epoch": best_epoch,
+        "epochs": trainer.current_epoch,
+        "train_seconds": round(meter.fit_seconds, 3),
+        "train_images_per_second": round(throughput, 2) if throughput else None,
+        "trainable_params": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in module.model.parameters()),
+    }
+    artifacts.write_json(run_dir / artifacts.METRICS, metrics)
+    return metrics
+
+
+def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    best = metrics.get("best/val/acc")
+    lines = [
+        f"finetune: done in {metrics['train_seconds']:.1f} s over {metrics['epochs']} epochs; "
+        f"val/acc {metrics.get(MONITOR, float('nan')):.4f} (best {best:.4f} at epoch "
+        f"{metrics['best/epoch']})" if best is not None else
+        f"finetune: done in {metrics['train_seconds']:.1f} s; no validation ran",
+        f"  run dir: {run_dir}",
+        "  model.safetensors  metrics.json  load_report.json  manifest.json  curves.png  "
+        "confusion_matrix.png  checkpoints/",
+    ]
+    print("\n".join(lines), flush=True)
