@@ -49,6 +49,7 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
         ConfigError: every problem found, one line each.
     """
     schema.register_schema()
+    schema.register_base_recipe()
     for name, path in schema.shipped_recipes().items():
         schema.register_recipe(name, path)
     argv = list(argv)
@@ -60,6 +61,9 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
             continue
         names = []
         for one in value.split(","):  # `-m recipe=a,b` sweeps over recipes
+            if one.strip() == schema.BASE_RECIPE:
+                names.append(schema.BASE_RECIPE)
+                continue
             name, path = schema.resolve_recipe(one.strip(), cwd)
             schema.register_recipe(name, path)
             RECIPE_FILES[name] = path

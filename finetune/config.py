@@ -152,11 +152,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # Config groups a user selects with `group=option` (files under conf/<group>/).
 GROUPS = ("data", "logger")
 SCHEMA_NAME = "finetune_schema"
+BASE_RECIPE = "base"
 
 
 def register_schema() -> None:
     """Store the top-level schema that conf/config.yaml extends."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+def register_base_recipe() -> None:
+    """`recipe=base` (the default): conf/config.yaml alone, with no recipe on top."""
+    ConfigStore.instance().store(group="recipe", name=BASE_RECIPE, node={}, package="_global_")
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -195,7 +201,8 @@ def load_recipe(path: Path) -> Any:
     except Exception as err:  # yaml errors carry line/column; keep them in the one line
         raise ConfigError([f"{path}: not valid YAML: {' '.join(str(err).split())}"]) from None
     if not OmegaConf.is_dict(node):
-        raise ConfigError([f"{path}: a recipe must be a mapping of keys, got {type(node).__name__}"])
+        raise ConfigError([f"{path}: a recipe must be a mapping of keys, "
+                           f"got {type(node).__name__}"])
     return node
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
@@ -225,8 +226,10 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
         train, val = stratified_split(full, cfg.val_fraction, seed)
     in_memory = isinstance(full.items, torch.Tensor)
     dataset = TensorImages if in_memory else ImageFiles
+    augment = OmegaConf.to_container(cfg.augment) if OmegaConf.is_config(cfg.augment) \
+        else list(cfg.augment)
     return ImageDataModule(
-        dataset(train.items, train.labels, train_transform(prep, list(cfg.augment))),
+        dataset(train.items, train.labels, train_transform(prep, augment)),
         dataset(val.items, val.labels, eval_transform(prep)),
         names, cfg.batch_size, _workers(cfg.num_workers, in_memory),
     )

@@ -9,9 +9,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from finetune.artifacts import write_bytes  # noqa: E402
+from finetune.artifacts import write_bytes
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

@@ -30,9 +30,21 @@ MONITOR = "val/acc"
 
 
 def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None) -> float:
-    """Train as `cfg` says, write the run dir, return the final val/acc."""
+    """Train as `cfg` says, write the run dir, return the final val/acc.
+
+    A run stopped by a user error leaves metrics.json with status "failed" and the message.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    recipe = recipe_info(recipe_files or {})
+    try:
+        return _run(cfg, run_dir, recipe_files or {})
+    except FinetuneError as err:
+        problems = err.problems if isinstance(err, ConfigError) else [str(err)]
+        artifacts.write_json(run_dir / artifacts.METRICS, {"status": "failed", "error": problems})
+        raise
+
+
+def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path]) -> float:
+    recipe = recipe_info(recipe_files)
     log.info("compose: recipe %s -> %s", recipe["name"], run_dir)
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -52,7 +64,13 @@ def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None) -> float:
     module = FinetuneModule(model, num_classes, freeze, cfg.optim, cfg.sched,
                             cfg.loss.label_smoothing, cfg.loss.aux_weight)
     trainer, meter = make_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=data)
+    try:
+        trainer.fit(module, datamodule=data)
+    except RuntimeError as err:
+        friendly = input_too_small(err, cfg)
+        if friendly is None:
+            raise
+        raise friendly from None
     metrics = save_run(run_dir, cfg, recipe, module, data, prep, build_kwargs, head_paths, report,
                        freeze, trainer, meter)
     print_summary(run_dir, metrics)
@@ -62,7 +80,7 @@ def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None) -> float:
 def validate(cfg: DictConfig) -> None:
     """Every config problem found before building anything, reported together."""
     checks: list[Callable[[], Any]] = [lambda: backbones.check_name(cfg.model.name)]
-    if cfg.weights.source == "torchvision":
+    if cfg.weights.source == "torchvision" and cfg.model.name in backbones.list_backbones():
         checks.append(lambda: backbones.weights_enum(cfg.model.name, cfg.weights.name))
     if cfg.weights.source == "file" and not cfg.weights.path:
         checks.append(lambda: _fail("weights.source=file needs weights.path=PATH to a state dict"))
@@ -129,6 +147,17 @@ def build_model(cfg: DictConfig, num_classes: int, entry: WeightsEnum | None
     return model, build_kwargs, head_paths, report
 
 
+def input_too_small(err: RuntimeError, cfg: DictConfig) -> FinetuneError | None:
+    """A shape error from pooling/conv on inputs smaller than the network can take."""
+    text = str(err)
+    if "Output size is too small" not in text and "Kernel size can't be greater" not in text:
+        return None
+    hint = (" (inception_v3's auxiliary head needs about 299 px: or set "
+            "model.kwargs.aux_logits=false)" if cfg.model.name == "inception_v3" else "")
+    return FinetuneError(f"{cfg.model.name} cannot take {cfg.data.image_size} px inputs "
+                         f"({text.splitlines()[0]}); raise data.image_size{hint}")
+
+
 def trainable_summary(model: nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -158,7 +187,11 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, Throughput
     meter = ThroughputMeter()
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR,
-                        mode="max", save_last=True, auto_insert_metric_name=False),
+                        mode="max", auto_insert_metric_name=False, enable_version_counter=False),
+        # Lightning 2.6's save_last only refreshes last.ckpt when a top-k save happened in the
+        # same step; a monitor-less checkpoint keeps it truly the last.
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
+                        save_top_k=1, enable_version_counter=False),
         LearningRateMonitor(logging_interval="epoch"),
         meter,
     ]

@@ -6,6 +6,7 @@ import logging
 import pickle
 import re
 import urllib.error
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def read_torchvision(model_name: str, weights_name: str) -> tuple[dict[str, torc
             f"weights {model_name}/{entry.name}: cannot download {entry.url} ({reason}); "
             f"offline? download that file on a machine with internet and put it at {path} "
             "(torch's hub cache; set TORCH_HOME to move it)") from None
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as err:
         raise _unreadable(path, err) from None
     report = LoadReport(source="torchvision", path=str(path), url=entry.url,
                         sha256=file_sha256(path))
@@ -101,7 +102,7 @@ def read_file(path_str: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
                             "state dict (.pth / .pt / .pkl)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
         raise _unreadable(path, err) from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FinetuneError(f"weights.path={path_str!r}: not a state dict (a mapping of names "
@@ -134,7 +135,10 @@ def load_matching(model: nn.Module, tensors: dict[str, torch.Tensor], report: Lo
                   on_shape_mismatch: str = "skip") -> LoadReport:
     """Copy every tensor whose name and shape match the model; record everything else."""
     target = model.state_dict()
-    matched = {}
+    matched: OrderedDict[str, torch.Tensor] = OrderedDict()
+    # Modules read their version from the state dict's metadata (mnasnet refuses to load
+    # without it); keep the checkpoint's, or the model's own when a filtered dict lost it.
+    matched._metadata = getattr(tensors, "_metadata", None) or target._metadata  # type: ignore[attr-defined]
     for key, value in target.items():
         if key not in tensors:
             # Checkpoints older than BatchNorm's counter lack it; a fresh counter is benign.

@@ -1,0 +1,97 @@
+"""Shared fixtures: real image files from the digits, a temporary TORCH_HOME, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from sklearn.datasets import load_digits
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Shrinks any recipe to a few seconds on 2 CPU cores.
+SHRINK = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=16",
+]
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, module: str = "finetune"
+            ) -> subprocess.CompletedProcess:
+    """`python -m finetune ARGS` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_dir_of(result: subprocess.CompletedProcess) -> Path:
+    """The run dir a successful run printed in its summary."""
+    for line in result.stdout.splitlines():
+        if line.strip().startswith("run dir:"):
+            return Path(line.split("run dir:", 1)[1].strip())
+    raise AssertionError(f"no run dir in output:\n{result.stdout}\n{result.stderr}")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def write_digit_images(root: Path, classes: list[int], per_class: int, mode: str = "L"
+                       ) -> dict[int, list[Path]]:
+    """Real PNGs of scikit-learn's digits: root/<digit>/<i>.png, 8x8 upscaled to 16x16."""
+    digits = load_digits()
+    written: dict[int, list[Path]] = {}
+    for digit in classes:
+        folder = root / str(digit)
+        folder.mkdir(parents=True, exist_ok=True)
+        index = np.flatnonzero(digits.target == digit)[:per_class]
+        for i in index:
+            pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
+            image = Image.fromarray(pixels, mode="L").resize((16, 16), Image.NEAREST)
+            path = folder / f"{i}.png"
+            image.convert(mode).save(path)
+            written.setdefault(digit, []).append(path)
+    return written
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image folder of three digit classes, in grayscale, RGB and RGBA PNGs."""
+    root = tmp_path_factory.mktemp("digits_png")
+    write_digit_images(root, [0], 30, mode="L")
+    write_digit_images(root, [1], 30, mode="RGB")
+    write_digit_images(root, [2], 30, mode="RGBA")
+    return root
+
+
+def save_torchvision_checkpoint(torch_home: Path, model_name: str, weights: str = "DEFAULT"
+                                ) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A state dict (random weights, no accuracy) under torchvision's own cache file name."""
+    entry = torchvision.models.get_model_weights(model_name)[weights]
+    path = torch_home / "hub" / "checkpoints" / Path(entry.url).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1)
+    state = torchvision.models.get_model(model_name, weights=None).state_dict()
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TORCH_HOME with resnet18 (DEFAULT) and resnet50 (IMAGENET1K_V2) checkpoints."""
+    home = tmp_path_factory.mktemp("torch_home")
+    save_torchvision_checkpoint(home, "resnet18")
+    save_torchvision_checkpoint(home, "resnet50", "IMAGENET1K_V2")
+    return home

@@ -1,0 +1,160 @@
+"""Compose-time behaviour: the typed schema, recipes by name or path, one-line errors."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from finetune import config as schema
+from finetune.__main__ import prepare
+from tests.conftest import run_cli
+
+
+def compose_cfg(*overrides: str, cwd: Path | None = None):
+    args = prepare(list(overrides), cwd)
+    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=args)
+
+
+@pytest.mark.parametrize("name", sorted(schema.shipped_recipes()))
+def test_every_shipped_recipe_composes_cleanly(name: str) -> None:
+    path = schema.shipped_recipes()[name]
+    assert schema.check_recipe(path) == []
+    assert path.read_text().startswith("#"), "a recipe opens with a comment giving its command"
+    assert f"recipe={name}" in path.read_text().split("@package")[0]
+    compose_cfg(f"recipe={name}")
+
+
+def test_recipe_values_and_group_override_apply() -> None:
+    cfg = compose_cfg("recipe=resnet50_9cls", "optim.lr=0.5")
+    assert cfg.model.name == "resnet50"
+    assert cfg.data.name == "imagefolder"  # the recipe's `override /data: imagefolder`
+    assert cfg.freeze.train_from == "layer3"
+    assert cfg.optim.lr == 0.5  # the command line beats the recipe
+
+
+def test_recipe_from_a_path_anywhere(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text(
+        "# mine\n# @package _global_\nmodel:\n  name: mobilenet_v3_small\nhead:\n  dropout: 0.3\n")
+    result = run_cli("--cfg", "job", "recipe=sub/mine.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    job = yaml.safe_load(result.stdout)
+    assert job["model"]["name"] == "mobilenet_v3_small"
+    assert job["head"]["dropout"] == 0.3
+
+
+def _assert_one_line_errors(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune: error:")]
+    for needle in needles:
+        assert any(needle in line for line in errors), (needle, result.stderr)
+
+
+def test_unknown_key_fails_at_compose_with_nearest_match(tmp_path: Path) -> None:
+    result = run_cli("recipe=quickstart", "optim.lrr=0.1", cwd=tmp_path)
+    _assert_one_line_errors(result, "unknown key 'optim.lrr'", "did you mean 'lr'",
+                            "valid keys in 'optim': name, lr")
+    assert not (tmp_path / "outputs").exists(), "nothing may run before the config is valid"
+
+
+def test_wrong_type_and_bad_choice_are_reported_together(tmp_path: Path) -> None:
+    result = run_cli("recipe=quickstart", "trainer.max_epochs=many", "optim.name=adamm",
+                     "data=digitz", "lr=1", cwd=tmp_path)
+    _assert_one_line_errors(result, "trainer.max_epochs='many' has the wrong type",
+                            "optim.name='adamm' is not one of", "did you mean 'adam'",
+                            "no data option 'digitz'", "unknown key 'lr'")
+    assert len(result.stderr.strip().splitlines()) == 4
+
+
+def test_mistakes_inside_a_recipe_file_are_all_reported(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("# @package _global_\noptim:\n  lrr: 0.1\ndata:\n  batch_size: lots\n"
+                      "modle:\n  name: resnet18\n")
+    result = run_cli(f"recipe={recipe}", cwd=tmp_path)
+    _assert_one_line_errors(result, "unknown key 'optim.lrr'", "data.batch_size='lots'",
+                            "unknown key 'modle'", "did you mean 'model'")
+
+
+def test_unknown_recipe_names_the_closest(tmp_path: Path) -> None:
+    result = run_cli("recipe=quickstrat", cwd=tmp_path)
+    _assert_one_line_errors(result, "no such recipe", "did you mean 'quickstart'")
+    result = run_cli("recipe=nowhere/x.yaml", cwd=tmp_path)
+    _assert_one_line_errors(result, "no such file")
+
+
+def test_config_only_commands_do_not_import_torch(tmp_path: Path) -> None:
+    for flags in (["--help"], ["--cfg", "job", "recipe=resnet50_9cls"]):
+        code = (f"import runpy, sys; sys.argv = ['finetune', *{flags!r}]\n"
+                "try:\n    runpy.run_module('finetune', run_name='__main__')\n"
+                "except SystemExit:\n    pass\n"
+                "print('TORCH', 'torch' in sys.modules)")
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60)
+        assert "TORCH False" in result.stdout, result.stdout + result.stderr
+
+
+def test_help_lists_the_recipes(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "recipe: " in result.stdout and "quickstart" in result.stdout
+
+
+# Every key of the schema has a default and a one-line comment in conf/.
+_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>\w+):(?P<value>[^#]*?)\s*(#\s*(?P<comment>.+))?$")
+
+
+def _documented(path: Path) -> dict[str, tuple[str, str | None]]:
+    """dotted key -> (value text, comment) for every key line of a conf YAML."""
+    out: dict[str, tuple[str, str | None]] = {}
+    stack: list[tuple[int, str]] = []
+    for line in path.read_text().splitlines():
+        match = _LINE.match(line)
+        if not match or line.lstrip().startswith("#"):
+            continue
+        indent = len(match["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = ".".join([k for _, k in stack] + [match["key"]])
+        out[key] = (match["value"].strip(), match["comment"])
+        stack.append((indent, match["key"]))
+    return out
+
+
+def _schema_leaves(node: object, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            out.update(_schema_leaves(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def test_conf_documents_every_schema_key_with_its_default() -> None:
+    leaves = _schema_leaves(schema.Config())
+    main = _documented(schema.CONF_DIR / "config.yaml")
+    for key, default in leaves.items():
+        group = key.split(".")[0]
+        if group in schema.GROUPS:
+            continue
+        assert key in main, f"{key} is not in conf/config.yaml"
+        value, comment = main[key]
+        assert comment, f"{key} has no comment in conf/config.yaml"
+        assert yaml.safe_load(value) == default, f"{key}: conf says {value}, schema {default}"
+    for group in schema.GROUPS:
+        for option in sorted((schema.CONF_DIR / group).glob("*.yaml")):
+            documented = _documented(option)
+            for key in (k for k in leaves if k.startswith(f"{group}.")):
+                short = key.split(".", 1)[1]
+                assert short in documented, f"{key} missing from {option}"
+                assert documented[short][1], f"{key} has no comment in {option}"

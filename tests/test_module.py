@@ -1,0 +1,50 @@
+"""The LightningModule's loss and BatchNorm handling, without a Trainer."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from omegaconf import OmegaConf
+
+from finetune import heads
+from finetune.config import OptimConfig, SchedConfig
+from finetune.freezing import apply_freeze, plan_freeze
+from finetune.module import FinetuneModule
+
+warnings.filterwarnings("ignore")
+
+
+def _module(model, aux_weight: float = 0.4, train_from=None) -> FinetuneModule:
+    plan = plan_freeze(model, train_from)
+    apply_freeze(model, plan)
+    return FinetuneModule(model, 5, plan, OmegaConf.structured(OptimConfig),
+                          OmegaConf.structured(SchedConfig), aux_weight=aux_weight)
+
+
+def test_auxiliary_logits_add_weighted_loss() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(aux_logits=True, init_weights=False)
+    heads.replace_heads(model, 5)
+    module = _module(model, aux_weight=0.3).train()
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(1)
+    loss = module.training_step((x, y), 0)
+    torch.manual_seed(1)
+    logits, aux2, aux1 = model(x)
+    expected = F.cross_entropy(logits, y) + 0.3 * (F.cross_entropy(aux2, y)
+                                                  + F.cross_entropy(aux1, y))
+    assert torch.allclose(loss, expected)
+    assert module(x).shape == (4, 5)  # forward gives the main logits only
+
+
+def test_train_mode_keeps_frozen_batchnorm_in_eval() -> None:
+    model = torchvision.models.resnet18()
+    heads.replace_heads(model, 5)
+    module = _module(model, train_from="layer3")
+    module.eval()
+    module.train()  # what Lightning does after every validation
+    assert not model.bn1.training and not model.layer2[1].bn2.training
+    assert model.layer3[0].bn1.training and model.fc.training

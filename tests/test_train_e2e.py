@@ -1,0 +1,164 @@
+"""End to end through `python -m finetune`: real Hydra, real Lightning, real data and files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from finetune.config import file_sha256
+from tests.conftest import SHRINK, read_json, run_cli, run_dir_of
+
+DIGITS_1_9 = "data.classes=[1,2,3,4,5,6,7,8,9]"
+
+
+@pytest.fixture(scope="module")
+def quickstart_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The quickstart recipe, shrunk, run twice with the same seed."""
+    cwd = tmp_path_factory.mktemp("quickstart")
+    dirs = []
+    for _ in range(2):
+        result = run_cli("recipe=quickstart", *SHRINK, "trainer.max_epochs=2", cwd=cwd)
+        assert result.returncode == 0, result.stderr[-3000:]
+        dirs.append(run_dir_of(result))
+    return dirs
+
+
+def test_quickstart_writes_every_artifact(quickstart_runs: list[Path]) -> None:
+    run = quickstart_runs[0]
+    assert run.is_relative_to(run.parents[2]) and run.parts[-3:-1] == ("outputs", "quickstart")
+    metrics = read_json(run / "metrics.json")
+    assert metrics["status"] == "complete"
+    for key in ("val/acc", "val/loss", "val/f1", "val/acc_top5", "epochs", "train_seconds",
+                "train_images_per_second", "best/val/acc", "best/epoch"):
+        assert metrics[key] is not None, key
+    assert metrics["epochs"] == 2 and 0.0 <= metrics["val/acc"] <= 1.0
+    assert metrics["train_images_per_second"] > 0
+
+    report = read_json(run / "load_report.json")
+    assert report["source"] == "none" and report["counts"]["loaded"] == 0
+    assert "conv1.weight" in report["missing"]
+
+    manifest = read_json(run / "manifest.json")
+    assert manifest["class_names"] == [str(d) for d in range(10)]
+    assert manifest["recipe"]["name"] == "quickstart"
+    assert manifest["recipe"]["sha256"] == file_sha256(Path(manifest["recipe"]["file"]))
+    assert manifest["model"]["name"] == "resnet18" and manifest["head"]["paths"] == ["fc"]
+    assert manifest["preprocessing"]["crop"] == 32
+    assert set(manifest["versions"]) >= {"torch", "torchvision", "pytorch-lightning",
+                                         "hydra-core", "omegaconf"}
+    assert manifest["model_sha256"] == file_sha256(run / "model.safetensors")
+    assert manifest["seed"] == 0
+
+    tensors = load_file(str(run / "model.safetensors"))
+    assert tensors["fc.weight"].shape == (10, 512)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert torch.equal(last["state_dict"]["model.fc.weight"], tensors["fc.weight"])
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"val/acc", "val/loss", "train/loss_epoch"} <= set(rows[0])
+    assert {row["epoch"] for row in rows if row["val/acc"]} == {"0", "1"}
+    for picture in ("curves.png", "confusion_matrix.png"):
+        with Image.open(run / picture) as image:
+            assert image.format == "PNG" and image.size[0] > 200
+    assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())[0] == \
+        "recipe=quickstart"
+
+
+def test_same_recipe_and_seed_give_the_same_run(quickstart_runs: list[Path]) -> None:
+    first, second = (read_json(run / "metrics.json") for run in quickstart_runs)
+    for key in ("val/acc", "val/loss", "val/f1"):
+        assert first[key] == second[key], key
+    first_w, second_w = (load_file(str(run / "model.safetensors")) for run in quickstart_runs)
+    assert all(torch.equal(first_w[k], second_w[k]) for k in first_w)
+
+
+def test_resnet50_9cls_through_torchvision_cache(torch_home: Path, tmp_path: Path) -> None:
+    result = run_cli("recipe=resnet50_9cls", "data=digits", DIGITS_1_9, "data.image_size=32",
+                     *SHRINK, cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(result)
+    report = read_json(run / "load_report.json")
+    assert report["source"] == "torchvision"
+    assert report["path"].startswith(str(torch_home))
+    assert report["url"].endswith("resnet50-11ad3fa6.pth")
+    assert [s["key"] for s in report["shape_skipped"]] == ["fc.weight", "fc.bias"]
+    assert report["missing"] == [] and report["unexpected"] == []
+    assert report["counts"]["loaded"] == 318
+    assert "loaded 318/320 tensors from torchvision; new: fc.weight, fc.bias" in result.stdout
+
+    checkpoint = torch.load(report["path"], weights_only=True)
+    trained = load_file(str(run / "model.safetensors"))
+    frozen_prefixes = ("conv1.", "bn1.", "layer1.", "layer2.")
+    for key, value in trained.items():
+        if key.startswith(frozen_prefixes):  # weights and BatchNorm statistics alike
+            assert torch.equal(value, checkpoint[key]), f"{key} changed while frozen"
+    assert not torch.equal(trained["layer4.2.conv3.weight"], checkpoint["layer4.2.conv3.weight"])
+    assert not torch.equal(trained["layer3.0.bn1.running_mean"],
+                           checkpoint["layer3.0.bn1.running_mean"])
+    assert trained["fc.weight"].shape == (9, 2048)
+    manifest = read_json(run / "manifest.json")
+    assert manifest["class_names"] == [str(d) for d in range(1, 10)]
+    assert manifest["weights"]["sha256"] == report["sha256"] == file_sha256(Path(report["path"]))
+    assert manifest["preprocessing"]["resize"] == round(32 * 232 / 224)
+
+
+def test_imagefolder_of_pngs_with_tensorboard(digits_folder: Path, tmp_path: Path) -> None:
+    result = run_cli("recipe=quickstart", "data=imagefolder", f"data.root={digits_folder}",
+                     "head.num_classes=null", "logger=tensorboard", *SHRINK, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(result)
+    assert read_json(run / "manifest.json")["class_names"] == ["0", "1", "2"]
+    assert read_json(run / "metrics.json")["status"] == "complete"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_googlenet_trains_with_its_auxiliary_heads(tmp_path: Path) -> None:
+    result = run_cli("recipe=quickstart", "model.name=googlenet", "+model.kwargs.aux_logits=true",
+                     "data.image_size=64", *SHRINK, "trainer.limit_train_batches=1",
+                     "trainer.limit_val_batches=1", "data.batch_size=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(result)
+    assert read_json(run / "manifest.json")["head"]["paths"] == ["fc", "aux1.fc2", "aux2.fc2"]
+    assert load_file(str(run / "model.safetensors"))["aux2.fc2.weight"].shape == (10, 1024)
+
+
+def test_too_small_input_for_inception_aux_head_says_what_to_do(tmp_path: Path) -> None:
+    result = run_cli("recipe=quickstart", "model.name=inception_v3", "data.image_size=80",
+                     *SHRINK, "trainer.limit_train_batches=1", "data.batch_size=2", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "inception_v3 cannot take 80 px inputs" in result.stderr
+    assert "model.kwargs.aux_logits=false" in result.stderr
+
+
+def test_offline_weights_error_names_url_and_path(tmp_path: Path) -> None:
+    empty_home = tmp_path / "torch_home"
+    result = run_cli("recipe=resnet50_9cls", "data=digits", DIGITS_1_9, *SHRINK, cwd=tmp_path,
+                     env={"TORCH_HOME": str(empty_home)})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert len(error) == 1
+    assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in error[0]
+    assert str(empty_home / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in error[0]
+    failed = next((tmp_path / "outputs").rglob("metrics.json"))
+    assert json.loads(failed.read_text())["status"] == "failed"
+
+
+def test_multirun_gives_one_run_dir_per_job(tmp_path: Path) -> None:
+    result = run_cli("-m", "recipe=quickstart", *SHRINK, "trainer.limit_train_batches=1",
+                     "optim.lr=0.001,0.01", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((tmp_path / "outputs" / "sweeps" / "quickstart").glob("*/[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs = [read_json(j / "manifest.json")["config"]["optim"]["lr"] for j in jobs]
+    assert lrs == [0.001, 0.01]
+    assert all(read_json(j / "metrics.json")["status"] == "complete" for j in jobs)
