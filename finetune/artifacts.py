@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import tempfile
@@ -14,8 +15,6 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from finetune.config import file_sha256
-
 METRICS = "metrics.json"
 LOAD_REPORT = "load_report.json"
 WEIGHTS = "model.safetensors"
@@ -23,6 +22,14 @@ MANIFEST = "manifest.json"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -6,7 +6,6 @@ Nothing here imports torch: `--help` and `--cfg job` stay fast.
 from __future__ import annotations
 
 import difflib
-import hashlib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -210,14 +209,6 @@ def register_recipe(name: str, path: Path) -> None:
     """Make `recipe=name` select the file, merged at the top level like `# @package _global_`."""
     ConfigStore.instance().store(group="recipe", name=name, node=load_recipe(path),
                                  package="_global_")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ from torchvision.models import WeightsEnum
 
 from finetune import artifacts, backbones, heads, plots
 from finetune.callbacks import ThroughputMeter
-from finetune.config import file_sha256
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze, plan_freeze
@@ -55,13 +55,13 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path]) -> float
     num_classes = check_num_classes(cfg.head.num_classes, data.class_names)
     log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
              len(data.train_set), len(data.val_set), prep.to_dict())
-    model, build_kwargs, head_paths, report = build_model(cfg, num_classes, entry)
-    artifacts.write_json(run_dir / artifacts.LOAD_REPORT, report.to_dict())
-    freeze = plan_freeze(model, cfg.freeze.train_from, cfg.freeze.bn)
-    apply_freeze(model, freeze)
+    built = build_model(cfg, num_classes, entry)
+    artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
+    freeze = plan_freeze(built.model, cfg.freeze.train_from, cfg.freeze.bn)
+    apply_freeze(built.model, freeze)
     log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
-             trainable_summary(model))
-    module = FinetuneModule(model, num_classes, freeze, cfg.optim, cfg.sched,
+             trainable_summary(built.model))
+    module = FinetuneModule(built.model, num_classes, freeze, cfg.optim, cfg.sched,
                             cfg.loss.label_smoothing, cfg.loss.aux_weight)
     trainer, meter = make_trainer(cfg, run_dir)
     try:
@@ -71,44 +71,40 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path]) -> float
         if friendly is None:
             raise
         raise friendly from None
-    metrics = save_run(run_dir, cfg, recipe, module, data, prep, build_kwargs, head_paths, report,
-                       freeze, trainer, meter)
+    metrics = save_run(run_dir, cfg, recipe, built, freeze, data, prep, module, trainer, meter)
     print_summary(run_dir, metrics)
     return float(metrics.get(MONITOR, float("nan")))
 
 
 def validate(cfg: DictConfig) -> None:
     """Every config problem found before building anything, reported together."""
-    checks: list[Callable[[], Any]] = [lambda: backbones.check_name(cfg.model.name)]
-    if cfg.weights.source == "torchvision" and cfg.model.name in backbones.list_backbones():
-        checks.append(lambda: backbones.weights_enum(cfg.model.name, cfg.weights.name))
-    if cfg.weights.source == "file" and not cfg.weights.path:
-        checks.append(lambda: _fail("weights.source=file needs weights.path=PATH to a state dict"))
-    if cfg.weights.source == "file" and cfg.weights.path and not Path(
-            cfg.weights.path).expanduser().is_file():
-        checks.append(lambda: _fail(f"weights.path={cfg.weights.path!r}: no such file"))
-    if cfg.data.name in ("imagefolder", "csv"):
-        root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
-        if root is None:
-            checks.append(lambda: _fail(f"data.root is required for data={cfg.data.name}; "
-                                        "add data.root=PATH"))
-        elif not Path(root).expanduser().exists():
-            checks.append(lambda: _fail(f"data.root={root!r}: no such path (relative paths "
-                                        f"start at {Path.cwd()})"))
-    if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
-        checks.append(lambda: _fail(f"head.num_classes={cfg.head.num_classes}: must be >= 1"))
-    problems = []
-    for check in checks:
+    problems: list[str] = []
+
+    def attempt(check: Callable[[], Any]) -> None:
         try:
             check()
         except FinetuneError as err:
             problems.append(str(err))
+
+    attempt(lambda: backbones.check_name(cfg.model.name))
+    if cfg.weights.source == "torchvision" and not problems:
+        attempt(lambda: backbones.weights_enum(cfg.model.name, cfg.weights.name))
+    if cfg.weights.source == "file":
+        if not cfg.weights.path:
+            problems.append("weights.source=file needs weights.path=PATH to a state dict")
+        elif not Path(cfg.weights.path).expanduser().is_file():
+            problems.append(f"weights.path={cfg.weights.path!r}: no such file")
+    if cfg.data.name in ("imagefolder", "csv"):
+        root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
+        if root is None:
+            problems.append(f"data.root is required for data={cfg.data.name}; add data.root=PATH")
+        elif not Path(root).expanduser().exists():
+            problems.append(f"data.root={root!r}: no such path (relative paths start at "
+                            f"{Path.cwd()})")
+    if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
+        problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
     if problems:
         raise ConfigError(problems)
-
-
-def _fail(message: str) -> None:
-    raise FinetuneError(message)
 
 
 def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:
@@ -133,8 +129,17 @@ def check_num_classes(configured: int | None, class_names: list[str]) -> int:
     return len(class_names)
 
 
-def build_model(cfg: DictConfig, num_classes: int, entry: WeightsEnum | None
-                ) -> tuple[nn.Module, dict[str, Any], list[str], LoadReport]:
+@dataclass
+class Built:
+    """The model as built, and how: builder arguments, head paths, the weight load."""
+
+    model: nn.Module
+    build_kwargs: dict[str, Any]
+    head_paths: list[str]
+    report: LoadReport
+
+
+def build_model(cfg: DictConfig, num_classes: int, entry: WeightsEnum | None) -> Built:
     """backbone -> head -> weights: the pretrained tensors that still fit are copied in."""
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     assert isinstance(user_kwargs, dict)
@@ -144,7 +149,7 @@ def build_model(cfg: DictConfig, num_classes: int, entry: WeightsEnum | None
     head_paths = heads.replace_heads(model, num_classes, cfg.head.dropout, list(cfg.head.hidden))
     log.info("build: %s, new head at %s", cfg.model.name, ", ".join(head_paths))
     report = load_weights(model, cfg.weights, cfg.model.name, head_paths)
-    return model, build_kwargs, head_paths, report
+    return Built(model, build_kwargs, head_paths, report)
 
 
 def input_too_small(err: RuntimeError, cfg: DictConfig) -> FinetuneError | None:
@@ -206,27 +211,27 @@ def recipe_info(recipe_files: dict[str, Path]) -> dict[str, Any]:
     name = HydraConfig.get().runtime.choices.get("recipe")
     path = recipe_files.get(name) if name else None
     return {"name": name, "file": str(path) if path else None,
-            "sha256": file_sha256(path) if path else None}
+            "sha256": artifacts.file_sha256(path) if path else None}
 
 
-def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], module: FinetuneModule,
-             data: ImageDataModule, prep: backbones.Preprocessing, build_kwargs: dict[str, Any],
-             head_paths: list[str], report: LoadReport, freeze: FreezePlan,
-             trainer: pl.Trainer, meter: ThroughputMeter) -> dict[str, Any]:
+def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
+             freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
+             module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter
+             ) -> dict[str, Any]:
     """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
     model_sha = artifacts.save_weights(module.model, run_dir / artifacts.WEIGHTS)
     artifacts.write_json(run_dir / artifacts.MANIFEST, {
         "format": 1,
         "recipe": recipe,
         "overrides": list(HydraConfig.get().overrides.task),
-        "model": {"name": cfg.model.name, "build_kwargs": build_kwargs},
+        "model": {"name": cfg.model.name, "build_kwargs": built.build_kwargs},
         "head": {"num_classes": len(data.class_names), "dropout": cfg.head.dropout,
-                 "hidden": list(cfg.head.hidden), "paths": head_paths},
+                 "hidden": list(cfg.head.hidden), "paths": built.head_paths},
         "surgery": [],
         "freeze": {"train_from": freeze.train_from, "bn": cfg.freeze.bn},
         "class_names": data.class_names,
         "preprocessing": prep.to_dict(),
-        "weights": {k: getattr(report, k) for k in ("source", "path", "url", "sha256")}
+        "weights": {k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}
                    | {"name": cfg.weights.name if cfg.weights.source == "torchvision" else None},
         "model_sha256": model_sha,
         "seed": cfg.seed,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from finetune import backbones
-from finetune.config import file_sha256
+from finetune.artifacts import file_sha256
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")

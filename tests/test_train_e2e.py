@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune.config import file_sha256
+from finetune.artifacts import file_sha256
 from tests.conftest import SHRINK, read_json, run_cli, run_dir_of
 
 DIGITS_1_9 = "data.classes=[1,2,3,4,5,6,7,8,9]"
@@ -162,3 +162,14 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path: Path) -> None:
     lrs = [read_json(j / "manifest.json")["config"]["optim"]["lr"] for j in jobs]
     assert lrs == [0.001, 0.01]
     assert all(read_json(j / "metrics.json")["status"] == "complete" for j in jobs)
+
+
+def test_run_time_problems_are_reported_together(tmp_path: Path) -> None:
+    result = run_cli("recipe=quickstart", "model.name=resnet5", "data=imagefolder",
+                     "data.root=no/such/folder", "weights.source=file", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 3, result.stderr
+    assert "did you mean 'resnet50'" in errors[0]
+    assert "weights.source=file needs weights.path" in errors[1]
+    assert "data.root='no/such/folder': no such path" in errors[2]
