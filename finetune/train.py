@@ -182,8 +182,8 @@ def make_loggers(name: str, run_dir: Path) -> list[Logger]:
 
             loggers.append(MLFlowLogger(experiment_name="finetune",
                                         tracking_uri=(run_dir / "mlruns").as_uri()))
-    except ModuleNotFoundError as err:
-        raise FinetuneError(f"logger={name} needs the {err.name} package: "
+    except ModuleNotFoundError:
+        raise FinetuneError(f"logger={name} needs the {name} package: "
                             f"pip install 'finetune[{name}]'") from None
     return loggers
 

@@ -108,3 +108,11 @@ def test_shipped_imagefolder_augmentations_build(digits_folder: Path) -> None:
     dm = build_datamodule(cfg.data, PREP, 0)
     assert len(dm.train_set.transform.transforms) > len(dm.val_set.transform.transforms)
     assert dm.train_set[0][0].shape == (3, 32, 32)
+
+
+def test_named_augmentations_run_in_the_pipeline() -> None:
+    names = [{"RandomResizedCrop": {"scale": [0.6, 1.0]}}, "RandomHorizontalFlip",
+             "TrivialAugmentWide", {"ColorJitter": {"brightness": 0.3}},
+             {"RandomErasing": {"p": 1.0}}]
+    out = train_transform(PREP, names)(torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32

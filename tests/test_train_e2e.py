@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -173,3 +174,12 @@ def test_run_time_problems_are_reported_together(tmp_path: Path) -> None:
     assert "did you mean 'resnet50'" in errors[0]
     assert "weights.source=file needs weights.path" in errors[1]
     assert "data.root='no/such/folder': no such path" in errors[2]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None,
+                    reason="mlflow is installed here; the message is for when it is not")
+def test_missing_logger_package_says_how_to_install(tmp_path: Path) -> None:
+    result = run_cli("recipe=quickstart", "logger=mlflow", *SHRINK, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "logger=mlflow needs the mlflow package: pip install 'finetune[mlflow]'" in \
+        result.stderr
