@@ -70,6 +70,9 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
             problems += schema.check_recipe(path)
             names.append(name)
         argv[i] = f"{key}={','.join(names)}"
+    for i in overrides:
+        if argv[i] in ("head=none", "head=null"):  # short for head.type=none, as in recipes
+            argv[i] = "head.type=none"
     problems += schema.check_overrides([argv[i] for i in overrides
                                         if argv[i].partition("=")[0].lstrip("+") != "recipe"])
     if problems:

@@ -92,6 +92,7 @@ class Preprocessing:
     mean: list[float]
     std: list[float]
     interpolation: str = "bilinear"
+    channels: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,18 +103,24 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def preprocessing(weights: WeightsEnum | None, image_size: int | None,
-                  mean: list[float] | None = None, std: list[float] | None = None
-                  ) -> Preprocessing:
-    """The weights' own eval preprocessing, scaled to `image_size` and overridden where given."""
+                  mean: list[float] | None = None, std: list[float] | None = None,
+                  channels: int = 3) -> Preprocessing:
+    """The weights' own eval preprocessing, scaled to `image_size` and overridden where given.
+
+    With `channels=1` the weights' per-channel statistics are averaged to one.
+    """
     if weights is None:
         size = image_size or 224
-        return Preprocessing(size, size, list(mean or IMAGENET_MEAN), list(std or IMAGENET_STD))
-    preset = weights.transforms()
-    crop = int(preset.crop_size[0])
-    resize = int(preset.resize_size[0])
-    size = image_size or crop
-    return Preprocessing(
-        resize=round(size * resize / crop), crop=size,
-        mean=list(mean or preset.mean), std=list(std or preset.std),
-        interpolation=preset.interpolation.value,
-    )
+        prep = Preprocessing(size, size, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    else:
+        preset = weights.transforms()
+        crop, resize = int(preset.crop_size[0]), int(preset.resize_size[0])
+        size = image_size or crop
+        prep = Preprocessing(resize=round(size * resize / crop), crop=size,
+                             mean=list(preset.mean), std=list(preset.std),
+                             interpolation=preset.interpolation.value)
+    if channels == 1:
+        prep.mean, prep.std = [sum(prep.mean) / 3], [sum(prep.std) / 3]
+    prep.channels = channels
+    prep.mean, prep.std = list(mean or prep.mean), list(std or prep.std)
+    return prep

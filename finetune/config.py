@@ -40,13 +40,21 @@ class WeightsConfig:
     source: str = "none"
     name: str = "DEFAULT"
     path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    recipe: str | None = None
+    recipe_overrides: list[str] = field(default_factory=list)
     strip_prefix: str = "auto"
+    rename: dict[str, str] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+    require: list[str] = field(default_factory=list)
     on_shape_mismatch: str = "skip"
     min_loaded: float = 0.5
 
 
 @dataclass
 class HeadConfig:
+    type: str = "classifier"
     num_classes: int | None = None
     dropout: float = 0.0
     hidden: list[int] = field(default_factory=list)
@@ -90,6 +98,8 @@ class DataConfig:
     batch_size: int = 32
     val_fraction: float = 0.2
     num_workers: Any = "auto"
+    train_size: int | None = None
+    channels: int = 3
     mean: list[float] | None = None
     std: list[float] | None = None
     augment: list[Any] = field(default_factory=list)
@@ -126,6 +136,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    surgery: list[Any] = field(default_factory=list)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
@@ -138,8 +149,9 @@ class Config:
 
 # Keys whose value is one of a closed set; checked at compose time with nearest matches.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "weights.source": ("none", "torchvision", "file"),
-    "weights.strip_prefix": ("auto", "none"),
+    "weights.source": ("none", "torchvision", "file", "url", "run", "recipe"),
+    "head.type": ("classifier", "none"),
+    "data.channels": (1, 3),
     "weights.on_shape_mismatch": ("skip", "error"),
     "freeze.bn": ("frozen", "train"),
     "optim.name": ("sgd", "adam", "adamw", "rmsprop"),
@@ -202,6 +214,8 @@ def load_recipe(path: Path) -> Any:
     if not OmegaConf.is_dict(node):
         raise ConfigError([f"{path}: a recipe must be a mapping of keys, "
                            f"got {type(node).__name__}"])
+    if node.get("head", "") in ("none", None):  # `head: none` is short for head.type: none
+        node.head = {"type": "none"}
     return node
 
 

@@ -26,18 +26,20 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 def eval_transform(prep: Preprocessing) -> v2.Compose:
     """The deterministic transform used for validation and prediction."""
-    return v2.Compose([v2.ToImage(), *_resize_crop(prep), *_to_normalized(prep)])
+    return v2.Compose([*_resize_crop(prep), *_to_normalized(prep)])
 
 
 def train_transform(prep: Preprocessing, augment: list[Any]) -> v2.Compose:
     """Resize and crop as in eval, then the configured augmentations, then normalize."""
     extra = [make_transform(spec, prep.crop) for spec in augment]
-    return v2.Compose([v2.ToImage(), *_resize_crop(prep), *extra, *_to_normalized(prep)])
+    return v2.Compose([*_resize_crop(prep), *extra, *_to_normalized(prep)])
 
 
 def _resize_crop(prep: Preprocessing) -> list[v2.Transform]:
     mode = InterpolationMode(prep.interpolation)
-    return [v2.Resize(prep.resize, interpolation=mode, antialias=True), v2.CenterCrop(prep.crop)]
+    gray = [v2.Grayscale(1)] if prep.channels == 1 else []
+    return [v2.ToImage(), *gray, v2.Resize(prep.resize, interpolation=mode, antialias=True),
+            v2.CenterCrop(prep.crop)]
 
 
 def _to_normalized(prep: Preprocessing) -> list[v2.Transform]:
@@ -90,6 +92,17 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
     train, val = train_test_split(index, test_size=fraction, random_state=seed,
                                   stratify=split.labels)
     return split.subset(np.sort(train)), split.subset(np.sort(val))
+
+
+def few_shot(split: Split, size: int, seed: int) -> Split:
+    """`size` training items, every class in proportion (at least one each), by seed."""
+    classes = len(set(split.labels))
+    if size < classes:
+        raise FinetuneError(f"data.train_size={size}: fewer images than the {classes} classes; "
+                            f"use at least {classes}")
+    index = np.arange(len(split.labels))
+    kept, _ = train_test_split(index, train_size=size, random_state=seed, stratify=split.labels)
+    return split.subset(np.sort(kept))
 
 
 def _select_classes(names: list[str], wanted: list[Any] | None, where: str) -> list[str]:
@@ -224,6 +237,8 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
     train = full
     if val is None:
         train, val = stratified_split(full, cfg.val_fraction, seed)
+    if cfg.train_size is not None and cfg.train_size < len(train.labels):
+        train = few_shot(train, cfg.train_size, seed)
     in_memory = isinstance(full.items, torch.Tensor)
     dataset = TensorImages if in_memory else ImageFiles
     augment = OmegaConf.to_container(cfg.augment) if OmegaConf.is_config(cfg.augment) \

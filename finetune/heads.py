@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from finetune.errors import FinetuneError
 from finetune.surgery import set_module
 
 # torchvision builds every classifier for 1000 ImageNet classes unless told otherwise; the
@@ -57,8 +58,9 @@ def replace_heads(model: nn.Module, num_classes: int, dropout: float = 0.0,
     """
     paths = find_classifiers(model)
     if not paths:
-        raise ValueError(f"no classifier layer with {TORCHVISION_CLASSES} outputs found in "
-                         f"{type(model).__name__}")
+        raise FinetuneError(f"no classifier layer with {TORCHVISION_CLASSES} outputs found in "
+                            f"{type(model).__name__}; set `head: none` and build the head "
+                            "with surgery (op: replace) instead")
     for i, path in enumerate(paths):
         old = model.get_submodule(path)
         conv = isinstance(old, nn.Conv2d)

@@ -1,17 +1,33 @@
-"""Pure operations on an nn.Module tree addressed by dotted path."""
+"""Pure operations on an nn.Module tree addressed by dotted path.
+
+`apply_surgery(model, ops, input_size)` runs the ops of a recipe's `surgery:` list in order
+and returns the new model plus a key map: where pretrained tensors of moved modules now live.
+"""
 
 from __future__ import annotations
 
 import difflib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
+
+OPS = ("replace", "insert_after", "insert_before", "remove", "truncate", "rename")
 
 
 def module_paths(model: nn.Module) -> list[str]:
     """Every submodule's dotted path, in registration order (the root excluded)."""
     return [name for name, _ in model.named_modules() if name]
+
+
+def _closest(path: str, model: nn.Module) -> str:
+    close = difflib.get_close_matches(path, module_paths(model), n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def get_module(model: nn.Module, path: str, key: str = "path") -> nn.Module:
@@ -23,11 +39,10 @@ def get_module(model: nn.Module, path: str, key: str = "path") -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
-        close = difflib.get_close_matches(path, module_paths(model), n=3, cutoff=0.5)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         children = ", ".join(name for name, _ in model.named_children())
-        raise FinetuneError(f"{key}={path!r} matches no module of the model{hint}; "
-                            f"its top-level modules are: {children}") from None
+        raise FinetuneError(f"{key}={path!r} matches no module of the model"
+                            f"{_closest(path, model)}; its top-level modules are: "
+                            f"{children}") from None
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -35,3 +50,208 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, module)
+
+
+def io_shapes(model: nn.Module, input_size: int, paths: list[str] | None = None,
+              channels: int = 3) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, output shape) of each module in a dry forward of a (2, C, S, S) batch.
+
+    Raises:
+        RuntimeError: when the model cannot run on such a batch.
+    """
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    hooks = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_: nn.Module, args: tuple, output: Any) -> None:
+            if name not in shapes and args and isinstance(args[0], torch.Tensor) and isinstance(
+                    output, torch.Tensor):
+                shapes[name] = (tuple(args[0].shape), tuple(output.shape))
+        return record
+
+    for name, module in model.named_modules():
+        if paths is None or name in paths:
+            hooks.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            output = model(torch.zeros(2, channels, input_size, input_size))
+        output = output[0] if isinstance(output, tuple) else output
+        shapes.setdefault("", ((2, channels, input_size, input_size), tuple(output.shape)))
+    finally:
+        for handle in hooks:
+            handle.remove()
+        model.train(was_training)
+    return shapes
+
+
+# -- building layers named in a recipe ---------------------------------------------------
+
+def _layer_types() -> dict[str, type[nn.Module]]:
+    """torch.nn layer classes by name: the only layers a recipe can build."""
+    return {name: obj for name, obj in vars(nn).items() if isinstance(obj, type)
+            and issubclass(obj, nn.Module) and not name.startswith("_")
+            and obj not in (nn.Module, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
+                            nn.ParameterDict)}
+
+
+LAYERS = _layer_types()
+# The argument a layer's input size goes into, for `auto`.
+_INPUT_ARG = {"in_features": -1, "in_channels": 1, "num_features": 1, "normalized_shape": -1,
+              "embed_dim": -1}
+
+
+def build_layer(spec: Any, input_shape: Callable[[], tuple[int, ...] | None], where: str
+                ) -> nn.Module:
+    """`{type: Linear, out_features: 9, in_features: auto}` -> nn.Linear(in, 9).
+
+    A missing or `auto` input-size argument is taken from `input_shape()` (what flows into
+    the layer's place in a dry forward), which is only run when such an argument exists.
+    """
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise FinetuneError(f"{where}: a layer is written {{type: Name, arg: value, ...}}, "
+                            f"got {spec!r}")
+    kwargs = dict(spec)
+    name = kwargs.pop("type")
+    if name not in LAYERS:
+        close = difflib.get_close_matches(str(name), LAYERS, n=3, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise FinetuneError(f"{where}: unknown layer type {name!r}{hint}; layers are torch.nn "
+                            "classes")
+    cls = LAYERS[name]
+    params = cls.__init__.__code__.co_varnames[:cls.__init__.__code__.co_argcount]
+    for arg, dim in _INPUT_ARG.items():
+        if arg in params and kwargs.get(arg, "auto") == "auto":
+            shape = input_shape()
+            if shape is None:
+                raise FinetuneError(f"{where}: cannot infer {name}.{arg}; give it a number")
+            kwargs[arg] = shape[dim]
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise FinetuneError(f"{where}: {name}({kwargs}) rejected: {err}") from None
+
+
+# -- the ops -------------------------------------------------------------------------------
+
+@dataclass
+class SurgeryResult:
+    """The model after surgery and where the tensors of moved modules went."""
+
+    model: nn.Module
+    key_map: list[tuple[str, str]] = field(default_factory=list)  # (old prefix, new prefix)
+
+    def map_key(self, key: str) -> str:
+        """A checkpoint key of the unmodified model -> its name after surgery."""
+        for old, new in self.key_map:
+            if key == old or key.startswith(f"{old}."):
+                key = new + key[len(old):]
+        return key
+
+
+def _parse_slice(text: str, where: str) -> slice:
+    try:
+        parts = [int(p) if p.strip() else None for p in str(text).split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3):
+        raise FinetuneError(f"{where}: keep={text!r} is not a slice; write it like ':-1' or "
+                            "'0:30'")
+    return slice(*parts)
+
+
+def _shapes_at(model: nn.Module, path: str, size: tuple[int, int], where: str
+               ) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """(input, output) shape at `path` in a dry forward; None where nothing flowed."""
+    shapes = _dry_shapes(model, size, where, [path])
+    return shapes.get(path, (None, None))
+
+
+def _dry_shapes(model: nn.Module, size: tuple[int, int], where: str,
+                paths: list[str] | None = None
+                ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """io_shapes for `size` = (side, channels), a failure named after the op."""
+    try:
+        return io_shapes(model, size[0], paths, channels=size[1])
+    except RuntimeError as err:
+        raise FinetuneError(f"{where}: the model no longer runs on {size[0]} px, {size[1]}-"
+                            f"channel inputs: {str(err).splitlines()[0]}") from None
+
+
+def apply_op(result: SurgeryResult, op: dict[str, Any], size: tuple[int, int], index: int
+             ) -> None:
+    """Apply op number `index` on `result` (its model may be replaced by a truncation)."""
+    where = f"surgery[{index}] ({op.get('op')} {op.get('path', '')!s})"
+    kind = op.get("op")
+    if kind not in OPS:
+        close = difflib.get_close_matches(str(kind), OPS, n=2, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise FinetuneError(f"{where}: op={kind!r} is not a surgery op{hint}; ops are "
+                            f"{', '.join(OPS)}")
+    path = str(op.get("path", ""))
+    model = result.model
+    if not (kind == "truncate" and path == ""):
+        get_module(model, path, key=f"surgery[{index}].path")
+    if kind == "replace":
+        layer = build_layer(op.get("with"), lambda: _shapes_at(model, path, size, where)[0],
+                            where)
+        set_module(model, path, layer)
+    elif kind in ("insert_after", "insert_before"):
+        original = model.get_submodule(path)
+        side = 1 if kind == "insert_after" else 0  # the layer sees the output, or the input
+
+        def shape() -> tuple[int, ...] | None:
+            return _shapes_at(model, path, size, where)[side]
+
+        layer = build_layer(op.get("module"), shape, where)
+        pair = [("0", original), ("1", layer)] if side else [("0", layer), ("1", original)]
+        set_module(model, path, nn.Sequential(OrderedDict(pair)))
+        kept = "0" if kind == "insert_after" else "1"
+        result.key_map.append((path, f"{path}.{kept}"))
+    elif kind == "remove":
+        set_module(model, path, nn.Identity())
+    elif kind == "truncate":
+        target = model if path == "" else model.get_submodule(path)
+        children = list(target.named_children())
+        kept = children[_parse_slice(op.get("keep", ""), where)]
+        if not kept:
+            raise FinetuneError(f"{where}: keep={op.get('keep')!r} keeps nothing of "
+                                f"{path or 'the model'} ({len(children)} children)")
+        chopped = nn.Sequential(OrderedDict(kept))
+        if path == "":
+            result.model = chopped
+        else:
+            set_module(model, path, chopped)
+    else:  # rename
+        new_name = str(op.get("to", ""))
+        if not new_name.isidentifier():
+            raise FinetuneError(f"{where}: to={new_name!r} must be a plain attribute name")
+        parent_path, _, old_name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        module = parent.get_submodule(old_name)
+        delattr(parent, old_name)
+        setattr(parent, new_name, module)
+        # The parent's forward still calls self.<old name>: keep it as a plain alias that is
+        # not registered, so parameters and state-dict keys exist once, under the new name.
+        object.__setattr__(parent, old_name, module)
+        prefix = f"{parent_path}." if parent_path else ""
+        result.key_map.append((path, f"{prefix}{new_name}"))
+
+
+def apply_surgery(model: nn.Module, ops: list[dict[str, Any]], input_size: int,
+                  channels: int = 3) -> SurgeryResult:
+    """Run `ops` in order; after each, a dry forward checks that every shape still fits.
+
+    Raises:
+        FinetuneError: naming the op (surgery[i]) and its path, the bad value or the shapes.
+    """
+    result = SurgeryResult(model)
+    for i, op in enumerate(ops):
+        if not isinstance(op, dict):
+            raise FinetuneError(f"surgery[{i}]: an op is a mapping like {{op: remove, path: "
+                                f"avgpool}}, got {op!r}")
+        apply_op(result, op, (input_size, channels), i)
+        _dry_shapes(result.model, (input_size, channels),
+                    f"surgery[{i}] ({op.get('op')} {op.get('path')})")
+    return result

@@ -17,8 +17,9 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from finetune import artifacts, backbones, heads, plots
+from finetune import artifacts, backbones, heads, plots, surgery
 from finetune.callbacks import ThroughputMeter
+from finetune.config import resolve_recipe
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze, plan_freeze
@@ -50,12 +51,15 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path]) -> float
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     entry = pretrained_entry(cfg)
     prep = backbones.preprocessing(preprocessing_entry(cfg, entry), cfg.data.image_size,
-                                   cfg.data.mean, cfg.data.std)
+                                   cfg.data.mean, cfg.data.std, cfg.data.channels)
+    if cfg.head.type == "none":
+        return save_extractor(run_dir, cfg, recipe, build_model(cfg, None, entry, prep.crop,
+                                                               prep.channels), prep)
     data = build_datamodule(cfg.data, prep, cfg.seed)
     num_classes = check_num_classes(cfg.head.num_classes, data.class_names)
     log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
              len(data.train_set), len(data.val_set), prep.to_dict())
-    built = build_model(cfg, num_classes, entry)
+    built = build_model(cfg, num_classes, entry, prep.crop, prep.channels)
     artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
     freeze = plan_freeze(built.model, cfg.freeze.train_from, cfg.freeze.bn)
     apply_freeze(built.model, freeze)
@@ -89,11 +93,20 @@ def validate(cfg: DictConfig) -> None:
     attempt(lambda: backbones.check_name(cfg.model.name))
     if cfg.weights.source == "torchvision" and not problems:
         attempt(lambda: backbones.weights_enum(cfg.model.name, cfg.weights.name))
-    if cfg.weights.source == "file":
+    source = cfg.weights.source
+    if source in ("file", "run"):
+        what = "a state dict" if source == "file" else "a run dir"
         if not cfg.weights.path:
-            problems.append("weights.source=file needs weights.path=PATH to a state dict")
-        elif not Path(cfg.weights.path).expanduser().is_file():
-            problems.append(f"weights.path={cfg.weights.path!r}: no such file")
+            problems.append(f"weights.source={source} needs weights.path=PATH to {what}")
+        elif not Path(cfg.weights.path).expanduser().exists():
+            problems.append(f"weights.path={cfg.weights.path!r}: no such file or folder")
+    if source == "url" and not cfg.weights.url:
+        problems.append("weights.source=url needs weights.url=http(s)://... or file://...")
+    if source == "recipe":
+        if not cfg.weights.recipe:
+            problems.append("weights.source=recipe needs weights.recipe=NAME_OR_PATH")
+        else:
+            attempt(lambda: resolve_recipe(cfg.weights.recipe))
     if cfg.data.name in ("imagefolder", "csv"):
         root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
         if root is None:
@@ -114,9 +127,11 @@ def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:
 
 
 def preprocessing_entry(cfg: DictConfig, entry: WeightsEnum | None) -> WeightsEnum | None:
-    """Whose eval transform to use: the weights loaded; for a file, the architecture's usual
-    weights (a .pth from torchvision expects their preprocessing); none for random init."""
-    if cfg.weights.source == "file":
+    """Whose eval transform to use: the weights loaded; for a file or URL, the architecture's
+    usual weights (a .pth from torchvision expects their preprocessing); for random init, a
+    run or a recipe, a plain resize to data.image_size with ImageNet statistics (what a run
+    of this framework from scratch uses)."""
+    if cfg.weights.source in ("file", "url"):
         return backbones.weights_enum(cfg.model.name, "DEFAULT")
     return entry
 
@@ -131,25 +146,45 @@ def check_num_classes(configured: int | None, class_names: list[str]) -> int:
 
 @dataclass
 class Built:
-    """The model as built, and how: builder arguments, head paths, the weight load."""
+    """The model as built, and how: builder arguments, head paths, the weight load, and the
+    output shape of one image in a dry forward."""
 
     model: nn.Module
     build_kwargs: dict[str, Any]
     head_paths: list[str]
     report: LoadReport
+    output_shape: list[int]
 
 
-def build_model(cfg: DictConfig, num_classes: int, entry: WeightsEnum | None) -> Built:
-    """backbone -> head -> weights: the pretrained tensors that still fit are copied in."""
+def build_model(cfg: DictConfig, num_classes: int | None, entry: WeightsEnum | None,
+                input_size: int, channels: int = 3) -> Built:
+    """backbone -> head -> surgery -> weights: the pretrained tensors that still fit (by name
+    and shape, after the surgery moved modules) are copied in.
+
+    Args:
+        num_classes: the new head's classes; None keeps no head (`head: none`).
+        input_size, channels: the dry-forward batch that infers `auto` sizes, checks shapes.
+    """
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     assert isinstance(user_kwargs, dict)
     build_kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, entry) if entry else {}),
                     **user_kwargs}
     model = backbones.build(cfg.model.name, build_kwargs)
-    head_paths = heads.replace_heads(model, num_classes, cfg.head.dropout, list(cfg.head.hidden))
-    log.info("build: %s, new head at %s", cfg.model.name, ", ".join(head_paths))
-    report = load_weights(model, cfg.weights, cfg.model.name, head_paths)
-    return Built(model, build_kwargs, head_paths, report)
+    head_paths = []
+    if num_classes is not None:
+        head_paths = heads.replace_heads(model, num_classes, cfg.head.dropout,
+                                         list(cfg.head.hidden))
+        log.info("build: %s, new head at %s", cfg.model.name, ", ".join(head_paths))
+    ops = OmegaConf.to_container(cfg.surgery, resolve=True)
+    assert isinstance(ops, list)
+    operated = surgery.apply_surgery(model, ops, input_size, channels)
+    model = operated.model
+    if ops:
+        log.info("surgery: %d ops applied; pretrained keys moved: %s", len(ops),
+                 operated.key_map or "none")
+    report = load_weights(model, cfg.weights, cfg.model.name, head_paths, operated.map_key)
+    output = surgery.io_shapes(model, input_size, paths=[], channels=channels)[""][1]
+    return Built(model, build_kwargs, head_paths, report, list(output[1:]))
 
 
 def input_too_small(err: RuntimeError, cfg: DictConfig) -> FinetuneError | None:
@@ -214,22 +249,26 @@ def recipe_info(recipe_files: dict[str, Path]) -> dict[str, Any]:
             "sha256": artifacts.file_sha256(path) if path else None}
 
 
-def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
-             freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
-             module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter
-             ) -> dict[str, Any]:
-    """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
-    model_sha = artifacts.save_weights(module.model, run_dir / artifacts.WEIGHTS)
+def write_manifest(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
+                   prep: backbones.Preprocessing, class_names: list[str] | None,
+                   freeze: FreezePlan | None) -> str:
+    """model.safetensors and manifest.json: what is needed to use the model. Returns the
+    weights' sha256."""
+    model_sha = artifacts.save_weights(built.model, run_dir / artifacts.WEIGHTS)
+    surgery_ops = OmegaConf.to_container(cfg.surgery, resolve=True)
     artifacts.write_json(run_dir / artifacts.MANIFEST, {
         "format": 1,
         "recipe": recipe,
         "overrides": list(HydraConfig.get().overrides.task),
         "model": {"name": cfg.model.name, "build_kwargs": built.build_kwargs},
-        "head": {"num_classes": len(data.class_names), "dropout": cfg.head.dropout,
-                 "hidden": list(cfg.head.hidden), "paths": built.head_paths},
-        "surgery": [],
-        "freeze": {"train_from": freeze.train_from, "bn": cfg.freeze.bn},
-        "class_names": data.class_names,
+        "head": {"type": cfg.head.type,
+                 "num_classes": len(class_names) if class_names else None,
+                 "dropout": cfg.head.dropout, "hidden": list(cfg.head.hidden),
+                 "paths": built.head_paths},
+        "surgery": surgery_ops,
+        "output_shape": built.output_shape,
+        "freeze": {"train_from": freeze.train_from if freeze else None, "bn": cfg.freeze.bn},
+        "class_names": class_names,
         "preprocessing": prep.to_dict(),
         "weights": {k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}
                    | {"name": cfg.weights.name if cfg.weights.source == "torchvision" else None},
@@ -239,6 +278,30 @@ def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Buil
         "config": OmegaConf.to_container(cfg, resolve=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
+    return model_sha
+
+
+def save_extractor(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
+                   prep: backbones.Preprocessing) -> float:
+    """`head: none`: a feature extractor is built, loaded and saved; there is nothing to train."""
+    artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
+    log.info("head: none: a feature extractor giving %s per image; nothing to train",
+             built.output_shape)
+    write_manifest(run_dir, cfg, recipe, built, prep, None, None)
+    artifacts.write_json(run_dir / artifacts.METRICS, {
+        "status": "complete", "epochs": 0, "output_shape": built.output_shape,
+        "total_params": sum(p.numel() for p in built.model.parameters())})
+    print(f"finetune: feature extractor saved, output {built.output_shape} per image\n"
+          f"  run dir: {run_dir}", flush=True)
+    return float("nan")
+
+
+def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
+             freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
+             module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter
+             ) -> dict[str, Any]:
+    """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
+    write_manifest(run_dir, cfg, recipe, built, prep, data.class_names, freeze)
     series = artifacts.epoch_metrics(run_dir / "metrics.csv")
     plots.plot_curves(series, run_dir / "curves.png")
     if module.last_confusion is not None:

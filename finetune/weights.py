@@ -1,23 +1,26 @@
-"""Weight sources -> a tensor dict; key mapping; loading by name and shape; the load report."""
+"""Key mapping, loading by name and shape, and the checks on a weight load.
+
+The same for every source (finetune.sources): wrapper prefixes, `weights.rename` regexes,
+`weights.exclude` globs and the surgery's moves map checkpoint keys to model keys; then every
+tensor whose name and shape match is copied, and the report says what happened to the rest.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import logging
-import pickle
+import math
 import re
-import urllib.error
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from finetune import backbones
-from finetune.artifacts import file_sha256
 from finetune.errors import FinetuneError
+from finetune.report import LoadReport
+from finetune.sources import read_source
 
 log = logging.getLogger("finetune")
 
@@ -25,116 +28,78 @@ log = logging.getLogger("finetune")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
-@dataclass
-class LoadReport:
-    """What a weight load did, key by key."""
-
-    source: str
-    path: str | None = None
-    url: str | None = None
-    sha256: str | None = None
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    shape_skipped: list[dict[str, Any]] = field(default_factory=list)
-    renamed: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def new(self) -> list[str]:
-        """Model tensors left newly initialized: missing or shape-skipped."""
-        return self.missing + [s["key"] for s in self.shape_skipped]
-
-    def summary(self) -> str:
-        total = len(self.loaded) + len(self.new)
-        if self.source == "none":
-            return f"no pretrained weights: all {total} tensors newly initialized"
-        new = ", ".join(self.new[:6]) + (f", ... ({len(self.new)} in all)"
-                                          if len(self.new) > 6 else "")
-        line = f"loaded {len(self.loaded)}/{total} tensors from {self.source}"
-        line += f"; new: {new}" if self.new else ""
-        return line + (f"; unused: {len(self.unexpected)}" if self.unexpected else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        counts = {name: len(getattr(self, name)) for name in
-                  ("loaded", "missing", "unexpected", "shape_skipped", "renamed")}
-        return {**asdict(self), "counts": counts, "summary": self.summary()}
+def _renamed(tensors: dict[str, torch.Tensor], fn: Callable[[str], str], report: LoadReport
+             ) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in tensors.items():
+        new = fn(key)
+        if new != key:
+            report.renamed[report_key(report, key)] = new
+        out[new] = value
+    return out
 
 
-def hub_path(url: str) -> Path:
-    """Where torch.hub caches `url`: $TORCH_HOME/hub/checkpoints/<file name>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+def report_key(report: LoadReport, key: str) -> str:
+    """The key's name in the checkpoint, following earlier renames back."""
+    back = {new: old for old, new in report.renamed.items()}
+    return back.get(key, key)
 
 
-def read_torchvision(model_name: str, weights_name: str) -> tuple[dict[str, torch.Tensor],
-                                                                  LoadReport]:
-    """Tensors of a torchvision weights entry, through its own API and TORCH_HOME cache."""
-    entry = backbones.weights_enum(model_name, weights_name)
-    path = hub_path(entry.url)
-    try:
-        tensors = entry.get_state_dict(progress=True, check_hash=True, weights_only=True,
-                                       map_location="cpu")
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-        reason = getattr(err, "reason", err)
-        raise FinetuneError(
-            f"weights {model_name}/{entry.name}: cannot download {entry.url} ({reason}); "
-            f"offline? download that file on a machine with internet and put it at {path} "
-            "(torch's hub cache; set TORCH_HOME to move it)") from None
-    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as err:
-        raise _unreadable(path, err) from None
-    report = LoadReport(source="torchvision", path=str(path), url=entry.url,
-                        sha256=file_sha256(path))
-    fixed = {}
-    for key, tensor in tensors.items():
-        new_key = key
-        for pattern, repl in backbones.key_fixes(model_name):
-            new_key = re.sub(pattern, repl, new_key)
-        if new_key != key:
-            report.renamed[key] = new_key
-        fixed[new_key] = tensor
-    return fixed, report
-
-
-def read_file(path_str: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """A state dict saved with torch.save (.pth / .pt / .pkl), read with weights_only=True."""
-    path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise FinetuneError(f"weights.path={path_str!r}: no such file; give the path of a "
-                            "state dict (.pth / .pt / .pkl)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise _unreadable(path, err) from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise FinetuneError(f"weights.path={path_str!r}: not a state dict (a mapping of names "
-                            "to tensors); save one with torch.save(model.state_dict(), path)")
-    return obj, LoadReport(source="file", path=str(path.resolve()), sha256=file_sha256(path))
-
-
-def _unreadable(path: Path, err: Exception) -> FinetuneError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return FinetuneError(
-        f"weights file {path} cannot be read as a weights-only state dict ({first}); if it is "
-        "truncated or corrupt, delete it and download it again; if it holds a pickled model "
-        "object, convert it to a state dict once, in a trusted place")
-
-
-def strip_wrappers(tensors: dict[str, torch.Tensor], model_keys: set[str],
+def strip_prefixes(tensors: dict[str, torch.Tensor], setting: str, model_keys: set[str],
                    report: LoadReport) -> dict[str, torch.Tensor]:
-    """Drop wrapper prefixes (module. / _orig_mod. / model.) that the model's keys lack."""
-    out = dict(tensors)
-    for prefix in WRAPPER_PREFIXES:
-        keys = list(out)
+    """`auto`: drop wrapper prefixes the model lacks; `none`: keep keys; else that prefix."""
+    if setting == "none":
+        return tensors
+    prefixes = WRAPPER_PREFIXES if setting == "auto" else (setting,)
+    for prefix in prefixes:
+        keys = list(tensors)
+        if setting != "auto" and not any(k.startswith(prefix) for k in keys):
+            raise FinetuneError(f"weights.strip_prefix={prefix!r} matches no checkpoint key; "
+                                f"keys look like {keys[0]!r}")
         if keys and all(k.startswith(prefix) for k in keys) and not any(
                 k.startswith(prefix) for k in model_keys):
-            out = {k[len(prefix):]: v for k, v in out.items()}
-            report.renamed.update({f"{prefix}{k}": k for k in out})
-    return out
+            tensors = _renamed(tensors, lambda k, p=prefix: k[len(p):], report)
+    return tensors
+
+
+def map_keys(tensors: dict[str, torch.Tensor], cfg: Any, model_keys: set[str],
+             report: LoadReport, surgery_map: Callable[[str], str] | None = None
+             ) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> model keys: prefixes, renames, excludes, then the surgery's moves."""
+    tensors = strip_prefixes(dict(tensors), cfg.strip_prefix, model_keys, report)
+    for pattern, repl in dict(cfg.rename).items():
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise FinetuneError(f"weights.rename: {pattern!r} is not a regex ({err})") from None
+        tensors = _renamed(tensors, lambda k, r=regex, s=repl: r.sub(s, k), report)
+    for key in [k for k in tensors if any(fnmatch.fnmatchcase(k, g) for g in cfg.exclude)]:
+        report.excluded.append(key)
+        del tensors[key]
+    if surgery_map is not None:
+        tensors = _renamed(tensors, surgery_map, report)
+    return tensors
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A first-conv kernel for another number of input channels, keeping activation scale:
+    1 channel sums the RGB kernels; more channels repeat them, scaled by 3 / channels."""
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = math.ceil(in_channels / weight.shape[1])
+    tiled = weight.repeat(1, repeats, 1, 1)[:, :in_channels]
+    return tiled * (weight.shape[1] / in_channels)
+
+
+def _first_conv_key(target: dict[str, torch.Tensor]) -> str | None:
+    return next((k for k, v in target.items() if v.dim() == 4 and k.endswith("weight")), None)
 
 
 def load_matching(model: nn.Module, tensors: dict[str, torch.Tensor], report: LoadReport,
                   on_shape_mismatch: str = "skip") -> LoadReport:
     """Copy every tensor whose name and shape match the model; record everything else."""
     target = model.state_dict()
+    first_conv = _first_conv_key(target)
     matched: OrderedDict[str, torch.Tensor] = OrderedDict()
     # Modules read their version from the state dict's metadata (mnasnet refuses to load
     # without it); keep the checkpoint's, or the model's own when a filtered dict lost it.
@@ -144,12 +109,20 @@ def load_matching(model: nn.Module, tensors: dict[str, torch.Tensor], report: Lo
             # Checkpoints older than BatchNorm's counter lack it; a fresh counter is benign.
             if not key.endswith("num_batches_tracked"):
                 report.missing.append(key)
-        elif tensors[key].shape != value.shape:
-            report.shape_skipped.append({"key": key, "checkpoint_shape": list(tensors[key].shape),
-                                         "model_shape": list(value.shape)})
-        else:
-            matched[key] = tensors[key]
+            continue
+        source = tensors[key]
+        if source.shape == value.shape:
+            matched[key] = source
             report.loaded.append(key)
+        elif (key == first_conv and source.dim() == 4
+              and source.shape[0] == value.shape[0] and source.shape[2:] == value.shape[2:]):
+            matched[key] = adapt_input_conv(source, value.shape[1])
+            report.loaded.append(key)
+            report.adapted.append({"key": key, "checkpoint_shape": list(source.shape),
+                                   "model_shape": list(value.shape)})
+        else:
+            report.shape_skipped.append({"key": key, "checkpoint_shape": list(source.shape),
+                                         "model_shape": list(value.shape)})
     report.unexpected = sorted(set(tensors) - set(target))
     if report.shape_skipped and on_shape_mismatch == "error":
         first = report.shape_skipped[0]
@@ -161,9 +134,18 @@ def load_matching(model: nn.Module, tensors: dict[str, torch.Tensor], report: Lo
     return report
 
 
+def _common_prefix_hint(keys: list[str], model_keys: set[str]) -> str:
+    firsts = {k.split(".", 1)[0] for k in keys}
+    if len(firsts) == 1 and not any(k.startswith(f"{next(iter(firsts))}.") for k in model_keys):
+        prefix = f"{next(iter(firsts))}."
+        return f"; every checkpoint key starts with {prefix!r}: set weights.strip_prefix={prefix}"
+    return ""
+
+
 def check_min_loaded(report: LoadReport, model: nn.Module, head_paths: list[str],
-                     min_loaded: float) -> None:
+                     min_loaded: float, checkpoint_keys: list[str]) -> None:
     """Fail when fewer than `min_loaded` of the non-head tensors came from the checkpoint."""
+    model_keys = set(model.state_dict())
     body = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")
             and not any(k.startswith(f"{h}.") for h in head_paths)]
     loaded = len(set(body) & set(report.loaded))
@@ -171,23 +153,44 @@ def check_min_loaded(report: LoadReport, model: nn.Module, head_paths: list[str]
         example = (report.unexpected or ["(none)"])[0]
         raise FinetuneError(
             f"weights: only {loaded} of {len(body)} backbone tensors matched the checkpoint "
-            f"{report.path} (weights.min_loaded={min_loaded}); is it for another architecture? "
-            f"checkpoint keys look like {example!r}, model keys like {body[0]!r}")
+            f"{report.path or report.url} (weights.min_loaded={min_loaded}); checkpoint keys "
+            f"look like {example!r}, model keys like {body[0]!r}"
+            f"{_common_prefix_hint(checkpoint_keys, model_keys)}; is it for another "
+            "architecture?")
 
 
-def load_weights(model: nn.Module, cfg: Any, model_name: str, head_paths: list[str]
-                 ) -> LoadReport:
-    """Load `cfg` (the weights group) into `model` and report what happened."""
+def check_require(report: LoadReport, model: nn.Module, require: list[str]) -> None:
+    """Every model tensor under the `weights.require` globs must have loaded."""
+    keys = list(model.state_dict())
+    loaded = set(report.loaded)
+    for pattern in require:
+        matching = [k for k in keys if fnmatch.fnmatchcase(k, pattern)
+                    and not k.endswith("num_batches_tracked")]
+        if not matching:
+            raise FinetuneError(f"weights.require: {pattern!r} matches no model tensor; keys "
+                                f"look like {keys[0]!r}")
+        absent = [k for k in matching if k not in loaded]
+        if absent:
+            skipped = {s["key"]: s for s in report.shape_skipped}
+            shown = [f"{k} (shape {skipped[k]['checkpoint_shape']} vs "
+                     f"{skipped[k]['model_shape']})" if k in skipped else f"{k} (not in the "
+                     "checkpoint)" for k in absent[:3]]
+            raise FinetuneError(f"weights.require: {len(absent)} of {len(matching)} tensors "
+                                f"under {pattern!r} did not load, e.g. {', '.join(shown)}")
+
+
+def load_weights(model: nn.Module, cfg: Any, model_name: str, head_paths: list[str],
+                 surgery_map: Callable[[str], str] | None = None) -> LoadReport:
+    """Load `cfg` (the weights group) into `model` and report what happened; stops before
+    training when too little loaded (`min_loaded`) or a required tensor did not (`require`)."""
     if cfg.source == "none":
         return LoadReport(source="none", missing=[k for k in model.state_dict()
                                                   if not k.endswith("num_batches_tracked")])
-    if cfg.source == "torchvision":
-        tensors, report = read_torchvision(model_name, cfg.name)
-    else:
-        tensors, report = read_file(cfg.path)
-    if cfg.strip_prefix == "auto":
-        tensors = strip_wrappers(tensors, set(model.state_dict()), report)
+    raw, report = read_source(cfg, model_name)
+    model_keys = set(model.state_dict())
+    tensors = map_keys(raw, cfg, model_keys, report, surgery_map)
     load_matching(model, tensors, report, cfg.on_shape_mismatch)
-    check_min_loaded(report, model, head_paths, cfg.min_loaded)
-    log.info("weights: %s", report.summary())
+    log.info("%s", report.table())
+    check_min_loaded(report, model, head_paths, cfg.min_loaded, list(raw))
+    check_require(report, model, list(cfg.require))
     return report

@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 
 from finetune import backbones, heads
-from finetune.weights import LoadReport, load_matching
+from finetune.report import LoadReport
+from finetune.weights import load_matching
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

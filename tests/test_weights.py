@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 from finetune import heads
 from finetune.config import WeightsConfig
 from finetune.errors import FinetuneError
-from finetune.weights import LoadReport, load_matching, load_weights, read_torchvision
+from finetune.report import LoadReport
+from finetune.sources import read_torchvision
+from finetune.weights import load_matching, load_weights
 from tests.conftest import save_torchvision_checkpoint
 
 
@@ -135,3 +137,136 @@ def test_truncated_file_gets_one_message(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match="truncated or corrupt, delete it"):
         load_weights(torchvision.models.resnet18(), _cfg(source="file", path=str(path)),
                      "resnet18", ["fc"])
+
+
+# -- issue 3: every source, one key mapping ------------------------------------------------
+
+def _resnet18_state(seed: int = 5) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18().state_dict()
+
+
+def _assert_identical(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_lightning_style_checkpoint_loads_bit_identical(tmp_path: Path) -> None:
+    state = _resnet18_state()
+    path = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "global_step": 90, "pytorch-lightning_version": "2.6.6",
+                "state_dict": {f"model.{k}": v for k, v in state.items()}}, path)
+    model = torchvision.models.resnet18()
+    report = load_weights(model, _cfg(source="file", path=str(path)), "resnet18", ["fc"])
+    assert report.container == "state_dict"
+    assert report.missing == [] and report.unexpected == [] and report.shape_skipped == []
+    _assert_identical(model, state)
+
+
+def test_safetensors_and_model_container(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = _resnet18_state()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    model = torchvision.models.resnet18()
+    load_weights(model, _cfg(source="file", path=str(tmp_path / "w.safetensors")), "resnet18",
+                 ["fc"])
+    _assert_identical(model, state)
+    torch.save({"model": state, "optimizer": {}}, tmp_path / "c.pth")
+    report = load_weights(torchvision.models.resnet18(),
+                          _cfg(source="file", path=str(tmp_path / "c.pth")), "resnet18", ["fc"])
+    assert report.container == "model" and report.missing == []
+
+
+def test_unknown_prefix_fails_with_a_hint_then_loads_with_it(tmp_path: Path) -> None:
+    state = _resnet18_state()
+    path = tmp_path / "prefixed.pth"
+    torch.save({f"backbone.{k}": v for k, v in state.items()}, path)
+    with pytest.raises(FinetuneError, match=r"starts with 'backbone\.': set "
+                                            r"weights\.strip_prefix=backbone\."):
+        load_weights(torchvision.models.resnet18(), _cfg(source="file", path=str(path)),
+                     "resnet18", ["fc"])
+    model = torchvision.models.resnet18()
+    report = load_weights(model, _cfg(source="file", path=str(path), strip_prefix="backbone."),
+                          "resnet18", ["fc"])
+    assert report.renamed["backbone.conv1.weight"] == "conv1.weight"
+    _assert_identical(model, state)
+
+
+def test_rename_regex_and_exclude_globs(tmp_path: Path) -> None:
+    state = _resnet18_state()
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    model = torchvision.models.resnet18()
+    model.fclass = model.fc
+    del model.fc
+    report = load_weights(model, _cfg(source="file", path=str(path),
+                                      rename={r"^fc\.": "fclass."}, exclude=["layer4.1.*"]),
+                          "resnet18", ["fclass"])
+    assert report.renamed["fc.weight"] == "fclass.weight" and "fclass.weight" in report.loaded
+    assert "layer4.1.conv1.weight" in report.excluded
+    assert "layer4.1.conv1.weight" in report.missing
+
+
+def test_require_stops_before_training_naming_the_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "w.pth"
+    torch.save(_resnet18_state(), path)
+    model = torchvision.models.resnet18(num_classes=4)
+    with pytest.raises(FinetuneError, match=r"under 'fc\.\*' did not load, e\.g\. fc\.weight "
+                                            r"\(shape \[1000, 512\] vs \[4, 512\]\)"):
+        load_weights(model, _cfg(source="file", path=str(path), require=["fc.*"]), "resnet18",
+                     ["fc"])
+    with pytest.raises(FinetuneError, match="matches no model tensor"):
+        load_weights(torchvision.models.resnet18(num_classes=4),
+                     _cfg(source="file", path=str(path), require=["head.*"]), "resnet18", [])
+
+
+def test_file_url_is_cached_and_pinned(tmp_path: Path, monkeypatch) -> None:
+    from finetune.artifacts import file_sha256
+    from finetune.sources import hub_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    state = _resnet18_state()
+    served = tmp_path / "served" / "r18.pth"
+    served.parent.mkdir()
+    torch.save(state, served)
+    url, sha = served.as_uri(), file_sha256(served)
+    with pytest.raises(FinetuneError, match=r"does not match weights\.sha256=00ff"):
+        load_weights(torchvision.models.resnet18(), _cfg(source="url", url=url, sha256="00ff"),
+                     "resnet18", ["fc"])
+    assert not hub_path(url).exists(), "a download that fails its pin must not be cached"
+    model = torchvision.models.resnet18()
+    report = load_weights(model, _cfg(source="url", url=url, sha256=sha), "resnet18", ["fc"])
+    assert report.url == url and report.path == str(hub_path(url)) and report.sha256 == sha
+    _assert_identical(model, state)
+    served.unlink()  # loads from the cache now, offline
+    load_weights(torchvision.models.resnet18(), _cfg(source="url", url=url, sha256=sha),
+                 "resnet18", ["fc"])
+    cached = hub_path(url)
+    cached.write_bytes(cached.read_bytes()[:1000])
+    with pytest.raises(FinetuneError, match=f"{cached}.*delete it and retry, or fix the pin"):
+        load_weights(torchvision.models.resnet18(), _cfg(source="url", url=url, sha256=sha),
+                     "resnet18", ["fc"])
+
+
+def test_one_channel_first_conv_is_adapted_and_keeps_outputs(tmp_path: Path) -> None:
+    from finetune.surgery import apply_surgery
+
+    state = _resnet18_state()
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    rgb = torchvision.models.resnet18()
+    rgb.load_state_dict(state)
+    gray_model = apply_surgery(torchvision.models.resnet18(), [
+        {"op": "replace", "path": "conv1", "with": {
+            "type": "Conv2d", "in_channels": 1, "out_channels": 64, "kernel_size": 7,
+            "stride": 2, "padding": 3, "bias": False}}], 32, channels=1).model
+    report = load_weights(gray_model, _cfg(source="file", path=str(path)), "resnet18", ["fc"])
+    assert report.adapted == [{"key": "conv1.weight", "checkpoint_shape": [64, 3, 7, 7],
+                               "model_shape": [64, 1, 7, 7]}]
+    assert report.missing == [] and report.shape_skipped == []
+    gray = torch.rand(2, 1, 48, 48)
+    with torch.inference_mode():
+        expected = rgb.eval()(gray.repeat(1, 3, 1, 1))
+        actual = gray_model.eval()(gray)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,213 @@
+"""Where pretrained tensors come from: torchvision, a file, a URL, a run dir, another recipe.
+
+Each reader returns (tensors, LoadReport) with the report's provenance filled in; mapping the
+keys and loading them into a model is finetune.weights' job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from finetune import artifacts, backbones, config
+from finetune.errors import FinetuneError
+from finetune.report import LoadReport
+
+log = logging.getLogger("finetune")
+
+# Where a checkpoint keeps its tensors when it is not a bare state dict.
+CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
+SOURCES_DIR = Path("outputs") / "sources"
+_CHAIN_ENV = "FINETUNE_RECIPE_CHAIN"
+
+
+def hub_path(url: str) -> Path:
+    """Where torch.hub caches `url`: $TORCH_HOME/hub/checkpoints/<file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _unreadable(path: Path, err: Exception) -> FinetuneError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return FinetuneError(
+        f"weights file {path} cannot be read as a weights-only state dict ({first}); if it is "
+        "truncated or corrupt, delete it and download it again; if it holds a pickled model "
+        "object, convert it to a state dict once, in a trusted place: torch.save("
+        "torch.load(path, weights_only=False).state_dict(), 'model.pth')")
+
+
+def read_torchvision(model_name: str, weights_name: str) -> tuple[dict[str, torch.Tensor],
+                                                                  LoadReport]:
+    """Tensors of a torchvision weights entry, through its own API and TORCH_HOME cache."""
+    entry = backbones.weights_enum(model_name, weights_name)
+    path = hub_path(entry.url)
+    try:
+        tensors = entry.get_state_dict(progress=True, check_hash=True, weights_only=True,
+                                       map_location="cpu")
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+        reason = getattr(err, "reason", err)
+        raise FinetuneError(
+            f"weights {model_name}/{entry.name}: cannot download {entry.url} ({reason}); "
+            f"offline? download that file on a machine with internet and put it at {path} "
+            "(torch's hub cache; set TORCH_HOME to move it)") from None
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as err:
+        raise _unreadable(path, err) from None
+    report = LoadReport(source="torchvision", path=str(path), url=entry.url,
+                        sha256=artifacts.file_sha256(path))
+    fixed = {}
+    for key, tensor in tensors.items():
+        new_key = key
+        for pattern, repl in backbones.key_fixes(model_name):
+            new_key = re.sub(pattern, repl, new_key)
+        if new_key != key:
+            report.renamed[key] = new_key
+        fixed[new_key] = tensor
+    return fixed, report
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def read_file(path_str: str, source: str = "file") -> tuple[dict[str, torch.Tensor],
+                                                              LoadReport]:
+    """A state dict in .pth / .pt / .pkl / .bin, a Lightning .ckpt, or .safetensors.
+
+    Pickle-based files are read with weights_only=True. A container dict is unwrapped from
+    its `state_dict` / `model` / ... key, and the report names the key used.
+    """
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise FinetuneError(f"weights.path={path_str!r}: no such file; give the path of a state "
+                            "dict (.pth / .pt / .pkl / .ckpt / .safetensors) or a run dir")
+    report = LoadReport(source=source, path=str(path.resolve()),
+                        sha256=artifacts.file_sha256(path))
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path)), report
+        except (SafetensorError, OSError) as err:
+            raise _unreadable(path, err) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise _unreadable(path, err) from None
+    if _is_state_dict(obj):
+        return obj, report
+    if isinstance(obj, dict):
+        for key in CONTAINER_KEYS:
+            if _is_state_dict(obj.get(key)):
+                report.container = key
+                return obj[key], report
+    keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+    raise FinetuneError(f"weights.path={path_str!r}: no state dict found (a mapping of names to "
+                        f"tensors, bare or under one of {', '.join(CONTAINER_KEYS)}); it holds: "
+                        f"{keys}")
+
+
+def read_url(url: str, sha256: str | None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Download once into torch's hub cache (checked against the sha256 pin), load from there."""
+    path = hub_path(url)
+    pin = (sha256 or "").lower() or None
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("weights: downloading %s -> %s", url, path)
+        try:
+            # Writes to a temporary file and moves it into place only when the hash matches.
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=pin, progress=True)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise FinetuneError(f"weights.url={url}: cannot download ({reason}); download it "
+                                f"elsewhere and put it at {path}") from None
+        except RuntimeError as err:
+            raise FinetuneError(f"weights.url={url}: the download does not match "
+                                f"weights.sha256={pin} ({err}); fix the pin if the file "
+                                "changed on purpose") from None
+    if pin:
+        actual = artifacts.file_sha256(path)
+        if not actual.startswith(pin):
+            raise FinetuneError(f"weights: {path} has sha256 {actual}, not weights.sha256={pin};"
+                                " the cached file is truncated or changed: delete it and "
+                                "retry, or fix the pin")
+    tensors, report = read_file(str(path), source="url")
+    report.url = url
+    return tensors, report
+
+
+def read_run(run_dir: str | Path, source: str = "run") -> tuple[dict[str, torch.Tensor],
+                                                               LoadReport]:
+    """The model.safetensors of a finished run of this framework, checked against its manifest."""
+    run = Path(run_dir).expanduser()
+    weights_file, manifest_file = run / artifacts.WEIGHTS, run / artifacts.MANIFEST
+    if not weights_file.is_file() or not manifest_file.is_file():
+        raise FinetuneError(f"weights.path={str(run_dir)!r}: not a finished run dir (it needs "
+                            f"{artifacts.WEIGHTS} and {artifacts.MANIFEST})")
+    manifest = artifacts.read_json(manifest_file)
+    tensors, report = read_file(str(weights_file), source=source)
+    if manifest.get("model_sha256") and manifest["model_sha256"] != report.sha256:
+        raise FinetuneError(f"weights: {weights_file} does not match the sha256 in its "
+                            "manifest; the run dir was changed after the run")
+    report.run = {"dir": str(run.resolve()), "recipe": (manifest.get("recipe") or {}).get("name"),
+                  "model": manifest.get("model", {}).get("name")}
+    return tensors, report
+
+
+def read_recipe(spec: str, overrides: list[str]) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The weights another recipe produces: trained first, then reused while its resolved
+    config (recipe + overrides) is unchanged. The cache key is a hash of that config."""
+    name, path = config.resolve_recipe(spec)
+    chain = [p for p in os.environ.get(_CHAIN_ENV, "").split(os.pathsep) if p]
+    if str(path) in chain:
+        raise FinetuneError(f"weights.recipe={spec}: recipes take weights from each other in a "
+                            f"cycle ({' -> '.join([*chain, str(path)])})")
+    args = [f"recipe={path}", *overrides]
+    env = {**os.environ, _CHAIN_ENV: os.pathsep.join([*chain, str(path)])}
+    composed = subprocess.run([sys.executable, "-m", "finetune", *args, "--cfg", "job",
+                               "--resolve"], capture_output=True, text=True, env=env)
+    if composed.returncode:
+        raise FinetuneError(f"weights.recipe={spec}: the source recipe does not compose: "
+                            f"{composed.stderr.strip().splitlines()[-1]}")
+    key = hashlib.sha256(composed.stdout.encode()).hexdigest()[:12]
+    run_dir = SOURCES_DIR / f"{name}-{key}"
+    if _is_complete(run_dir):
+        log.info("weights: reusing %s (recipe %s, same resolved config)", run_dir, name)
+    else:
+        log.info("weights: training recipe %s first -> %s", name, run_dir)
+        trained = subprocess.run([sys.executable, "-m", "finetune", *args,
+                                  f"hydra.run.dir={run_dir}"], env=env)
+        if trained.returncode or not _is_complete(run_dir):
+            raise FinetuneError(f"weights.recipe={spec}: training the source recipe failed; "
+                                f"see {run_dir}")
+    tensors, report = read_run(run_dir, source="recipe")
+    report.run = {**(report.run or {}), "recipe": name, "config_sha256": key}
+    return tensors, report
+
+
+def _is_complete(run_dir: Path) -> bool:
+    metrics = run_dir / artifacts.METRICS
+    return metrics.is_file() and artifacts.read_json(metrics).get("status") == "complete"
+
+
+def read_source(cfg: Any, model_name: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The tensors `cfg` (the weights group) names; source `none` is handled by the caller."""
+    if cfg.source == "torchvision":
+        return read_torchvision(model_name, cfg.name)
+    if cfg.source == "url":
+        return read_url(cfg.url, cfg.sha256)
+    if cfg.source == "recipe":
+        return read_recipe(cfg.recipe, list(cfg.recipe_overrides))
+    if Path(cfg.path).expanduser().is_dir() or cfg.source == "run":
+        return read_run(cfg.path)
+    return read_file(cfg.path)
