@@ -48,6 +48,7 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     Raises:
         ConfigError: every problem found, one line each.
     """
+    RECIPE_FILES.clear()
     schema.register_schema()
     schema.register_base_recipe()
     for name, path in schema.shipped_recipes().items():

@@ -23,6 +23,7 @@ class LoadReport:
     adapted: list[dict[str, Any]] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
+    head_reset: str | None = None  # why the source's classifier was not loaded
 
     @property
     def new(self) -> list[str]:
@@ -51,11 +52,14 @@ class LoadReport:
                 ("unexpected (unused)", self.unexpected), ("excluded", self.excluded)]
         lines = [f"  {'fate':<20} {'count':>6}  first keys"]
         for fate, keys in rows:
+            if not keys and fate not in ("loaded", "missing (new)"):
+                continue
             shown = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
             lines.append(f"  {fate:<20} {len(keys):>6}  {shown}")
         where = self.url or self.path or ""
         sha = f" sha256 {self.sha256[:16]}..." if self.sha256 else ""
-        return "\n".join([f"weights: {self.summary()}", f"  from {where}{sha}", *lines])
+        reset = [f"  {self.head_reset}"] if self.head_reset else []
+        return "\n".join([f"weights: {self.summary()}", f"  from {where}{sha}", *reset, *lines])
 
     def to_dict(self) -> dict[str, Any]:
         counts = {name: len(getattr(self, name)) for name in

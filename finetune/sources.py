@@ -160,13 +160,23 @@ def read_run(run_dir: str | Path, source: str = "run") -> tuple[dict[str, torch.
         raise FinetuneError(f"weights: {weights_file} does not match the sha256 in its "
                             "manifest; the run dir was changed after the run")
     report.run = {"dir": str(run.resolve()), "recipe": (manifest.get("recipe") or {}).get("name"),
-                  "model": manifest.get("model", {}).get("name")}
+                  "model": manifest.get("model", {}).get("name"),
+                  "class_names": manifest.get("class_names")}
     return tensors, report
 
 
-def read_recipe(spec: str, overrides: list[str]) -> tuple[dict[str, torch.Tensor], LoadReport]:
+class SourceNotTrained(FinetuneError):
+    """A recipe source has no run yet and training it was not allowed (inspect)."""
+
+
+def read_recipe(spec: str, overrides: list[str], train: bool = True
+                ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """The weights another recipe produces: trained first, then reused while its resolved
-    config (recipe + overrides) is unchanged. The cache key is a hash of that config."""
+    config (recipe + overrides) is unchanged. The cache key is a hash of that config.
+
+    Raises:
+        SourceNotTrained: when no run exists and `train` is False.
+    """
     name, path = config.resolve_recipe(spec)
     chain = [p for p in os.environ.get(_CHAIN_ENV, "").split(os.pathsep) if p]
     if str(path) in chain:
@@ -183,6 +193,9 @@ def read_recipe(spec: str, overrides: list[str]) -> tuple[dict[str, torch.Tensor
     run_dir = SOURCES_DIR / f"{name}-{key}"
     if _is_complete(run_dir):
         log.info("weights: reusing %s (recipe %s, same resolved config)", run_dir, name)
+    elif not train:
+        raise SourceNotTrained(f"weights.recipe={spec}: no run of it with this config yet; a "
+                               f"training run trains it first, into {run_dir}")
     else:
         log.info("weights: training recipe %s first -> %s", name, run_dir)
         trained = subprocess.run([sys.executable, "-m", "finetune", *args,
@@ -200,14 +213,19 @@ def _is_complete(run_dir: Path) -> bool:
     return metrics.is_file() and artifacts.read_json(metrics).get("status") == "complete"
 
 
-def read_source(cfg: Any, model_name: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """The tensors `cfg` (the weights group) names; source `none` is handled by the caller."""
+def read_source(cfg: Any, model_name: str, train_sources: bool = True
+                ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The tensors `cfg` (the weights group) names; source `none` is handled by the caller.
+
+    Args:
+        train_sources: whether a recipe source without a run may be trained now.
+    """
     if cfg.source == "torchvision":
         return read_torchvision(model_name, cfg.name)
     if cfg.source == "url":
         return read_url(cfg.url, cfg.sha256)
     if cfg.source == "recipe":
-        return read_recipe(cfg.recipe, list(cfg.recipe_overrides))
+        return read_recipe(cfg.recipe, list(cfg.recipe_overrides), train_sources)
     if Path(cfg.path).expanduser().is_dir() or cfg.source == "run":
         return read_run(cfg.path)
     return read_file(cfg.path)

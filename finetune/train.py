@@ -59,7 +59,7 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path]) -> float
     num_classes = check_num_classes(cfg.head.num_classes, data.class_names)
     log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
              len(data.train_set), len(data.val_set), prep.to_dict())
-    built = build_model(cfg, num_classes, entry, prep.crop, prep.channels)
+    built = build_model(cfg, data.class_names, entry, prep.crop, prep.channels)
     artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
     freeze = plan_freeze(built.model, cfg.freeze.train_from, cfg.freeze.bn)
     apply_freeze(built.model, freeze)
@@ -156,14 +156,15 @@ class Built:
     output_shape: list[int]
 
 
-def build_model(cfg: DictConfig, num_classes: int | None, entry: WeightsEnum | None,
-                input_size: int, channels: int = 3) -> Built:
+def build_model(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEnum | None,
+                input_size: int, channels: int = 3, train_sources: bool = True) -> Built:
     """backbone -> head -> surgery -> weights: the pretrained tensors that still fit (by name
     and shape, after the surgery moved modules) are copied in.
 
     Args:
-        num_classes: the new head's classes; None keeps no head (`head: none`).
+        class_names: the new head's classes; None keeps no head (`head: none`).
         input_size, channels: the dry-forward batch that infers `auto` sizes, checks shapes.
+        train_sources: whether a recipe source without a run may be trained now.
     """
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     assert isinstance(user_kwargs, dict)
@@ -171,18 +172,20 @@ def build_model(cfg: DictConfig, num_classes: int | None, entry: WeightsEnum | N
                     **user_kwargs}
     model = backbones.build(cfg.model.name, build_kwargs)
     head_paths = []
-    if num_classes is not None:
-        head_paths = heads.replace_heads(model, num_classes, cfg.head.dropout,
+    if class_names is not None:
+        head_paths = heads.replace_heads(model, len(class_names), cfg.head.dropout,
                                          list(cfg.head.hidden))
         log.info("build: %s, new head at %s", cfg.model.name, ", ".join(head_paths))
     ops = OmegaConf.to_container(cfg.surgery, resolve=True)
     assert isinstance(ops, list)
     operated = surgery.apply_surgery(model, ops, input_size, channels)
     model = operated.model
+    head_paths = [operated.map_key(path) for path in head_paths]  # e.g. fc renamed to fclass
     if ops:
         log.info("surgery: %d ops applied; pretrained keys moved: %s", len(ops),
                  operated.key_map or "none")
-    report = load_weights(model, cfg.weights, cfg.model.name, head_paths, operated.map_key)
+    report = load_weights(model, cfg.weights, cfg.model.name, head_paths, operated.map_key,
+                          class_names, train_sources)
     output = surgery.io_shapes(model, input_size, paths=[], channels=channels)[""][1]
     return Built(model, build_kwargs, head_paths, report, list(output[1:]))
 

@@ -180,15 +180,30 @@ def check_require(report: LoadReport, model: nn.Module, require: list[str]) -> N
 
 
 def load_weights(model: nn.Module, cfg: Any, model_name: str, head_paths: list[str],
-                 surgery_map: Callable[[str], str] | None = None) -> LoadReport:
+                 surgery_map: Callable[[str], str] | None = None,
+                 class_names: list[str] | None = None, train_sources: bool = True
+                 ) -> LoadReport:
     """Load `cfg` (the weights group) into `model` and report what happened; stops before
-    training when too little loaded (`min_loaded`) or a required tensor did not (`require`)."""
+    training when too little loaded (`min_loaded`) or a required tensor did not (`require`).
+
+    Args:
+        class_names: this run's classes. A run or recipe source trained on other classes
+            keeps its classifier to itself: the new head stays newly initialized.
+    """
     if cfg.source == "none":
         return LoadReport(source="none", missing=[k for k in model.state_dict()
                                                   if not k.endswith("num_batches_tracked")])
-    raw, report = read_source(cfg, model_name)
+    raw, report = read_source(cfg, model_name, train_sources)
     model_keys = set(model.state_dict())
     tensors = map_keys(raw, cfg, model_keys, report, surgery_map)
+    source_classes = (report.run or {}).get("class_names")
+    if head_paths and source_classes is not None and source_classes != class_names:
+        # Same shape, other meaning: a head for the source's classes is no start for ours.
+        for key in [k for k in tensors if any(k.startswith(f"{h}.") for h in head_paths)]:
+            report.excluded.append(key)
+            del tensors[key]
+        report.head_reset = (f"the source was trained on classes {source_classes}, this run on "
+                             f"{class_names}: the head starts new")
     load_matching(model, tensors, report, cfg.on_shape_mismatch)
     log.info("%s", report.table())
     check_min_loaded(report, model, head_paths, cfg.min_loaded, list(raw))

@@ -37,8 +37,9 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, module: st
 
 
 def run_dir_of(result: subprocess.CompletedProcess) -> Path:
-    """The run dir a successful run printed in its summary."""
-    for line in result.stdout.splitlines():
+    """The run dir a successful run printed in its summary (the last one printed: a recipe
+    source trained first prints its own before)."""
+    for line in reversed(result.stdout.splitlines()):
         if line.strip().startswith("run dir:"):
             return Path(line.split("run dir:", 1)[1].strip())
     raise AssertionError(f"no run dir in output:\n{result.stdout}\n{result.stderr}")
@@ -95,3 +96,14 @@ def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_torchvision_checkpoint(home, "resnet18")
     save_torchvision_checkpoint(home, "resnet50", "IMAGENET1K_V2")
     return home
+
+
+@pytest.fixture(scope="session")
+def torch_home_vgg(torch_home: Path) -> Path:
+    """torch_home plus vgg16 (IMAGENET1K_V1): 528 MB, so only for the tests that need it."""
+    save_torchvision_checkpoint(torch_home, "vgg16", "IMAGENET1K_V1")
+    return torch_home
+
+
+# The quickstart without its recipe source, for tests about something else.
+QUICK = ["recipe=quickstart", "weights.source=none"]

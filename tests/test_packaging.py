@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, SHRINK, read_json, run_dir_of
+from tests.conftest import QUICK, REPO, SHRINK, read_json, run_dir_of
 
 
 def test_wheel_runs_quickstart_from_any_directory(tmp_path: Path) -> None:
@@ -26,7 +26,7 @@ def test_wheel_runs_quickstart_from_any_directory(tmp_path: Path) -> None:
                            capture_output=True, text=True, check=True)
     assert where.stdout.split() == [str(target / "finetune" / "conf"),
                                     str(target / "finetune" / "recipes")]
-    result = subprocess.run([sys.executable, "-m", "finetune", "recipe=quickstart", *SHRINK],
+    result = subprocess.run([sys.executable, "-m", "finetune", *QUICK, *SHRINK],
                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(result)

@@ -9,23 +9,28 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.artifacts import file_sha256
-from tests.conftest import SHRINK, read_json, run_cli, run_dir_of
+from tests.conftest import QUICK, SHRINK, read_json, run_cli, run_dir_of
 
 DIGITS_1_9 = "data.classes=[1,2,3,4,5,6,7,8,9]"
+# The quickstart's source recipe, shrunk the same way.
+SHRUNK_SOURCE = ("weights.recipe_overrides=[" + ",".join(f'"{o}"' for o in SHRINK) + "]")
 
 
 @pytest.fixture(scope="module")
 def quickstart_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The quickstart recipe, shrunk, run twice with the same seed."""
+    """The quickstart recipe, shrunk, run twice with the same seed (the second run reuses the
+    source recipe the first one trained)."""
     cwd = tmp_path_factory.mktemp("quickstart")
     dirs = []
     for _ in range(2):
-        result = run_cli("recipe=quickstart", *SHRINK, "trainer.max_epochs=2", cwd=cwd)
+        result = run_cli("recipe=quickstart", *SHRINK, "trainer.max_epochs=2", SHRUNK_SOURCE,
+                         cwd=cwd)
         assert result.returncode == 0, result.stderr[-3000:]
         dirs.append(run_dir_of(result))
     return dirs
@@ -36,18 +41,22 @@ def test_quickstart_writes_every_artifact(quickstart_runs: list[Path]) -> None:
     assert run.is_relative_to(run.parents[2]) and run.parts[-3:-1] == ("outputs", "quickstart")
     metrics = read_json(run / "metrics.json")
     assert metrics["status"] == "complete"
-    for key in ("val/acc", "val/loss", "val/f1", "val/acc_top5", "epochs", "train_seconds",
+    for key in ("val/acc", "val/loss", "val/f1", "epochs", "train_seconds",
                 "train_images_per_second", "best/val/acc", "best/epoch"):
         assert metrics[key] is not None, key
     assert metrics["epochs"] == 2 and 0.0 <= metrics["val/acc"] <= 1.0
     assert metrics["train_images_per_second"] > 0
 
     report = read_json(run / "load_report.json")
-    assert report["source"] == "none" and report["counts"]["loaded"] == 0
-    assert "conv1.weight" in report["missing"]
+    sources = list((run.parents[1] / "sources").glob("digits_source-*"))
+    assert len(sources) == 1, "the source recipe is trained once and reused"
+    assert report["source"] == "recipe" and report["run"]["dir"] == str(sources[0].resolve())
+    assert report["counts"]["loaded"] == 120 and report["missing"] == ["fc.weight", "fc.bias"]
+    assert "the head starts new" in report["head_reset"]
+    source_weights = load_file(str(sources[0] / "model.safetensors"))
 
     manifest = read_json(run / "manifest.json")
-    assert manifest["class_names"] == [str(d) for d in range(10)]
+    assert manifest["class_names"] == [str(d) for d in range(5, 10)]
     assert manifest["recipe"]["name"] == "quickstart"
     assert manifest["recipe"]["sha256"] == file_sha256(Path(manifest["recipe"]["file"]))
     assert manifest["model"]["name"] == "resnet18" and manifest["head"]["paths"] == ["fc"]
@@ -58,7 +67,9 @@ def test_quickstart_writes_every_artifact(quickstart_runs: list[Path]) -> None:
     assert manifest["seed"] == 0
 
     tensors = load_file(str(run / "model.safetensors"))
-    assert tensors["fc.weight"].shape == (10, 512)
+    assert tensors["fc.weight"].shape == (5, 512)
+    trained_key = "layer4.1.conv2.weight"
+    assert not torch.equal(tensors[trained_key], source_weights[trained_key])
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert torch.equal(last["state_dict"]["model.fc.weight"], tensors["fc.weight"])
     assert (run / "checkpoints" / "best.ckpt").is_file()
@@ -72,6 +83,32 @@ def test_quickstart_writes_every_artifact(quickstart_runs: list[Path]) -> None:
             assert image.format == "PNG" and image.size[0] > 200
     assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())[0] == \
         "recipe=quickstart"
+
+
+def test_a_real_lightning_checkpoint_loads_bit_identical(quickstart_runs: list[Path]) -> None:
+    from omegaconf import OmegaConf
+
+    from finetune.config import WeightsConfig
+    from finetune.weights import load_weights
+
+    run = quickstart_runs[0]
+    model = torchvision.models.resnet18(num_classes=5)
+    cfg = OmegaConf.structured(WeightsConfig(source="file",
+                                             path=str(run / "checkpoints" / "last.ckpt")))
+    report = load_weights(model, cfg, "resnet18", ["fc"])
+    assert report.container == "state_dict" and report.missing == [] and not report.unexpected
+    saved = load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_a_run_dir_is_a_weight_source(quickstart_runs: list[Path], tmp_path: Path) -> None:
+    run = quickstart_runs[0]
+    result = run_cli(*QUICK, "weights.source=run", f"weights.path={run}", *SHRINK, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = read_json(run_dir_of(result) / "load_report.json")
+    # Same classes (5-9) as the source run: its head is a valid start and loads too.
+    assert report["source"] == "run" and report["counts"]["loaded"] == 122
+    assert report["head_reset"] is None and report["run"]["recipe"] == "quickstart"
 
 
 def test_same_recipe_and_seed_give_the_same_run(quickstart_runs: list[Path]) -> None:
@@ -113,8 +150,9 @@ def test_resnet50_9cls_through_torchvision_cache(torch_home: Path, tmp_path: Pat
 
 
 def test_imagefolder_of_pngs_with_tensorboard(digits_folder: Path, tmp_path: Path) -> None:
-    result = run_cli("recipe=quickstart", "data=imagefolder", f"data.root={digits_folder}",
-                     "head.num_classes=null", "logger=tensorboard", *SHRINK, cwd=tmp_path)
+    result = run_cli(*QUICK, "data=imagefolder", f"data.root={digits_folder}",
+                     "data.classes=null", "head.num_classes=null", "logger=tensorboard", *SHRINK,
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(result)
     assert read_json(run / "manifest.json")["class_names"] == ["0", "1", "2"]
@@ -123,17 +161,17 @@ def test_imagefolder_of_pngs_with_tensorboard(digits_folder: Path, tmp_path: Pat
 
 
 def test_googlenet_trains_with_its_auxiliary_heads(tmp_path: Path) -> None:
-    result = run_cli("recipe=quickstart", "model.name=googlenet", "+model.kwargs.aux_logits=true",
+    result = run_cli(*QUICK, "model.name=googlenet", "+model.kwargs.aux_logits=true",
                      "data.image_size=64", *SHRINK, "trainer.limit_train_batches=1",
                      "trainer.limit_val_batches=1", "data.batch_size=4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(result)
     assert read_json(run / "manifest.json")["head"]["paths"] == ["fc", "aux1.fc2", "aux2.fc2"]
-    assert load_file(str(run / "model.safetensors"))["aux2.fc2.weight"].shape == (10, 1024)
+    assert load_file(str(run / "model.safetensors"))["aux2.fc2.weight"].shape == (5, 1024)
 
 
 def test_too_small_input_for_inception_aux_head_says_what_to_do(tmp_path: Path) -> None:
-    result = run_cli("recipe=quickstart", "model.name=inception_v3", "data.image_size=80",
+    result = run_cli(*QUICK, "model.name=inception_v3", "data.image_size=80",
                      *SHRINK, "trainer.limit_train_batches=1", "data.batch_size=2", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "inception_v3 cannot take 80 px inputs" in result.stderr
@@ -155,7 +193,7 @@ def test_offline_weights_error_names_url_and_path(tmp_path: Path) -> None:
 
 
 def test_multirun_gives_one_run_dir_per_job(tmp_path: Path) -> None:
-    result = run_cli("-m", "recipe=quickstart", *SHRINK, "trainer.limit_train_batches=1",
+    result = run_cli("-m", *QUICK, *SHRINK, "trainer.limit_train_batches=1",
                      "optim.lr=0.001,0.01", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "outputs" / "sweeps" / "quickstart").glob("*/[0-9]"))
@@ -166,7 +204,7 @@ def test_multirun_gives_one_run_dir_per_job(tmp_path: Path) -> None:
 
 
 def test_run_time_problems_are_reported_together(tmp_path: Path) -> None:
-    result = run_cli("recipe=quickstart", "model.name=resnet5", "data=imagefolder",
+    result = run_cli(*QUICK, "model.name=resnet5", "data=imagefolder",
                      "data.root=no/such/folder", "weights.source=file", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("finetune: error:")]
@@ -179,7 +217,7 @@ def test_run_time_problems_are_reported_together(tmp_path: Path) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None,
                     reason="mlflow is installed here; the message is for when it is not")
 def test_missing_logger_package_says_how_to_install(tmp_path: Path) -> None:
-    result = run_cli("recipe=quickstart", "logger=mlflow", *SHRINK, cwd=tmp_path)
+    result = run_cli(*QUICK, "logger=mlflow", *SHRINK, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "logger=mlflow needs the mlflow package: pip install 'finetune[mlflow]'" in \
         result.stderr

@@ -1,0 +1,201 @@
+"""`python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] [--splits] [--json]`
+
+Everything a run would do, without training: the resolved config, the module tree after
+surgery (parameters, trainable / frozen, BatchNorm mode), the weight load, the optimizer's
+parameter groups and the output shape of a dry forward. Exits 2 on any validation error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from finetune import config as schema
+from finetune.__main__ import RECIPE_FILES, prepare, report
+from finetune.errors import FinetuneError
+
+FLAGS = ("--keys", "--splits", "--json")
+USAGE = ("usage: python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] "
+         "[--splits] [--json] [--depth N]")
+
+
+def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
+    """The config a run with these overrides would get (checked as a run checks it), and the
+    name of the recipe chosen."""
+    args = prepare(overrides)
+    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="inspect"):
+        cfg = compose("config", overrides=args, return_hydra_config=True)
+    recipe = cfg.hydra.runtime.choices.recipe
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, recipe
+
+
+def module_rows(model: Any, eval_modules: set[str], depth: int) -> list[dict[str, Any]]:
+    """One row per module down to `depth`: path, type, parameters, what trains."""
+    from finetune.freezing import BATCHNORM
+
+    rows = []
+    for path, module in model.named_modules():
+        level = path.count(".") + 1 if path else 0
+        if level > depth:
+            continue
+        params = list(module.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        state = ("-" if not total else "train" if trainable == total
+                 else "frozen" if trainable == 0 else "partly frozen")
+        row = {"path": path or "(model)", "type": type(module).__name__, "params": total,
+               "trainable": trainable, "state": state}
+        if isinstance(module, BATCHNORM):
+            row["bn"] = "eval (stats fixed)" if path in eval_modules else "train (stats update)"
+        rows.append(row)
+    return rows
+
+
+def split_rows(model: Any) -> list[dict[str, Any]]:
+    """Each top-level child as a candidate `freeze.train_from`, with what would train."""
+    from finetune.freezing import plan_freeze
+
+    sizes = dict(model.named_parameters())
+    total = sum(p.numel() for p in sizes.values())
+    rows = []
+    for index, (name, _) in enumerate(model.named_children()):
+        try:
+            plan = plan_freeze(model, name)
+        except FinetuneError:
+            continue  # nothing would train from here
+        trainable = sum(sizes[p].numel() for p in plan.trainable)
+        rows.append({"index": index, "train_from": name, "trainable": trainable,
+                     "share": round(trainable / total, 4) if total else 0.0})
+    return rows
+
+
+def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = False,
+                 splits: bool = False) -> dict[str, Any]:
+    """The plan of a run as data (what `--json` prints)."""
+    from finetune import backbones, train
+    from finetune.data import build_datamodule
+    from finetune.freezing import apply_freeze, plan_freeze
+    from finetune.optim import build_optimizer
+    from finetune.sources import SourceNotTrained
+
+    train.validate(cfg)
+    entry = train.pretrained_entry(cfg)
+    prep = backbones.preprocessing(train.preprocessing_entry(cfg, entry), cfg.data.image_size,
+                                   cfg.data.mean, cfg.data.std, cfg.data.channels)
+    class_names = None
+    data_info: dict[str, Any] = {"name": cfg.data.name}
+    if cfg.head.type != "none":
+        data = build_datamodule(cfg.data, prep, cfg.seed)
+        train.check_num_classes(cfg.head.num_classes, data.class_names)
+        class_names = data.class_names
+        data_info.update(classes=class_names, train_images=len(data.train_set),
+                         val_images=len(data.val_set))
+    notes = []
+    try:
+        built = train.build_model(cfg, class_names, entry, prep.crop, prep.channels,
+                                  train_sources=False)
+    except SourceNotTrained as err:
+        notes.append(str(err))
+        unloaded = OmegaConf.merge(cfg, {"weights": {"source": "none"}})
+        built = train.build_model(unloaded, class_names, entry, prep.crop, prep.channels)
+    freeze = plan_freeze(built.model, cfg.freeze.train_from, cfg.freeze.bn)
+    apply_freeze(built.model, freeze)
+    names = {id(p): n for n, p in built.model.named_parameters()}
+    groups = [{"lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0),
+               "tensors": len(g["params"]), "params": sum(p.numel() for p in g["params"]),
+               "first": names[id(g["params"][0])] if g["params"] else None}
+              for g in build_optimizer(built.model, cfg.optim).param_groups]
+    plan: dict[str, Any] = {
+        "recipe": {"name": recipe,
+                   "file": str(RECIPE_FILES[recipe]) if recipe in RECIPE_FILES else None},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "data": data_info,
+        "preprocessing": prep.to_dict(),
+        "head_paths": built.head_paths,
+        "load_report": {**built.report.to_dict(), "table": built.report.table()},
+        "freeze": {"train_from": freeze.train_from, "frozen_tensors": len(freeze.frozen),
+                   "trainable_tensors": len(freeze.trainable),
+                   "bn_eval": freeze.eval_modules},
+        "optimizer": {"name": cfg.optim.name, "groups": groups},
+        "output_shape": built.output_shape,
+        "modules": module_rows(built.model, set(freeze.eval_modules), depth),
+        "notes": notes,
+    }
+    if keys:
+        fate = {k: "loaded" for k in built.report.loaded} | {k: "new" for k in built.report.new}
+        plan["keys"] = [{"key": k, "shape": list(v.shape), "fate": fate.get(k, "-")}
+                        for k, v in built.model.state_dict().items()]
+    if splits:
+        plan["splits"] = split_rows(built.model)
+    return plan
+
+
+def render(plan: dict[str, Any]) -> str:
+    """The plan for a person to read."""
+    out = [f"recipe: {plan['recipe']['name']} ({plan['recipe']['file'] or 'conf/config.yaml'})",
+           "", "== config ==", OmegaConf.to_yaml(plan["config"]).rstrip(), "",
+           f"== data == {plan['data']}", f"== preprocessing == {plan['preprocessing']}", "",
+           plan["load_report"]["table"], ""]
+    out += [f"note: {n}" for n in plan["notes"]]
+    freeze = plan["freeze"]
+    out += [f"== freeze == train from {freeze['train_from'] or 'the first layer'}: "
+            f"{freeze['trainable_tensors']} tensors train, {freeze['frozen_tensors']} frozen, "
+            f"{len(freeze['bn_eval'])} BatchNorm layers in eval mode", "",
+            f"== optimizer == {plan['optimizer']['name']}"]
+    out += [f"  group {i}: lr {g['lr']:g}, weight decay {g['weight_decay']:g}, {g['tensors']} "
+            f"tensors, {g['params']:,} parameters (from {g['first']})"
+            for i, g in enumerate(plan["optimizer"]["groups"])]
+    out += ["", f"== output == {plan['output_shape']} per image (dry forward)", "",
+            f"== modules == (head: {', '.join(plan['head_paths']) or 'none'})",
+            f"  {'path':<34} {'type':<22} {'params':>12}  state"]
+    for row in plan["modules"]:
+        bn = f"  [BN {row['bn']}]" if "bn" in row else ""
+        out.append(f"  {row['path']:<34} {row['type']:<22} {row['params']:>12,}  "
+                   f"{row['state']}{bn}")
+    if "splits" in plan:
+        out += ["", "== split points (freeze.train_from) =="]
+        out += [f"  {r['index']:>3}  {r['train_from']:<20} {r['trainable']:>12,} trainable "
+                f"({100 * r['share']:.1f}%)" for r in plan["splits"]]
+    if "keys" in plan:
+        out += ["", "== state-dict keys =="]
+        out += [f"  {k['key']:<50} {k['shape']!s:<22} {k['fate']}" for k in plan["keys"]]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(USAGE)
+        return
+    depth = 2
+    if "--depth" in args:
+        at = args.index("--depth")
+        try:
+            depth = int(args[at + 1])
+        except (IndexError, ValueError):
+            print(f"finetune.inspect: error: --depth needs a number; {USAGE}", file=sys.stderr)
+            raise SystemExit(2) from None
+        del args[at:at + 2]
+    flags = {a for a in args if a in FLAGS}
+    unknown = [a for a in args if a.startswith("-") and a not in FLAGS]
+    if unknown:
+        print(f"finetune.inspect: error: unknown option {unknown[0]}; {USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    overrides = [a for a in args if a not in FLAGS]
+    try:
+        cfg, recipe = compose_config(overrides)
+        plan = inspect_plan(cfg, recipe, depth, "--keys" in flags, "--splits" in flags)
+    except FinetuneError as err:
+        report(err)
+        raise SystemExit(2) from None
+    print(json.dumps(plan, indent=2, default=str) if "--json" in flags else render(plan))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The shipped recipes: what they build and load, and `finetune.inspect` on each of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from finetune import config as schema
+from finetune.inspect import compose_config, inspect_plan, render
+from finetune.train import build_model, pretrained_entry
+from tests.conftest import read_json, run_cli, run_dir_of
+
+DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=64"]
+# Recipes that read an image folder inspect on the digits instead.
+RECIPE_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9}
+
+
+@pytest.fixture
+def offline_home(torch_home_vgg: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(torch_home_vgg))
+    return torch_home_vgg
+
+
+@pytest.mark.parametrize("name", sorted(schema.shipped_recipes()))
+def test_inspect_runs_on_every_shipped_recipe(name: str, offline_home: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    plan = inspect_plan(*compose_config([f"recipe={name}", *RECIPE_OVERRIDES.get(name, [])]),
+                        splits=True)
+    text = render(plan)
+    assert plan["recipe"]["name"] == name
+    assert plan["modules"][0]["path"] == "(model)" and plan["output_shape"]
+    assert "== optimizer ==" in text and "weights:" in text
+    if plan["config"]["weights"]["source"] == "recipe":
+        assert "no run of it with this config yet" in plan["notes"][0]
+        assert not (tmp_path / "outputs").exists(), "inspect must not train the source"
+
+
+def test_custom_head_loads_exactly_what_name_filtering_would(offline_home: Path) -> None:
+    cfg, _ = compose_config(["recipe=resnet50_custom_head", *DIGITS_1_9])
+    built = build_model(cfg, [str(d) for d in range(1, 10)], pretrained_entry(cfg), 64)
+    checkpoint_file = offline_home / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    checkpoint = torch.load(checkpoint_file, weights_only=True)
+    fresh = built.model.state_dict()
+    by_name = {k for k, v in checkpoint.items() if k in fresh and fresh[k].shape == v.shape}
+    assert set(built.report.loaded) == by_name
+    assert len(by_name) == 318
+    assert set(built.report.new) == {"avgpool.0.1.weight", "avgpool.0.1.bias", "fclass.weight",
+                                     "fclass.bias"}
+    assert built.head_paths == ["fclass"]
+    model = built.model.eval()
+    assert isinstance(model.avgpool[0][1], torch.nn.ConvTranspose2d)
+    assert isinstance(model.avgpool[1], torch.nn.MaxPool2d)
+    with torch.inference_mode():
+        assert model(torch.zeros(3, 3, 64, 64)).shape == (3, 9)
+    for key in by_name:
+        assert torch.equal(model.state_dict()[key], checkpoint[key]), key
+
+
+def test_inspect_cli_json_and_validation_errors(torch_home: Path, tmp_path: Path) -> None:
+    env = {"TORCH_HOME": str(torch_home)}
+    result = run_cli("recipe=resnet50_9cls", *DIGITS_1_9, "--json", "--keys", "--splits",
+                     cwd=tmp_path, env=env, module="finetune.inspect")
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(result.stdout)
+    assert plan["freeze"]["train_from"] == "layer3"
+    assert plan["load_report"]["counts"]["loaded"] == 318
+    assert {"key": "fc.weight", "shape": [9, 2048], "fate": "new"} in plan["keys"]
+    assert [s["train_from"] for s in plan["splits"]][6] == "layer3"
+    assert plan["optimizer"]["groups"][0]["first"] == "layer3.0.conv1.weight"
+    bad = run_cli("recipe=resnet50_9cls", *DIGITS_1_9, "freeze.train_from=layer5", cwd=tmp_path,
+                  env=env, module="finetune.inspect")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "freeze.train_from='layer5' matches no module" in bad.stderr
+    assert "did you mean" in bad.stderr and "'layer4'" in bad.stderr
+
+
+def test_vgg16_feature_extractor_run(torch_home_vgg: Path, tmp_path: Path) -> None:
+    result = run_cli("recipe=vgg16_relu5_3", cwd=tmp_path, env={"TORCH_HOME": str(torch_home_vgg)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = run_dir_of(result)
+    manifest = read_json(run / "manifest.json")
+    assert manifest["output_shape"] == [512, 14, 14]
+    assert manifest["head"]["type"] == "none" and manifest["class_names"] is None
+    report = read_json(run / "load_report.json")
+    assert report["counts"]["loaded"] == 26 and report["missing"] == []
+    assert all(k.startswith("classifier.") for k in report["unexpected"])
+    assert read_json(run / "metrics.json")["status"] == "complete"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "model.safetensors"))
+    reference = torchvision.models.vgg16().features[:-1].state_dict()
+    assert sorted(saved) == sorted(f"features.{k}" for k in reference)
