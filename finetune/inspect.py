@@ -83,8 +83,9 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
     from finetune.freezing import apply_freeze, plan_freeze
     from finetune.optim import build_optimizer
     from finetune.sources import SourceNotTrained
+    from finetune.validate import check_model_paths, validate
 
-    train.validate(cfg)
+    validate(cfg)
     entry = train.pretrained_entry(cfg)
     prep = backbones.preprocessing(train.preprocessing_entry(cfg, entry), cfg.data.image_size,
                                    cfg.data.mean, cfg.data.std, cfg.data.channels)
@@ -96,6 +97,7 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
         class_names = data.class_names
         data_info.update(classes=class_names, train_images=len(data.train_set),
                          val_images=len(data.val_set))
+    check_model_paths(cfg, class_names, entry, prep.crop, prep.channels)
     notes = []
     try:
         built = train.build_model(cfg, class_names, entry, prep.crop, prep.channels,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,11 @@ from torchvision.models import WeightsEnum
 
 from finetune import artifacts, backbones, heads, plots, surgery
 from finetune.callbacks import ThroughputMeter
-from finetune.config import resolve_recipe
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze, plan_freeze
 from finetune.module import FinetuneModule
+from finetune.validate import check_model_paths, validate
 from finetune.weights import LoadReport, load_weights
 
 log = logging.getLogger("finetune")
@@ -53,12 +52,14 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path]) -> float
     prep = backbones.preprocessing(preprocessing_entry(cfg, entry), cfg.data.image_size,
                                    cfg.data.mean, cfg.data.std, cfg.data.channels)
     if cfg.head.type == "none":
+        check_model_paths(cfg, None, entry, prep.crop, prep.channels)
         return save_extractor(run_dir, cfg, recipe, build_model(cfg, None, entry, prep.crop,
                                                                prep.channels), prep)
     data = build_datamodule(cfg.data, prep, cfg.seed)
     num_classes = check_num_classes(cfg.head.num_classes, data.class_names)
     log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
              len(data.train_set), len(data.val_set), prep.to_dict())
+    check_model_paths(cfg, data.class_names, entry, prep.crop, prep.channels)
     built = build_model(cfg, data.class_names, entry, prep.crop, prep.channels)
     artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
     freeze = plan_freeze(built.model, cfg.freeze.train_from, cfg.freeze.bn)
@@ -78,46 +79,6 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path]) -> float
     metrics = save_run(run_dir, cfg, recipe, built, freeze, data, prep, module, trainer, meter)
     print_summary(run_dir, metrics)
     return float(metrics.get(MONITOR, float("nan")))
-
-
-def validate(cfg: DictConfig) -> None:
-    """Every config problem found before building anything, reported together."""
-    problems: list[str] = []
-
-    def attempt(check: Callable[[], Any]) -> None:
-        try:
-            check()
-        except FinetuneError as err:
-            problems.append(str(err))
-
-    attempt(lambda: backbones.check_name(cfg.model.name))
-    if cfg.weights.source == "torchvision" and not problems:
-        attempt(lambda: backbones.weights_enum(cfg.model.name, cfg.weights.name))
-    source = cfg.weights.source
-    if source in ("file", "run"):
-        what = "a state dict" if source == "file" else "a run dir"
-        if not cfg.weights.path:
-            problems.append(f"weights.source={source} needs weights.path=PATH to {what}")
-        elif not Path(cfg.weights.path).expanduser().exists():
-            problems.append(f"weights.path={cfg.weights.path!r}: no such file or folder")
-    if source == "url" and not cfg.weights.url:
-        problems.append("weights.source=url needs weights.url=http(s)://... or file://...")
-    if source == "recipe":
-        if not cfg.weights.recipe:
-            problems.append("weights.source=recipe needs weights.recipe=NAME_OR_PATH")
-        else:
-            attempt(lambda: resolve_recipe(cfg.weights.recipe))
-    if cfg.data.name in ("imagefolder", "csv"):
-        root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
-        if root is None:
-            problems.append(f"data.root is required for data={cfg.data.name}; add data.root=PATH")
-        elif not Path(root).expanduser().exists():
-            problems.append(f"data.root={root!r}: no such path (relative paths start at "
-                            f"{Path.cwd()})")
-    if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
-        problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
-    if problems:
-        raise ConfigError(problems)
 
 
 def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:

@@ -95,3 +95,27 @@ def test_vgg16_feature_extractor_run(torch_home_vgg: Path, tmp_path: Path) -> No
     saved = load_file(str(run / "model.safetensors"))
     reference = torchvision.models.vgg16().features[:-1].state_dict()
     assert sorted(saved) == sorted(f"features.{k}" for k in reference)
+
+
+def test_path_mistakes_are_reported_together(torch_home: Path, tmp_path: Path) -> None:
+    result = run_cli("recipe=resnet50_custom_head", *DIGITS_1_9, "freeze.train_from=layer7",
+                     "weights.require=[head.*]",
+                     "surgery=[{op: remove, path: avgpol}, {op: replace, path: fc, with: "
+                     "{type: Lineer}}]", cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 4, result.stderr
+    assert "surgery[0].path='avgpol'" in errors[0] and "'avgpool'" in errors[0]
+    assert "unknown layer type 'Lineer'" in errors[1]
+    assert "freeze.train_from='layer7'" in errors[2]
+    assert "weights.require: 'head.*' matches no model tensor" in errors[3]
+
+
+def test_checking_paths_does_not_change_the_random_state(offline_home: Path) -> None:
+    from finetune.validate import check_model_paths
+
+    cfg, _ = compose_config(["recipe=resnet50_custom_head", *DIGITS_1_9])
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    check_model_paths(cfg, [str(d) for d in range(1, 10)], pretrained_entry(cfg), 64)
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -1,0 +1,112 @@
+"""Checks before anything trains, each problem one line, all of them reported together."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchvision.models import WeightsEnum
+
+from finetune import backbones, heads, surgery
+from finetune.config import resolve_recipe
+from finetune.errors import ConfigError, FinetuneError
+from finetune.freezing import resolve_train_from
+
+
+def _collector() -> tuple[list[str], Callable[[Callable[[], Any]], Any]]:
+    problems: list[str] = []
+
+    def attempt(check: Callable[[], Any]) -> Any:
+        try:
+            return check()
+        except FinetuneError as err:
+            problems.extend(err.problems if isinstance(err, ConfigError) else [str(err)])
+            return None
+
+    return problems, attempt
+
+
+def validate(cfg: DictConfig) -> None:
+    """Config-level problems: names, sources, paths on disk. Nothing is built."""
+    problems, attempt = _collector()
+    attempt(lambda: backbones.check_name(cfg.model.name))
+    if cfg.weights.source == "torchvision" and not problems:
+        attempt(lambda: backbones.weights_enum(cfg.model.name, cfg.weights.name))
+    source = cfg.weights.source
+    if source in ("file", "run"):
+        what = "a state dict" if source == "file" else "a run dir"
+        if not cfg.weights.path:
+            problems.append(f"weights.source={source} needs weights.path=PATH to {what}")
+        elif not Path(cfg.weights.path).expanduser().exists():
+            problems.append(f"weights.path={cfg.weights.path!r}: no such file or folder")
+    if source == "url" and not cfg.weights.url:
+        problems.append("weights.source=url needs weights.url=http(s)://... or file://...")
+    if source == "recipe":
+        if not cfg.weights.recipe:
+            problems.append("weights.source=recipe needs weights.recipe=NAME_OR_PATH")
+        else:
+            attempt(lambda: resolve_recipe(cfg.weights.recipe))
+    if cfg.data.name in ("imagefolder", "csv"):
+        root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
+        if root is None:
+            problems.append(f"data.root is required for data={cfg.data.name}; add data.root=PATH")
+        elif not Path(root).expanduser().exists():
+            problems.append(f"data.root={root!r}: no such path (relative paths start at "
+                            f"{Path.cwd()})")
+    if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
+        problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_model_paths(cfg: DictConfig, class_names: list[str] | None,
+                      entry: WeightsEnum | None, input_size: int, channels: int = 3) -> None:
+    """Every module path and glob in surgery, freeze and weights.require must match the model
+    (built without weights); every mismatch is reported, with the nearest real names.
+
+    Runs on a forked random state: checking must not change what the run then initializes.
+    """
+    with torch.random.fork_rng(devices=[]):
+        _check_model_paths(cfg, class_names, entry, input_size, channels)
+
+
+def _check_model_paths(cfg: DictConfig, class_names: list[str] | None,
+                       entry: WeightsEnum | None, input_size: int, channels: int) -> None:
+    problems, attempt = _collector()
+    user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    assert isinstance(user_kwargs, dict)
+    kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, entry) if entry else {}),
+              **user_kwargs}
+    model = backbones.build(cfg.model.name, kwargs)
+    if class_names is not None:
+        attempt(lambda: heads.replace_heads(model, len(class_names)))
+    result = surgery.SurgeryResult(model)
+    ops = OmegaConf.to_container(cfg.surgery, resolve=True)
+    assert isinstance(ops, list)
+    for index, op in enumerate(ops):
+        before = len(problems)
+        if not isinstance(op, dict):
+            problems.append(f"surgery[{index}]: an op is a mapping like {{op: remove, path: "
+                            f"avgpool}}, got {op!r}")
+            continue
+        path = str(op.get("path", ""))
+        if not (op.get("op") == "truncate" and path == ""):
+            attempt(lambda p=path, i=index: surgery.get_module(result.model, p,
+                                                                key=f"surgery[{i}].path"))
+        if len(problems) > before:
+            continue  # a path that matches nothing changed nothing: later ops still check
+        attempt(lambda o=op, i=index: surgery.apply_op(result, o, (input_size, channels), i))
+        if len(problems) > before and op.get("op") != "replace":
+            break  # the model's shape after this op is unknown; later paths depend on it
+    attempt(lambda: resolve_train_from(result.model, cfg.freeze.train_from))
+    keys = list(result.model.state_dict())
+    for pattern in cfg.weights.require:
+        if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
+            problems.append(f"weights.require: {pattern!r} matches no model tensor; keys look "
+                            f"like {keys[0]!r}")
+    if problems:
+        raise ConfigError(problems)
