@@ -169,21 +169,18 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 def make_loggers(name: str, run_dir: Path) -> list[Logger]:
-    """metrics.csv always; TensorBoard or MLflow beside it when asked for."""
+    """metrics.csv always; TensorBoard or MLflow beside it when asked for (validate checked
+    that their package is installed)."""
     loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
-    try:
-        if name == "tensorboard":
-            from pytorch_lightning.loggers import TensorBoardLogger
+    if name == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
 
-            loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""))
-        elif name == "mlflow":
-            from pytorch_lightning.loggers import MLFlowLogger
+        loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""))
+    elif name == "mlflow":
+        from pytorch_lightning.loggers import MLFlowLogger
 
-            loggers.append(MLFlowLogger(experiment_name="finetune",
-                                        tracking_uri=(run_dir / "mlruns").as_uri()))
-    except ModuleNotFoundError:
-        raise FinetuneError(f"logger={name} needs the {name} package: "
-                            f"pip install 'finetune[{name}]'") from None
+        loggers.append(MLFlowLogger(experiment_name="finetune",
+                                    tracking_uri=(run_dir / "mlruns").as_uri()))
     return loggers
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,10 @@ def validate(cfg: DictConfig) -> None:
                             f"{Path.cwd()})")
     if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
         problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
+    package = {"tensorboard": "tensorboard", "mlflow": "mlflow"}.get(cfg.logger.name)
+    if package and importlib.util.find_spec(package) is None:
+        problems.append(f"logger={cfg.logger.name} needs the {package} package: "
+                        f"pip install 'finetune[{cfg.logger.name}]'")
     if problems:
         raise ConfigError(problems)
 
