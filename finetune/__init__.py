@@ -1,3 +1,40 @@
-"""finetune: declarative fine-tuning of torchvision image classifiers."""
+"""finetune: declarative fine-tuning of torchvision image classifiers.
+
+    import finetune
+    model = finetune.load("outputs/quickstart/2026-11-27_19-53-05")
+    result = finetune.predict(model, ["digit.png"], topk=3)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from finetune.prediction import Predictions
 
 __version__ = "0.1.0"
+
+
+def load(run_dir: str | Path, device: Any = None) -> nn.Module:
+    """The fine-tuned model of a run dir, in eval mode, with `class_names` and `transform`
+    (its eval preprocessing) attached. Only tensors are read (safetensors)."""
+    from finetune.prediction import load_run
+
+    return load_run(run_dir, device)
+
+
+def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64
+            ) -> Predictions:
+    """Top-k class names and probabilities for image files (a path, a folder, or a list of
+    paths) from a model `load` returned, or from a run dir."""
+    from torch import nn
+
+    from finetune.prediction import list_images, load_run, predict_images
+
+    model = model_or_run if isinstance(model_or_run, nn.Module) else load_run(model_or_run)
+    paths = ([Path(p) for p in images] if isinstance(images, list | tuple)
+             else list_images(images))
+    return predict_images(model, paths, topk, batch_size)

@@ -6,6 +6,7 @@ finetune/train.py. Only the task imports torch, so `--help` and `--cfg job` stay
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -27,6 +28,8 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
 
 # Recipe name -> file, for the recipe(s) this process was asked to run (read by the manifest).
 RECIPE_FILES: dict[str, Path] = {}
+# Recipe name -> the run dir it reruns (`rerun=RUN_DIR`).
+RERUN_OF: dict[str, Path] = {}
 
 
 def split_overrides(argv: list[str]) -> list[int]:
@@ -49,11 +52,12 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
         ConfigError: every problem found, one line each.
     """
     RECIPE_FILES.clear()
+    RERUN_OF.clear()
     schema.register_schema()
     schema.register_base_recipe()
     for name, path in schema.shipped_recipes().items():
         schema.register_recipe(name, path)
-    argv = list(argv)
+    argv = rerun_argv(list(argv))
     problems: list[str] = []
     overrides = split_overrides(argv)
     for i in overrides:
@@ -62,8 +66,8 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
             continue
         names = []
         for one in value.split(","):  # `-m recipe=a,b` sweeps over recipes
-            if one.strip() == schema.BASE_RECIPE:
-                names.append(schema.BASE_RECIPE)
+            if one.strip() == schema.BASE_RECIPE or one.strip() in RERUN_OF:
+                names.append(one.strip())  # registered already, not a file
                 continue
             name, path = schema.resolve_recipe(one.strip(), cwd)
             schema.register_recipe(name, path)
@@ -81,12 +85,29 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     return argv
 
 
+def rerun_argv(argv: list[str]) -> list[str]:
+    """`rerun=RUN_DIR`: the run's resolved config (from its manifest) becomes the recipe, so
+    the run dir alone reproduces it; other overrides still apply on top."""
+    reruns = [a for a in argv if a.startswith("rerun=")]
+    if not reruns:
+        return argv
+    run = Path(reruns[0].partition("=")[2]).expanduser()
+    manifest = run / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError([f"rerun={run}: no manifest.json there; give the dir of a finished run"])
+    recorded = json.loads(manifest.read_text())
+    name = f"{(recorded.get('recipe') or {}).get('name') or schema.BASE_RECIPE}_rerun"
+    schema.register_recipe_node(name, recorded["config"])
+    RERUN_OF[name] = run.resolve()
+    return [f"recipe={name}", *(a for a in argv if not a.startswith(("rerun=", "recipe=")))]
+
+
 def task(cfg: DictConfig) -> float:
     """One training job. Returns the monitored metric so Hydra sweepers can optimize it."""
     from finetune.train import run
 
     try:
-        return run(cfg, recipe_files=RECIPE_FILES)
+        return run(cfg, recipe_files=RECIPE_FILES, rerun_of=RERUN_OF)
     except FinetuneError as err:
         report(err)
         if HydraConfig.get().mode.name == "MULTIRUN":

@@ -221,8 +221,12 @@ def load_recipe(path: Path) -> Any:
 
 def register_recipe(name: str, path: Path) -> None:
     """Make `recipe=name` select the file, merged at the top level like `# @package _global_`."""
-    ConfigStore.instance().store(group="recipe", name=name, node=load_recipe(path),
-                                 package="_global_")
+    register_recipe_node(name, load_recipe(path))
+
+
+def register_recipe_node(name: str, node: Any) -> None:
+    """Make `recipe=name` select `node` (a mapping of keys), merged at the top level."""
+    ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
 
 
 # ---------------------------------------------------------------------------------------

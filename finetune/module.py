@@ -44,6 +44,8 @@ class FinetuneModule(pl.LightningModule):
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.last_confusion: torch.Tensor | None = None
+        self.last_predictions: list[int] = []  # argmax per validation image, in loader order
+        self._predictions: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return split_outputs(self.model(x))[0]
@@ -70,9 +72,13 @@ class FinetuneModule(pl.LightningModule):
                  batch_size=len(y))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._predictions = []
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
+        self._predictions.append(logits.argmax(dim=1))  # stays on device: no sync per step
         self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True,
                  batch_size=len(y))
         self.val_metrics.update(logits, y)
@@ -83,6 +89,8 @@ class FinetuneModule(pl.LightningModule):
         self.val_metrics.reset()
         self.last_confusion = self.confusion.compute().cpu()
         self.confusion.reset()
+        if self._predictions:
+            self.last_predictions = torch.cat(self._predictions).cpu().tolist()
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.model, self.optim_cfg)

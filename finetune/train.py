@@ -16,7 +16,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from finetune import artifacts, backbones, heads, plots, surgery
+from finetune import artifacts, backbones, plots, surgery
+from finetune.builder import assemble
 from finetune.callbacks import ThroughputMeter
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
@@ -27,24 +28,27 @@ from finetune.weights import LoadReport, load_weights
 
 log = logging.getLogger("finetune")
 MONITOR = "val/acc"
+VAL_PREDICTIONS = "val_predictions.csv"
 
 
-def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None) -> float:
+def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None,
+        rerun_of: dict[str, Path] | None = None) -> float:
     """Train as `cfg` says, write the run dir, return the final val/acc.
 
     A run stopped by a user error leaves metrics.json with status "failed" and the message.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return _run(cfg, run_dir, recipe_files or {})
+        return _run(cfg, run_dir, recipe_files or {}, rerun_of or {})
     except FinetuneError as err:
         problems = err.problems if isinstance(err, ConfigError) else [str(err)]
         artifacts.write_json(run_dir / artifacts.METRICS, {"status": "failed", "error": problems})
         raise
 
 
-def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path]) -> float:
-    recipe = recipe_info(recipe_files)
+def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
+         rerun_of: dict[str, Path]) -> float:
+    recipe = recipe_info(recipe_files, rerun_of)
     log.info("compose: recipe %s -> %s", recipe["name"], run_dir)
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -128,24 +132,18 @@ def build_model(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEn
         train_sources: whether a recipe source without a run may be trained now.
     """
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    assert isinstance(user_kwargs, dict)
+    ops = OmegaConf.to_container(cfg.surgery, resolve=True)
+    assert isinstance(user_kwargs, dict) and isinstance(ops, list)
     build_kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, entry) if entry else {}),
                     **user_kwargs}
-    model = backbones.build(cfg.model.name, build_kwargs)
-    head_paths = []
-    if class_names is not None:
-        head_paths = heads.replace_heads(model, len(class_names), cfg.head.dropout,
-                                         list(cfg.head.hidden))
-        log.info("build: %s, new head at %s", cfg.model.name, ", ".join(head_paths))
-    ops = OmegaConf.to_container(cfg.surgery, resolve=True)
-    assert isinstance(ops, list)
-    operated = surgery.apply_surgery(model, ops, input_size, channels)
-    model = operated.model
-    head_paths = [operated.map_key(path) for path in head_paths]  # e.g. fc renamed to fclass
-    if ops:
-        log.info("surgery: %d ops applied; pretrained keys moved: %s", len(ops),
-                 operated.key_map or "none")
-    report = load_weights(model, cfg.weights, cfg.model.name, head_paths, operated.map_key,
+    parts = assemble(cfg.model.name, build_kwargs,
+                     len(class_names) if class_names is not None else None, cfg.head.dropout,
+                     list(cfg.head.hidden), ops, input_size, channels)
+    model, head_paths = parts.model, parts.head_paths
+    log.info("build: %s; head at %s; surgery: %d ops%s", cfg.model.name,
+             ", ".join(head_paths) or "none", len(ops),
+             f", pretrained keys moved: {parts.operated.key_map}" if parts.operated.key_map else "")
+    report = load_weights(model, cfg.weights, cfg.model.name, head_paths, parts.operated.map_key,
                           class_names, train_sources)
     output = surgery.io_shapes(model, input_size, paths=[], channels=channels)[""][1]
     return Built(model, build_kwargs, head_paths, report, list(output[1:]))
@@ -203,11 +201,14 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, Throughput
     return trainer, meter
 
 
-def recipe_info(recipe_files: dict[str, Path]) -> dict[str, Any]:
+def recipe_info(recipe_files: dict[str, Path], rerun_of: dict[str, Path]) -> dict[str, Any]:
     name = HydraConfig.get().runtime.choices.get("recipe")
     path = recipe_files.get(name) if name else None
-    return {"name": name, "file": str(path) if path else None,
+    info = {"name": name, "file": str(path) if path else None,
             "sha256": artifacts.file_sha256(path) if path else None}
+    if name in rerun_of:
+        info["rerun_of"] = str(rerun_of[name])
+    return info
 
 
 def write_manifest(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
@@ -257,6 +258,16 @@ def save_extractor(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built
     return float("nan")
 
 
+def write_val_predictions(path: Path, data: ImageDataModule, predictions: list[int]) -> None:
+    """The final validation's prediction for each image: file path (or index for in-memory
+    data), true and predicted class."""
+    names = data.class_names
+    items = getattr(data.val_set, "paths", None)
+    rows = [[str(items[i]) if items is not None else f"#{i}", names[data.val_set.labels[i]],
+             names[predicted]] for i, predicted in enumerate(predictions)]
+    artifacts.write_csv(path, ["item", "label", "predicted"], rows)
+
+
 def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
              freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter
@@ -268,6 +279,7 @@ def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Buil
     if module.last_confusion is not None:
         plots.plot_confusion(module.last_confusion.tolist(), data.class_names,
                              run_dir / "confusion_matrix.png")
+    write_val_predictions(run_dir / VAL_PREDICTIONS, data, module.last_predictions)
     final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
              if k.startswith("val/")}
     accs = series.get(MONITOR, {})

@@ -1,0 +1,52 @@
+"""`python -m finetune.predict run=RUN_DIR input=FILE_OR_DIR [output=predictions.csv] [topk=3]`
+
+Writes a CSV: path, then the top-k labels (class names) and probabilities. Unreadable images
+are listed and skipped. (The work is in finetune/prediction.py; this module is only the CLI,
+so that `finetune.predict` stays the API function.)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+from finetune.prediction import (
+    list_images,
+    load_run,
+    parse_args,
+    predict_images,
+    write_predictions,
+)
+
+ARGS = {"run": None, "input": None, "output": "predictions.csv", "topk": "3",
+        "batch_size": "64"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    usage = ("usage: python -m finetune.predict run=RUN_DIR input=FILE_OR_DIR "
+             "[output=predictions.csv] [topk=3] [batch_size=64]")
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv, ARGS, usage)
+        try:
+            topk, batch_size = int(args["topk"]), int(args["batch_size"])
+        except ValueError:
+            raise FinetuneError(f"topk and batch_size are whole numbers; {usage}") from None
+        model = load_run(args["run"])
+        predictions = predict_images(model, list_images(args["input"]), topk, batch_size)
+        if not predictions.rows:
+            raise FinetuneError(f"input={args['input']}: none of its "
+                                f"{len(predictions.unreadable)} images could be read")
+        write_predictions(predictions, Path(args["output"]))
+    except FinetuneError as err:
+        print(f"finetune.predict: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path, reason in predictions.unreadable:
+        print(f"finetune.predict: skipped unreadable image {path}: {reason}", file=sys.stderr)
+    print(f"finetune.predict: {len(predictions.rows)} images -> {args['output']}"
+          + (f"; {len(predictions.unreadable)} unreadable, skipped" if predictions.unreadable
+             else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Using a run dir: load its model, classify images, write the predictions.
+
+A run dir alone (manifest.json + model.safetensors) is enough: the architecture is rebuilt
+from the manifest, the weights loaded strictly, the run's own eval preprocessing applied, and
+inference runs under torch.inference_mode() in batches. The CLI is finetune/predict.py; the
+API is finetune.load / finetune.predict.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file
+from torch import nn
+
+from finetune import artifacts
+from finetune.backbones import Preprocessing
+from finetune.builder import assemble
+from finetune.data import IMAGE_SUFFIXES, eval_transform
+from finetune.errors import FinetuneError
+
+
+def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """The fine-tuned model of a run dir, in eval mode, with `class_names`, `transform` (the
+    eval preprocessing), `preprocessing` and `manifest` attached."""
+    run = Path(run_dir).expanduser()
+    manifest_file, weights_file = run / artifacts.MANIFEST, run / artifacts.WEIGHTS
+    if not manifest_file.is_file() or not weights_file.is_file():
+        raise FinetuneError(f"run={run_dir}: not a finished run dir (it needs "
+                            f"{artifacts.MANIFEST} and {artifacts.WEIGHTS})")
+    manifest = artifacts.read_json(manifest_file)
+    if manifest.get("model_sha256") != artifacts.file_sha256(weights_file):
+        raise FinetuneError(f"run={run_dir}: {artifacts.WEIGHTS} does not match the sha256 in "
+                            "its manifest; the run dir was changed after the run")
+    prep = Preprocessing(**manifest["preprocessing"])
+    head = manifest["head"]
+    parts = assemble(manifest["model"]["name"], manifest["model"]["build_kwargs"],
+                     None if head.get("type") == "none" else head["num_classes"],
+                     head["dropout"], head["hidden"], manifest.get("surgery") or [], prep.crop,
+                     prep.channels)
+    model = parts.model
+    result = model.load_state_dict(load_file(str(weights_file)), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise FinetuneError(f"run={run_dir}: its weights do not fit the architecture its "
+                            f"manifest describes (missing {result.missing_keys[:3]}, unexpected "
+                            f"{result.unexpected_keys[:3]})")
+    model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Plain attributes, not submodules: the state dict and exports stay the model alone.
+    for name, value in (("class_names", manifest["class_names"]),
+                        ("transform", eval_transform(prep)), ("preprocessing", prep),
+                        ("manifest", manifest)):
+        object.__setattr__(model, name, value)
+    return model
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """A file, or every image below a folder (sorted)."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FinetuneError(f"input={path}: no such file or folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FinetuneError(f"input={path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in "
+                            "it")
+    return files
+
+
+@dataclass
+class Predictions:
+    """Top-k classes per readable image, and the images that could not be read."""
+
+    classes: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)  # path, labels, probs
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # path, reason
+
+
+def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_size: int = 64
+                   ) -> Predictions:
+    """Classify `paths` with a model from `load_run`; unreadable images are skipped."""
+    if not getattr(model, "class_names", None):
+        raise FinetuneError("this run is a feature extractor (head: none): it has no classes "
+                            "to predict; use finetune.load(run_dir) for its features")
+    out = Predictions(list(model.class_names))
+    k = max(1, min(topk, len(out.classes)))
+    device = next(model.parameters()).device
+    batch: list[torch.Tensor] = []
+    names: list[str] = []
+
+    def flush() -> None:
+        with torch.inference_mode():
+            probs = torch.softmax(model(torch.stack(batch).to(device)), dim=1)
+            top = probs.topk(k, dim=1)
+        for path, p, i in zip(names, top.values.tolist(), top.indices.tolist(), strict=True):
+            out.rows.append({"path": path, "labels": [out.classes[j] for j in i], "probs": p})
+        batch.clear()
+        names.clear()
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                batch.append(model.transform(image.convert("RGB")))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            out.unreadable.append((str(path), str(err).splitlines()[0] if str(err) else
+                                   type(err).__name__))
+            continue
+        names.append(str(path))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return out
+
+
+def write_predictions(predictions: Predictions, path: Path) -> None:
+    k = len(predictions.rows[0]["labels"]) if predictions.rows else 1
+    header = ["path"] + [f"{name}{i}" for i in range(1, k + 1) for name in ("label", "prob")]
+    rows = [[row["path"], *[v for pair in zip(row["labels"], [round(p, 6) for p in row["probs"]],
+                                              strict=True) for v in pair]]
+            for row in predictions.rows]
+    artifacts.write_csv(path, header, rows)
+
+
+def parse_args(argv: list[str], spec: dict[str, str | None], usage: str) -> dict[str, str]:
+    """`key=value` arguments; unknown keys and missing required ones fail with one line."""
+    values: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in spec:
+            close = difflib.get_close_matches(key, spec, n=1)
+            hint = f" (did you mean {close[0]}=...?)" if close else ""
+            raise FinetuneError(f"unknown argument {arg!r}{hint}; {usage}")
+        values[key] = value
+    missing = [k for k, v in spec.items() if v is None and k not in values]
+    if missing:
+        raise FinetuneError(f"missing {', '.join(f'{k}=...' for k in missing)}; {usage}")
+    return {**{k: v for k, v in spec.items() if v is not None}, **values}

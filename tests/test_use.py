@@ -1,0 +1,153 @@
+"""Using a run dir: finetune.load / predict, export with parity, rerun, tensors only."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+import finetune
+from finetune.errors import FinetuneError
+from finetune.export import export
+from tests.conftest import QUICK, SHRINK, read_json, run_cli, run_dir_of, write_digit_images
+
+# A surgery recipe in overrides: a 1x1 conv inserted after layer4, the classifier renamed.
+SURGERY = ("surgery=[{op: insert_after, path: layer4, module: {type: Conv2d, out_channels: 512, "
+           "kernel_size: 1}}, {op: rename, path: fc, to: fclass}]")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(cwd, image folder, run dir) of a short run with surgery on PNGs with a val/ folder."""
+    cwd = tmp_path_factory.mktemp("use")
+    images = cwd / "images"
+    write_digit_images(images / "train", [3, 7, 8], 20)
+    write_digit_images(images / "val", [3, 7, 8], 10)
+    result = run_cli(*QUICK, "data=imagefolder", f"data.root={images}", "data.classes=null",
+                     "head.num_classes=null", SURGERY, *SHRINK, "trainer.max_epochs=2",
+                     "trainer.limit_val_batches=1.0", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, images, run_dir_of(result)
+
+
+def _val_predictions(run: Path) -> dict[str, str]:
+    with open(run / "val_predictions.csv", newline="") as handle:
+        return {row["item"]: row["predicted"] for row in csv.DictReader(handle)}
+
+
+def test_load_rebuilds_the_surgery_model(trained: tuple[Path, Path, Path]) -> None:
+    _, _, run = trained
+    model = finetune.load(run)
+    assert not model.training
+    assert model.class_names == ["3", "7", "8"]
+    assert isinstance(model.layer4[1], torch.nn.Conv2d) and hasattr(model, "fclass")
+    saved = load_file(str(run / "model.safetensors"))
+    assert sorted(model.state_dict()) == sorted(saved)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_predict_equals_the_training_validation(trained: tuple[Path, Path, Path]) -> None:
+    cwd, images, run = trained
+    result = run_cli(f"run={run}", f"input={images / 'val'}", "output=preds.csv", "topk=2",
+                     cwd=cwd, module="finetune.predict")
+    assert result.returncode == 0, result.stderr
+    with open(cwd / "preds.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "label1", "prob1", "label2", "prob2"]
+    expected = _val_predictions(run)
+    assert len(rows) == len(expected) == 30
+    assert {str(Path(r["path"]).resolve()): r["label1"] for r in rows} == expected
+    correct = sum(Path(r["path"]).parent.name == r["label1"] for r in rows)
+    assert correct / len(rows) == pytest.approx(read_json(run / "metrics.json")["val/acc"],
+                                                abs=1e-6)
+    assert all(float(r["prob1"]) >= float(r["prob2"]) for r in rows)
+
+
+def test_unreadable_images_are_listed_and_skipped(trained: tuple[Path, Path, Path],
+                                                  tmp_path: Path) -> None:
+    _, images, run = trained
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted((images / "val" / "7").glob("*.png"))[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    result = run_cli(f"run={run}", f"input={folder}", f"output={tmp_path / 'p.csv'}",
+                     cwd=tmp_path, module="finetune.predict")
+    assert result.returncode == 0, result.stderr
+    assert "skipped unreadable image" in result.stderr and "broken.png" in result.stderr
+    assert "3 images" in result.stdout and "1 unreadable" in result.stdout
+    api = finetune.predict(run, folder, topk=1)
+    assert len(api.rows) == 3 and [Path(p).name for p, _ in api.unreadable] == ["broken.png"]
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_with_parity(trained: tuple[Path, Path, Path], tmp_path: Path, fmt: str) -> None:
+    if fmt == "onnx" and importlib.util.find_spec("onnxscript") is None:
+        pytest.skip("the onnx extra is not installed")
+    _, _, run = trained
+    target = tmp_path / f"model.{fmt}"
+    result = run_cli(f"run={run}", f"format={fmt}", f"output={target}", cwd=tmp_path,
+                     module="finetune.export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max abs difference" in result.stdout
+    info = json.loads((tmp_path / f"model.{fmt}.json").read_text())
+    assert info["class_names"] == ["3", "7", "8"] and info["preprocessing"]["crop"] == 32
+    if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        assert info["parity_max_abs_diff"] is None
+    else:
+        assert info["parity_max_abs_diff"] <= 1e-4
+    if fmt == "torchscript":
+        scripted = torch.jit.load(str(target))
+        model = finetune.load(run)
+        x = torch.randn(4, 3, 32, 32)
+        with torch.inference_mode():
+            assert (scripted(x) - model(x)).abs().max() <= 1e-4
+
+
+def test_feature_extractor_exports_too(tmp_path: Path) -> None:
+    result = run_cli(*QUICK, "head=none", 'surgery=[{op: truncate, path: "", keep: ":8"}]',
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = run_dir_of(result)
+    assert read_json(run / "manifest.json")["output_shape"] == [512, 1, 1]
+    info = export(run, "torchscript")
+    assert info["output_shape"] == ["batch", 512, 1, 1] and info["parity_max_abs_diff"] == 0.0
+    with pytest.raises(FinetuneError, match="feature extractor"):
+        finetune.predict(run, [Path("x.png")])
+
+
+def test_rerun_reproduces_the_run_exactly(trained: tuple[Path, Path, Path]) -> None:
+    cwd, _, run = trained
+    result = run_cli(f"rerun={run}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = run_dir_of(result)
+    assert again != run
+    first, second = read_json(run / "metrics.json"), read_json(again / "metrics.json")
+    for key in ("val/acc", "val/loss", "val/f1", "epochs"):
+        assert first[key] == second[key], key
+    manifest = read_json(again / "manifest.json")
+    assert manifest["model_sha256"] == read_json(run / "manifest.json")["model_sha256"]
+    assert manifest["recipe"]["rerun_of"] == str(run.resolve())
+
+
+def test_a_pickled_model_object_is_refused_with_how_to_convert(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from finetune.config import WeightsConfig
+    from finetune.weights import load_weights
+
+    path = tmp_path / "whole_model.pth"
+    torch.save(torchvision.models.resnet18(), path)  # the pickled object, not a state dict
+    cfg = OmegaConf.structured(WeightsConfig(source="file", path=str(path)))
+    with pytest.raises(FinetuneError, match=r"convert it to a state dict once, in a trusted "
+                                            r"place: torch\.save\(torch\.load\(path, "
+                                            r"weights_only=False\)\.state_dict\(\)"):
+        load_weights(torchvision.models.resnet18(), cfg, "resnet18", ["fc"])
