@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,7 +9,7 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, did_you_mean
 
 # Keys of old torchvision checkpoints that its builders rename before loading; we load the
 # state dict ourselves (to report on it), so we rename the same way. (densenet: 'norm.1'
@@ -29,9 +28,8 @@ def list_backbones() -> list[str]:
 def check_name(name: str) -> None:
     names = list_backbones()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise FinetuneError(f"model.name={name!r} is not a torchvision classification model{hint}; "
+        raise FinetuneError(f"model.name={name!r} is not a torchvision classification model"
+                            f"{did_you_mean(name, names)}; "
                             "see torchvision.models.list_models(module=torchvision.models)")
 
 
@@ -43,10 +41,9 @@ def weights_enum(model_name: str, weights_name: str) -> WeightsEnum:
     if weights_name == "DEFAULT":
         return enum_cls.DEFAULT
     if weights_name not in members:
-        close = difflib.get_close_matches(weights_name, members, n=2, cutoff=0.4)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise FinetuneError(f"weights.name={weights_name!r} is not a weights entry of "
-                            f"{model_name}{hint}; choose one of: {', '.join(members)}, DEFAULT")
+                            f"{model_name}{did_you_mean(weights_name, members, n=2, cutoff=0.4)}"
+                            f"; choose one of: {', '.join(members)}, DEFAULT")
     return enum_cls[weights_name]
 
 

@@ -5,7 +5,6 @@ Nothing here imports torch: `--help` and `--cfg job` stay fast.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, did_you_mean
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -201,7 +200,7 @@ def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
             [f"recipe={value}: no such file ({path}); check the path, or use a shipped name: "
              f"{', '.join(shipped)}"]
         )
-    raise ConfigError([f"recipe={value}: no such recipe{_hint(value, shipped)}; "
+    raise ConfigError([f"recipe={value}: no such recipe{did_you_mean(value, shipped)}; "
                        f"shipped recipes are in {RECIPES_DIR}, or pass a path to a .yaml file"])
 
 
@@ -233,11 +232,6 @@ def register_recipe_node(name: str, node: Any) -> None:
 # Compose-time checks: every problem in the recipe and the overrides, one line each.
 
 
-def _hint(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
 def _schema_at(path: str) -> Any:
     """The schema object at dotted `path` (a dataclass instance or a default value), or MISSING."""
     node: Any = Config()
@@ -259,8 +253,8 @@ def check_key(path: str, where: str) -> str | None:
         if part not in names:
             prefix = ".".join(parts[:depth])
             scope = f"in '{prefix}'" if prefix else "at the top level"
-            return (f"{where}: unknown key '{path}'{_hint(part, names)}; valid keys {scope}: "
-                    f"{', '.join(names)}")
+            return (f"{where}: unknown key '{path}'{did_you_mean(part, names)}; valid keys "
+                    f"{scope}: {', '.join(names)}")
         node = getattr(node, part)
     return None
 
@@ -269,7 +263,7 @@ def check_value(path: str, value: Any, where: str) -> str | None:
     """None when `value` fits the type and choices of `path`, else one message."""
     if path in CHOICES and value not in CHOICES[path]:
         return (f"{where}: {path}={value!r} is not one of {', '.join(CHOICES[path])}"
-                f"{_hint(value, CHOICES[path])}")
+                f"{did_you_mean(value, CHOICES[path])}")
     probe = OmegaConf.structured(Config)
     try:
         OmegaConf.update(probe, path, value, merge=True)
@@ -323,7 +317,7 @@ def check_overrides(overrides: list[str]) -> list[str]:
                   else [override.value()])
         if key in GROUPS:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-            errors += [f"{where}: no {key} option '{v}'{_hint(v, options)}; options: "
+            errors += [f"{where}: no {key} option '{v}'{did_you_mean(v, options)}; options: "
                        f"{', '.join(options)}" for v in values if str(v) not in options]
             continue
         problem = check_key(key, where)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class FinetuneError(Exception):
     """A problem with the user's input; the message says what, where and what to do."""
@@ -13,3 +16,9 @@ class ConfigError(FinetuneError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def did_you_mean(word: object, options: Iterable[object], n: int = 3, cutoff: float = 0.5) -> str:
+    """' (did you mean 'a' or 'b'?)' for the options closest to `word`, or ''."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=n, cutoff=cutoff)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

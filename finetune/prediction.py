@@ -8,7 +8,6 @@ API is finetune.load / finetune.predict.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from finetune import artifacts
 from finetune.backbones import Preprocessing
 from finetune.builder import assemble
 from finetune.data import IMAGE_SUFFIXES, eval_transform
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, did_you_mean
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
@@ -133,9 +132,8 @@ def parse_args(argv: list[str], spec: dict[str, str | None], usage: str) -> dict
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in spec:
-            close = difflib.get_close_matches(key, spec, n=1)
-            hint = f" (did you mean {close[0]}=...?)" if close else ""
-            raise FinetuneError(f"unknown argument {arg!r}{hint}; {usage}")
+            raise FinetuneError(f"unknown argument {arg!r}{did_you_mean(key, spec, n=1)}; "
+                                f"{usage}")
         values[key] = value
     missing = [k for k, v in spec.items() if v is None and k not in values]
     if missing:

@@ -5,13 +5,12 @@ A recipe is data: it can pick from these tables, never import a module by string
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from torchvision.transforms import v2
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, did_you_mean
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -25,11 +24,6 @@ TRANSFORMS: dict[str, type[v2.Transform]] = {
     name: obj for name, obj in vars(v2).items()
     if isinstance(obj, type) and issubclass(obj, v2.Transform) and name[0].isupper()
 }
-
-
-def _closest(word: str, options: Any) -> str:
-    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def make_optimizer(name: str, params: Any, lr: float, weight_decay: float, momentum: float
@@ -52,7 +46,7 @@ def make_transform(spec: Any, size: int, where: str = "data.augment") -> v2.Tran
         raise FinetuneError(f"{where}: {spec!r} is not a transform; write a name "
                             "(RandomHorizontalFlip) or {Name: {arg: value}}")
     if name not in TRANSFORMS:
-        raise FinetuneError(f"{where}: unknown transform {name!r}{_closest(name, TRANSFORMS)}; "
+        raise FinetuneError(f"{where}: unknown transform {name!r}{did_you_mean(name, TRANSFORMS)}; "
                             "names are torchvision.transforms.v2 classes")
     cls = TRANSFORMS[name]
     if "size" in cls.__init__.__code__.co_varnames and "size" not in kwargs:

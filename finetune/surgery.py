@@ -6,7 +6,6 @@ and returns the new model plus a key map: where pretrained tensors of moved modu
 
 from __future__ import annotations
 
-import difflib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, did_you_mean
 
 OPS = ("replace", "insert_after", "insert_before", "remove", "truncate", "rename")
 
@@ -23,11 +22,6 @@ OPS = ("replace", "insert_after", "insert_before", "remove", "truncate", "rename
 def module_paths(model: nn.Module) -> list[str]:
     """Every submodule's dotted path, in registration order (the root excluded)."""
     return [name for name, _ in model.named_modules() if name]
-
-
-def _closest(path: str, model: nn.Module) -> str:
-    close = difflib.get_close_matches(path, module_paths(model), n=3, cutoff=0.5)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def get_module(model: nn.Module, path: str, key: str = "path") -> nn.Module:
@@ -41,7 +35,8 @@ def get_module(model: nn.Module, path: str, key: str = "path") -> nn.Module:
     except AttributeError:
         children = ", ".join(name for name, _ in model.named_children())
         raise FinetuneError(f"{key}={path!r} matches no module of the model"
-                            f"{_closest(path, model)}; its top-level modules are: "
+                            f"{did_you_mean(path, module_paths(model))}; its top-level modules "
+                            "are: "
                             f"{children}") from None
 
 
@@ -115,10 +110,8 @@ def build_layer(spec: Any, input_shape: Callable[[], tuple[int, ...] | None], wh
     kwargs = dict(spec)
     name = kwargs.pop("type")
     if name not in LAYERS:
-        close = difflib.get_close_matches(str(name), LAYERS, n=3, cutoff=0.5)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise FinetuneError(f"{where}: unknown layer type {name!r}{hint}; layers are torch.nn "
-                            "classes")
+        raise FinetuneError(f"{where}: unknown layer type {name!r}{did_you_mean(name, LAYERS)}; "
+                            "layers are torch.nn classes")
     cls = LAYERS[name]
     params = cls.__init__.__code__.co_varnames[:cls.__init__.__code__.co_argcount]
     for arg, dim in _INPUT_ARG.items():
@@ -185,10 +178,8 @@ def apply_op(result: SurgeryResult, op: dict[str, Any], size: tuple[int, int], i
     where = f"surgery[{index}] ({op.get('op')} {op.get('path', '')!s})"
     kind = op.get("op")
     if kind not in OPS:
-        close = difflib.get_close_matches(str(kind), OPS, n=2, cutoff=0.5)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise FinetuneError(f"{where}: op={kind!r} is not a surgery op{hint}; ops are "
-                            f"{', '.join(OPS)}")
+        raise FinetuneError(f"{where}: op={kind!r} is not a surgery op"
+                            f"{did_you_mean(kind, OPS, n=2)}; ops are {', '.join(OPS)}")
     path = str(op.get("path", ""))
     model = result.model
     if not (kind == "truncate" and path == ""):
