@@ -12,8 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 METRICS = "metrics.json"
@@ -70,10 +69,6 @@ def save_weights(model: nn.Module, path: Path) -> str:
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     write_bytes(path, save(tensors))
     return file_sha256(path)
-
-
-def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
 def library_versions() -> dict[str, str]:
