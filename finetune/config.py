@@ -5,6 +5,7 @@ Nothing here imports torch: `--help` and `--cfg job` stay fast.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -175,9 +176,22 @@ def register_base_recipe() -> None:
     ConfigStore.instance().store(group="recipe", name=BASE_RECIPE, node={}, package="_global_")
 
 
+RECIPES_ENV = "FINETUNE_RECIPES"
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: the folders in $FINETUNE_RECIPES (separated by
+    os.pathsep, first wins), then the shipped recipes/."""
+    extra = [Path(p).expanduser() for p in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if p]
+    return [*extra, RECIPES_DIR]
+
+
 def shipped_recipes() -> dict[str, Path]:
-    """Name -> file for every recipe in recipes/."""
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+    """Name -> file for every recipe that `recipe=NAME` finds (user folders first)."""
+    found: dict[str, Path] = {}
+    for folder in reversed(recipe_dirs()):
+        found.update({p.stem: p for p in sorted(folder.glob("*.yaml"))})
+    return dict(sorted(found.items()))
 
 
 def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
@@ -201,11 +215,17 @@ def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
              f"{', '.join(shipped)}"]
         )
     raise ConfigError([f"recipe={value}: no such recipe{did_you_mean(value, shipped)}; "
-                       f"shipped recipes are in {RECIPES_DIR}, or pass a path to a .yaml file"])
+                       f"recipes are found in {', '.join(map(str, recipe_dirs()))} (add folders "
+                       f"with ${RECIPES_ENV}), or pass a path to a .yaml file"])
 
 
-def load_recipe(path: Path) -> Any:
-    """Read a recipe file as plain data (no resolvers run, no code imported)."""
+def load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+    """Read a recipe file as plain data (no resolvers run, no code imported).
+
+    `extends: BASE` (a recipe name, or a path relative to this file) starts from BASE and
+    overrides only what this file sets; chains work, cycles and missing bases fail.
+    `description:` is the one-line summary `finetune.recipes list` shows.
+    """
     try:
         node = OmegaConf.load(path)
     except Exception as err:  # yaml errors carry line/column; keep them in the one line
@@ -213,9 +233,35 @@ def load_recipe(path: Path) -> Any:
     if not OmegaConf.is_dict(node):
         raise ConfigError([f"{path}: a recipe must be a mapping of keys, "
                            f"got {type(node).__name__}"])
+    node.pop("description", None)
     if node.get("head", "") in ("none", None):  # `head: none` is short for head.type: none
         node.head = {"type": "none"}
+    base = node.pop("extends", None)
+    if base is not None:
+        node = _extend(path, str(base), node, chain)
     return node
+
+
+def _extend(path: Path, base: str, node: Any, chain: tuple[Path, ...]) -> Any:
+    """`node` on top of the recipe it extends: mappings merge, lists and values replace, and
+    the defaults lists join (this file's entries win for the same group)."""
+    try:
+        _, base_path = resolve_recipe(base, cwd=path.parent)
+    except ConfigError as err:
+        raise ConfigError([f"{path}: extends: {base}: {err.problems[0]}"]) from None
+    here = (*chain, path.resolve())
+    if base_path.resolve() in here:
+        cycle = " -> ".join(p.name for p in (*here, base_path))
+        raise ConfigError([f"{path}: extends makes a cycle ({cycle}); remove one of them"])
+    parent = load_recipe(base_path, here)
+    defaults: dict[str, Any] = {}
+    for entry in [*parent.get("defaults", []), *node.get("defaults", [])]:
+        key = next(iter(entry)) if OmegaConf.is_dict(entry) else str(entry)
+        defaults[key] = entry
+    merged = OmegaConf.merge(parent, node)
+    if defaults:
+        merged.defaults = list(defaults.values())
+    return merged
 
 
 def register_recipe(name: str, path: Path) -> None:

@@ -1,0 +1,162 @@
+"""Sharing recipes: list, show, copy, extends, validate; every shipped recipe runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune import config as schema
+from tests.conftest import SHRINK, read_json, run_cli, run_dir_of
+
+DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=32"]
+# Shipped recipes that read an image folder run on the digits in tests.
+RUN_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9,
+                 "vgg16_relu5_3": ["data.image_size=64"]}
+SHRUNK_SOURCE = "weights.recipe_overrides=[" + ",".join(f'"{o}"' for o in SHRINK) + "]"
+
+
+def recipes_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
+    return run_cli(*args, cwd=cwd, env=env, module="finetune.recipes")
+
+
+def test_list_shows_every_recipe_and_user_folders(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "team_recipe.yaml").write_text("description: our 3-class baseline\n"
+                                           "extends: digits_source\nhead:\n  num_classes: 3\n")
+    result = recipes_cli("list", "--json", cwd=tmp_path, env={"FINETUNE_RECIPES": str(mine)})
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    shipped = {p.stem for p in schema.RECIPES_DIR.glob("*.yaml")}
+    assert shipped | {"team_recipe"} == set(rows)
+    assert rows["resnet50_9cls"]["model"] == "resnet50"
+    assert rows["resnet50_9cls"]["weights"] == "torchvision:IMAGENET1K_V2"
+    assert rows["resnet50_9cls"]["data"] == "imagefolder" and rows["resnet50_9cls"]["classes"] == 9
+    assert rows["team_recipe"]["description"] == "our 3-class baseline"
+    assert rows["team_recipe"]["classes"] == 3
+    assert all(row["description"] for row in rows.values())
+    table = recipes_cli("list", cwd=tmp_path)
+    assert table.returncode == 0 and "quickstart" in table.stdout
+
+
+def test_show_resolved_equals_what_the_run_records(tmp_path: Path) -> None:
+    result = run_cli("recipe=digits_source", *SHRINK, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    recorded = read_json(run_dir_of(result) / "manifest.json")["config"]
+    shown = recipes_cli("show", "digits_source", "--resolved", *SHRINK, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout) == recorded
+    raw = recipes_cli("show", "digits_source", cwd=tmp_path)
+    assert raw.stdout == (schema.RECIPES_DIR / "digits_source.yaml").read_text()
+
+
+def test_copy_gives_a_recipe_that_runs(tmp_path: Path) -> None:
+    target = tmp_path / "recipes" / "my_digits.yaml"
+    result = recipes_cli("copy", "digits_source", str(target), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"python -m finetune recipe={target}" in target.read_text().splitlines()[1]
+    again = recipes_cli("copy", "digits_source", str(target), cwd=tmp_path)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    run = run_cli(f"recipe={target}", *SHRINK, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert read_json(run_dir_of(run) / "metrics.json")["status"] == "complete"
+
+
+def test_three_line_recipe_extending_a_shipped_one(torch_home: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text("extends: resnet50_9cls\noptim:\n  lr: 0.01\n")
+    base = recipes_cli("show", "resnet50_9cls", "--resolved", cwd=elsewhere)
+    mine = recipes_cli("show", "mine.yaml", "--resolved", cwd=elsewhere)
+    base_cfg, mine_cfg = yaml.safe_load(base.stdout), yaml.safe_load(mine.stdout)
+    assert mine_cfg["optim"]["lr"] == 0.01
+    mine_cfg["optim"]["lr"] = base_cfg["optim"]["lr"]
+    assert mine_cfg == base_cfg, "only the overridden key differs"
+    result = run_cli("recipe=mine.yaml", *DIGITS_1_9, *SHRINK, cwd=elsewhere,
+                     env={"TORCH_HOME": str(torch_home)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = read_json(run_dir_of(result) / "manifest.json")
+    assert manifest["config"]["optim"]["lr"] == 0.01
+    assert manifest["config"]["freeze"]["train_from"] == "layer3"
+    assert manifest["recipe"]["file"] == str(elsewhere / "mine.yaml")
+
+
+def test_cycle_and_missing_base_each_give_one_message(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    (tmp_path / "c.yaml").write_text("extends: resnet50_9clss\n")
+    cycle = run_cli("recipe=a.yaml", cwd=tmp_path)
+    missing = run_cli("recipe=c.yaml", cwd=tmp_path)
+    for result, needle in ((cycle, "extends makes a cycle (a.yaml -> b.yaml -> a.yaml)"),
+                           (missing, "extends: resnet50_9clss: recipe=resnet50_9clss: no such "
+                                     "recipe (did you mean 'resnet50_9cls'")):
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert len(errors) == 1 and needle in errors[0], result.stderr
+
+
+def test_validate_reports_three_mistakes_at_once(torch_home: Path, tmp_path: Path) -> None:
+    result = recipes_cli("validate", "resnet50_9cls", *DIGITS_1_9[:2], "head.num_classes=4",
+                         "freeze.train_from=layer9", "surgery=[{op: remove, path: avgpol}]",
+                         cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune.recipes")]
+    assert len(errors) == 3, result.stderr
+    assert "head.num_classes=4 but the data has 9 classes" in errors[0]
+    assert "surgery[0].path='avgpol'" in errors[1]
+    assert "freeze.train_from='layer9'" in errors[2]
+
+
+SHIPPED = sorted(p.stem for p in schema.RECIPES_DIR.glob("*.yaml"))
+# Recipes another test already runs end to end, with checks specific to them.
+RUN_ELSEWHERE = {
+    "quickstart": "test_train_e2e.py::test_quickstart_writes_every_artifact",
+    "resnet50_9cls": "test_train_e2e.py::test_resnet50_9cls_through_torchvision_cache",
+    "vgg16_relu5_3": "test_recipes.py::test_vgg16_feature_extractor_run",
+    "digits_source": "test_sharing.py::test_show_resolved_equals_what_the_run_records",
+}
+
+
+def _overrides(name: str) -> list[str]:
+    overrides = [*RUN_OVERRIDES.get(name, []), *SHRINK]
+    if "weights:\n  source: recipe" in (schema.RECIPES_DIR / f"{name}.yaml").read_text():
+        overrides.append(SHRUNK_SOURCE)
+    return overrides
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_validates(name: str, torch_home_vgg: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune.recipes import validate_recipe
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home_vgg))
+    monkeypatch.chdir(tmp_path)
+    assert validate_recipe(name, _overrides(name)) == []
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n not in RUN_ELSEWHERE])
+def test_every_shipped_recipe_runs(name: str, torch_home: Path, tmp_path: Path) -> None:
+    result = run_cli(f"recipe={name}", *_overrides(name), cwd=tmp_path,
+                     env={"TORCH_HOME": str(torch_home)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_json(run_dir_of(result) / "metrics.json")["status"] == "complete"
+
+
+def test_every_shipped_recipe_is_run_somewhere() -> None:
+    tests = Path(__file__).parent
+    for name, where in RUN_ELSEWHERE.items():
+        file, test = where.split("::")
+        assert name in SHIPPED and f"def {test}(" in (tests / file).read_text()
+
+
+def test_a_user_recipe_folder_makes_names_runnable(tmp_path: Path) -> None:
+    folder = tmp_path / "team"
+    folder.mkdir()
+    (folder / "tiny.yaml").write_text("extends: digits_source\ntrainer:\n  max_epochs: 1\n")
+    result = run_cli("recipe=tiny", "--cfg", "job", cwd=tmp_path,
+                     env={"FINETUNE_RECIPES": str(folder)})
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["trainer"]["max_epochs"] == 1
