@@ -36,6 +36,14 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, module: st
                           capture_output=True, text=True, timeout=600)
 
 
+def cli_errors(result: subprocess.CompletedProcess, prefix: str = "finetune: error:"
+               ) -> list[str]:
+    """The error lines of a run that failed as a user error must: exit 2, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    return [line for line in result.stderr.splitlines() if line.startswith(prefix)]
+
+
 def run_dir_of(result: subprocess.CompletedProcess) -> Path:
     """The run dir a successful run printed in its summary (the last one printed: a recipe
     source trained first prints its own before)."""

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from finetune import config as schema
 from finetune.__main__ import prepare
-from tests.conftest import run_cli
+from tests.conftest import cli_errors, run_cli
 
 
 def compose_cfg(*overrides: str, cwd: Path | None = None):
@@ -52,9 +52,7 @@ def test_recipe_from_a_path_anywhere(tmp_path: Path) -> None:
 
 
 def _assert_one_line_errors(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune: error:")]
+    errors = cli_errors(result)
     for needle in needles:
         assert any(needle in line for line in errors), (needle, result.stderr)
 

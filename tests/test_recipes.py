@@ -12,7 +12,7 @@ import torchvision
 from finetune import config as schema
 from finetune.inspect import compose_config, inspect_plan, render
 from finetune.train import build_model, pretrained_entry
-from tests.conftest import read_json, run_cli, run_dir_of
+from tests.conftest import cli_errors, read_json, run_cli, run_dir_of
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=64"]
 # Recipes that read an image folder inspect on the digits instead.
@@ -102,8 +102,7 @@ def test_path_mistakes_are_reported_together(torch_home: Path, tmp_path: Path) -
                      "weights.require=[head.*]",
                      "surgery=[{op: remove, path: avgpol}, {op: replace, path: fc, with: "
                      "{type: Lineer}}]", cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune: error:")]
+    errors = cli_errors(result)
     assert len(errors) == 4, result.stderr
     assert "surgery[0].path='avgpol'" in errors[0] and "'avgpool'" in errors[0]
     assert "unknown layer type 'Lineer'" in errors[1]

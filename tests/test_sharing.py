@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from finetune import config as schema
-from tests.conftest import SHRINK, read_json, run_cli, run_dir_of
+from tests.conftest import SHRINK, cli_errors, read_json, run_cli, run_dir_of
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=32"]
 # Shipped recipes that read an image folder run on the digits in tests.
@@ -93,8 +93,7 @@ def test_cycle_and_missing_base_each_give_one_message(tmp_path: Path) -> None:
     for result, needle in ((cycle, "extends makes a cycle (a.yaml -> b.yaml -> a.yaml)"),
                            (missing, "extends: resnet50_9clss: recipe=resnet50_9clss: no such "
                                      "recipe (did you mean 'resnet50_9cls'")):
-        errors = [line for line in result.stderr.splitlines() if "error" in line]
-        assert result.returncode == 2 and "Traceback" not in result.stderr
+        errors = cli_errors(result)
         assert len(errors) == 1 and needle in errors[0], result.stderr
 
 
@@ -102,8 +101,7 @@ def test_validate_reports_three_mistakes_at_once(torch_home: Path, tmp_path: Pat
     result = recipes_cli("validate", "resnet50_9cls", *DIGITS_1_9[:2], "head.num_classes=4",
                          "freeze.train_from=layer9", "surgery=[{op: remove, path: avgpol}]",
                          cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("finetune.recipes")]
+    errors = cli_errors(result, prefix="finetune.recipes: error:")
     assert len(errors) == 3, result.stderr
     assert "head.num_classes=4 but the data has 9 classes" in errors[0]
     assert "surgery[0].path='avgpol'" in errors[1]
