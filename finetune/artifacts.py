@@ -15,6 +15,8 @@ from typing import Any
 from safetensors.torch import save
 from torch import nn
 
+from finetune.errors import FinetuneError
+
 METRICS = "metrics.json"
 LOAD_REPORT = "load_report.json"
 WEIGHTS = "model.safetensors"
@@ -81,6 +83,24 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "unknown"
     return out
+
+
+def open_run(run_dir: str | Path, key: str = "run") -> tuple[dict[str, Any], Path]:
+    """The manifest of a finished run dir and its weights file, checked against each other.
+
+    Args:
+        key: the argument the run dir came from, for the error message.
+    """
+    run = Path(run_dir).expanduser()
+    manifest_file, weights_file = run / MANIFEST, run / WEIGHTS
+    if not manifest_file.is_file() or not weights_file.is_file():
+        raise FinetuneError(f"{key}={str(run_dir)!r}: not a finished run dir (it needs "
+                            f"{MANIFEST} and {WEIGHTS})")
+    manifest = read_json(manifest_file)
+    if manifest.get("model_sha256") != file_sha256(weights_file):
+        raise FinetuneError(f"{key}={str(run_dir)!r}: {WEIGHTS} does not match the sha256 in "
+                            "its manifest; the run dir was changed after the run")
+    return manifest, weights_file
 
 
 def epoch_metrics(metrics_csv: Path) -> dict[str, dict[int, float]]:

@@ -27,15 +27,7 @@ from finetune.errors import FinetuneError, did_you_mean
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """The fine-tuned model of a run dir, in eval mode, with `class_names`, `transform` (the
     eval preprocessing), `preprocessing` and `manifest` attached."""
-    run = Path(run_dir).expanduser()
-    manifest_file, weights_file = run / artifacts.MANIFEST, run / artifacts.WEIGHTS
-    if not manifest_file.is_file() or not weights_file.is_file():
-        raise FinetuneError(f"run={run_dir}: not a finished run dir (it needs "
-                            f"{artifacts.MANIFEST} and {artifacts.WEIGHTS})")
-    manifest = artifacts.read_json(manifest_file)
-    if manifest.get("model_sha256") != artifacts.file_sha256(weights_file):
-        raise FinetuneError(f"run={run_dir}: {artifacts.WEIGHTS} does not match the sha256 in "
-                            "its manifest; the run dir was changed after the run")
+    manifest, weights_file = artifacts.open_run(run_dir)
     prep = Preprocessing(**manifest["preprocessing"])
     head = manifest["head"]
     parts = assemble(manifest["model"]["name"], manifest["model"]["build_kwargs"],

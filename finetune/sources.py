@@ -149,17 +149,10 @@ def read_url(url: str, sha256: str | None) -> tuple[dict[str, torch.Tensor], Loa
 def read_run(run_dir: str | Path, source: str = "run") -> tuple[dict[str, torch.Tensor],
                                                                LoadReport]:
     """The model.safetensors of a finished run of this framework, checked against its manifest."""
-    run = Path(run_dir).expanduser()
-    weights_file, manifest_file = run / artifacts.WEIGHTS, run / artifacts.MANIFEST
-    if not weights_file.is_file() or not manifest_file.is_file():
-        raise FinetuneError(f"weights.path={str(run_dir)!r}: not a finished run dir (it needs "
-                            f"{artifacts.WEIGHTS} and {artifacts.MANIFEST})")
-    manifest = artifacts.read_json(manifest_file)
+    manifest, weights_file = artifacts.open_run(run_dir, key="weights.path")
     tensors, report = read_file(str(weights_file), source=source)
-    if manifest.get("model_sha256") and manifest["model_sha256"] != report.sha256:
-        raise FinetuneError(f"weights: {weights_file} does not match the sha256 in its "
-                            "manifest; the run dir was changed after the run")
-    report.run = {"dir": str(run.resolve()), "recipe": (manifest.get("recipe") or {}).get("name"),
+    report.run = {"dir": str(weights_file.parent.resolve()),
+                  "recipe": (manifest.get("recipe") or {}).get("name"),
                   "model": manifest.get("model", {}).get("name"),
                   "class_names": manifest.get("class_names")}
     return tensors, report

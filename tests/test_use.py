@@ -151,3 +151,18 @@ def test_a_pickled_model_object_is_refused_with_how_to_convert(tmp_path: Path) -
                                             r"place: torch\.save\(torch\.load\(path, "
                                             r"weights_only=False\)\.state_dict\(\)"):
         load_weights(torchvision.models.resnet18(), cfg, "resnet18", ["fc"])
+
+
+def test_a_changed_run_dir_is_refused(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    _, _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    with open(copy / "model.safetensors", "r+b") as handle:  # flip one byte of a tensor
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 1]))
+    with pytest.raises(FinetuneError, match="does not match the sha256 in its manifest"):
+        finetune.load(copy)
