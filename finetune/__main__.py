@@ -116,8 +116,7 @@ def task(cfg: DictConfig) -> float:
 
 
 def report(err: FinetuneError) -> None:
-    problems = err.problems if isinstance(err, ConfigError) else [str(err)]
-    for line in problems:
+    for line in err.problems:
         print(f"finetune: error: {line}", file=sys.stderr)
 
 

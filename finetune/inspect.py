@@ -78,7 +78,7 @@ def split_rows(model: Any) -> list[dict[str, Any]]:
 def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = False,
                  splits: bool = False) -> dict[str, Any]:
     """The plan of a run as data (what `--json` prints)."""
-    from finetune import backbones, train
+    from finetune import train
     from finetune.data import build_datamodule
     from finetune.freezing import apply_freeze, plan_freeze
     from finetune.optim import build_optimizer
@@ -87,8 +87,7 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
 
     validate(cfg)
     entry = train.pretrained_entry(cfg)
-    prep = backbones.preprocessing(train.preprocessing_entry(cfg, entry), cfg.data.image_size,
-                                   cfg.data.mean, cfg.data.std, cfg.data.channels)
+    prep = train.preprocessing_for(cfg, entry)
     class_names = None
     data_info: dict[str, Any] = {"name": cfg.data.name}
     if cfg.head.type != "none":

@@ -121,7 +121,7 @@ def weights_reachable(cfg: Any) -> str | None:
 
 def validate_recipe(spec: str, overrides: list[str]) -> list[str]:
     """Every problem a run would stop on before training (none = the recipe is ready)."""
-    from finetune import backbones, train
+    from finetune import train
     from finetune.data import build_datamodule
     from finetune.inspect import compose_config
     from finetune.validate import check_model_paths, validate
@@ -140,8 +140,7 @@ def validate_recipe(spec: str, overrides: list[str]) -> list[str]:
     entry = train.pretrained_entry(cfg) if not problems else None
     reach = weights_reachable(cfg) if not problems else None
     problems += [reach] if reach else []
-    prep = backbones.preprocessing(train.preprocessing_entry(cfg, entry), cfg.data.image_size,
-                                   cfg.data.mean, cfg.data.std, cfg.data.channels)
+    prep = train.preprocessing_for(cfg, entry)
     class_names = None
     if cfg.head.type != "none":
         try:
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"usage:\n{USAGE}", file=sys.stderr)
             raise SystemExit(2)
     except FinetuneError as err:
-        for line in err.problems if isinstance(err, ConfigError) else [str(err)]:
+        for line in err.problems:
             print(f"finetune.recipes: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 

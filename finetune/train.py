@@ -20,7 +20,7 @@ from finetune import artifacts, backbones, plots, surgery
 from finetune.builder import assemble
 from finetune.callbacks import ThroughputMeter
 from finetune.data import ImageDataModule, build_datamodule
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze, plan_freeze
 from finetune.module import FinetuneModule
 from finetune.validate import check_model_paths, validate
@@ -41,8 +41,8 @@ def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None,
     try:
         return _run(cfg, run_dir, recipe_files or {}, rerun_of or {})
     except FinetuneError as err:
-        problems = err.problems if isinstance(err, ConfigError) else [str(err)]
-        artifacts.write_json(run_dir / artifacts.METRICS, {"status": "failed", "error": problems})
+        artifacts.write_json(run_dir / artifacts.METRICS,
+                             {"status": "failed", "error": err.problems})
         raise
 
 
@@ -53,8 +53,7 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
     validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     entry = pretrained_entry(cfg)
-    prep = backbones.preprocessing(preprocessing_entry(cfg, entry), cfg.data.image_size,
-                                   cfg.data.mean, cfg.data.std, cfg.data.channels)
+    prep = preprocessing_for(cfg, entry)
     if cfg.head.type == "none":
         check_model_paths(cfg, None, entry, prep.crop, prep.channels)
         return save_extractor(run_dir, cfg, recipe, build_model(cfg, None, entry, prep.crop,
@@ -99,6 +98,12 @@ def preprocessing_entry(cfg: DictConfig, entry: WeightsEnum | None) -> WeightsEn
     if cfg.weights.source in ("file", "url"):
         return backbones.weights_enum(cfg.model.name, "DEFAULT")
     return entry
+
+
+def preprocessing_for(cfg: DictConfig, entry: WeightsEnum | None) -> backbones.Preprocessing:
+    """The eval preprocessing of a run: the weights' own, scaled and overridden by `data`."""
+    return backbones.preprocessing(preprocessing_entry(cfg, entry), cfg.data.image_size,
+                                   cfg.data.mean, cfg.data.std, cfg.data.channels)
 
 
 def check_num_classes(configured: int | None, class_names: list[str]) -> int:

@@ -25,7 +25,7 @@ def _collector() -> tuple[list[str], Callable[[Callable[[], Any]], Any]]:
         try:
             return check()
         except FinetuneError as err:
-            problems.extend(err.problems if isinstance(err, ConfigError) else [str(err)])
+            problems.extend(err.problems)
             return None
 
     return problems, attempt

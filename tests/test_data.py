@@ -116,3 +116,24 @@ def test_named_augmentations_run_in_the_pipeline() -> None:
              {"RandomErasing": {"p": 1.0}}]
     out = train_transform(PREP, names)(torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_few_shot_train_size_keeps_every_class_in_proportion() -> None:
+    dm = build_datamodule(_data(name="digits", classes=[5, 6, 7, 8, 9], train_size=25), PREP, 0)
+    assert len(dm.train_set) == 25
+    assert torch.bincount(torch.tensor(dm.train_set.labels)).tolist() == [5] * 5
+    full = build_datamodule(_data(name="digits", classes=[5, 6, 7, 8, 9]), PREP, 0)
+    assert torch.equal(dm.val_set.images, full.val_set.images)  # validation is untouched
+    with pytest.raises(FinetuneError, match="fewer images than the 5 classes"):
+        build_datamodule(_data(name="digits", classes=[5, 6, 7, 8, 9], train_size=3), PREP, 0)
+
+
+def test_one_channel_input_uses_averaged_statistics() -> None:
+    from finetune.backbones import preprocessing
+
+    prep = preprocessing(None, 32, channels=1)
+    assert prep.channels == 1 and len(prep.mean) == len(prep.std) == 1
+    assert prep.mean[0] == pytest.approx(sum([0.485, 0.456, 0.406]) / 3)
+    dm = build_datamodule(_data(name="digits", channels=1), prep, 0)
+    image, _ = dm.val_set[0]
+    assert image.shape == (1, 32, 32)
