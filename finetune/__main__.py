@@ -86,18 +86,29 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
 
 
 def rerun_argv(argv: list[str]) -> list[str]:
-    """`rerun=RUN_DIR`: the run's resolved config (from its manifest) becomes the recipe, so
-    the run dir alone reproduces it; other overrides still apply on top."""
+    """`rerun=RUN_DIR`: the run's resolved config (from its manifest; for a run that stopped
+    before writing one, Hydra's .hydra/config.yaml) becomes the recipe, so the run dir alone
+    reproduces or continues it (`rerun=RUN_DIR resume=RUN_DIR`); other overrides still apply."""
     reruns = [a for a in argv if a.startswith("rerun=")]
     if not reruns:
         return argv
     run = Path(reruns[0].partition("=")[2]).expanduser()
-    manifest = run / "manifest.json"
-    if not manifest.is_file():
-        raise ConfigError([f"rerun={run}: no manifest.json there; give the dir of a finished run"])
-    recorded = json.loads(manifest.read_text())
-    name = f"{(recorded.get('recipe') or {}).get('name') or schema.BASE_RECIPE}_rerun"
-    schema.register_recipe_node(name, recorded["config"])
+    manifest, composed = run / "manifest.json", run / ".hydra" / "config.yaml"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        config, recipe = recorded["config"], (recorded.get("recipe") or {}).get("name")
+    elif composed.is_file():
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(composed))
+        hydra_file = run / ".hydra" / "hydra.yaml"
+        recipe = (OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices.recipe")
+                  if hydra_file.is_file() else None)
+    else:
+        raise ConfigError([f"rerun={run}: no manifest.json or .hydra/config.yaml there; give "
+                           "the dir of a run"])
+    name = f"{recipe or schema.BASE_RECIPE}_rerun"
+    schema.register_recipe_node(name, config)
     RERUN_OF[name] = run.resolve()
     return [f"recipe={name}", *(a for a in argv if not a.startswith(("rerun=", "recipe=")))]
 

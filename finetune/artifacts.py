@@ -117,3 +117,17 @@ def epoch_metrics(metrics_csv: Path) -> dict[str, dict[int, float]]:
                 if key not in ("epoch", "step") and value not in ("", None):
                     out.setdefault(key, {})[epoch] = float(value)
     return out
+
+
+def metrics_history(source: Path, last_epoch: int) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a metrics.csv up to `last_epoch`: what a resumed run's log starts
+    with, without the rows of an epoch that was cut short. The header is sorted, as
+    Lightning's CSV logger writes it; ([], []) when there is no such file."""
+    if not source.is_file():
+        return [], []
+    with open(source, newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = sorted(reader.fieldnames or [])
+        rows = [[row.get(k, "") for k in header] for row in reader
+                if row.get("epoch") and int(float(row["epoch"])) <= last_epoch]
+    return header, rows

@@ -61,9 +61,35 @@ class HeadConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One entry of freeze.unfreeze."""
+
+    epoch: int = MISSING
+    train_from: Any = None
+    modules: Any = None
+    name: str | None = None
+    lr: float | None = None
+    lr_mult: float | None = None
+    warmup_epochs: int = 0
+
+
+@dataclass
 class FreezeConfig:
     train_from: Any = None
+    modules: list[Any] = field(default_factory=list)
     bn: str = "frozen"
+    unfreeze: list[PhaseConfig] = field(default_factory=list)
+
+
+@dataclass
+class GroupConfig:
+    """One entry of optim.groups."""
+
+    modules: Any = MISSING
+    name: str | None = None
+    lr: float | None = None
+    lr_mult: float | None = None
+    weight_decay: float | None = None
 
 
 @dataclass
@@ -72,11 +98,19 @@ class OptimConfig:
     lr: float = 1.0e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    alpha: float = 0.99
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm"])
+    groups: list[GroupConfig] = field(default_factory=list)
+    layer_decay: float | None = None
 
 
 @dataclass
 class SchedConfig:
     name: str = "cosine"
+    epochs: int | None = None
     warmup_epochs: int = 0
     step_size: int = 10
     gamma: float = 0.1
@@ -145,6 +179,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
+    resume: str | None = None
 
 
 # Keys whose value is one of a closed set; checked at compose time with nearest matches.
@@ -153,7 +188,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head.type": ("classifier", "none"),
     "data.channels": (1, 3),
     "weights.on_shape_mismatch": ("skip", "error"),
-    "freeze.bn": ("frozen", "train"),
+    "freeze.bn": ("frozen", "train", "affine"),
     "optim.name": ("sgd", "adam", "adamw", "rmsprop"),
     "sched.name": ("none", "cosine", "step", "onecycle", "plateau"),
     "data.name": ("digits", "imagefolder", "csv", "fake"),

@@ -14,12 +14,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
 from finetune.backbones import Preprocessing
 from finetune.errors import FinetuneError
 from finetune.registry import make_transform
+from finetune.seeding import derive
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -46,31 +47,75 @@ def _to_normalized(prep: Preprocessing) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
 
 
-class TensorImages(Dataset):
+class EpochShuffle(Sampler):
+    """A new order every epoch computed from (seed, epoch) alone, each index paired with the
+    seed of its augmentation: a resumed run, any number of workers (persistent or not), sees
+    what the uninterrupted run saw. Lightning calls set_epoch before each epoch."""
+
+    def __init__(self, size: int, seed: int, epoch: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(derive(self.seed, self.epoch, 2))
+        order = torch.randperm(self.size, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
+        return iter(zip(order, seeds, strict=True))
+
+
+class _Images(Dataset):
+    """Items by index, or by (index, seed) from EpochShuffle: the seed makes the item's
+    random augmentation a function of the seed alone."""
+
+    labels: list[int]
+
+    def __init__(self, transform: Any, random: bool) -> None:
+        self.transform, self.random = transform, random
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.load(i)
+        if seed is None or not self.random:
+            return self.transform(image), self.labels[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), self.labels[i]
+
+
+class TensorImages(_Images):
     """uint8 images held in memory as one (N, 3, H, W) tensor."""
 
-    def __init__(self, images: torch.Tensor, labels: list[int], transform: Any) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: torch.Tensor, labels: list[int], transform: Any,
+                 random: bool = False) -> None:
+        super().__init__(transform, random)
+        self.images, self.labels = images, labels
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[i]), self.labels[i]
+    def load(self, i: int) -> Any:
+        return self.images[i]
 
 
-class ImageFiles(Dataset):
+class ImageFiles(_Images):
     """Images read from files; grayscale, palette and RGBA become RGB."""
 
-    def __init__(self, paths: list[Path], labels: list[int], transform: Any) -> None:
-        self.paths, self.labels, self.transform = paths, labels, transform
+    def __init__(self, paths: list[Path], labels: list[int], transform: Any,
+                 random: bool = False) -> None:
+        super().__init__(transform, random)
+        self.paths, self.labels = paths, labels
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def load(self, i: int) -> Any:
         with Image.open(self.paths[i]) as image:
-            return self.transform(image.convert("RGB")), self.labels[i]
+            return image.convert("RGB")
 
 
 @dataclass
@@ -192,22 +237,37 @@ def fake_data(size: int, num_classes: int, image_size: int, seed: int) -> tuple[
 class ImageDataModule(pl.LightningDataModule):
     """Train and val datasets already split; loaders from the data config."""
 
-    def __init__(self, train: Dataset, val: Dataset, class_names: list[str], batch_size: int,
-                 num_workers: int) -> None:
+    def __init__(self, train: Any, val: Any, class_names: list[str], batch_size: int,
+                 num_workers: int, seed: int = 0) -> None:
         super().__init__()
         self.train_set, self.val_set, self.class_names = train, val, class_names
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        # The epoch the first train loader starts at: Lightning creates that loader's
+        # iterator (workers prefetch from the sampler) before it calls set_epoch.
+        self.start_epoch = 0
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints are written at the end of an epoch: a resumed run starts the next one.
+        return {"next_epoch": self.trainer.current_epoch + 1 if self.trainer else 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.start_epoch = int(state.get("next_epoch", 0))
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        # Its own generator: creating an iterator then draws its base seed from it, never from
+        # the global stream (Lightning creates the first one at a different point of a resumed
+        # run than of an uninterrupted one, which shifted dropout's draws).
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(),
+                          generator=torch.Generator().manual_seed(derive(self.seed, 3)))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, EpochShuffle(len(self.train_set), self.seed,
+                                                         self.start_epoch))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
 
 def _workers(setting: Any, in_memory: bool) -> int:
@@ -244,7 +304,7 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
     augment = OmegaConf.to_container(cfg.augment) if OmegaConf.is_config(cfg.augment) \
         else list(cfg.augment)
     return ImageDataModule(
-        dataset(train.items, train.labels, train_transform(prep, augment)),
+        dataset(train.items, train.labels, train_transform(prep, augment), bool(augment)),
         dataset(val.items, val.labels, eval_transform(prep)),
-        names, cfg.batch_size, _workers(cfg.num_workers, in_memory),
+        names, cfg.batch_size, _workers(cfg.num_workers, in_memory), seed,
     )

@@ -35,20 +35,27 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
     return cfg, recipe
 
 
-def module_rows(model: Any, eval_modules: set[str], depth: int) -> list[dict[str, Any]]:
-    """One row per module down to `depth`: path, type, parameters, what trains."""
+def module_rows(model: Any, eval_modules: set[str], depth: int,
+                joins: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """One row per module down to `depth`: path, type, parameters, what trains (and from
+    which epoch, for modules an unfreeze phase opens; `joins` maps parameter -> epoch)."""
     from finetune.freezing import BATCHNORM
 
+    joins = joins or {}
     rows = []
     for path, module in model.named_modules():
         level = path.count(".") + 1 if path else 0
         if level > depth:
             continue
-        params = list(module.parameters())
+        named = [(f"{path}.{n}" if path else n, p) for n, p in module.named_parameters()]
+        params = [p for _, p in named]
         trainable = sum(p.numel() for p in params if p.requires_grad)
         total = sum(p.numel() for p in params)
         state = ("-" if not total else "train" if trainable == total
                  else "frozen" if trainable == 0 else "partly frozen")
+        later = sorted({joins[n] for n, p in named if not p.requires_grad and n in joins})
+        if later:
+            state += f" (unfreezes at epoch {', '.join(map(str, later))})"
         row = {"path": path or "(model)", "type": type(module).__name__, "params": total,
                "trainable": trainable, "state": state}
         if isinstance(module, BATCHNORM):
@@ -80,8 +87,8 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
     """The plan of a run as data (what `--json` prints)."""
     from finetune import train
     from finetune.data import build_datamodule
-    from finetune.freezing import apply_freeze, plan_freeze
-    from finetune.optim import build_optimizer
+    from finetune.freezing import apply_freeze
+    from finetune.optim import param_groups
     from finetune.sources import SourceNotTrained
     from finetune.validate import check_model_paths, validate
 
@@ -105,13 +112,22 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
         notes.append(str(err))
         unloaded = OmegaConf.merge(cfg, {"weights": {"source": "none"}})
         built = train.build_model(unloaded, class_names, entry, prep.crop, prep.channels)
-    freeze = plan_freeze(built.model, cfg.freeze.train_from, cfg.freeze.bn)
+    freeze = train.plan_from_config(built.model, cfg.freeze)
     apply_freeze(built.model, freeze)
     names = {id(p): n for n, p in built.model.named_parameters()}
-    groups = [{"lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0),
+    sizes = {n: p.numel() for n, p in built.model.named_parameters()}
+    total = sum(sizes.values())
+    groups = [{"name": g["name"], "epoch": g["join_epoch"], "lr": g["lr"],
+               "weight_decay": g.get("weight_decay", 0.0), "warmup_epochs": g["warmup_epochs"],
                "tensors": len(g["params"]), "params": sum(p.numel() for p in g["params"]),
                "first": names[id(g["params"][0])] if g["params"] else None}
-              for g in build_optimizer(built.model, cfg.optim).param_groups]
+              for g in param_groups(built.model, cfg.optim, freeze, len(freeze.stages))]
+    phases = [{**stage.to_dict(), "trainable_params": sum(sizes[n] for n in stage.trainable),
+               "share": round(sum(sizes[n] for n in stage.trainable) / total, 4) if total else 0,
+               "bn_eval": len(stage.eval_modules),
+               "groups": [g["name"] for g in groups if g["epoch"] == stage.epoch]}
+              for stage in freeze.stages]
+    joins = {n: stage.epoch for stage in freeze.stages[1:] for n in stage.params}
     plan: dict[str, Any] = {
         "recipe": {"name": recipe,
                    "file": str(RECIPE_FILES[recipe]) if recipe in RECIPE_FILES else None},
@@ -122,10 +138,10 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
         "load_report": {**built.report.to_dict(), "table": built.report.table()},
         "freeze": {"train_from": freeze.train_from, "frozen_tensors": len(freeze.frozen),
                    "trainable_tensors": len(freeze.trainable),
-                   "bn_eval": freeze.eval_modules},
+                   "bn": freeze.bn, "bn_eval": freeze.eval_modules, "phases": phases},
         "optimizer": {"name": cfg.optim.name, "groups": groups},
         "output_shape": built.output_shape,
-        "modules": module_rows(built.model, set(freeze.eval_modules), depth),
+        "modules": module_rows(built.model, set(freeze.eval_modules), depth, joins),
         "notes": notes,
     }
     if keys:
@@ -147,11 +163,20 @@ def render(plan: dict[str, Any]) -> str:
     freeze = plan["freeze"]
     out += [f"== freeze == train from {freeze['train_from'] or 'the first layer'}: "
             f"{freeze['trainable_tensors']} tensors train, {freeze['frozen_tensors']} frozen, "
-            f"{len(freeze['bn_eval'])} BatchNorm layers in eval mode", "",
-            f"== optimizer == {plan['optimizer']['name']}"]
-    out += [f"  group {i}: lr {g['lr']:g}, weight decay {g['weight_decay']:g}, {g['tensors']} "
-            f"tensors, {g['params']:,} parameters (from {g['first']})"
-            for i, g in enumerate(plan["optimizer"]["groups"])]
+            f"{len(freeze['bn_eval'])} BatchNorm layers in eval mode (bn: {freeze['bn']})", ""]
+    out += ["== phases == (what trains from each epoch on)"]
+    for phase in freeze["phases"]:
+        out.append(f"  epoch {phase['epoch']:>3}: {phase['selector']:<28} {phase['params']:>4} "
+                   f"tensors join; {phase['trainable_params']:>12,} parameters train "
+                   f"({100 * phase['share']:.1f}%), {phase['bn_eval']} BN in eval; groups "
+                   f"{', '.join(phase['groups'])}")
+    out += ["", f"== optimizer == {plan['optimizer']['name']} (learning rates before the "
+            "schedule scales them)"]
+    for g in plan["optimizer"]["groups"]:
+        warm = f", warm-up {g['warmup_epochs']} epochs" if g["warmup_epochs"] else ""
+        out.append(f"  {g['name']:<24} from epoch {g['epoch']}: lr {g['lr']:.3g}, weight decay "
+                   f"{g['weight_decay']:g}{warm}, {g['tensors']} tensors, {g['params']:,} "
+                   f"parameters (from {g['first']})")
     out += ["", f"== output == {plan['output_shape']} per image (dry forward)", "",
             f"== modules == (head: {', '.join(plan['head_paths']) or 'none'})",
             f"  {'path':<34} {'type':<22} {'params':>12}  state"]

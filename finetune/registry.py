@@ -26,13 +26,25 @@ TRANSFORMS: dict[str, type[v2.Transform]] = {
 }
 
 
-def make_optimizer(name: str, params: Any, lr: float, weight_decay: float, momentum: float
-                   ) -> torch.optim.Optimizer:
-    cls = OPTIMIZERS[name]
-    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
-    if name in ("sgd", "rmsprop"):
-        kwargs["momentum"] = momentum
-    return cls(params, **kwargs)
+def optimizer_kwargs(cfg: Any) -> dict[str, Any]:
+    """The arguments each optimizer takes from the optim group."""
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.name == "sgd":
+        kwargs.update(momentum=cfg.momentum, nesterov=bool(cfg.get("nesterov", False)))
+    elif cfg.name == "rmsprop":
+        kwargs.update(momentum=cfg.momentum, alpha=cfg.get("alpha", 0.99),
+                      eps=cfg.get("eps", 1e-8))
+    else:
+        kwargs.update(betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=cfg.get("eps", 1e-8))
+    return kwargs
+
+
+def make_optimizer(cfg: Any, params: Any) -> torch.optim.Optimizer:
+    """`cfg` is the optim group; `params` parameters or named groups."""
+    try:
+        return OPTIMIZERS[cfg.name](params, **optimizer_kwargs(cfg))
+    except ValueError as err:  # e.g. nesterov without momentum
+        raise FinetuneError(f"optim: {cfg.name} rejected its settings: {err}") from None
 
 
 def make_transform(spec: Any, size: int, where: str = "data.augment") -> v2.Transform:

@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
 from torchvision.models import WeightsEnum
@@ -38,6 +38,7 @@ def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None,
     A run stopped by a user error leaves metrics.json with status "failed" and the message.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    artifacts.write_json(run_dir / artifacts.METRICS, {"status": "running"})
     try:
         return _run(cfg, run_dir, recipe_files or {}, rerun_of or {})
     except FinetuneError as err:
@@ -65,15 +66,20 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
     check_model_paths(cfg, data.class_names, entry, prep.crop, prep.channels)
     built = build_model(cfg, data.class_names, entry, prep.crop, prep.channels)
     artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
-    freeze = plan_freeze(built.model, cfg.freeze.train_from, cfg.freeze.bn)
+    freeze = plan_from_config(built.model, cfg.freeze)
     apply_freeze(built.model, freeze)
     log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
              trainable_summary(built.model))
+    for stage in freeze.stages[1:]:
+        log.info("plan: at epoch %d, %s unfreezes (%d parameter tensors, group %s)",
+                 stage.epoch, stage.selector, len(stage.params), stage.name)
     module = FinetuneModule(built.model, num_classes, freeze, cfg.optim, cfg.sched,
-                            cfg.loss.label_smoothing, cfg.loss.aux_weight)
-    trainer, meter = make_trainer(cfg, run_dir)
+                            cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed)
+    checkpoint = resume_checkpoint(cfg.resume, run_dir)
+    history = check_resumable(checkpoint, module) if checkpoint is not None else ([], [])
+    trainer, meter = make_trainer(cfg, run_dir, history)
     try:
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
     except RuntimeError as err:
         friendly = input_too_small(err, cfg)
         if friendly is None:
@@ -82,6 +88,74 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
     metrics = save_run(run_dir, cfg, recipe, built, freeze, data, prep, module, trainer, meter)
     print_summary(run_dir, metrics)
     return float(metrics.get(MONITOR, float("nan")))
+
+
+def plan_from_config(model: nn.Module, freeze: Any) -> FreezePlan:
+    """The freeze group resolved against the model (every selector checked)."""
+    return plan_freeze(model, freeze.train_from, freeze.bn, freeze.modules, freeze.unfreeze)
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
+    """`resume`: null; auto (this run dir's last.ckpt, when there is one); a .ckpt file; or
+    a run dir (its checkpoints/last.ckpt)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = run_dir / "checkpoints" / "last.ckpt"
+        if found.is_file():
+            return found
+        log.info("resume=auto: no checkpoint in %s yet; starting from the beginning",
+                 found.parent)
+        return None
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise FinetuneError(f"resume={resume}: no checkpoints/last.ckpt in that folder; give a "
+                            "run dir, a .ckpt file, or auto")
+    if not path.is_file():
+        raise FinetuneError(f"resume={resume}: no such file or run dir (relative paths start at "
+                            f"{Path.cwd()})")
+    return path
+
+
+def check_resumable(path: Path, module: FinetuneModule
+                    ) -> tuple[list[str], list[list[str]]]:
+    """The checkpoint must be of this model and this optimizer layout; then the run dir gets
+    its metrics history up to the checkpoint's epoch, so curves and best epochs span both.
+    Returns that history (header, rows), read now: the run dir may be the same one."""
+    import torch
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise FinetuneError(f"resume={path}: cannot read the checkpoint "
+                            f"({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(saved, dict) or "finetune" not in saved or "state_dict" not in saved:
+        raise FinetuneError(f"resume={path}: not a checkpoint written by finetune (no "
+                            "'finetune' entry); resume from a run's checkpoints/last.ckpt")
+    ours = module.state_dict()
+    theirs = saved["state_dict"]
+    differ = sorted(k for k in set(ours) | set(theirs)
+                    if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape)
+    if differ:
+        raise FinetuneError(f"resume={path}: the checkpoint is of another model ({len(differ)} "
+                            f"tensors differ, e.g. {differ[0]}); resume with the recipe and "
+                            "overrides it was trained with (rerun=RUN_DIR resume=RUN_DIR)")
+    stages = int(saved["finetune"]["stages"])
+    from finetune.optim import param_groups
+
+    expected = [g["name"] for g in param_groups(module.model, module.optim_cfg,
+                                                module.freeze_plan, stages)]
+    if expected != list(saved["finetune"]["groups"]):
+        raise FinetuneError(f"resume={path}: the optimizer groups differ (checkpoint: "
+                            f"{', '.join(saved['finetune']['groups'])}; this config: "
+                            f"{', '.join(expected)}); resume with the freeze and optim settings "
+                            "it was trained with")
+    log.info("resume: from %s (epoch %d done, %d freeze stages begun)", path, saved["epoch"],
+             stages)
+    return artifacts.metrics_history(path.parent.parent / "metrics.csv", int(saved["epoch"]))
 
 
 def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:
@@ -187,7 +261,11 @@ def make_loggers(name: str, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def make_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, ThroughputMeter]:
+def make_trainer(cfg: DictConfig, run_dir: Path,
+                 history: tuple[list[str], list[list[str]]] = ([], [])
+                 ) -> tuple[pl.Trainer, ThroughputMeter]:
+    """The Lightning Trainer with our checkpoints, loggers and meter. `history`: a resumed
+    run's earlier metrics (header, rows), which metrics.csv starts with."""
     meter = ThroughputMeter()
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR,
@@ -196,13 +274,20 @@ def make_trainer(cfg: DictConfig, run_dir: Path) -> tuple[pl.Trainer, Throughput
         # same step; a monitor-less checkpoint keeps it truly the last.
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
                         save_top_k=1, enable_version_counter=False),
-        LearningRateMonitor(logging_interval="epoch"),
         meter,
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
-    trainer = pl.Trainer(default_root_dir=run_dir, logger=make_loggers(cfg.logger.name, run_dir),
-                         callbacks=callbacks, **trainer_kwargs)
+    loggers = make_loggers(cfg.logger.name, run_dir)
+    header, rows = history
+    if header:
+        writer = loggers[0].experiment  # created now: it deletes an old metrics.csv
+        artifacts.write_csv(run_dir / "metrics.csv", header, rows)
+        # Known columns: the writer appends to the carried file instead of rewriting it with
+        # only the columns it has seen (which would fail on the older rows).
+        writer.metrics_keys = list(header)
+    trainer = pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
+                         **trainer_kwargs)
     return trainer, meter
 
 
@@ -234,7 +319,9 @@ def write_manifest(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built
                  "paths": built.head_paths},
         "surgery": surgery_ops,
         "output_shape": built.output_shape,
-        "freeze": {"train_from": freeze.train_from if freeze else None, "bn": cfg.freeze.bn},
+        "freeze": {"train_from": freeze.train_from if freeze else None, "bn": cfg.freeze.bn,
+                   "stages": [s.to_dict() for s in freeze.stages] if freeze else []},
+        "resumed_from": str(cfg.resume) if cfg.resume else None,
         "class_names": class_names,
         "preprocessing": prep.to_dict(),
         "weights": {k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}

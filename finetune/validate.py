@@ -15,7 +15,8 @@ from torchvision.models import WeightsEnum
 from finetune import backbones, heads, surgery
 from finetune.config import resolve_recipe
 from finetune.errors import ConfigError, FinetuneError
-from finetune.freezing import resolve_train_from
+from finetune.freezing import plan_freeze
+from finetune.optim import param_groups
 
 
 def _collector() -> tuple[list[str], Callable[[Callable[[], Any]], Any]]:
@@ -58,6 +59,20 @@ def validate(cfg: DictConfig) -> None:
         elif not Path(root).expanduser().exists():
             problems.append(f"data.root={root!r}: no such path (relative paths start at "
                             f"{Path.cwd()})")
+    epochs = cfg.sched.epochs or cfg.trainer.max_epochs
+    for i, phase in enumerate(cfg.freeze.unfreeze):
+        if phase.epoch >= epochs:
+            problems.append(f"freeze.unfreeze[{i}]: epoch {phase.epoch} is never reached (the "
+                            f"run has {epochs} epochs, 0..{epochs - 1}); lower it or raise "
+                            "trainer.max_epochs")
+    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
+        problems.append(f"optim.layer_decay={cfg.optim.layer_decay}: use a factor in (0, 1], "
+                        "e.g. 0.75")
+    if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
+        problems.append("optim.nesterov=true needs optim.name=sgd with optim.momentum > 0")
+    if cfg.sched.epochs is not None and cfg.sched.epochs < 1:
+        problems.append(f"sched.epochs={cfg.sched.epochs}: use a number of epochs >= 1, or null "
+                        "for trainer.max_epochs")
     if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
         problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
     package = {"tensorboard": "tensorboard", "mlflow": "mlflow"}.get(cfg.logger.name)
@@ -107,7 +122,10 @@ def _check_model_paths(cfg: DictConfig, class_names: list[str] | None,
         attempt(lambda o=op, i=index: surgery.apply_op(result, o, (input_size, channels), i))
         if len(problems) > before and op.get("op") != "replace":
             break  # the model's shape after this op is unknown; later paths depend on it
-    attempt(lambda: resolve_train_from(result.model, cfg.freeze.train_from))
+    plan = attempt(lambda: plan_freeze(result.model, cfg.freeze.train_from, cfg.freeze.bn,
+                                       cfg.freeze.modules, cfg.freeze.unfreeze))
+    if plan is not None:
+        attempt(lambda: param_groups(result.model, cfg.optim, plan, len(plan.stages)))
     keys = list(result.model.state_dict())
     for pattern in cfg.weights.require:
         if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):

@@ -59,3 +59,99 @@ def test_unknown_path_suggests_the_closest() -> None:
         plan_freeze(torchvision.models.resnet18(), "layer5")
     with pytest.raises(FinetuneError, match="has 10 top-level children"):
         plan_freeze(torchvision.models.resnet18(), 12)
+
+
+# -- the selector grammar -------------------------------------------------------------------
+
+def test_selectors_path_glob_index_and_list() -> None:
+    from finetune.selectors import select_modules
+
+    model = torchvision.models.resnet18()
+    assert select_modules(model, "layer3.1", "k") == ["layer3.1"]
+    globbed = select_modules(model, "layer[12]*", "k")
+    assert "layer1" in globbed and "layer2.1.bn2" in globbed and "layer3" not in globbed
+    assert set(select_modules(model, "*.bn*", "k")) == {
+        n for n, _ in model.named_modules() if ".bn" in n}
+    assert select_modules(model, 6, "k") == ["layer3"]
+    assert select_modules(model, ["fc", -2], "k") == ["avgpool", "fc"]
+    with pytest.raises(FinetuneError, match="'blocks\\*' matches no module"):
+        select_modules(model, "blocks*", "freeze.modules")
+
+
+def test_freeze_modules_freezes_by_glob_anywhere() -> None:
+    model = torchvision.models.resnet18()
+    plan = plan_freeze(model, None, modules=["*.bn*", "bn1", "*.downsample.1"])
+    bn_params = {f"{n}.{p}" for n, m in model.named_modules()
+                 if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")}
+    assert set(plan.frozen) == bn_params
+    assert len(plan.eval_modules) == len(bn_params) // 2
+
+
+def test_bn_policies() -> None:
+    frozen = plan_freeze(torchvision.models.resnet18(), "layer3", bn="frozen")
+    train = plan_freeze(torchvision.models.resnet18(), "layer3", bn="train")
+    affine = plan_freeze(torchvision.models.resnet18(), "layer3", bn="affine")
+    assert "layer2.1.bn2" in frozen.eval_modules and "layer2.1.bn2.weight" in frozen.frozen
+    assert train.eval_modules == [] and "layer2.1.bn2.weight" in train.frozen
+    assert affine.eval_modules == frozen.eval_modules
+    assert "layer2.1.bn2.weight" in affine.trainable and "layer2.1.conv2.weight" in affine.frozen
+    with pytest.raises(FinetuneError, match="not one of frozen, train, affine"):
+        plan_freeze(torchvision.models.resnet18(), "layer3", bn="stats")
+
+
+# -- unfreeze phases ------------------------------------------------------------------------
+
+def test_phases_open_the_network_stage_by_stage() -> None:
+    model = torchvision.models.resnet18()
+    plan = plan_freeze(model, "fc", unfreeze=[
+        {"epoch": 2, "train_from": "layer4"},
+        {"epoch": 4, "modules": ["layer[123]", "conv1", "bn1"], "name": "early", "lr": 1e-4}])
+    assert [s.epoch for s in plan.stages] == [0, 2, 4]
+    assert [s.name for s in plan.stages] == ["fc", "layer4", "early"]
+    assert plan.stages[1].params[0] == "layer4.0.conv1.weight"
+    assert len(plan.stages[2].trainable) == len(list(model.parameters()))
+    assert plan.stages[2].eval_modules == [] and "layer3.1.bn2" in plan.stages[1].eval_modules
+    assert plan.stages_until(0) == 1 and plan.stages_until(3) == 2 and plan.stages_until(9) == 3
+    every = [n for s in plan.stages for n in s.params]
+    assert sorted(every) == sorted(n for n, _ in model.named_parameters())  # each once
+
+
+@pytest.mark.parametrize(("train_from", "phases", "message"), [
+    ("fc", [{"epoch": 1, "train_from": "fc"}], "unfreezes nothing new"),
+    ("fc", [{"epoch": 3, "train_from": "layer4"}, {"epoch": 1, "train_from": 0}],
+     "list phases in epoch order"),
+    ("fc", [{"epoch": 1}], "exactly one of train_from"),
+    ("fc", [{"epoch": 1, "train_from": "layer4", "modules": "layer3"}], "exactly one of"),
+    ("fc", [{"epoch": 1, "modules": "layer9"}], "'layer9' matches no module.*did you mean"),
+    ("fc", [{"epoch": 1, "train_from": "layer4", "lr": 1.0, "lr_mult": 2.0}], "not both"),
+])
+def test_bad_phases_say_what_is_wrong(train_from: str, phases: list, message: str) -> None:
+    with pytest.raises(FinetuneError, match=message):
+        plan_freeze(torchvision.models.resnet18(), train_from, unfreeze=phases)
+
+
+def test_everything_frozen_fails_unless_a_phase_starts_at_once() -> None:
+    model = torchvision.models.resnet18()
+    with pytest.raises(FinetuneError, match=r"leaves nothing to train and no freeze\.unfreeze"):
+        plan_freeze(model, None, modules=["*"])
+    with pytest.raises(FinetuneError, match="nothing trains before epoch 2"):
+        plan_freeze(model, None, modules=["*"], unfreeze=[{"epoch": 2, "modules": "fc"}])
+    plan = plan_freeze(model, None, modules=["*"], unfreeze=[{"epoch": 0, "modules": "fc"}])
+    assert plan.stages_until(0) == 2
+
+
+def test_config_level_schedule_mistakes_are_reported_together() -> None:
+    from finetune.errors import ConfigError
+    from finetune.inspect import compose_config
+    from finetune.validate import validate
+
+    cfg, _ = compose_config(["recipe=quickstart", "trainer.max_epochs=3",
+                             "freeze.unfreeze=[{epoch:3,train_from:layer4}]",
+                             "optim.layer_decay=1.5", "optim.nesterov=true"])
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg)
+    problems = caught.value.problems
+    assert len(problems) == 3
+    assert problems[0].startswith("freeze.unfreeze[0]: epoch 3 is never reached (the run has "
+                                  "3 epochs, 0..2)")
+    assert "optim.layer_decay=1.5" in problems[1] and "optim.nesterov=true needs" in problems[2]

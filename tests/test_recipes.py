@@ -16,7 +16,8 @@ from tests.conftest import cli_errors, read_json, run_cli, run_dir_of
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=64"]
 # Recipes that read an image folder inspect on the digits instead.
-RECIPE_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9}
+RECIPE_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9,
+                    "resnet18_gradual": DIGITS_1_9}
 
 
 @pytest.fixture
@@ -38,6 +39,21 @@ def test_inspect_runs_on_every_shipped_recipe(name: str, offline_home: Path, tmp
     if plan["config"]["weights"]["source"] == "recipe":
         assert "no run of it with this config yet" in plan["notes"][0]
         assert not (tmp_path / "outputs").exists(), "inspect must not train the source"
+
+
+def test_gradual_recipe_opens_the_network_in_phases(offline_home: Path) -> None:
+    plan = inspect_plan(*compose_config(["recipe=resnet18_gradual", *DIGITS_1_9]))
+    phases = plan["freeze"]["phases"]
+    assert [(p["epoch"], p["name"]) for p in phases] == [(0, "fc"), (2, "layer4"), (4, "early")]
+    assert phases[-1]["share"] == 1.0 and phases[0]["share"] < 0.01
+    lr = {g["name"]: g["lr"] for g in plan["optimizer"]["groups"]}
+    assert lr["fc"] > lr["layer4"] > lr["early"]  # earlier layers learn slower
+    assert lr["early"] == pytest.approx(1e-4) and lr["early/no_decay"] == pytest.approx(1e-4)
+    text = render(plan)
+    assert "epoch   2: train_from: layer4" in text
+    rows = {r["path"]: r["state"] for r in plan["modules"]}
+    assert rows["layer4"] == "frozen (unfreezes at epoch 2)"
+    assert rows["layer1"] == "frozen (unfreezes at epoch 4)"
 
 
 def test_custom_head_loads_exactly_what_name_filtering_would(offline_home: Path) -> None:

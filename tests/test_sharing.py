@@ -14,7 +14,10 @@ from tests.conftest import SHRINK, cli_errors, read_json, run_cli, run_dir_of
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=32"]
 # Shipped recipes that read an image folder run on the digits in tests.
 RUN_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9,
-                 "vgg16_relu5_3": ["data.image_size=64"]}
+                 "resnet18_gradual": DIGITS_1_9, "vgg16_relu5_3": ["data.image_size=64"]}
+# After SHRINK: runs long enough to reach every unfreeze phase (one batch an epoch).
+LONGER = {"resnet18_gradual": ["trainer.max_epochs=5", "trainer.limit_train_batches=1",
+                               "trainer.limit_val_batches=1"]}
 SHRUNK_SOURCE = "weights.recipe_overrides=[" + ",".join(f'"{o}"' for o in SHRINK) + "]"
 
 
@@ -119,7 +122,7 @@ RUN_ELSEWHERE = {
 
 
 def _overrides(name: str) -> list[str]:
-    overrides = [*RUN_OVERRIDES.get(name, []), *SHRINK]
+    overrides = [*RUN_OVERRIDES.get(name, []), *SHRINK, *LONGER.get(name, [])]
     if "weights:\n  source: recipe" in (schema.RECIPES_DIR / f"{name}.yaml").read_text():
         overrides.append(SHRUNK_SOURCE)
     return overrides
@@ -140,7 +143,12 @@ def test_every_shipped_recipe_runs(name: str, torch_home: Path, tmp_path: Path) 
     result = run_cli(f"recipe={name}", *_overrides(name), cwd=tmp_path,
                      env={"TORCH_HOME": str(torch_home)})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert read_json(run_dir_of(result) / "metrics.json")["status"] == "complete"
+    run = run_dir_of(result)
+    assert read_json(run / "metrics.json")["status"] == "complete"
+    for stage in read_json(run / "manifest.json")["freeze"]["stages"][1:]:  # every phase ran
+        assert f"unfreeze at epoch {stage['epoch']}: {stage['selector']}" in \
+            result.stdout + result.stderr
+        assert f"lr-{stage['name']}" in (run / "metrics.csv").read_text()
 
 
 def test_every_shipped_recipe_is_run_somewhere() -> None:

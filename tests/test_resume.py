@@ -1,0 +1,176 @@
+"""Stop and resume: a resumed run ends where the uninterrupted one does (CPU, fixed seed),
+after or before its unfreeze epoch, with the same groups, learning rates and optimizer state."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from tests.conftest import cli_errors, read_json, run_cli
+
+# Every random stream in play: dropout, augmentation, shuffling; momentum, weight decay, a
+# phase that joins with its own warm-up, on a schedule that spans the whole run.
+RECIPE = [
+    "data=fake", "data.image_size=32", "data.fake_size=64", "data.fake_classes=4",
+    "data.batch_size=16", "model.name=resnet18", "head.dropout=0.2",
+    "data.augment=[RandomHorizontalFlip]", "freeze.train_from=fc",
+    "freeze.unfreeze=[{epoch:2,train_from:layer4,lr_mult:0.5,warmup_epochs:1}]",
+    "optim.name=sgd", "optim.weight_decay=0.01", "sched.epochs=4",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def _start(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.Popen([sys.executable, "-m", "finetune", *RECIPE, *args], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(*procs: subprocess.Popen) -> list[str]:
+    outs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        outs.append(out)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """whole: 4 epochs at once. Beside it, a chain: `first` stops after epoch 0 (before the
+    unfreeze at epoch 2); `middle` resumes it in its own dir (resume=auto) and stops after
+    epoch 2 (the unfreeze epoch); `last` resumes that from its run dir into a new one."""
+    root = tmp_path_factory.mktemp("resume")
+    dirs = {name: root / name for name in ("whole", "first", "last")}
+    _finish(_start("trainer.max_epochs=4", f"hydra.run.dir={dirs['whole']}", cwd=root),
+            _start("trainer.max_epochs=1", f"hydra.run.dir={dirs['first']}", cwd=root))
+    dirs["middle"] = dirs["first"]
+    middle_log, = _finish(_start("trainer.max_epochs=3", "resume=auto",
+                                 f"hydra.run.dir={dirs['middle']}", cwd=root))
+    (root / "middle.log").write_text(middle_log)
+    _finish(_start("trainer.max_epochs=4", f"resume={dirs['middle']}",
+                   f"hydra.run.dir={dirs['last']}", cwd=root))
+    return {**dirs, "middle_log": root / "middle.log"}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model.safetensors")
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def _checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_resumed_after_the_unfreeze_equals_the_uninterrupted_run(runs: dict[str, Path]) -> None:
+    assert _max_diff(_weights(runs["whole"]), _weights(runs["last"])) <= 1e-6
+    whole, resumed = _checkpoint(runs["whole"]), _checkpoint(runs["last"])
+    assert whole["epoch"] == resumed["epoch"] == 3
+    assert whole["finetune"] == resumed["finetune"]
+    assert whole["finetune"]["groups"] == ["fc", "fc/no_decay", "layer4", "layer4/no_decay"]
+    opt_a, opt_b = whole["optimizer_states"][0], resumed["optimizer_states"][0]
+    for a, b in zip(opt_a["param_groups"], opt_b["param_groups"], strict=True):
+        assert {k: v for k, v in a.items() if k != "params"} == \
+            {k: v for k, v in b.items() if k != "params"}
+        assert len(a["params"]) == len(b["params"])
+    assert opt_a["state"].keys() == opt_b["state"].keys() and len(opt_a["state"]) > 4
+    for key, state in opt_a["state"].items():
+        assert torch.allclose(state["momentum_buffer"], opt_b["state"][key]["momentum_buffer"],
+                              atol=1e-6)
+    assert whole["lr_schedulers"] == resumed["lr_schedulers"]
+    metrics = read_json(runs["last"] / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["epochs"] == 4
+    assert read_json(runs["last"] / "manifest.json")["resumed_from"] == str(runs["middle"])
+
+
+def _lr_rows(run: Path) -> dict[int, dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as handle:
+        return {int(r["epoch"]): r for r in csv.DictReader(handle) if r.get("lr-fc")}
+
+
+def test_resumed_before_the_unfreeze_epoch_unfreezes_on_time(runs: dict[str, Path]) -> None:
+    log = runs["middle_log"].read_text()
+    assert "(epoch 0 done, 1 freeze stages begun)" in log
+    assert "unfreeze at epoch 2: train_from: layer4" in log
+    middle = _checkpoint(runs["middle"])
+    assert middle["epoch"] == 2 and middle["finetune"]["stages"] == 2
+    rows = _lr_rows(runs["last"])
+    assert sorted(rows) == [0, 1, 2, 3]  # the history before each stop is kept
+    assert [bool(rows[e]["lr-layer4"]) for e in range(4)] == [False, False, True, True]
+    assert rows == _lr_rows(runs["whole"])  # the same learning rates, epoch by epoch
+
+
+def test_resume_problems_are_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Checked before training: a path that is not there, a checkpoint of another model or
+    of another optimizer layout."""
+    from omegaconf import OmegaConf
+
+    from finetune.config import OptimConfig, SchedConfig
+    from finetune.errors import FinetuneError
+    from finetune.freezing import plan_freeze
+    from finetune.heads import replace_heads
+    from finetune.module import FinetuneModule
+    from finetune.train import check_resumable, resume_checkpoint
+
+    with pytest.raises(FinetuneError, match=r"resume=nowhere/last\.ckpt: no such file or run dir"):
+        resume_checkpoint("nowhere/last.ckpt", tmp_path)
+    assert resume_checkpoint("auto", tmp_path) is None  # nothing yet: starts fresh
+    assert resume_checkpoint(str(runs["whole"]), tmp_path) == \
+        runs["whole"] / "checkpoints" / "last.ckpt"
+    checkpoint = runs["whole"] / "checkpoints" / "last.ckpt"
+    config = OmegaConf.load(runs["whole"] / ".hydra" / "config.yaml")
+
+    def module(name: str, weight_decay: float) -> FinetuneModule:
+        model = torchvision.models.get_model(name)
+        replace_heads(model, 4, dropout=0.2)
+        plan = plan_freeze(model, "fc", unfreeze=config.freeze.unfreeze)
+        optim = OmegaConf.merge(OmegaConf.structured(OptimConfig), config.optim,
+                                {"weight_decay": weight_decay})
+        return FinetuneModule(model, 4, plan, optim, OmegaConf.structured(SchedConfig))
+
+    header, rows = check_resumable(checkpoint, module("resnet18", 0.01))
+    assert "lr-layer4" in header and len(rows) >= 8
+    with pytest.raises(FinetuneError, match="the checkpoint is of another model"):
+        check_resumable(checkpoint, module("resnet34", 0.01))
+    with pytest.raises(FinetuneError, match=r"the optimizer groups differ \(checkpoint: fc, "
+                                            r"fc/no_decay, layer4, layer4/no_decay; this config: "
+                                            r"fc, layer4\)"):
+        check_resumable(checkpoint, module("resnet18", 0.0))
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FinetuneError, match="cannot read the checkpoint"):
+        check_resumable(tmp_path / "junk.ckpt", module("resnet18", 0.01))
+    errors = cli_errors(run_cli(*RECIPE, "resume=nowhere.ckpt", cwd=tmp_path))
+    assert errors == [f"finetune: error: resume=nowhere.ckpt: no such file or run dir "
+                      f"(relative paths start at {tmp_path})"]
+
+
+def test_rerun_reads_the_config_of_a_run_that_never_finished(runs: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """A stopped run has no manifest yet: rerun=DIR takes Hydra's .hydra/config.yaml."""
+    from hydra import compose, initialize_config_dir
+
+    from finetune import config as schema
+    from finetune.__main__ import prepare
+
+    stopped = tmp_path / "stopped"
+    (stopped / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml"):
+        (stopped / ".hydra" / name).write_bytes((runs["whole"] / ".hydra" / name).read_bytes())
+    args = prepare([f"rerun={stopped}", f"resume={runs['whole']}", "trainer.max_epochs=6"])
+    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=args)
+    assert cfg.freeze.unfreeze[0].train_from == "layer4" and cfg.sched.epochs == 4
+    assert cfg.trainer.max_epochs == 6 and cfg.resume == str(runs["whole"])
+    assert cfg.data.name == "fake" and cfg.head.dropout == 0.2
