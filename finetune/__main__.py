@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
 RECIPE_FILES: dict[str, Path] = {}
 # Recipe name -> the run dir it reruns (`rerun=RUN_DIR`).
 RERUN_OF: dict[str, Path] = {}
+# Lightning's DDP launcher starts the other ranks with this process's (prepared) argv, where a
+# recipe given as a path or a rerun is a registered name: they find it through the env.
+RECIPES_OF_RUN_ENV = "FINETUNE_RUN_RECIPES"
 
 
 def split_overrides(argv: list[str]) -> list[int]:
@@ -57,6 +62,12 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     schema.register_base_recipe()
     for name, path in schema.shipped_recipes().items():
         schema.register_recipe(name, path)
+    inherited = json.loads(os.environ.get(RECIPES_OF_RUN_ENV, "{}"))
+    for name, path in inherited.get("files", {}).items():
+        schema.register_recipe(name, Path(path))
+        RECIPE_FILES[name] = Path(path)
+    for name, run in inherited.get("reruns", {}).items():
+        register_rerun(Path(run), name)
     argv = rerun_argv(list(argv))
     problems: list[str] = []
     overrides = split_overrides(argv)
@@ -66,7 +77,7 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
             continue
         names = []
         for one in value.split(","):  # `-m recipe=a,b` sweeps over recipes
-            if one.strip() == schema.BASE_RECIPE or one.strip() in RERUN_OF:
+            if one.strip() in (schema.BASE_RECIPE, *RERUN_OF, *inherited.get("files", {})):
                 names.append(one.strip())  # registered already, not a file
                 continue
             name, path = schema.resolve_recipe(one.strip(), cwd)
@@ -92,7 +103,12 @@ def rerun_argv(argv: list[str]) -> list[str]:
     reruns = [a for a in argv if a.startswith("rerun=")]
     if not reruns:
         return argv
-    run = Path(reruns[0].partition("=")[2]).expanduser()
+    name = register_rerun(Path(reruns[0].partition("=")[2]).expanduser())
+    return [f"recipe={name}", *(a for a in argv if not a.startswith(("rerun=", "recipe=")))]
+
+
+def register_rerun(run: Path, name: str | None = None) -> str:
+    """Register a run dir's config as the recipe `<recipe>_rerun`; returns the name."""
     manifest, composed = run / "manifest.json", run / ".hydra" / "config.yaml"
     if manifest.is_file():
         recorded = json.loads(manifest.read_text())
@@ -107,10 +123,10 @@ def rerun_argv(argv: list[str]) -> list[str]:
     else:
         raise ConfigError([f"rerun={run}: no manifest.json or .hydra/config.yaml there; give "
                            "the dir of a run"])
-    name = f"{recipe or schema.BASE_RECIPE}_rerun"
+    name = name or f"{recipe or schema.BASE_RECIPE}_rerun"
     schema.register_recipe_node(name, config)
     RERUN_OF[name] = run.resolve()
-    return [f"recipe={name}", *(a for a in argv if not a.startswith(("rerun=", "recipe=")))]
+    return name
 
 
 def task(cfg: DictConfig) -> float:
@@ -131,14 +147,43 @@ def report(err: FinetuneError) -> None:
         print(f"finetune: error: {line}", file=sys.stderr)
 
 
+def print_help(args: list[str]) -> None:
+    """`--help`: the usage, the recipes and groups, and the config these overrides compose.
+
+    Written here rather than left to Hydra, whose help copies the whole config store once for
+    each of its 60-odd config groups (over a second); `--hydra-help` is still Hydra's."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    overrides = [a for a in args if a not in ("--help", "-h")]
+    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="help"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        text = OmegaConf.to_container(cfg.hydra.help, resolve=True)
+        with open_dict(cfg):
+            del cfg["hydra"]
+    groups = {"recipe": [schema.BASE_RECIPE, *schema.shipped_recipes()]}
+    groups.update({g: sorted(p.stem for p in (schema.CONF_DIR / g).glob("*.yaml"))
+                   for g in schema.GROUPS})
+    listing = "\n".join(f"{group}: {', '.join(options)}" for group, options in groups.items())
+    print(f"{text['header']}\n\n== Recipes and config groups (group=option) ==\n{listing}\n\n"
+          f"== Config (override any key with key=value) ==\n{OmegaConf.to_yaml(cfg)}\n"
+          f"{text['footer']}")
+
+
 def main(argv: list[str] | None = None) -> Any:
+    os.environ.setdefault("FINETUNE_LAUNCHED", str(time.time()))  # first_step_seconds
     args = sys.argv[1:] if argv is None else argv
     try:
         args = prepare(args)
     except ConfigError as err:
         report(err)
         raise SystemExit(2) from None
+    if "--help" in args or "-h" in args:
+        return print_help(args)
     sys.argv = [sys.argv[0], *args]
+    os.environ[RECIPES_OF_RUN_ENV] = json.dumps(
+        {"files": {k: str(v) for k, v in RECIPE_FILES.items()},
+         "reruns": {k: str(v) for k, v in RERUN_OF.items()}})
     return hydra.main(config_path=str(schema.CONF_DIR), config_name="config",
                       version_base="1.3")(task)()
 

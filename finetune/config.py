@@ -33,6 +33,8 @@ RECIPES_DIR = _shipped_dir("recipes")
 class ModelConfig:
     name: str = "resnet18"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -340,12 +342,13 @@ def check_key(path: str, where: str) -> str | None:
     return None
 
 
-def check_value(path: str, value: Any, where: str) -> str | None:
-    """None when `value` fits the type and choices of `path`, else one message."""
+def check_value(path: str, value: Any, where: str, probe: Any = None) -> str | None:
+    """None when `value` fits the type and choices of `path`, else one message. `probe`: a
+    structured Config to try the value on (made once per batch of checks: it is slow)."""
     if path in CHOICES and value not in CHOICES[path]:
         return (f"{where}: {path}={value!r} is not one of {', '.join(CHOICES[path])}"
                 f"{did_you_mean(value, CHOICES[path])}")
-    probe = OmegaConf.structured(Config)
+    probe = probe if probe is not None else OmegaConf.structured(Config)
     try:
         OmegaConf.update(probe, path, value, merge=True)
     except OmegaConfBaseException as err:
@@ -373,8 +376,9 @@ def check_recipe(path: Path) -> list[str]:
     errors = []
     for key in ("defaults", "hydra"):
         body.pop(key, None)
+    probe = OmegaConf.structured(Config)
     for key, value in _flatten(body):
-        problem = check_key(key, str(path)) or check_value(key, value, str(path))
+        problem = check_key(key, str(path)) or check_value(key, value, str(path), probe)
         if problem:
             errors.append(problem)
     return errors
@@ -384,7 +388,8 @@ def check_overrides(overrides: list[str]) -> list[str]:
     """Every unknown key, wrong type, bad choice or unknown group option in CLI overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    errors = []
+    errors: list[str] = []
+    probe = None
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
@@ -406,7 +411,8 @@ def check_overrides(overrides: list[str]) -> list[str]:
             errors.append(problem)
             continue
         for value in values:
-            problem = check_value(key, value, where)
+            probe = probe if probe is not None else OmegaConf.structured(Config)
+            problem = check_value(key, value, where, probe)
             if problem:
                 errors.append(problem)
                 break

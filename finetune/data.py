@@ -58,14 +58,26 @@ class EpochShuffle(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return self.size
-
     def __iter__(self) -> Any:
         generator = torch.Generator().manual_seed(derive(self.seed, self.epoch, 2))
         order = torch.randperm(self.size, generator=generator).tolist()
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
+        rank, world = distributed()
+        if world > 1:  # DDP: every rank its own share of the same order, padded to equal size
+            per_rank = -(-self.size // world)
+            order, seeds = (v + v[:per_rank * world - self.size] for v in (order, seeds))
+            order, seeds = order[rank::world], seeds[rank::world]
         return iter(zip(order, seeds, strict=True))
+
+    def __len__(self) -> int:
+        return -(-self.size // distributed()[1])
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size) of the running process group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class _Images(Dataset):
@@ -93,16 +105,33 @@ class _Images(Dataset):
             return self.transform(image), self.labels[i]
 
 
+# In-memory images whose transform is deterministic are transformed once, up to this size.
+PRECOMPUTE_BYTES = 2 * 2**30
+
+
 class TensorImages(_Images):
-    """uint8 images held in memory as one (N, 3, H, W) tensor."""
+    """uint8 images held in memory as one (N, 3, H, W) tensor. Without random augmentation
+    the transformed tensors are computed once (when they fit in PRECOMPUTE_BYTES): a step
+    then only indexes memory, as a hand-written loop over prepared tensors does."""
 
     def __init__(self, images: torch.Tensor, labels: list[int], transform: Any,
                  random: bool = False) -> None:
         super().__init__(transform, random)
         self.images, self.labels = images, labels
+        self.ready: torch.Tensor | None = None
+        if not random and len(labels):
+            first = transform(images[0])
+            if first.numel() * first.element_size() * len(labels) <= PRECOMPUTE_BYTES:
+                self.ready = torch.stack([first, *(transform(x) for x in images[1:])])
 
     def load(self, i: int) -> Any:
         return self.images[i]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        if self.ready is None:
+            return super().__getitem__(key)
+        i = key[0] if isinstance(key, tuple) else key
+        return self.ready[i], self.labels[i]
 
 
 class ImageFiles(_Images):
@@ -134,8 +163,13 @@ class Split:
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(train, val) with every class in the same proportion, the same for the same seed."""
     index = np.arange(len(split.labels))
-    train, val = train_test_split(index, test_size=fraction, random_state=seed,
-                                  stratify=split.labels)
+    try:
+        train, val = train_test_split(index, test_size=fraction, random_state=seed,
+                                      stratify=split.labels)
+    except ValueError as err:  # too few images per class for a stratified split
+        raise FinetuneError(f"data: {len(index)} images in {len(set(split.labels))} classes are "
+                            f"too few to hold out data.val_fraction={fraction} of every class "
+                            f"({err}); add images, or give train/ and val/ folders") from None
     return split.subset(np.sort(train)), split.subset(np.sort(val))
 
 
@@ -253,7 +287,7 @@ class ImageDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.start_epoch = int(state.get("next_epoch", 0))
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, dataset: Any, sampler: Sampler | None = None) -> DataLoader:
         # Its own generator: creating an iterator then draws its base seed from it, never from
         # the global stream (Lightning creates the first one at a different point of a resumed
         # run than of an uninterrupted one, which shifted dropout's draws).
@@ -267,12 +301,24 @@ class ImageDataModule(pl.LightningDataModule):
                                                          self.start_epoch))
 
     def val_dataloader(self) -> DataLoader:
+        rank, world = distributed()
+        if world > 1:  # each rank validates its share; metrics and predictions are gathered
+            from torch.utils.data import DistributedSampler
+
+            return self._loader(self.val_set, DistributedSampler(
+                self.val_set, num_replicas=world, rank=rank, shuffle=False))
         return self._loader(self.val_set)
 
 
 def _workers(setting: Any, in_memory: bool) -> int:
+    """`auto`: files are decoded in one process per core but one (at most 8); in-memory data
+    is read in the training process on CPU (workers would only add copies), and by up to 4
+    workers when a GPU trains (batches are then assembled while the GPU computes)."""
     if setting == "auto":
-        return 0 if in_memory else max(0, min(8, (os.cpu_count() or 1) - 1))
+        spare = max(0, (os.cpu_count() or 1) - 1)
+        if in_memory:
+            return min(4, spare) if torch.cuda.is_available() else 0
+        return min(8, spare)
     if isinstance(setting, int) and setting >= 0:
         return setting
     raise FinetuneError(f"data.num_workers={setting!r}: use auto or a whole number >= 0")

@@ -36,13 +36,22 @@ class FinetuneModule(pl.LightningModule):
 
     def __init__(self, model: nn.Module, num_classes: int, freeze: FreezePlan, optim: Any,
                  sched: Any, label_smoothing: float = 0.0, aux_weight: float = 0.4,
-                 seed: int = 0) -> None:
+                 seed: int = 0, channels_last: bool = False, compile: bool = False) -> None:
         super().__init__()
         self.model = model
         self.freeze_plan, self.optim_cfg, self.sched_cfg = freeze, optim, sched
         self.seed = seed
         # Stages of the freeze plan begun so far (1 = the start); saved in checkpoints.
         self.stages = freeze.stages_until(0)
+        apply_stage(model, freeze, self.stages)
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        # torch.compile wraps the forward only: parameters, state_dict keys and checkpoints
+        # stay those of the model (not registered as a submodule).
+        object.__setattr__(self, "_forward", torch.compile(model) if compile else model)
+        self._late: list[nn.Parameter] = []  # joined after DDP wrapped the model
+        self.rank_check: dict[str, Any] | None = None
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
         metrics: dict[str, Any] = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -58,7 +67,10 @@ class FinetuneModule(pl.LightningModule):
         self._predictions: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return split_outputs(self.model(x))[0]
+        return split_outputs(self._run(x))[0]
+
+    def _run(self, x: torch.Tensor) -> Any:
+        return self._forward(x.contiguous(memory_format=self.memory_format))
 
     def train(self, mode: bool = True) -> FinetuneModule:
         # Frozen BatchNorm must stay in eval mode through every train()/eval() switch
@@ -78,7 +90,8 @@ class FinetuneModule(pl.LightningModule):
         while self.stages < due:
             self._begin_stage(self.stages)
         for group in self.trainer.optimizers[0].param_groups:
-            self.log(f"lr-{group['name']}", group["lr"], on_step=False, on_epoch=True)
+            self.log(f"lr-{group['name']}", group["lr"], on_step=False, on_epoch=True,
+                     sync_dist=True)
 
     def _begin_stage(self, index: int) -> None:
         """Unfreeze a phase's modules and add their named groups to the running optimizer."""
@@ -88,6 +101,11 @@ class FinetuneModule(pl.LightningModule):
         groups = stage_groups(self.model, self.optim_cfg, self.freeze_plan, index, specs, taken)
         stage = apply_stage(self.model, self.freeze_plan, index + 1)
         self.stages = index + 1
+        if self.trainer.world_size > 1:
+            # DDP reduces the gradients of what trained when it wrapped the model; the
+            # parameters that join later are averaged across ranks in on_after_backward.
+            named = dict(self.model.named_parameters())
+            self._late += [named[n] for n in stage.params]
         self._schedule().add_groups(groups)  # scheduled from their first step
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
@@ -112,18 +130,49 @@ class FinetuneModule(pl.LightningModule):
         self.stages = int(saved.get("stages", self.stages))
         apply_stage(self.model, self.freeze_plan, self.stages)
 
+    def on_after_backward(self) -> None:
+        if not self._late:
+            return
+        import torch.distributed as dist
+
+        world = self.trainer.world_size
+        for param in self._late:
+            if param.grad is not None:
+                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                param.grad.div_(world)
+
+    def on_fit_end(self) -> None:
+        """Under DDP: whether every rank ends with the same tensors (frozen and trained)."""
+        if self.trainer.world_size <= 1:
+            return
+        state = self.model.state_dict()
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+
+        def sums(names: list[str]) -> torch.Tensor:
+            return torch.stack([torch.stack([state[n].double().sum(), state[n].double().abs()
+                                             .sum()]) for n in names]).to(self.device)
+
+        kinds = {"frozen": [n for n in state if n in frozen],
+                 "trained": [n for n, p in self.model.named_parameters() if p.requires_grad]}
+        self.rank_check = {"world_size": self.trainer.world_size}
+        for kind, names in kinds.items():
+            gathered = self.all_gather(sums(names)) if names else None
+            self.rank_check[f"{kind}_tensors_identical_across_ranks"] = bool(
+                gathered is None or all(torch.equal(gathered[0], g) for g in gathered))
+
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
                       ) -> torch.Tensor:
         x, y = batch
-        logits, aux = split_outputs(self.model(x))
+        logits, aux = split_outputs(self._run(x))
         loss = self._loss(logits, y)
         for aux_logits in aux:
             loss = loss + self.aux_weight * self._loss(aux_logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=len(y))
+        # Not on the progress bar: refreshing it every step would read the loss from the GPU
+        # (a host sync per step); Lightning reads it every trainer.log_every_n_steps.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -138,17 +187,21 @@ class FinetuneModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y)
         self._val_loss = self._val_loss + loss.detach() * len(y)
         self._val_count += len(y)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.val_metrics.update(logits, y)
         self.confusion.update(logits, y)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
         self.last_confusion = self.confusion.compute().cpu()
         self.confusion.reset()
         if self._predictions:
-            self.last_predictions = torch.cat(self._predictions).cpu().tolist()
+            predictions = torch.cat(self._predictions)
+            if self.trainer.world_size > 1:
+                # DistributedSampler (no shuffle) gave rank r the items r, r + W, ...
+                predictions = self.all_gather(predictions).t().reshape(-1)
+            self.last_predictions = predictions.cpu().tolist()
         if self._trainer is not None and self._val_count and not self.trainer.sanity_checking \
                 and self.trainer.lr_scheduler_configs:
             loss = self.trainer.strategy.reduce(self._val_loss / self._val_count, reduce_op="mean")

@@ -176,7 +176,10 @@ def read_recipe(spec: str, overrides: list[str], train: bool = True
         raise FinetuneError(f"weights.recipe={spec}: recipes take weights from each other in a "
                             f"cycle ({' -> '.join([*chain, str(path)])})")
     args = [f"recipe={path}", *overrides]
-    env = {**os.environ, _CHAIN_ENV: os.pathsep.join([*chain, str(path)])}
+    # A job of its own: not the launch time or the recipe table of the run that needs it.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FINETUNE_LAUNCHED", "FINETUNE_RUN_RECIPES")}
+    env[_CHAIN_ENV] = os.pathsep.join([*chain, str(path)])
     composed = subprocess.run([sys.executable, "-m", "finetune", *args, "--cfg", "job",
                                "--resolve"], capture_output=True, text=True, env=env)
     if composed.returncode:

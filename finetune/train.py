@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
@@ -31,19 +33,27 @@ MONITOR = "val/acc"
 VAL_PREDICTIONS = "val_predictions.csv"
 
 
+def is_main_process() -> bool:
+    """Rank zero (the only process, or rank 0 of DDP): the one that writes the run dir."""
+    return rank_zero_only.rank == 0
+
+
 def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None,
         rerun_of: dict[str, Path] | None = None) -> float:
     """Train as `cfg` says, write the run dir, return the final val/acc.
 
     A run stopped by a user error leaves metrics.json with status "failed" and the message.
+    Under DDP every rank runs this; only rank zero writes.
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    artifacts.write_json(run_dir / artifacts.METRICS, {"status": "running"})
+    if is_main_process():
+        artifacts.write_json(run_dir / artifacts.METRICS, {"status": "running"})
     try:
         return _run(cfg, run_dir, recipe_files or {}, rerun_of or {})
     except FinetuneError as err:
-        artifacts.write_json(run_dir / artifacts.METRICS,
-                             {"status": "failed", "error": err.problems})
+        if is_main_process():
+            artifacts.write_json(run_dir / artifacts.METRICS,
+                                 {"status": "failed", "error": err.problems})
         raise
 
 
@@ -57,6 +67,8 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
     prep = preprocessing_for(cfg, entry)
     if cfg.head.type == "none":
         check_model_paths(cfg, None, entry, prep.crop, prep.channels)
+        if not is_main_process():
+            return float("nan")
         return save_extractor(run_dir, cfg, recipe, build_model(cfg, None, entry, prep.crop,
                                                                prep.channels), prep)
     data = build_datamodule(cfg.data, prep, cfg.seed)
@@ -65,7 +77,8 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
              len(data.train_set), len(data.val_set), prep.to_dict())
     check_model_paths(cfg, data.class_names, entry, prep.crop, prep.channels)
     built = build_model(cfg, data.class_names, entry, prep.crop, prep.channels)
-    artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
+    if is_main_process():
+        artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
     freeze = plan_from_config(built.model, cfg.freeze)
     apply_freeze(built.model, freeze)
     log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
@@ -74,7 +87,8 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
         log.info("plan: at epoch %d, %s unfreezes (%d parameter tensors, group %s)",
                  stage.epoch, stage.selector, len(stage.params), stage.name)
     module = FinetuneModule(built.model, num_classes, freeze, cfg.optim, cfg.sched,
-                            cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed)
+                            cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
+                            cfg.model.channels_last, cfg.model.compile)
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = check_resumable(checkpoint, module) if checkpoint is not None else ([], [])
     trainer, meter = make_trainer(cfg, run_dir, history)
@@ -85,6 +99,8 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
         if friendly is None:
             raise
         raise friendly from None
+    if not trainer.is_global_zero:
+        return float(trainer.callback_metrics.get(MONITOR, float("nan")))
     metrics = save_run(run_dir, cfg, recipe, built, freeze, data, prep, module, trainer, meter)
     print_summary(run_dir, metrics)
     return float(metrics.get(MONITOR, float("nan")))
@@ -125,8 +141,6 @@ def check_resumable(path: Path, module: FinetuneModule
     """The checkpoint must be of this model and this optimizer layout; then the run dir gets
     its metrics history up to the checkpoint's epoch, so curves and best epochs span both.
     Returns that history (header, rows), read now: the run dir may be the same one."""
-    import torch
-
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
@@ -280,14 +294,16 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     assert isinstance(trainer_kwargs, dict)
     loggers = make_loggers(cfg.logger.name, run_dir)
     header, rows = history
-    if header:
+    if header and is_main_process():
         writer = loggers[0].experiment  # created now: it deletes an old metrics.csv
         artifacts.write_csv(run_dir / "metrics.csv", header, rows)
         # Known columns: the writer appends to the carried file instead of rewriting it with
         # only the columns it has seen (which would fail on the older rows).
         writer.metrics_keys = list(header)
+    # Our samplers shard for DDP themselves (the shuffling order and augmentation seeds per
+    # epoch; validation split across ranks), so Lightning must not replace them.
     trainer = pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
-                         **trainer_kwargs)
+                         use_distributed_sampler=False, **trainer_kwargs)
     return trainer, meter
 
 
@@ -377,6 +393,11 @@ def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Buil
     accs = series.get(MONITOR, {})
     best_epoch = max(accs, key=lambda e: accs[e]) if accs else None
     throughput = meter.images_per_second
+    world = trainer.world_size
+    wait = meter.input_wait_share
+    if wait is not None:
+        log.info("input: %.1f%% of steady-state training time went to waiting for the next "
+                 "batch%s", 100 * wait, "; raise data.num_workers" if wait > 0.2 else "")
     metrics = {
         "status": "complete",
         **final,
@@ -384,7 +405,15 @@ def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Buil
         "best/epoch": best_epoch,
         "epochs": trainer.current_epoch,
         "train_seconds": round(meter.fit_seconds, 3),
-        "train_images_per_second": round(throughput, 2) if throughput else None,
+        # all ranks together (rank zero's rate x the number of ranks)
+        "train_images_per_second": round(throughput * world, 2) if throughput else None,
+        "input_wait_share": round(wait, 4) if wait is not None else None,
+        "first_step_seconds": round(meter.first_step_seconds, 3)
+        if meter.first_step_seconds is not None else None,
+        "world_size": world,
+        **({"ddp": module.rank_check} if module.rank_check else {}),
+        **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+           if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
         "trainable_params": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in module.model.parameters()),
     }

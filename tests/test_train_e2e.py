@@ -45,7 +45,9 @@ def test_quickstart_writes_every_artifact(quickstart_runs: list[Path]) -> None:
                 "train_images_per_second", "best/val/acc", "best/epoch"):
         assert metrics[key] is not None, key
     assert metrics["epochs"] == 2 and 0.0 <= metrics["val/acc"] <= 1.0
-    assert metrics["train_images_per_second"] > 0
+    assert metrics["train_images_per_second"] > 0 and metrics["world_size"] == 1
+    assert 0.0 <= metrics["input_wait_share"] < 1.0
+    assert 0.0 < metrics["first_step_seconds"] < metrics["train_seconds"] + 120
 
     report = read_json(run / "load_report.json")
     sources = list((run.parents[1] / "sources").glob("digits_source-*"))

@@ -1,0 +1,49 @@
+"""DDP across two CPU processes (gloo), launched by Lightning under Hydra: one run dir, its
+artifacts written once, frozen tensors untouched and every tensor the same on both ranks,
+including those an unfreeze phase opened after DDP wrapped the model."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from tests.conftest import read_json, run_cli
+
+
+def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    init = tmp_path / "init.pt"
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), init)
+    run = tmp_path / "run"
+    result = run_cli(
+        "data=fake", "data.image_size=32", "data.fake_size=80", "data.fake_classes=4",
+        "data.batch_size=8", "model.name=resnet18", "weights.source=file",
+        f"weights.path={init}", "freeze.train_from=layer4",
+        "freeze.unfreeze=[{epoch:1,train_from:layer3,lr_mult:0.5}]", "trainer.max_epochs=2",
+        "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    metrics = read_json(run / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["world_size"] == 2
+    assert metrics["ddp"] == {"world_size": 2, "frozen_tensors_identical_across_ranks": True,
+                              "trained_tensors_identical_across_ranks": True}
+    # written once, by rank zero: one of each artifact, nothing beside the run dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init.pt", "run"]
+    assert len(list(run.rglob("metrics.json"))) == 1
+    assert len(list(run.rglob("*.safetensors"))) == 1
+    assert "finetune: done" in result.stdout and result.stdout.count("finetune: done") == 1
+    # the frozen prefix is bit-identical to the initial weights; the rest trained
+    weights, start = load_file(run / "model.safetensors"), torch.load(init, weights_only=True)
+    frozen = [k for k in start if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))]
+    assert all(torch.equal(weights[k], start[k]) for k in frozen)
+    assert not torch.equal(weights["layer3.0.conv1.weight"], start["layer3.0.conv1.weight"])
+    # validation was split across ranks and gathered: every image once
+    with open(run / "val_predictions.csv", newline="") as handle:
+        items = [row["item"] for row in csv.DictReader(handle)]
+    assert len(items) == len(set(items)) == 16
+    log = (run / "__main__.log").read_text()
+    assert "unfreeze at epoch 1: train_from: layer3" in log
