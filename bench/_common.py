@@ -1,0 +1,65 @@
+"""Shared by the bench scripts: the machine, medians, a framework run, the same data."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    """CPU model and cores, and the GPU when there is one."""
+    import torch
+
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+    if torch.cuda.is_available():
+        text += f"; GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def framework_run(overrides: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`python -m finetune OVERRIDES` in a fresh run dir; its metrics.json and the run dir."""
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", *overrides, "trainer.enable_progress_bar=false",
+         f"hydra.run.dir={run_dir}"],
+        cwd=run_dir, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"framework run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["run_dir"] = str(run_dir)
+    return metrics
+
+
+def report(title: str, header: list[str], rows: list[list[Any]], out: Path | None) -> str:
+    """A Markdown table, printed, and appended to `out` when given."""
+    lines = [f"### {title}", "", f"machine: {machine()}", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if out is not None:
+        with open(out, "a") as handle:
+            handle.write(text + "\n")
+    return text
