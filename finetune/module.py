@@ -44,7 +44,7 @@ class FinetuneModule(pl.LightningModule):
         # Stages of the freeze plan begun so far (1 = the start); saved in checkpoints.
         self.stages = freeze.stages_until(0)
         apply_stage(model, freeze, self.stages)
-        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
         # torch.compile wraps the forward only: parameters, state_dict keys and checkpoints
@@ -70,7 +70,9 @@ class FinetuneModule(pl.LightningModule):
         return split_outputs(self._run(x))[0]
 
     def _run(self, x: torch.Tensor) -> Any:
-        return self._forward(x.contiguous(memory_format=self.memory_format))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._forward(x)
 
     def train(self, mode: bool = True) -> FinetuneModule:
         # Frozen BatchNorm must stay in eval mode through every train()/eval() switch
