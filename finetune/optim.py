@@ -167,14 +167,12 @@ def param_groups(model: nn.Module, cfg: Any, plan: FreezePlan, stages: int
 
 def build_optimizer(model: nn.Module, cfg: Any, plan: FreezePlan | None = None,
                     stages: int = 1) -> torch.optim.Optimizer:
-    """`cfg` is the optim group; frozen parameters are not handed to the optimizer at all."""
+    """`cfg` is the optim group; the groups of the first `stages` stages of `plan` (without a
+    plan, everything trains). Frozen parameters are not handed to the optimizer at all."""
     if plan is None:
         from finetune.freezing import plan_freeze
 
         plan = plan_freeze(model, None)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        plan.stages[0].params = plan.stages[0].trainable = [
-            n for n, _ in model.named_parameters() if n in trainable]
     return make_optimizer(cfg, param_groups(model, cfg, plan, stages))
 
 
