@@ -10,6 +10,7 @@ optimizer, so momentum and weight decay cannot move them.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -102,8 +103,6 @@ def unit_of(param: str, units: list[str]) -> str:
 def is_no_decay(model: nn.Module, param: str, tokens: list[str]) -> bool:
     """`bias`: any bias; `norm`: parameters of normalization layers; anything else: a glob
     over parameter names (e.g. `*pos_embedding`, `class_token`)."""
-    import fnmatch
-
     for token in tokens:
         if token == "bias" and param.rpartition(".")[2] == "bias":
             return True
