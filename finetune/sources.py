@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from finetune import artifacts, backbones, config
 from finetune.errors import FinetuneError
-from finetune.report import LoadReport
+from finetune.load_report import LoadReport
 
 log = logging.getLogger("finetune")
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.report import LoadReport
+from finetune.load_report import LoadReport
 from finetune.sources import read_source
 
 log = logging.getLogger("finetune")
