@@ -50,6 +50,7 @@ class FinetuneModule(pl.LightningModule):
         # torch.compile wraps the forward only: parameters, state_dict keys and checkpoints
         # stay those of the model (not registered as a submodule).
         object.__setattr__(self, "_forward", torch.compile(model) if compile else model)
+        self.compile = compile
         self._late: list[nn.Parameter] = []  # joined after DDP wrapped the model
         self.rank_check: dict[str, Any] | None = None
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
@@ -70,9 +71,14 @@ class FinetuneModule(pl.LightningModule):
         return split_outputs(self._run(x))[0]
 
     def _run(self, x: torch.Tensor) -> Any:
-        if self.channels_last:
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._forward(x)
+
+    def use_features(self, suffix: nn.Module) -> None:
+        """Batches now hold the frozen prefix's outputs (the feature cache): steps run the
+        suffix, which shares its modules (and so its parameters) with the model."""
+        object.__setattr__(self, "_forward", torch.compile(suffix) if self.compile else suffix)
 
     def train(self, mode: bool = True) -> FinetuneModule:
         # Frozen BatchNorm must stay in eval mode through every train()/eval() switch

@@ -1,0 +1,384 @@
+"""The feature cache: a frozen prefix computed once, the trained rest fed from its outputs.
+
+When the first layers stay frozen for the whole run and every image is transformed the same
+way each epoch, their output for an image never changes: computing it once and training the
+rest of the network on the stored outputs gives the same model, with epochs that cost only
+the trained part. `freeze.cache: auto | true | false`.
+
+How the model is cut: torch.fx traces the forward with every module but `nn.Sequential` kept
+whole (so a module's own forward, and its train/eval behaviour, run as written). The *prefix*
+is every operation that depends only on the input and on frozen modules that are
+deterministic in training; a frozen module with randomness or state in training (dropout,
+BatchNorm in train mode under `freeze.bn=train`) runs every step, so the cut comes before it.
+The prefix must hand exactly one tensor to the rest (the *suffix*), and the traced forward
+must be the same in train and eval mode (not so with auxiliary classifiers); otherwise there
+is no cache, and the reason is logged. The suffix shares its modules with the model:
+training it trains the model; checkpoints and weights are the model's.
+
+Where features live: in memory; in a sweep, also on disk under the sweep dir (or
+`freeze.cache_dir`), keyed by a hash of the prefix (code, modules, tensors), the images and
+their transform, the precision and the device type, so jobs that share all of these compute
+the features once. Sets larger than `MEMORY_BYTES` are read from disk (memory-mapped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
+
+MODES = ("auto", "true", "false")
+MEMORY_BYTES = 2 * 2**30  # larger feature sets are memory-mapped from disk
+_RANDOM_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                     F.feature_alpha_dropout, F.rrelu}
+
+
+def mode_of(setting: Any) -> str:
+    """`freeze.cache` as one of auto / true / false (YAML may give a bool)."""
+    text = str(setting).lower()
+    if text not in MODES:
+        raise FinetuneError(f"freeze.cache={setting!r}: use auto, true or false")
+    return text
+
+
+def config_conflicts(setting: Any, augment: list[Any], unfreeze: list[Any],
+                     train_from: Any, modules: list[Any]) -> list[str]:
+    """Why `freeze.cache=true` cannot hold for this config (empty: it may)."""
+    if str(setting).lower() != "true":
+        return []
+    problems = []
+    if augment:
+        problems.append("freeze.cache=true but data.augment is random: the frozen layers' "
+                        "outputs differ every epoch, so they cannot be computed once; remove "
+                        "the augmentation or use freeze.cache=auto (off here)")
+    if unfreeze:
+        problems.append(f"freeze.cache=true but freeze.unfreeze opens frozen layers at epoch "
+                        f"{unfreeze[0]['epoch']}: their outputs change then; drop the phases "
+                        "or use freeze.cache=auto (off here)")
+    if train_from is None and not modules:
+        problems.append("freeze.cache=true but nothing is frozen (freeze.train_from is null): "
+                        "there is no frozen prefix to cache; set freeze.train_from")
+    return problems
+
+
+class _WholeModules(fx.Tracer):
+    """Every module but Sequential is one call: its forward runs as written at run time."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return not isinstance(module, nn.Sequential)
+
+
+@dataclass
+class Cut:
+    """The model cut in two: `prefix(x)` -> features, `suffix(features)` -> the output."""
+
+    prefix: fx.GraphModule
+    suffix: fx.GraphModule
+    boundary: str  # where the cut is, e.g. "the output of flatten"
+    stopped: str | None = None  # why the cut is before the end of the frozen part, if it is
+
+    def frozen_share(self, model: nn.Module) -> float:
+        """The share of the model's frozen parameters that the prefix computes with."""
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        inside = sum(p.numel() for p in self.prefix.parameters())
+        return inside / frozen if frozen else 0.0
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    return _WholeModules().trace(model)
+
+
+def _training_flags(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def _trace_both_modes(model: nn.Module) -> tuple[fx.Graph, str | None]:
+    """The graph in the model's current (training) modes, and whether eval mode traces the
+    same code (None) or not (a reason)."""
+    flags = _training_flags(model)
+    graph = _trace(model)
+    try:
+        model.eval()
+        same = _trace(model).python_code("self").src == graph.python_code("self").src
+    finally:
+        for name, m in model.named_modules():
+            m.training = flags[name]
+    return graph, None if same else ("the model's forward differs between training and "
+                                     "evaluation (e.g. auxiliary outputs)")
+
+
+def _random_or_stateful(module: nn.Module, path: str) -> str | None:
+    """Why this frozen module's output is not a function of its input alone, if it is not."""
+    for name, sub in module.named_modules():
+        where = f"{path}.{name}" if name else path
+        if not sub.training:
+            continue
+        if isinstance(sub, _DropoutNd | nn.RReLU) or type(sub).__name__ == "StochasticDepth":
+            return f"{where} ({type(sub).__name__}) is random in training"
+        if isinstance(sub, _BatchNorm):
+            return (f"{where} is a BatchNorm in training mode (freeze.bn=train): it normalizes "
+                    "with batch statistics and updates its own")
+        if isinstance(sub, _InstanceNorm) and sub.track_running_stats:
+            return f"{where} updates running statistics in training"
+    return None
+
+
+def cut_model(model: nn.Module) -> Cut | str:
+    """The cut after the frozen prefix, or why there is none."""
+    try:
+        graph, differs = _trace_both_modes(model)
+    except Exception as err:
+        return (f"the forward cannot be traced by torch.fx ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:160]})")
+    if differs:
+        return differs
+    trainable = {name for name, m in model.named_modules()
+                 if any(p.requires_grad for p in m.parameters())}
+    params = dict(model.named_parameters())
+    prefix: set[fx.Node] = set()
+    stopped: str | None = None  # the first frozen operation left out of the prefix, and why
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        inputs_frozen = all(n in prefix for n in node.all_input_nodes)
+        if node.op == "placeholder":
+            prefix.add(node)
+        elif node.op == "call_module":
+            if node.target not in trainable and inputs_frozen:
+                reason = _random_or_stateful(model.get_submodule(str(node.target)),
+                                             str(node.target))
+                if reason:  # computed every step, as without the cache: the cut comes before
+                    stopped = stopped or reason
+                else:
+                    prefix.add(node)
+        elif node.op == "get_attr":
+            param = params.get(str(node.target))
+            if param is None or not param.requires_grad:
+                prefix.add(node)
+        elif inputs_frozen:
+            if node.target in _RANDOM_FUNCTIONS:
+                stopped = stopped or f"{node.name} ({node.target.__name__}) is random"
+            else:
+                prefix.add(node)
+    boundary = [n for n in prefix if any(user not in prefix for user in n.users)]
+    if any(n.op == "placeholder" for n in boundary):
+        return ("the first layer trains" if stopped is None else
+                f"the first frozen layer must run every step ({stopped})") + \
+            ": there is no frozen prefix to compute once"
+    if len(boundary) != 1:
+        return (f"the frozen part hands {len(boundary)} values to the trained part "
+                f"({', '.join(n.name for n in boundary[:4])}); a cache needs exactly one")
+    (cut,) = boundary
+    prefix_graph, env = fx.Graph(), {}
+    for node in graph.nodes:
+        if node in prefix:
+            env[node] = prefix_graph.node_copy(node, lambda n: env[n])
+    prefix_graph.output(env[cut])
+    suffix_graph = fx.Graph()
+    env = {cut: suffix_graph.placeholder("features")}
+    for node in graph.nodes:
+        if node not in prefix:
+            env[node] = suffix_graph.node_copy(node, lambda n: env[n])
+    prefix_module, suffix_module = fx.GraphModule(model, prefix_graph, "Prefix"), \
+        fx.GraphModule(model, suffix_graph, "Suffix")
+    prefix_module.graph.eliminate_dead_code()
+    prefix_module.recompile()
+    where = str(cut.target) if cut.op == "call_module" else cut.name
+    return Cut(prefix_module, suffix_module, f"the output of {where}", stopped)
+
+
+# -- the stored features ---------------------------------------------------------------------
+
+
+class CachedFeatures(Dataset):
+    """The prefix's output for each image of a dataset, with the dataset's labels (and paths),
+    indexed as the dataset is: by index, or (index, seed) from EpochShuffle."""
+
+    def __init__(self, features: torch.Tensor | np.ndarray, source: Any) -> None:
+        self.features, self.labels = features, source.labels
+        self.paths = getattr(source, "paths", None)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i = key[0] if isinstance(key, tuple) else key
+        row = self.features[i]
+        if isinstance(row, np.ndarray):  # memory-mapped from disk
+            row = torch.from_numpy(np.array(row))
+        return row, self.labels[i]
+
+
+def data_identity(dataset: Any) -> dict[str, Any]:
+    """What makes two datasets give the same prefix outputs: the images (file names, sizes
+    and modification times, or the pixels of in-memory data), labels, and the transform."""
+    digest = hashlib.sha256()
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor):
+        digest.update(images.contiguous().numpy().tobytes())
+    else:
+        for path in dataset.paths:
+            stat = os.stat(path)
+            digest.update(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                          .encode())
+    digest.update(json.dumps(list(map(int, dataset.labels))).encode())
+    return {"items": digest.hexdigest(), "count": len(dataset.labels),
+            "transform": repr(dataset.transform)}
+
+
+def prefix_identity(prefix: fx.GraphModule) -> dict[str, Any]:
+    """The prefix's code, modules and every tensor it holds."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(prefix.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                      .numpy().tobytes())
+    return {"code": prefix.code, "modules": repr(prefix), "tensors": digest.hexdigest()}
+
+
+class FeatureCache(pl.Callback):
+    """Computes the prefix's outputs when fit sets up and makes the module train the
+    suffix on them. `directory`: where features are kept for reuse (None: memory only);
+    `write`: whether this process writes them there (rank zero)."""
+
+    def __init__(self, cut: Cut, directory: Path | None = None, write: bool = True) -> None:
+        self.cut, self.directory, self.write = cut, directory, write
+        self.info: dict[str, Any] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before configure_optimizers, which builds the train loader (to count steps); the
+        # model is moved to the device here, as Lightning does next.
+        if stage != "fit":
+            return
+        data = trainer.datamodule
+        started = time.perf_counter()
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+        key = self._key(trainer, data, device)
+        status, sets = "computed", {}
+        for split in ("train", "val"):
+            dataset = getattr(data, f"{split}_set")
+            stored = self._read(key, split)
+            if stored is None:
+                with trainer.precision_plugin.forward_context():
+                    stored = self._compute(dataset, pl_module, device, data.num_workers)
+                stored = self._keep(stored, key, split)
+            else:
+                status = "reused"
+            sets[split] = CachedFeatures(stored, dataset)
+        data.train_set, data.val_set = sets["train"], sets["val"]
+        data.num_workers = 0  # indexing memory: workers would only add copies
+        pl_module.use_features(self.cut.suffix)
+        shape = list(sets["train"].features.shape[1:])
+        size = sum(s.features.nbytes for s in sets.values())
+        seconds = time.perf_counter() - started
+        self.info.update({"status": status, "at": self.cut.boundary, "shape": shape,
+                          "megabytes": round(size / 2**20, 2), "seconds": round(seconds, 3),
+                          "key": key[:16], "path": str(self.directory) if self.directory
+                          else None})
+        log.info("feature cache: %s %s of %s per image (%d + %d images, %.1f MB) in %.1f s%s; "
+                 "epochs train only what comes after", status, shape, self.cut.boundary,
+                 len(sets["train"]), len(sets["val"]), size / 2**20, seconds,
+                 f", kept in {self.directory}" if self.directory else "")
+
+    def _key(self, trainer: pl.Trainer, data: Any, device: torch.device) -> str:
+        described = {"prefix": prefix_identity(self.cut.prefix),
+                     "train": data_identity(data.train_set), "val": data_identity(data.val_set),
+                     "precision": str(trainer.precision), "device": device.type,
+                     "torch": torch.__version__}
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+    @torch.no_grad()
+    def _compute(self, dataset: Any, pl_module: Any, device: torch.device,
+                 num_workers: int) -> torch.Tensor:
+        loader = DataLoader(dataset, batch_size=max(64, getattr(
+            pl_module.trainer.datamodule, "batch_size", 64)), num_workers=num_workers,
+            pin_memory=device.type == "cuda")
+        chunks = []
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True)
+            if getattr(pl_module, "channels_last", False):
+                images = images.contiguous(memory_format=torch.channels_last)
+            chunks.append(self.cut.prefix(images).float().cpu())
+        return torch.cat(chunks).contiguous()
+
+    def _file(self, key: str, split: str) -> Path | None:
+        return self.directory / f"{key[:32]}-{split}.npy" if self.directory else None
+
+    def _read(self, key: str, split: str) -> torch.Tensor | np.ndarray | None:
+        path = self._file(key, split)
+        if path is None or not path.is_file():
+            return None
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        return torch.from_numpy(np.array(array)) if array.nbytes <= MEMORY_BYTES else array
+
+    def _keep(self, features: torch.Tensor, key: str, split: str
+              ) -> torch.Tensor | np.ndarray:
+        path = self._file(key, split)
+        if path is None or not self.write:
+            return features
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        with open(partial, "wb") as handle:
+            np.save(handle, features.numpy(), allow_pickle=False)
+        os.replace(partial, path)  # whole or absent: parallel jobs may race to write it
+        if features.nbytes > MEMORY_BYTES:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        return features
+
+
+def decide(setting: Any, model: nn.Module, has_phases: bool, augment: bool,
+           passes: float) -> tuple[Cut | None, str]:
+    """Whether this run caches: (the cut, or None; the reason, for the log and metrics.json).
+
+    `passes`: how many times the training loop goes through the training set (epochs x the
+    share of batches per epoch); `auto` caches only when that is more than once, i.e. when
+    computing every image once saves work.
+    """
+    mode = mode_of(setting)
+    if mode == "false":
+        return None, "off (freeze.cache=false)"
+    if augment:
+        return None, "off: data.augment is random"
+    if has_phases:
+        return None, "off: freeze.unfreeze changes the frozen part during the run"
+    if not any(not p.requires_grad for p in model.parameters()):
+        if mode == "true":
+            raise FinetuneError("freeze.cache=true but nothing is frozen: there is no frozen "
+                                "prefix to cache; set freeze.train_from")
+        return None, "off: nothing is frozen"
+    cut = cut_model(model)
+    if isinstance(cut, str):
+        if mode == "true":
+            raise FinetuneError(f"freeze.cache=true but {cut}; use freeze.cache=auto or false")
+        return None, f"off: {cut}"
+    share = cut.frozen_share(model)
+    if mode == "auto" and cut.stopped and share < 0.5:
+        return None, (f"off: the cut is at {cut.boundary}, before {cut.stopped}; it would "
+                      f"compute only {100 * share:.0f}% of the frozen parameters once "
+                      "(freeze.cache=true forces it)")
+    if mode == "auto" and passes <= 1:
+        return None, (f"off: the run sees the training set {passes:.2f} times; computing "
+                      "every image once would not save work (freeze.cache=true forces it)")
+    return cut, f"on ({mode}): cut at {cut.boundary}" + (
+        f", before {cut.stopped}" if cut.stopped else "")

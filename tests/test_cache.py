@@ -1,0 +1,156 @@
+"""The feature cache: where the model is cut, when the cut is refused, and that training on
+cached features gives the model that training on images gives (real Lightning Trainer)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+from omegaconf import OmegaConf
+
+from finetune import heads
+from finetune.backbones import preprocessing
+from finetune.cache import Cut, FeatureCache, config_conflicts, cut_model, decide
+from finetune.config import OptimConfig, SchedConfig
+from finetune.data import ImageDataModule, TensorImages, eval_transform, fake_data
+from finetune.errors import FinetuneError
+from finetune.freezing import apply_freeze, plan_freeze
+from finetune.module import FinetuneModule
+
+warnings.filterwarnings("ignore")
+CLASSES = 4
+
+
+def _resnet(train_from: str, bn: str = "frozen", dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    heads.replace_heads(model, CLASSES, dropout=dropout)
+    apply_freeze(model, plan_freeze(model, train_from, bn=bn))
+    return model
+
+
+@pytest.mark.parametrize(("train_from", "boundary", "shape"), [
+    ("fc", "the output of flatten", (2, 512)),
+    ("layer4", "the output of layer3.1", (2, 256, 2, 2)),
+])
+def test_the_cut_computes_what_the_model_computes(train_from: str, boundary: str,
+                                                  shape: tuple[int, ...]) -> None:
+    model = _resnet(train_from).eval()
+    cut = cut_model(model)
+    assert isinstance(cut, Cut) and cut.boundary == boundary
+    x = torch.randn(2, 3, 32, 32)
+    features = cut.prefix(x)
+    assert tuple(features.shape) == shape
+    torch.testing.assert_close(cut.suffix(features), model(x), rtol=0, atol=0)
+    # The suffix holds the model's own modules: training it trains the model.
+    assert cut.suffix.get_submodule("fc") is model.get_submodule("fc")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert set(cut.prefix.state_dict()) & frozen == {k for k in cut.prefix.state_dict()
+                                                     if k in frozen}
+    assert not any(p.requires_grad for p in cut.prefix.parameters())
+
+
+def test_random_or_stateful_frozen_layers_run_every_step() -> None:
+    """Dropout or BatchNorm in training mode in the frozen part: the cut comes before them."""
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg11(num_classes=CLASSES)
+    apply_freeze(vgg, plan_freeze(vgg, "classifier.6"))
+    cut = cut_model(vgg)
+    assert isinstance(cut, Cut) and cut.boundary == "the output of classifier.1"
+    assert cut.stopped == "classifier.2 (Dropout) is random in training"
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = vgg(x)  # dropout on: the suffix must draw the same masks
+    torch.manual_seed(1)
+    torch.testing.assert_close(cut.suffix(cut.prefix(x)), expected, rtol=0, atol=0)
+    bn_train = _resnet("layer4", bn="train")
+    cut = cut_model(bn_train)
+    assert isinstance(cut, Cut) and cut.boundary == "the output of conv1"
+    assert cut.stopped == ("bn1 is a BatchNorm in training mode (freeze.bn=train): it "
+                           "normalizes with batch statistics and updates its own")
+    # auto does not keep a cut that computes little of the frozen part; true does
+    assert decide("auto", bn_train, False, False, 3.0) == (None, (
+        f"off: the cut is at the output of conv1, before {cut.stopped}; it would compute only "
+        "0% of the frozen parameters once (freeze.cache=true forces it)"))
+    assert isinstance(decide("true", bn_train, False, False, 3.0)[0], Cut)
+
+
+def test_models_without_a_single_cut_have_no_cache() -> None:
+    assert cut_model(_resnet("conv1")) == ("the first layer trains: there is no frozen prefix "
+                                           "to compute once")
+    torch.manual_seed(0)
+    googlenet = torchvision.models.googlenet(num_classes=CLASSES, aux_logits=True,
+                                             init_weights=False)
+    apply_freeze(googlenet, plan_freeze(googlenet, "fc"))
+    assert "differs between training and evaluation" in str(cut_model(googlenet))
+
+
+def test_decide_follows_the_setting() -> None:
+    model = _resnet("fc")
+    assert decide("false", model, False, False, 5.0) == (None, "off (freeze.cache=false)")
+    assert decide("auto", model, False, True, 5.0)[1] == "off: data.augment is random"
+    assert decide("auto", model, True, False, 5.0)[0] is None
+    assert decide("auto", model, False, False, 0.5)[0] is None  # it would not save work
+    assert isinstance(decide("true", model, False, False, 0.5)[0], Cut)
+    assert isinstance(decide(True, model, False, False, 3.0)[0], Cut)  # YAML's bool
+    with pytest.raises(FinetuneError, match=r"freeze\.cache=true but nothing is frozen"):
+        decide("true", _resnet("conv1"), False, False, 3.0)
+    with pytest.raises(FinetuneError, match=r"freeze\.cache=.sometimes.: use auto, true or false"):
+        decide("sometimes", model, False, False, 3.0)
+
+
+def test_cache_true_is_refused_with_augmentation_or_unfreeze_phases() -> None:
+    problems = config_conflicts(True, [{"name": "hflip"}], [{"epoch": 2, "train_from": "layer3"}],
+                                "layer4", [])
+    assert problems == [
+        "freeze.cache=true but data.augment is random: the frozen layers' outputs differ every "
+        "epoch, so they cannot be computed once; remove the augmentation or use "
+        "freeze.cache=auto (off here)",
+        "freeze.cache=true but freeze.unfreeze opens frozen layers at epoch 2: their outputs "
+        "change then; drop the phases or use freeze.cache=auto (off here)"]
+    assert config_conflicts("auto", [{"name": "hflip"}], [], "layer4", []) == []
+    assert "nothing is frozen" in config_conflicts("true", [], [], None, [])[0]
+
+
+def _fit(cached: bool, epochs: int = 3) -> tuple[FinetuneModule, pl.Trainer, FeatureCache | None]:
+    model = _resnet("layer4", dropout=0.3)
+    plan = plan_freeze(model, "layer4")
+    prep = preprocessing(None, 32)
+    split, names = fake_data(64, CLASSES, 32, seed=0)
+    transform = eval_transform(prep)
+    data = ImageDataModule(TensorImages(split.items[:48], split.labels[:48], transform),
+                           TensorImages(split.items[48:], split.labels[48:], transform),
+                           names, batch_size=16, num_workers=0)
+    cfg = OmegaConf.merge(OmegaConf.structured(OptimConfig),
+                          {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.01})
+    module = FinetuneModule(model, CLASSES, plan, cfg, OmegaConf.structured(SchedConfig()))
+    callback = FeatureCache(cut_model(model)) if cached else None
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[callback] if callback else [])
+    trainer.fit(module, datamodule=data)
+    return module, trainer, callback
+
+
+def test_training_on_cached_features_gives_the_same_model() -> None:
+    before = {k: v.clone() for k, v in _resnet("layer4", dropout=0.3).state_dict().items()}
+    cached, cached_trainer, callback = _fit(True)
+    plain, plain_trainer, _ = _fit(False)
+    assert callback is not None and callback.info["status"] == "computed"
+    assert callback.info["shape"] == [256, 2, 2]
+    assert isinstance(cached.trainer.datamodule.train_set.features, torch.Tensor)
+    after_cached, after_plain = cached.model.state_dict(), plain.model.state_dict()
+    for name, tensor in before.items():
+        if name.startswith(("conv1", "bn1", "layer1", "layer2", "layer3")):
+            assert torch.equal(after_cached[name], tensor), name  # frozen: bit-exact
+        torch.testing.assert_close(after_cached[name], after_plain[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(after_cached[n], before[n]) for n in before
+               if n.startswith("layer4") and "weight" in n)  # the suffix trained
+    for key in ("val/acc", "val/loss"):
+        assert float(cached_trainer.callback_metrics[key]) == pytest.approx(
+            float(plain_trainer.callback_metrics[key]), abs=1e-5)
+    assert cached.last_predictions == plain.last_predictions
