@@ -131,15 +131,48 @@ def register_rerun(run: Path, name: str | None = None) -> str:
 
 def task(cfg: DictConfig) -> float:
     """One training job. Returns the monitored metric so Hydra sweepers can optimize it."""
-    from finetune.train import run
+    from finetune.train import ERROR_FILE, run
 
+    if not RECIPE_FILES and not RERUN_OF:  # a launcher's worker process (joblib, submitit)
+        inherited = json.loads(os.environ.get(RECIPES_OF_RUN_ENV, "{}"))
+        RECIPE_FILES.update({k: Path(v) for k, v in inherited.get("files", {}).items()})
+        RERUN_OF.update({k: Path(v) for k, v in inherited.get("reruns", {}).items()})
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode.name == "MULTIRUN"
+    problem = sweeper_problem(hydra_cfg, cfg.metric) if sweep else None
+    if problem:  # wrong for every job: stop the sweep before the first one trains
+        report(ConfigError([problem]))
+        raise SystemExit(2)
     try:
         return run(cfg, recipe_files=RECIPE_FILES, rerun_of=RERUN_OF)
     except FinetuneError as err:
         report(err)
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            return math.nan  # one failed job is recorded; the sweep goes on
+        if sweep:
+            return math.nan  # the failed job is recorded in its dir; the sweep goes on
         raise SystemExit(2) from None
+    except Exception as err:
+        if not sweep:
+            raise
+        job_dir = Path(hydra_cfg.runtime.output_dir)
+        print(f"finetune: error: job {hydra_cfg.job.num} failed ({type(err).__name__}: "
+              f"{' '.join(str(err).split())[:300]}); traceback in {job_dir / ERROR_FILE}; "
+              "the sweep goes on", file=sys.stderr)
+        return math.nan
+
+
+def sweeper_problem(hydra_cfg: Any, metric: str) -> str | None:
+    """A sweeper that optimizes (Optuna) must pull the way `metric` improves."""
+    sweeper = hydra_cfg.sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return None
+    direction = sweeper.get("direction")
+    direction = str(getattr(direction, "name", direction)).lower()
+    expected = "minimize" if metric.endswith("loss") else "maximize"
+    if direction != expected:
+        return (f"hydra.sweeper.direction={direction} but the jobs return metric={metric}, "
+                f"which is better {'lower' if expected == 'minimize' else 'higher'}; set "
+                f"hydra.sweeper.direction={expected} (or pick another metric)")
+    return None
 
 
 def report(err: FinetuneError) -> None:

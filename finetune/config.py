@@ -81,6 +81,8 @@ class FreezeConfig:
     modules: list[Any] = field(default_factory=list)
     bn: str = "frozen"
     unfreeze: list[PhaseConfig] = field(default_factory=list)
+    cache: Any = "auto"  # auto | true | false (YAML may give a bool)
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -182,6 +184,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     resume: str | None = None
+    metric: str = "val/acc"
 
 
 # Keys whose value is one of a closed set; checked at compose time with nearest matches.
@@ -195,10 +198,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sched.name": ("none", "cosine", "step", "onecycle", "plateau"),
     "data.name": ("digits", "imagefolder", "csv", "fake"),
     "logger.name": ("csv", "tensorboard", "mlflow"),
+    "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc"),
 }
 
 # Config groups a user selects with `group=option` (files under conf/<group>/).
-GROUPS = ("data", "logger")
+GROUPS = ("data", "logger", "sweep")
 SCHEMA_NAME = "finetune_schema"
 BASE_RECIPE = "base"
 
@@ -373,15 +377,55 @@ def check_recipe(path: Path) -> list[str]:
     """Every unknown key, wrong type and bad choice in a recipe file."""
     body = OmegaConf.to_container(load_recipe(path), resolve=False)
     assert isinstance(body, dict)
-    errors = []
-    for key in ("defaults", "hydra"):
-        body.pop(key, None)
+    errors = hydra_settings_problems(body.pop("hydra", None), body.pop("defaults", None),
+                                     str(path))
     probe = OmegaConf.structured(Config)
     for key, value in _flatten(body):
         problem = check_key(key, str(path)) or check_value(key, value, str(path), probe)
         if problem:
             errors.append(problem)
     return errors
+
+
+# What a recipe may set of Hydra's own config: its search and where jobs run. Keys that
+# import or run something (a `_target_`, a search-space function, shell lines, environment
+# variables, callbacks) belong to the person at the command line, never to a shared file.
+RECIPE_HYDRA_GROUPS = {"sweeper": ("basic", "optuna"),
+                       "launcher": ("basic", "joblib", "parallel", "submitit_slurm", "slurm",
+                                    "submitit_local", "local")}
+RECIPE_HYDRA_REFUSED = {"_target_", "custom_search_space", "setup", "srun_args",
+                        "additional_parameters", "env_set", "env_copy", "callbacks", "storage"}
+
+
+def hydra_settings_problems(hydra: Any, defaults: Any, where: str) -> list[str]:
+    """Why a recipe's `hydra:` section or defaults list reaches past its search, if it does."""
+    problems = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{path}.{key}"
+                if key in RECIPE_HYDRA_REFUSED:
+                    problems.append(f"{where}: {here} cannot be set in a recipe (it can run "
+                                    "code); set it on the command line if you mean it")
+                else:
+                    walk(value, here)
+
+    walk(hydra or {}, "hydra")
+    for entry in defaults or []:
+        if not isinstance(entry, dict):
+            continue
+        for key, value in entry.items():
+            group = str(key).removeprefix("override").strip().lstrip("/")
+            if not group.startswith("hydra/"):
+                continue
+            name = group.removeprefix("hydra/")
+            if str(value) not in RECIPE_HYDRA_GROUPS.get(name, ()):
+                allowed = "; ".join(f"hydra/{g}: {', '.join(o)}"
+                                    for g, o in RECIPE_HYDRA_GROUPS.items())
+                problems.append(f"{where}: a recipe's defaults may choose only {allowed}; not "
+                                f"{group}: {value}")
+    return problems
 
 
 def check_overrides(overrides: list[str]) -> list[str]:

@@ -128,6 +128,8 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
                "groups": [g["name"] for g in groups if g["epoch"] == stage.epoch]}
               for stage in freeze.stages]
     joins = {n: stage.epoch for stage in freeze.stages[1:] for n in stage.params}
+    cached = (train.cache_decision(cfg, built.model, freeze, data_info["train_images"])[1]
+              if "train_images" in data_info else "off: nothing trains")
     plan: dict[str, Any] = {
         "recipe": {"name": recipe,
                    "file": str(RECIPE_FILES[recipe]) if recipe in RECIPE_FILES else None},
@@ -140,6 +142,7 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
                    "trainable_tensors": len(freeze.trainable),
                    "bn": freeze.bn, "bn_eval": freeze.eval_modules, "phases": phases},
         "optimizer": {"name": cfg.optim.name, "groups": groups},
+        "feature_cache": cached,
         "output_shape": built.output_shape,
         "modules": module_rows(built.model, set(freeze.eval_modules), depth, joins),
         "notes": notes,
@@ -177,7 +180,8 @@ def render(plan: dict[str, Any]) -> str:
         out.append(f"  {g['name']:<24} from epoch {g['epoch']}: lr {g['lr']:.3g}, weight decay "
                    f"{g['weight_decay']:g}{warm}, {g['tensors']} tensors, {g['params']:,} "
                    f"parameters (from {g['first']})")
-    out += ["", f"== output == {plan['output_shape']} per image (dry forward)", "",
+    out += ["", f"== feature cache == {plan['feature_cache']}",
+            "", f"== output == {plan['output_shape']} per image (dry forward)", "",
             f"== modules == (head: {', '.join(plan['head_paths']) or 'none'})",
             f"  {'path':<34} {'type':<22} {'params':>12}  state"]
     for row in plan["modules"]:

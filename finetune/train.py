@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from finetune import artifacts, backbones, plots, surgery
+from finetune import artifacts, backbones, cache, plots, surgery
 from finetune.builder import assemble
 from finetune.callbacks import ThroughputMeter
 from finetune.data import ImageDataModule, build_datamodule
@@ -31,6 +32,7 @@ from finetune.weights import LoadReport, load_weights
 log = logging.getLogger("finetune")
 MONITOR = "val/acc"
 VAL_PREDICTIONS = "val_predictions.csv"
+ERROR_FILE = "error.txt"  # the traceback of a run that failed on something other than input
 
 
 def is_main_process() -> bool:
@@ -54,6 +56,14 @@ def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None,
         if is_main_process():
             artifacts.write_json(run_dir / artifacts.METRICS,
                                  {"status": "failed", "error": err.problems})
+        raise
+    except Exception as err:
+        # Not a user error: the traceback goes beside the run for whoever debugs it.
+        if is_main_process():
+            artifacts.write_bytes(run_dir / ERROR_FILE, traceback.format_exc().encode())
+            artifacts.write_json(run_dir / artifacts.METRICS, {
+                "status": "failed", "error": [f"{type(err).__name__}: {err}"],
+                "traceback": ERROR_FILE})
         raise
 
 
@@ -83,6 +93,10 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
     apply_freeze(built.model, freeze)
     log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
              trainable_summary(built.model))
+    if is_main_process():  # what a report of a sweep still running can show
+        artifacts.write_json(run_dir / artifacts.METRICS, {
+            "status": "running", "train_from": freeze.train_from, "lr": float(cfg.optim.lr),
+            "metric": cfg.metric, **parameter_counts(built.model)})
     for stage in freeze.stages[1:]:
         log.info("plan: at epoch %d, %s unfreezes (%d parameter tensors, group %s)",
                  stage.epoch, stage.selector, len(stage.params), stage.name)
@@ -91,7 +105,8 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
                             cfg.model.channels_last, cfg.model.compile)
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = check_resumable(checkpoint, module) if checkpoint is not None else ([], [])
-    trainer, meter = make_trainer(cfg, run_dir, history)
+    features = feature_cache(cfg, built.model, freeze, len(data.train_set))
+    trainer, meter = make_trainer(cfg, run_dir, history, features)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
     except RuntimeError as err:
@@ -100,10 +115,42 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
             raise
         raise friendly from None
     if not trainer.is_global_zero:
-        return float(trainer.callback_metrics.get(MONITOR, float("nan")))
-    metrics = save_run(run_dir, cfg, recipe, built, freeze, data, prep, module, trainer, meter)
+        return float(trainer.callback_metrics.get(cfg.metric, float("nan")))
+    metrics = save_run(run_dir, cfg, recipe, built, freeze, data, prep, module, trainer, meter,
+                       cache_info(features))
     print_summary(run_dir, metrics)
-    return float(metrics.get(MONITOR, float("nan")))
+    value = metrics.get(cfg.metric)
+    return float(value) if value is not None else float("nan")
+
+
+def feature_cache(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
+                  train_images: int) -> cache.FeatureCache | str:
+    """The feature cache callback for this run, or why there is none (`freeze.cache`)."""
+    cut, reason = cache_decision(cfg, model, freeze, train_images)
+    if cut is None:
+        log.info("feature cache: %s", reason)
+        return reason
+    directory = cfg.freeze.cache_dir
+    if directory is None and HydraConfig.get().mode.name == "MULTIRUN":
+        directory = Path(HydraConfig.get().sweep.dir) / "feature_cache"
+    return cache.FeatureCache(cut, Path(directory).expanduser() if directory else None,
+                              write=is_main_process())
+
+
+def cache_decision(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
+                   train_images: int) -> tuple[cache.Cut | None, str]:
+    """Whether this run caches the frozen prefix, and why (also what `inspect` shows)."""
+    limit, batch = cfg.trainer.limit_train_batches, cfg.data.batch_size
+    per_epoch = (min(1.0, float(limit)) if isinstance(limit, float)
+                 else min(1.0, int(limit) * batch / max(1, train_images)))
+    return cache.decide(cfg.freeze.cache, model, len(freeze.stages) > 1, bool(cfg.data.augment),
+                        per_epoch * (cfg.trainer.max_epochs or 1))
+
+
+def cache_info(features: cache.FeatureCache | str) -> dict[str, Any]:
+    if isinstance(features, str):
+        return {"status": "off", "reason": features}
+    return features.info
 
 
 def plan_from_config(model: nn.Module, freeze: Any) -> FreezePlan:
@@ -253,6 +300,11 @@ def input_too_small(err: RuntimeError, cfg: DictConfig) -> FinetuneError | None:
                          f"({text.splitlines()[0]}); raise data.image_size{hint}")
 
 
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
 def trainable_summary(model: nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -276,10 +328,12 @@ def make_loggers(name: str, run_dir: Path) -> list[Logger]:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path,
-                 history: tuple[list[str], list[list[str]]] = ([], [])
+                 history: tuple[list[str], list[list[str]]] = ([], []),
+                 features: cache.FeatureCache | str | None = None,
                  ) -> tuple[pl.Trainer, ThroughputMeter]:
     """The Lightning Trainer with our checkpoints, loggers and meter. `history`: a resumed
-    run's earlier metrics (header, rows), which metrics.csv starts with."""
+    run's earlier metrics (header, rows), which metrics.csv starts with; `features`: the
+    feature cache callback, when the run caches."""
     meter = ThroughputMeter()
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR,
@@ -288,7 +342,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
         # same step; a monitor-less checkpoint keeps it truly the last.
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
                         save_top_k=1, enable_version_counter=False),
-        meter,
+        meter,  # before the cache: computing the features counts as training time
+        *([features] if isinstance(features, cache.FeatureCache) else []),
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
@@ -378,8 +433,8 @@ def write_val_predictions(path: Path, data: ImageDataModule, predictions: list[i
 
 def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
              freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
-             module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter
-             ) -> dict[str, Any]:
+             module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
+             cache_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
     write_manifest(run_dir, cfg, recipe, built, prep, data.class_names, freeze)
     series = artifacts.epoch_metrics(run_dir / "metrics.csv")
@@ -396,14 +451,18 @@ def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Buil
     world = trainer.world_size
     wait = meter.input_wait_share
     if wait is not None:
+        cached = bool(cache_report and cache_report.get("status") != "off")
         log.info("input: %.1f%% of steady-state training time went to waiting for the next "
-                 "batch%s", 100 * wait, "; raise data.num_workers" if wait > 0.2 else "")
+                 "batch%s", 100 * wait,
+                 "; raise data.num_workers" if wait > 0.2 and not cached else "")
     metrics = {
         "status": "complete",
         **final,
         "best/val/acc": round(accs[best_epoch], 6) if best_epoch is not None else None,
         "best/epoch": best_epoch,
         "epochs": trainer.current_epoch,
+        "train_images": len(data.train_set),
+        "val_images": len(data.val_set),
         "train_seconds": round(meter.fit_seconds, 3),
         # all ranks together (rank zero's rate x the number of ranks)
         "train_images_per_second": round(throughput * world, 2) if throughput else None,
@@ -414,8 +473,11 @@ def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Buil
         **({"ddp": module.rank_check} if module.rank_check else {}),
         **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
-        "trainable_params": sum(p.numel() for p in module.model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in module.model.parameters()),
+        **parameter_counts(module.model),
+        "train_from": freeze.train_from,
+        "lr": float(cfg.optim.lr),
+        "metric": cfg.metric,
+        **({"feature_cache": cache_report} if cache_report else {}),
     }
     artifacts.write_json(run_dir / artifacts.METRICS, metrics)
     return metrics

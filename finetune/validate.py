@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.models import WeightsEnum
 
-from finetune import backbones, heads, surgery
+from finetune import backbones, cache, heads, surgery
 from finetune.config import resolve_recipe
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import plan_freeze
@@ -79,6 +79,10 @@ def validate(cfg: DictConfig) -> None:
     if package and importlib.util.find_spec(package) is None:
         problems.append(f"logger={cfg.logger.name} needs the {package} package: "
                         f"pip install 'finetune[{cfg.logger.name}]'")
+    attempt(lambda: cache.mode_of(cfg.freeze.cache))
+    problems += cache.config_conflicts(cfg.freeze.cache, list(cfg.data.augment),
+                                       list(cfg.freeze.unfreeze), cfg.freeze.train_from,
+                                       list(cfg.freeze.modules))
     if problems:
         raise ConfigError(problems)
 

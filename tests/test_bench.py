@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py"]
+SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -36,6 +36,7 @@ def test_inspect_runs_on_every_shipped_recipe(name: str, offline_home: Path, tmp
     assert plan["recipe"]["name"] == name
     assert plan["modules"][0]["path"] == "(model)" and plan["output_shape"]
     assert "== optimizer ==" in text and "weights:" in text
+    assert f"== feature cache == {plan['feature_cache']}" in text
     if plan["config"]["weights"]["source"] == "recipe":
         assert "no run of it with this config yet" in plan["notes"][0]
         assert not (tmp_path / "outputs").exists(), "inspect must not train the source"
@@ -46,6 +47,7 @@ def test_gradual_recipe_opens_the_network_in_phases(offline_home: Path) -> None:
     phases = plan["freeze"]["phases"]
     assert [(p["epoch"], p["name"]) for p in phases] == [(0, "fc"), (2, "layer4"), (4, "early")]
     assert phases[-1]["share"] == 1.0 and phases[0]["share"] < 0.01
+    assert plan["feature_cache"] == "off: freeze.unfreeze changes the frozen part during the run"
     lr = {g["name"]: g["lr"] for g in plan["optimizer"]["groups"]}
     assert lr["fc"] > lr["layer4"] > lr["early"]  # earlier layers learn slower
     assert lr["early"] == pytest.approx(1e-4) and lr["early/no_decay"] == pytest.approx(1e-4)

@@ -192,17 +192,6 @@ def test_offline_weights_error_names_url_and_path(tmp_path: Path) -> None:
     assert json.loads(failed.read_text())["status"] == "failed"
 
 
-def test_multirun_gives_one_run_dir_per_job(tmp_path: Path) -> None:
-    result = run_cli("-m", *QUICK, *SHRINK, "trainer.limit_train_batches=1",
-                     "optim.lr=0.001,0.01", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted((tmp_path / "outputs" / "sweeps" / "quickstart").glob("*/[0-9]"))
-    assert [j.name for j in jobs] == ["0", "1"]
-    lrs = [read_json(j / "manifest.json")["config"]["optim"]["lr"] for j in jobs]
-    assert lrs == [0.001, 0.01]
-    assert all(read_json(j / "metrics.json")["status"] == "complete" for j in jobs)
-
-
 def test_run_time_problems_are_reported_together(tmp_path: Path) -> None:
     result = run_cli(*QUICK, "model.name=resnet5", "data=imagefolder",
                      "data.root=no/such/folder", "weights.source=file", cwd=tmp_path)

@@ -1,0 +1,288 @@
+"""`python -m finetune.report DIR [metric=val/acc]`: the leaderboard of a sweep.
+
+One row per job found under DIR (a Hydra sweep dir, or any folder of run dirs): its swept
+overrides, split point, trainable parameters, best and final validation accuracy, loss,
+epochs and training time; sorted by the metric. Written beside the jobs as
+leaderboard.csv, leaderboard.md and leaderboard.png (the metric against the split point,
+and against the learning rate when it was swept), and printed. Reads only what runs wrote
+(metrics.json, metrics.csv, .hydra/), so it works on a sweep that is still running or where
+jobs failed: such jobs are listed with their status (and error) and sorted last.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune import artifacts
+from finetune.errors import FinetuneError
+
+ARGS: dict[str, str | None] = {"metric": "", "out": ""}
+USAGE = "usage: python -m finetune.report DIR [metric=val/acc] [out=DIR]"
+METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc")
+ALL_LAYERS = "(all)"  # the split point of a job that trains every layer (train_from null)
+COLUMNS = ("rank", "job", "status", "overrides", "train_from", "lr", "trainable_params",
+           "best_val_acc", "val_acc", "val_loss", "epochs", "train_seconds", "error")
+
+
+@dataclass
+class Job:
+    """What one job dir says about itself."""
+
+    dir: Path
+    status: str  # complete | failed | running | pending
+    overrides: dict[str, str] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)  # metric name -> number
+    train_from: str | None = None
+    lr: float | None = None
+    trainable_params: int | None = None
+    epochs: int | None = None
+    train_seconds: float | None = None
+    error: str = ""
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    import yaml
+
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    listed = yaml.safe_load(path.read_text()) or []
+    return dict(str(o).partition("=")[::2] for o in listed if "=" in str(o))
+
+
+def _composed(job_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = job_dir / ".hydra" / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def read_job(job_dir: Path) -> Job:
+    """A job from its dir, finished or not."""
+    metrics_file = job_dir / artifacts.METRICS
+    metrics = artifacts.read_json(metrics_file) if metrics_file.is_file() else {}
+    config = _composed(job_dir)
+    freeze, optim = config.get("freeze") or {}, config.get("optim") or {}
+    job = Job(job_dir, metrics.get("status", "pending"), _overrides(job_dir))
+    job.train_from = metrics.get("train_from", freeze.get("train_from"))
+    job.lr = _number(metrics.get("lr", optim.get("lr")))
+    job.trainable_params = metrics.get("trainable_params")
+    if job.status == "failed":
+        job.error = " ".join(" ".join(map(str, metrics.get("error", []))).split())
+    if job.status == "complete":
+        job.values = {k: _number(metrics.get(k)) for k in METRICS}
+        job.epochs, job.train_seconds = metrics.get("epochs"), metrics.get("train_seconds")
+    else:  # running, or stopped: what its per-epoch log holds so far
+        series = artifacts.epoch_metrics(job_dir / "metrics.csv")
+        accs = series.get("val/acc", {})
+        if accs:
+            last = max(accs)
+            job.epochs = last + 1
+            job.values = {k: series[k][last] for k in METRICS if last in series.get(k, {})}
+            job.values["best/val/acc"] = max(accs.values())
+    return job
+
+
+def find_jobs(root: Path) -> list[Job]:
+    """Every job dir under `root`: a dir with .hydra/ or metrics.json, in job order."""
+    dirs = {p.parent.parent if p.name == "overrides.yaml" else p.parent
+            for pattern in ("**/.hydra/overrides.yaml", f"**/{artifacts.METRICS}")
+            for p in root.glob(pattern)}
+    dirs = {d for d in dirs if not any(d != o and o in d.parents for o in dirs)}
+
+    def order(path: Path) -> tuple[Any, ...]:
+        parts = path.relative_to(root).parts
+        return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+    return [read_job(d) for d in sorted(dirs, key=order)]
+
+
+def swept_keys(jobs: list[Job]) -> list[str]:
+    """Override keys whose values differ between jobs (what the sweep varied)."""
+    keys: list[str] = []
+    for job in jobs:
+        keys += [k for k in job.overrides if k not in keys]
+    return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
+
+
+def rank(jobs: list[Job], metric: str) -> list[Job]:
+    """Best first by `metric` (lower is better for a loss); jobs without it last, in order."""
+    sign = 1.0 if metric.endswith("loss") else -1.0
+    scored = [j for j in jobs if j.values.get(metric) is not None]
+    unscored = [j for j in jobs if j.values.get(metric) is None]
+    return sorted(scored, key=lambda j: sign * j.values[metric]) + unscored
+
+
+def split_label(train_from: Any) -> str:
+    return ALL_LAYERS if train_from in (None, "null", "None") else str(train_from)
+
+
+def rows(jobs: list[Job], root: Path, keys: list[str]) -> list[list[Any]]:
+    def fmt(value: Any, digits: int = 4) -> Any:
+        return "" if value is None else round(value, digits) if isinstance(value, float) \
+            else value
+
+    out = []
+    for i, job in enumerate(jobs, 1):
+        out.append([
+            i, str(job.dir.relative_to(root)) or ".", job.status,
+            " ".join(f"{k}={job.overrides[k]}" for k in keys if k in job.overrides),
+            split_label(job.train_from), fmt(job.lr, 6), fmt(job.trainable_params),
+            fmt(job.values.get("best/val/acc")), fmt(job.values.get("val/acc")),
+            fmt(job.values.get("val/loss")), fmt(job.epochs), fmt(job.train_seconds, 1),
+            job.error,
+        ])
+    return out
+
+
+def text_table(header: list[str], body: list[list[Any]]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in body]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], body: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
+    """leaderboard.png: the metric per split point (every job a dot, the mean a line; the
+    split points ordered from most to fewest trainable parameters), and against the learning
+    rate when it was swept. False when no job has the metric yet."""
+    scored = [j for j in jobs if j.values.get(metric) is not None]
+    if not scored:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from finetune.plots import _save
+
+    lr_swept = "optim.lr" in keys or len({j.lr for j in scored}) > 1
+    fig, axes = plt.subplots(1, 2 if lr_swept else 1, figsize=(11 if lr_swept else 6.5, 4),
+                             squeeze=False)
+    size: dict[str, int] = {}
+    for job in scored:
+        label = split_label(job.train_from)
+        size[label] = max(size.get(label, -1), job.trainable_params or -1)
+    splits = sorted(size, key=lambda s: (-size[s], s))
+    ax = axes[0][0]
+    lrs = sorted({j.lr for j in scored if j.lr is not None}) if lr_swept else [None]
+    for lr in lrs:
+        group = [j for j in scored if not lr_swept or j.lr == lr]
+        xs = [splits.index(split_label(j.train_from)) for j in group]
+        ax.scatter(xs, [j.values[metric] for j in group], alpha=0.6, s=22)
+        means = [(i, [j.values[metric] for j, x in zip(group, xs, strict=True) if x == i])
+                 for i in range(len(splits))]
+        means = [(i, sum(v) / len(v)) for i, v in means if v]
+        ax.plot([i for i, _ in means], [m for _, m in means], marker="o",
+                label=f"lr {lr:g} (mean)" if lr_swept else "mean")
+    ax.set_xticks(range(len(splits)))
+    ax.set_xticklabels([f"{s}\n{size[s]:,} p" if size[s] >= 0 else s for s in splits],
+                       fontsize=8)
+    ax.set(xlabel="freeze.train_from (trainable parameters)", ylabel=metric,
+           title=f"{metric} by split point")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if lr_swept:
+        ax = axes[0][1]
+        for split in splits:
+            group = sorted((j for j in scored if split_label(j.train_from) == split
+                            and j.lr is not None), key=lambda j: j.lr)
+            ax.plot([j.lr for j in group], [j.values[metric] for j in group], marker="o",
+                    label=split, alpha=0.8)
+        ax.set(xscale="log", xlabel="optim.lr", ylabel=metric, title=f"{metric} by learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="train_from")
+    _save(fig, path)
+    return True
+
+
+def default_metric(jobs: list[Job]) -> str:
+    """The metric the jobs were told to return (`metric`), val/acc if none says."""
+    for job in jobs:
+        metrics_file = job.dir / artifacts.METRICS
+        if metrics_file.is_file():
+            named = artifacts.read_json(metrics_file).get("metric")
+            if named:
+                return str(named)
+    return "val/acc"
+
+
+def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, Any]:
+    """Write the leaderboard files for the sweep at `root`; returns what was written."""
+    if not root.is_dir():
+        raise FinetuneError(f"{root}: no such folder; give a sweep dir, e.g. "
+                            "outputs/sweeps/<recipe>/<time>")
+    jobs = find_jobs(root)
+    if not jobs:
+        raise FinetuneError(f"{root}: no job dirs in it (none has .hydra/ or metrics.json); "
+                            "give the dir a sweep printed at its start")
+    metric = metric or default_metric(jobs)
+    if metric not in METRICS:
+        raise FinetuneError(f"metric={metric}: not one of {', '.join(METRICS)}")
+    keys = swept_keys(jobs)
+    ranked = rank(jobs, metric)
+    header, body = list(COLUMNS), rows(ranked, root, keys)
+    out = out or root
+    artifacts.write_csv(out / "leaderboard.csv", header, body)
+    counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "running", "failed",
+                                                            "pending")}
+    summary = (f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+               + f"; ranked by {metric}")
+    artifacts.write_bytes(out / "leaderboard.md", (
+        f"# Leaderboard: {root}\n\n{summary}; swept: {', '.join(keys) or 'nothing'}\n\n"
+        + markdown_table(header[:-1], [r[:-1] for r in body])
+        + "".join(f"\n- job {r[1]} failed: {r[-1]}" for r in body if r[-1])
+        + ("\n" if any(r[-1] for r in body) else "")).encode())
+    plotted = plot(jobs, metric, keys, out / "leaderboard.png")
+    return {"jobs": ranked, "header": header, "rows": body, "summary": summary, "metric": metric,
+            "files": [out / "leaderboard.csv", out / "leaderboard.md",
+                      *([out / "leaderboard.png"] if plotted else [])]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    from finetune.prediction import parse_args
+
+    try:
+        positional = [a for a in args if "=" not in a]
+        if len(positional) != 1:
+            raise FinetuneError(f"give one sweep dir; {USAGE}")
+        options = parse_args([a for a in args if "=" in a], ARGS, USAGE)
+        result = report(Path(positional[0]).expanduser(), options["metric"],
+                        Path(options["out"]).expanduser() if options["out"] else None)
+    except FinetuneError as err:
+        print(f"finetune.report: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    shown = [c for c in result["header"] if c != "error"]
+    print(text_table(shown, [r[:len(shown)] for r in result["rows"]]))
+    for row in result["rows"]:
+        if row[-1]:
+            print(f"job {row[1]} failed: {row[-1]}")
+    print(f"{result['summary']}\nwritten: " + "  ".join(str(f) for f in result["files"]))
+
+
+if __name__ == "__main__":
+    main()

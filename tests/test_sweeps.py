@@ -1,0 +1,209 @@
+"""Sweeps through `python -m finetune -m`: one dir per job, failed jobs recorded while the
+others run, the feature cache shared by jobs that can share it, the leaderboard of
+`python -m finetune.report` (also of a sweep still running), and the searches and launchers
+a recipe can name (Optuna run for real when its extra is installed; launchers composed)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import cli_errors, read_json, run_cli
+from hydra import compose, initialize_config_dir
+
+from finetune import config as schema
+from finetune.__main__ import prepare, sweeper_problem
+from finetune.errors import ConfigError
+from finetune.report import main as report_main
+from finetune.report import report
+
+TINY = ["recipe=base", "data=fake", "data.fake_size=80", "data.fake_classes=4",
+        "data.batch_size=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1"]
+HAS_OPTUNA = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three split points x two learning rates; one split point names no layer: its jobs fail."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    result = run_cli("-m", *TINY, "freeze.train_from=layer4,fc,layer9", "optim.lr=0.01,0.03",
+                     "hydra.sweep.dir=sweep", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "sweep"
+
+
+def test_every_job_has_its_dir_and_a_failed_job_does_not_stop_the_sweep(sweep: Path) -> None:
+    jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert [j.name for j in jobs] == ["0", "1", "2", "3", "4", "5"]
+    metrics = [read_json(j / "metrics.json") for j in jobs]
+    splits = [m.get("train_from") for m in metrics]
+    assert [m["status"] for m in metrics] == ["complete"] * 4 + ["failed"] * 2
+    assert splits[:4] == ["layer4", "layer4", "fc", "fc"]
+    assert [m["lr"] for m in metrics[:4]] == [0.01, 0.03, 0.01, 0.03]
+    assert all((j / "model.safetensors").is_file() for j in jobs[:4])
+    assert "freeze.train_from='layer9' matches no module" in metrics[4]["error"][0]
+    # The cache: the second job of each split point reads what the first computed.
+    caches = [m["feature_cache"] for m in metrics[:4]]
+    assert [c["status"] for c in caches] == ["computed", "reused", "computed", "reused"]
+    assert caches[0]["key"] == caches[1]["key"] != caches[2]["key"] == caches[3]["key"]
+    assert len(list((sweep / "feature_cache").glob("*.npy"))) == 4  # 2 prefixes x train, val
+
+
+def test_the_leaderboard_ranks_every_job(sweep: Path) -> None:
+    report_main([str(sweep)])
+    with open(sweep / "leaderboard.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 6
+    complete = [r for r in table if r["status"] == "complete"]
+    accs = [float(r["val_acc"]) for r in complete]
+    assert accs == sorted(accs, reverse=True) and len(complete) == 4
+    assert [r["status"] for r in table[4:]] == ["failed", "failed"]
+    assert all("matches no module" in r["error"] for r in table[4:])
+    for row in complete:  # each row is its job's own metrics.json
+        metrics = read_json(sweep / row["job"] / "metrics.json")
+        assert float(row["val_acc"]) == pytest.approx(metrics["val/acc"], abs=1e-4)
+        assert int(row["trainable_params"]) == metrics["trainable_params"]
+        assert row["overrides"] == (f"freeze.train_from={metrics['train_from']} "
+                                    f"optim.lr={metrics['lr']}")
+    fc = {int(r["trainable_params"]) for r in complete if r["train_from"] == "fc"}
+    layer4 = {int(r["trainable_params"]) for r in complete if r["train_from"] == "layer4"}
+    assert fc == {512 * 4 + 4} and min(layer4) > max(fc)
+    markdown = (sweep / "leaderboard.md").read_text()
+    assert markdown.count("\n| ") == 8 and "job 4 failed" in markdown  # header, rule, 6 jobs
+    assert (sweep / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_leaderboard_of_a_sweep_still_running(sweep: Path, tmp_path: Path) -> None:
+    """A job that stopped mid-run (metrics.json says running, metrics.csv has one epoch) and a
+    job not started (only .hydra/) are listed with what they have."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("*.ckpt", "feature_cache"))
+    running, pending = copy / "1", copy / "3"
+    plan = read_json(running / "metrics.json")
+    (running / "metrics.json").write_text(json.dumps({
+        "status": "running", "train_from": plan["train_from"], "lr": plan["lr"],
+        "trainable_params": plan["trainable_params"]}))
+    with open(running / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    first_epoch = [r for r in rows if r["epoch"] and float(r["epoch"]) == 0]
+    with open(running / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(first_epoch)
+    for name in list(pending.iterdir()):
+        if name.name != ".hydra":
+            shutil.rmtree(name) if name.is_dir() else name.unlink()
+    result = report(copy)
+    by_job = {str(j.dir.name): j for j in result["jobs"]}
+    assert by_job["1"].status == "running" and by_job["1"].epochs == 1
+    epoch0 = next(float(r["val/acc"]) for r in first_epoch if r.get("val/acc"))
+    assert by_job["1"].values["val/acc"] == pytest.approx(epoch0)
+    assert by_job["3"].status == "pending" and by_job["3"].values == {}
+    assert by_job["3"].train_from == "fc"  # from the job's composed config
+    assert [j.dir.name for j in result["jobs"]][-3:] == ["3", "4", "5"]  # unscored last
+    assert "6 jobs: 2 complete, 1 running, 2 failed, 1 pending" in result["summary"]
+
+
+def test_report_of_a_folder_without_jobs_says_so(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    for argv, message in (([str(tmp_path / "nope")], "no such folder"),
+                          ([str(tmp_path)], "no job dirs in it"),
+                          ([str(tmp_path), "metric=val/speed"], "no job dirs"),
+                          ([], "give one sweep dir")):
+        with pytest.raises(SystemExit) as stopped:
+            report_main(argv)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("finetune.report: error:") and message in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=prepare(list(overrides)), return_hydra_config=True)
+
+
+def test_a_recipe_carries_its_search() -> None:
+    cfg = _compose("recipe=digits_transfer_splits")
+    assert dict(cfg.hydra.sweeper.params) == {
+        "freeze.train_from": "null,layer1,layer2,layer3,layer4,fc", "seed": "0,1,2"}
+    grid = _compose("recipe=digits_transfer", "sweep=splits_lr")
+    assert dict(grid.hydra.sweeper.params) == {
+        "freeze.train_from": "null,layer1,layer2,layer3,layer4,fc",
+        "optim.lr": "3.0e-4,1.0e-3,3.0e-3"}
+
+
+@pytest.mark.skipif(not HAS_OPTUNA, reason="hydra-optuna-sweeper not installed (finetune[optuna])")
+def test_optuna_direction_is_checked_against_the_metric() -> None:
+    cfg = _compose("recipe=digits_transfer", "sweep=optuna")
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.metric == "val/acc"
+    assert sweeper_problem(cfg.hydra, cfg.metric) is None
+    loss = _compose("recipe=digits_transfer", "sweep=optuna", "metric=val/loss")
+    assert sweeper_problem(loss.hydra, loss.metric) == (
+        "hydra.sweeper.direction=maximize but the jobs return metric=val/loss, which is better "
+        "lower; set hydra.sweeper.direction=minimize (or pick another metric)")
+    assert sweeper_problem(_compose("recipe=digits_transfer").hydra, "val/loss") is None
+
+
+@pytest.mark.skipif(not HAS_OPTUNA, reason="hydra-optuna-sweeper not installed (finetune[optuna])")
+def test_optuna_runs_trials_and_reports_the_best(tmp_path: Path) -> None:
+    result = run_cli("-m", *TINY, "sweep=optuna", "hydra.sweeper.n_trials=2",
+                     "freeze.train_from=choice(layer4,fc)",
+                     "hydra.sweep.dir=search", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "search").iterdir() if p.name.isdigit())
+    assert len(jobs) == 2
+    accs = [read_json(j / "metrics.json")["val/acc"] for j in jobs]
+    best = (tmp_path / "search" / "optimization_results.yaml").read_text()
+    assert f"best_value: {max(accs)}" in best
+    mismatch = run_cli("-m", *TINY, "sweep=optuna", "metric=val/loss",
+                       "hydra.sweep.dir=wrong", cwd=tmp_path)
+    assert cli_errors(mismatch) == [
+        "finetune: error: hydra.sweeper.direction=maximize but the jobs return "
+        "metric=val/loss, which is better lower; set hydra.sweeper.direction=minimize (or pick "
+        "another metric)"]
+    assert not list((tmp_path / "wrong").glob("*/metrics.json"))  # no job trained
+
+
+@pytest.mark.parametrize(("launcher", "plugin", "fields"), [
+    ("slurm", "hydra_submitit_launcher", {"gpus_per_node": 1, "tasks_per_node": 1,
+                                          "timeout_min": 240}),
+    ("local", "hydra_submitit_launcher", {"gpus_per_node": 0, "cpus_per_task": 2}),
+    ("parallel", "hydra_joblib_launcher", {"n_jobs": 2}),
+])
+def test_launcher_configs_compose(launcher: str, plugin: str, fields: dict) -> None:
+    if importlib.util.find_spec(f"hydra_plugins.{plugin}") is None:
+        pytest.skip(f"{plugin} not installed")
+    cfg = _compose("recipe=digits_transfer", "sweep=splits", f"hydra/launcher={launcher}")
+    assert plugin in cfg.hydra.launcher._target_
+    assert {k: cfg.hydra.launcher[k] for k in fields} == fields
+    assert cfg.hydra.sweeper.params["freeze.train_from"].startswith("null,layer1")
+
+
+def test_a_recipe_cannot_reach_past_its_search(tmp_path: Path) -> None:
+    """A shared recipe may carry a search, not code: Hydra keys that import or run something
+    are refused before anything starts."""
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("defaults:\n  - override /hydra/sweeper: optuna\n"
+                    "  - override /hydra/callbacks: log_job_return\n"
+                    "hydra:\n  sweeper:\n    sampler:\n      _target_: os.system\n"
+                    "    params:\n      optim.lr: 0.1,0.2\n"
+                    "  launcher:\n    setup: [touch pwned]\n"
+                    "  job:\n    env_set:\n      LD_PRELOAD: evil.so\n")
+    with pytest.raises(ConfigError) as refused:
+        prepare([f"recipe={evil}"])
+    assert refused.value.problems == [
+        f"{evil}: hydra.sweeper.sampler._target_ cannot be set in a recipe (it can run code); "
+        "set it on the command line if you mean it",
+        f"{evil}: hydra.launcher.setup cannot be set in a recipe (it can run code); set it on "
+        "the command line if you mean it",
+        f"{evil}: hydra.job.env_set cannot be set in a recipe (it can run code); set it on the "
+        "command line if you mean it",
+        f"{evil}: a recipe's defaults may choose only hydra/sweeper: basic, optuna; "
+        "hydra/launcher: basic, joblib, parallel, submitit_slurm, slurm, submitit_local, local; "
+        "not hydra/callbacks: log_job_return"]
