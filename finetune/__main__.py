@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from finetune import config as schema
+from finetune.allowlist import take_allow_flags
 from finetune.errors import ConfigError, FinetuneError
 
 log = logging.getLogger("finetune")
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> Any:
     os.environ.setdefault("FINETUNE_LAUNCHED", str(time.time()))  # first_step_seconds
     args = sys.argv[1:] if argv is None else argv
     try:
-        args = prepare(args)
-    except ConfigError as err:
+        args = prepare(take_allow_flags(list(args)))
+    except FinetuneError as err:
         report(err)
         raise SystemExit(2) from None
     if "--help" in args or "-h" in args:

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finetune import allowlist
 from finetune.errors import ConfigError, did_you_mean
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -379,6 +380,7 @@ def check_recipe(path: Path) -> list[str]:
     assert isinstance(body, dict)
     errors = hydra_settings_problems(body.pop("hydra", None), body.pop("defaults", None),
                                      str(path))
+    errors += allowlist.import_problems(body, str(path))
     probe = OmegaConf.structured(Config)
     for key, value in _flatten(body):
         problem = check_key(key, str(path)) or check_value(key, value, str(path), probe)
@@ -428,6 +430,14 @@ def hydra_settings_problems(hydra: Any, defaults: Any, where: str) -> list[str]:
     return problems
 
 
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    """`a.b=v` as {a: {b: v}}: the shape import checks walk."""
+    node: Any = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    return node
+
+
 def check_overrides(overrides: list[str]) -> list[str]:
     """Every unknown key, wrong type, bad choice or unknown group option in CLI overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -445,6 +455,10 @@ def check_overrides(overrides: list[str]) -> list[str]:
         where = f"override '{override.input_line}'"
         values = (list(override.sweep_iterator()) if override.is_sweep_override()
                   else [override.value()])
+        nested = [allowlist.import_problems(_nest(key, v), where) for v in values]
+        if any(nested):
+            errors += next(n for n in nested if n)
+            continue
         if key in GROUPS:
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
             errors += [f"{where}: no {key} option '{v}'{did_you_mean(v, options)}; options: "

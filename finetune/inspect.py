@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune import config as schema
 from finetune.__main__ import RECIPE_FILES, prepare, report
+from finetune.allowlist import take_allow_flags
 from finetune.errors import FinetuneError
 
 FLAGS = ("--keys", "--splits", "--json")
 USAGE = ("usage: python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] "
-         "[--splits] [--json] [--depth N]")
+         "[--splits] [--json] [--depth N] [--allow-module PREFIX]")
 
 
 def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
@@ -203,6 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     if "-h" in args or "--help" in args:
         print(USAGE)
         return
+    try:
+        args = take_allow_flags(args)
+    except FinetuneError as err:
+        report(err)
+        raise SystemExit(2) from None
     depth = 2
     if "--depth" in args:
         at = args.index("--depth")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune import registry
 from finetune.errors import FinetuneError, did_you_mean
 
 OPS = ("replace", "insert_after", "insert_before", "remove", "truncate", "rename")
@@ -83,15 +84,7 @@ def io_shapes(model: nn.Module, input_size: int, paths: list[str] | None = None,
 
 # -- building layers named in a recipe ---------------------------------------------------
 
-def _layer_types() -> dict[str, type[nn.Module]]:
-    """torch.nn layer classes by name: the only layers a recipe can build."""
-    return {name: obj for name, obj in vars(nn).items() if isinstance(obj, type)
-            and issubclass(obj, nn.Module) and not name.startswith("_")
-            and obj not in (nn.Module, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
-                            nn.ParameterDict)}
-
-
-LAYERS = _layer_types()
+LAYERS = registry.LAYERS
 # The argument a layer's input size goes into, for `auto`.
 _INPUT_ARG = {"in_features": -1, "in_channels": 1, "num_features": 1, "normalized_shape": -1,
               "embed_dim": -1}
@@ -109,10 +102,7 @@ def build_layer(spec: Any, input_shape: Callable[[], tuple[int, ...] | None], wh
                             f"got {spec!r}")
     kwargs = dict(spec)
     name = kwargs.pop("type")
-    if name not in LAYERS:
-        raise FinetuneError(f"{where}: unknown layer type {name!r}{did_you_mean(name, LAYERS)}; "
-                            "layers are torch.nn classes")
-    cls = LAYERS[name]
+    cls = registry.resolve_layer(name, where)
     params = cls.__init__.__code__.co_varnames[:cls.__init__.__code__.co_argcount]
     for arg, dim in _INPUT_ARG.items():
         if arg in params and kwargs.get(arg, "auto") == "auto":

@@ -118,6 +118,8 @@ RUN_ELSEWHERE = {
     "resnet50_9cls": "test_train_e2e.py::test_resnet50_9cls_through_torchvision_cache",
     "vgg16_relu5_3": "test_recipes.py::test_vgg16_feature_extractor_run",
     "digits_source": "test_sharing.py::test_show_resolved_equals_what_the_run_records",
+    # digits_transfer with a search: run as a sweep, shrunk (its real run is in README)
+    "digits_transfer_splits": "test_sweeps.py::sweep",
 }
 
 

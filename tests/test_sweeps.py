@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import cli_errors, read_json, run_cli
+from conftest import read_json, run_cli
 from hydra import compose, initialize_config_dir
 
 from finetune import config as schema
@@ -29,9 +29,13 @@ HAS_OPTUNA = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is n
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three split points x two learning rates; one split point names no layer: its jobs fail."""
+    """The shipped split sweep, shrunk (random init, fake data; the command line replaces the
+    recipe's search): three split points x two learning rates; one split point names no
+    layer: its jobs fail."""
     cwd = tmp_path_factory.mktemp("sweep")
-    result = run_cli("-m", *TINY, "freeze.train_from=layer4,fc,layer9", "optim.lr=0.01,0.03",
+    result = run_cli("-m", "recipe=digits_transfer_splits", "weights.source=none", *TINY[1:],
+                     "head.num_classes=null", "data.train_size=null", "seed=0",
+                     "freeze.train_from=layer4,fc,layer9", "optim.lr=0.01,0.03",
                      "hydra.sweep.dir=sweep", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "sweep"
@@ -161,13 +165,6 @@ def test_optuna_runs_trials_and_reports_the_best(tmp_path: Path) -> None:
     accs = [read_json(j / "metrics.json")["val/acc"] for j in jobs]
     best = (tmp_path / "search" / "optimization_results.yaml").read_text()
     assert f"best_value: {max(accs)}" in best
-    mismatch = run_cli("-m", *TINY, "sweep=optuna", "metric=val/loss",
-                       "hydra.sweep.dir=wrong", cwd=tmp_path)
-    assert cli_errors(mismatch) == [
-        "finetune: error: hydra.sweeper.direction=maximize but the jobs return "
-        "metric=val/loss, which is better lower; set hydra.sweeper.direction=minimize (or pick "
-        "another metric)"]
-    assert not list((tmp_path / "wrong").glob("*/metrics.json"))  # no job trained
 
 
 @pytest.mark.parametrize(("launcher", "plugin", "fields"), [
