@@ -67,7 +67,7 @@ def test_torch_nn_and_torchvision_ops_by_full_name_are_looked_up_not_imported() 
         {"op": "replace", "path": "fc", "with": {"type": "torch.nn.Linear", "out_features": 3}}],
         32)
     assert result.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
-    with pytest.raises(FinetuneError, match="torch.nn has no layer 'system'"):
+    with pytest.raises(FinetuneError, match=r"torch\.nn has no layer 'system'"):
         apply_surgery(torchvision.models.resnet18(), [
             {"op": "replace", "path": "fc", "with": {"type": "torch.nn.system"}}], 32)
 
