@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from safetensors.torch import save
 from torch import nn
@@ -36,18 +38,40 @@ def file_sha256(path: Path) -> str:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one."""
+    write_stream(path, lambda handle: handle.write(data))
+
+
+def write_stream(path: Path, writer: Callable[[BinaryIO], Any]) -> None:
+    """Call `writer` on a temporary file beside `path`, then rename it into place: a crash or
+    a full disk leaves the previous file whole, never a half-written one (and no temporary).
+
+    Raises:
+        DiskFull: no space (or quota) left on the device.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            writer(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"no space left on the device while writing {path}; "
+                           f"{'the previous file is intact; ' if path.exists() else ''}free "
+                           "some space (or point hydra.run.dir elsewhere) and run again "
+                           "(resume=auto continues from the last checkpoint)") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class DiskFull(FinetuneError):
+    """The device is full: nothing was half-written."""
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 LAUNCH_ENV = "FINETUNE_LAUNCHED"  # wall-clock time the command started (set by __main__)
 
@@ -83,3 +85,37 @@ class ThroughputMeter(pl.Callback):
 def _sync(module: pl.LightningModule) -> None:
     if module.device.type == "cuda":
         torch.cuda.synchronize(module.device)
+
+
+class SaveOnInterrupt(pl.Callback):
+    """Ctrl-C: a checkpoint of where training stood (checkpoints/interrupted.ckpt) and
+    metrics.json saying so, before Lightning shuts down. Only for KeyboardInterrupt: a run that
+    failed (a NaN loss) must not save what failed."""
+
+    def __init__(self, run_dir: Any, write_status: Any) -> None:
+        self.run_dir, self.write_status = run_dir, write_status
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        path = self.run_dir / "checkpoints" / "interrupted.ckpt"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            message = (f"stopped by Ctrl-C in epoch {trainer.current_epoch} at step "
+                       f"{trainer.global_step}; continue with resume={path} (from that step; "
+                       "not bit-exact, as a mid-epoch restart cannot be) or resume=auto "
+                       "(checkpoints/last.ckpt, the end of the last whole epoch, if any)")
+            self.write_status(message, str(path))
+            print(f"finetune: {message}", flush=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic: a temporary file renamed into place, so an
+    interrupted or failed save (a full disk) leaves the previous last.ckpt / best.ckpt whole."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        from finetune.artifacts import write_stream
+
+        write_stream(Path(path), lambda handle: torch.save(checkpoint, handle))

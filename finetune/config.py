@@ -144,6 +144,7 @@ class DataConfig:
     augment: list[Any] = field(default_factory=list)
     fake_size: int = 256
     fake_classes: int = 10
+    on_bad_image: str = "skip"
 
 
 @dataclass
@@ -198,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "adam", "adamw", "rmsprop"),
     "sched.name": ("none", "cosine", "step", "onecycle", "plateau"),
     "data.name": ("digits", "imagefolder", "csv", "fake"),
+    "data.on_bad_image": ("skip", "error"),
     "logger.name": ("csv", "tensorboard", "mlflow"),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc"),
 }

@@ -160,6 +160,38 @@ class Split:
         return Split(items, [self.labels[i] for i in index])
 
 
+def _decode_problem(path: Path) -> str | None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as err:
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+    return None
+
+
+def drop_undecodable(split: Split, names: list[str], policy: str
+                     ) -> tuple[Split, list[tuple[str, str]]]:
+    """Decode every image once (threads; PIL releases the GIL): those that fail are skipped
+    and returned (path, reason), or refused with `policy` error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(_decode_problem, split.items))
+    bad = [(str(p), r) for p, r in zip(split.items, reasons, strict=True) if r]
+    if bad and policy == "error":
+        raise FinetuneError(f"data: {len(bad)} image{'s' if len(bad) > 1 else ''} cannot be "
+                            f"decoded, e.g. {bad[0][0]} ({bad[0][1]}); fix or remove "
+                            f"{'them' if len(bad) > 1 else 'it'}, or set data.on_bad_image=skip "
+                            "to train without them")
+    kept = split.subset(np.array([i for i, r in enumerate(reasons) if r is None], dtype=int))
+    empty = [names[c] for c in sorted(set(split.labels) - set(kept.labels))]
+    if empty:
+        raise FinetuneError(f"data: no image of class {empty[0]} can be decoded (e.g. "
+                            f"{bad[0][0]}: {bad[0][1]}); fix the files or leave the class out "
+                            "with data.classes")
+    return kept, bad
+
+
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(train, val) with every class in the same proportion, the same for the same seed."""
     index = np.arange(len(split.labels))
@@ -279,6 +311,7 @@ class ImageDataModule(pl.LightningDataModule):
         # The epoch the first train loader starts at: Lightning creates that loader's
         # iterator (workers prefetch from the sampler) before it calls set_epoch.
         self.start_epoch = 0
+        self.bad_images: list[tuple[str, str]] = []  # (path, reason): skipped, undecodable
 
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints are written at the end of an epoch: a resumed run starts the next one.
@@ -340,6 +373,12 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
             val, _ = scan_folder(root / "val", names)
         else:
             full, names = scan_folder(root, cfg.classes)
+    bad: list[tuple[str, str]] = []
+    if not isinstance(full.items, torch.Tensor):  # files: every one must decode
+        full, bad = drop_undecodable(full, names, cfg.get("on_bad_image", "skip"))
+        if val is not None:
+            val, bad_val = drop_undecodable(val, names, cfg.get("on_bad_image", "skip"))
+            bad += bad_val
     train = full
     if val is None:
         train, val = stratified_split(full, cfg.val_fraction, seed)
@@ -349,8 +388,10 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
     dataset = TensorImages if in_memory else ImageFiles
     augment = OmegaConf.to_container(cfg.augment) if OmegaConf.is_config(cfg.augment) \
         else list(cfg.augment)
-    return ImageDataModule(
+    data = ImageDataModule(
         dataset(train.items, train.labels, train_transform(prep, augment), bool(augment)),
         dataset(val.items, val.labels, eval_transform(prep)),
         names, cfg.batch_size, _workers(cfg.num_workers, in_memory), seed,
     )
+    data.bad_images = bad
+    return data

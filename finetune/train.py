@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -21,7 +22,7 @@ from torchvision.models import WeightsEnum
 
 from finetune import artifacts, backbones, cache, plots, surgery
 from finetune.builder import assemble
-from finetune.callbacks import ThroughputMeter
+from finetune.callbacks import AtomicCheckpointIO, SaveOnInterrupt, ThroughputMeter
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze, plan_freeze
@@ -32,6 +33,7 @@ from finetune.weights import LoadReport, load_weights
 log = logging.getLogger("finetune")
 MONITOR = "val/acc"
 VAL_PREDICTIONS = "val_predictions.csv"
+BAD_IMAGES = "bad_images.csv"  # images skipped because they cannot be decoded
 ERROR_FILE = "error.txt"  # the traceback of a run that failed on something other than input
 
 
@@ -54,8 +56,9 @@ def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None,
         return _run(cfg, run_dir, recipe_files or {}, rerun_of or {})
     except FinetuneError as err:
         if is_main_process():
-            artifacts.write_json(run_dir / artifacts.METRICS,
-                                 {"status": "failed", "error": err.problems})
+            with contextlib.suppress(artifacts.DiskFull):  # the disk may be what failed
+                artifacts.write_json(run_dir / artifacts.METRICS,
+                                     {"status": "failed", "error": err.problems})
         raise
     except Exception as err:
         # Not a user error: the traceback goes beside the run for whoever debugs it.
@@ -83,6 +86,11 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
                                                                prep.channels), prep)
     data = build_datamodule(cfg.data, prep, cfg.seed)
     num_classes = check_num_classes(cfg.head.num_classes, data.class_names)
+    if data.bad_images and is_main_process():
+        artifacts.write_csv(run_dir / BAD_IMAGES, ["path", "reason"],
+                            [list(b) for b in data.bad_images])
+        log.warning("data: skipped %d images that cannot be decoded (listed in %s), e.g. %s",
+                    len(data.bad_images), run_dir / BAD_IMAGES, data.bad_images[0][0])
     log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
              len(data.train_set), len(data.val_set), prep.to_dict())
     check_model_paths(cfg, data.class_names, entry, prep.crop, prep.channels)
@@ -343,6 +351,9 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
                         save_top_k=1, enable_version_counter=False),
         meter,  # before the cache: computing the features counts as training time
+        SaveOnInterrupt(run_dir, lambda message, path: artifacts.write_json(
+            run_dir / artifacts.METRICS, {"status": "interrupted", "error": [message],
+                                          "checkpoint": path})),
         *([features] if isinstance(features, cache.FeatureCache) else []),
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -358,7 +369,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     # Our samplers shard for DDP themselves (the shuffling order and augmentation seeds per
     # epoch; validation split across ranks), so Lightning must not replace them.
     trainer = pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
-                         use_distributed_sampler=False, **trainer_kwargs)
+                         use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+                         **trainer_kwargs)
     return trainer, meter
 
 
@@ -463,6 +475,7 @@ def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Buil
         "epochs": trainer.current_epoch,
         "train_images": len(data.train_set),
         "val_images": len(data.val_set),
+        "bad_images": len(data.bad_images),
         "train_seconds": round(meter.fit_seconds, 3),
         # all ranks together (rank zero's rate x the number of ranks)
         "train_images_per_second": round(throughput * world, 2) if throughput else None,

@@ -1,0 +1,197 @@
+"""Bad input and bad luck, each with one message and nothing lost: images that do not decode,
+a loss that becomes NaN, Ctrl-C, a full disk; and the same seed giving the same run twice."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+from conftest import read_json, run_cli, run_dir_of, write_digit_images
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from finetune import artifacts, heads
+from finetune.backbones import preprocessing
+from finetune.callbacks import AtomicCheckpointIO
+from finetune.config import DataConfig, OptimConfig, SchedConfig
+from finetune.data import ImageDataModule, TensorImages, build_datamodule, eval_transform, fake_data
+from finetune.errors import FinetuneError
+from finetune.freezing import apply_freeze, plan_freeze
+from finetune.module import FinetuneModule, NonFiniteLoss
+
+warnings.filterwarnings("ignore")
+CLASSES = 4
+
+
+@pytest.fixture
+def folder_with_bad_images(tmp_path: Path) -> Path:
+    root = tmp_path / "imgs"
+    write_digit_images(root, [0, 1, 2], per_class=10)
+    good = next((root / "1").glob("*.png"))
+    (root / "1" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (root / "2" / "notes.png").write_text("not an image")
+    return root
+
+
+def _data_cfg(root: Path, policy: str = "skip") -> DataConfig:
+    return OmegaConf.structured(DataConfig(name="imagefolder", root=str(root), image_size=32,
+                                           batch_size=8, num_workers=0, on_bad_image=policy))
+
+
+def test_undecodable_images_are_skipped_and_listed(folder_with_bad_images: Path) -> None:
+    data = build_datamodule(_data_cfg(folder_with_bad_images), preprocessing(None, 32), 0)
+    assert sorted(Path(p).name for p, _ in data.bad_images) == ["notes.png", "truncated.png"]
+    assert all(reason for _, reason in data.bad_images)
+    used = {Path(p).name for p in [*data.train_set.paths, *data.val_set.paths]}
+    assert len(used) == 30 and not used & {"notes.png", "truncated.png"}
+
+
+def test_undecodable_images_stop_the_run_when_asked(folder_with_bad_images: Path) -> None:
+    with pytest.raises(FinetuneError) as refused:
+        build_datamodule(_data_cfg(folder_with_bad_images, "error"), preprocessing(None, 32), 0)
+    message = str(refused.value)
+    assert message.startswith("data: 2 images cannot be decoded, e.g. ")
+    assert message.endswith("fix or remove them, or set data.on_bad_image=skip to train "
+                            "without them")
+    for path in (folder_with_bad_images / "2").glob("*.png"):
+        if path.name != "notes.png":
+            path.unlink()
+    with pytest.raises(FinetuneError, match="no image of class 2 can be decoded"):
+        build_datamodule(_data_cfg(folder_with_bad_images), preprocessing(None, 32), 0)
+
+
+def test_a_run_lists_the_images_it_skipped(folder_with_bad_images: Path, tmp_path: Path) -> None:
+    result = run_cli("recipe=base", "data=imagefolder", f"data.root={folder_with_bad_images}",
+                     "data.augment=[]", "data.image_size=32", "data.batch_size=8",
+                     "trainer.max_epochs=1", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = run_dir_of(result)
+    listed = (run / "bad_images.csv").read_text().splitlines()
+    assert listed[0] == "path,reason" and len(listed) == 3
+    assert read_json(run / "metrics.json")["bad_images"] == 2
+    assert "skipped 2 images that cannot be decoded" in result.stdout + result.stderr
+
+
+def _module_and_data(lr: float = 0.05) -> tuple[FinetuneModule, ImageDataModule]:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    heads.replace_heads(model, CLASSES)
+    plan = plan_freeze(model, "layer4")
+    apply_freeze(model, plan)
+    split, names = fake_data(64, CLASSES, 32, seed=0)
+    transform = eval_transform(preprocessing(None, 32))
+    data = ImageDataModule(TensorImages(split.items[:48], split.labels[:48], transform),
+                           TensorImages(split.items[48:], split.labels[48:], transform),
+                           names, batch_size=16, num_workers=0)
+    optim = OmegaConf.merge(OmegaConf.structured(OptimConfig), {"name": "sgd", "lr": lr})
+    return FinetuneModule(model, CLASSES, plan, optim, OmegaConf.structured(SchedConfig())), data
+
+
+class _Diverge(pl.Callback):
+    """The weights blow up at a chosen step, as a too-high learning rate makes them."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.fc.weight.fill_(float("nan"))
+
+
+def test_a_nan_loss_stops_before_it_is_saved(tmp_path: Path) -> None:
+    module, data = _module_and_data()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="last", monitor=None)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         log_every_n_steps=50, callbacks=[checkpoints, _Diverge(step=4)],
+                         plugins=[AtomicCheckpointIO()])
+    with pytest.raises(NonFiniteLoss) as stopped:
+        trainer.fit(module, datamodule=data)
+    assert str(stopped.value) == (
+        f"the training loss became nan at step 4 (epoch 1); training stopped before saving "
+        f"anything of it: the last good checkpoint is {tmp_path / 'last.ckpt'} (epoch 0), "
+        f"resumable with resume={tmp_path / 'last.ckpt'}; lower optim.lr, set "
+        "trainer.gradient_clip_val, or check the data")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == 0 and saved["finetune"]["stages"] == 1
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values()
+               if t.is_floating_point())
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "recipe=base", "data=fake", "data.fake_size=400",
+         "data.fake_classes=4", "data.batch_size=16", "trainer.max_epochs=20",
+         "trainer.enable_progress_bar=false", "freeze.train_from=layer3", "freeze.cache=false",
+         "hydra.run.dir=run"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the next epoch
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    metrics = read_json(tmp_path / "run" / "metrics.json")
+    saved = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    assert metrics["status"] == "interrupted" and metrics["checkpoint"] == str(saved.resolve())
+    assert "finetune: stopped by Ctrl-C in epoch " in out and f"resume={saved.resolve()}" in out
+    checkpoint = torch.load(saved, weights_only=True)  # what resume= reads, and checks
+    assert checkpoint["finetune"]["stages"] == 1 and checkpoint["global_step"] > 0
+    assert not list(saved.parent.glob(".*"))  # no temporary left
+
+
+def test_a_full_disk_leaves_the_previous_file_whole(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while writing an artifact or a checkpoint (the OS call raises it, as on a full
+    device): one message, the old file intact, no temporary file left."""
+    metrics, checkpoint = tmp_path / "metrics.json", tmp_path / "last.ckpt"
+    artifacts.write_json(metrics, {"status": "running"})
+    AtomicCheckpointIO().save_checkpoint({"epoch": 0}, checkpoint)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(artifacts.DiskFull) as stopped:
+        artifacts.write_json(metrics, {"status": "complete"})
+    assert str(stopped.value) == (
+        f"no space left on the device while writing {metrics}; the previous file is intact; "
+        "free some space (or point hydra.run.dir elsewhere) and run again (resume=auto "
+        "continues from the last checkpoint)")
+    with pytest.raises(artifacts.DiskFull):
+        AtomicCheckpointIO().save_checkpoint({"epoch": 1}, checkpoint)
+    monkeypatch.undo()
+    assert read_json(metrics) == {"status": "running"}
+    assert torch.load(checkpoint, weights_only=True) == {"epoch": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "metrics.json"]
+
+
+def test_deterministic_runs_repeat_exactly() -> None:
+    """trainer.deterministic=true and a seed: the same metrics and weights twice on CPU."""
+    results = []
+    for _ in range(2):
+        pl.seed_everything(0, workers=True, verbose=False)
+        module, data = _module_and_data()
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, deterministic=True,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=data)
+        results.append(({k: float(v) for k, v in trainer.callback_metrics.items()},
+                        module.model.state_dict()))
+    (metrics_a, weights_a), (metrics_b, weights_b) = results
+    assert metrics_a == metrics_b and "val/loss" in metrics_a
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
