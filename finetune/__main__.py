@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from finetune import config as schema
-from finetune.allowlist import take_allow_flags
+from finetune.allowlist import import_problems, take_allow_flags
 from finetune.errors import ConfigError, FinetuneError
 
 log = logging.getLogger("finetune")
@@ -124,6 +124,9 @@ def register_rerun(run: Path, name: str | None = None) -> str:
     else:
         raise ConfigError([f"rerun={run}: no manifest.json or .hydra/config.yaml there; give "
                            "the dir of a run"])
+    problems = import_problems(config, str(run))  # a run dir from someone else is a recipe too
+    if problems:
+        raise ConfigError(problems)
     name = name or f"{recipe or schema.BASE_RECIPE}_rerun"
     schema.register_recipe_node(name, config)
     RERUN_OF[name] = run.resolve()
@@ -150,6 +153,8 @@ def task(cfg: DictConfig) -> float:
         report(err)
         if sweep:
             return math.nan  # the failed job is recorded in its dir; the sweep goes on
+        if full_error():
+            raise
         raise SystemExit(2) from None
     except Exception as err:
         if not sweep:
@@ -174,6 +179,11 @@ def sweeper_problem(hydra_cfg: Any, metric: str) -> str | None:
                 f"which is better {'lower' if expected == 'minimize' else 'higher'}; set "
                 f"hydra.sweeper.direction={expected} (or pick another metric)")
     return None
+
+
+def full_error() -> bool:
+    """HYDRA_FULL_ERROR=1: show the traceback behind a user error too (for debugging)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def report(err: FinetuneError) -> None:
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None) -> Any:
         args = prepare(take_allow_flags(list(args)))
     except FinetuneError as err:
         report(err)
+        if full_error():
+            raise
         raise SystemExit(2) from None
     if "--help" in args or "-h" in args:
         return print_help(args)

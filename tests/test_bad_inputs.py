@@ -195,3 +195,15 @@ def test_deterministic_runs_repeat_exactly() -> None:
     (metrics_a, weights_a), (metrics_b, weights_b) = results
     assert metrics_a == metrics_b and "val/loss" in metrics_a
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_a_traceback_only_when_asked(tmp_path: Path) -> None:
+    """HYDRA_FULL_ERROR=1 adds the traceback behind a user error (without it, one line and
+    exit 2: every cli_errors() check in the suite)."""
+    loud = subprocess.run([sys.executable, "-m", "finetune", "recipe=base", "data=imagefolder",
+                           "data.root=nowhere"], cwd=tmp_path,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
+    assert ("finetune: error: data.root='nowhere': no such path (relative paths start at "
+            f"{tmp_path})") in loud.stderr

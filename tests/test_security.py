@@ -126,3 +126,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match="cannot read the checkpoint"):
         check_resumable(path, None)  # type: ignore[arg-type]
     assert not marker.exists()
+
+
+def test_a_received_run_dir_is_checked_like_a_recipe(tmp_path: Path) -> None:
+    run = tmp_path / "received"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "model:\n  name: resnet18\n  kwargs:\n    _target_: subprocess.call\n")
+    with pytest.raises(ConfigError, match=r"model\.kwargs\._target_='subprocess\.call': "
+                                          "_target_ is not read from recipes"):
+        prepare([f"rerun={run}"])
