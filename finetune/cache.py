@@ -18,7 +18,7 @@ training it trains the model; checkpoints and weights are the model's.
 Where features live: in memory; in a sweep, also on disk under the sweep dir (or
 `freeze.cache_dir`), keyed by a hash of the prefix (code, modules, tensors), the images and
 their transform, the precision and the device type, so jobs that share all of these compute
-the features once. Sets larger than `MEMORY_BYTES` are read from disk (memory-mapped).
+the features once. Stored sets larger than `MEMORY_BYTES` are memory-mapped, not loaded.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.artifacts import write_stream
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -337,11 +338,8 @@ class FeatureCache(pl.Callback):
         path = self._file(key, split)
         if path is None or not self.write:
             return features
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        with open(partial, "wb") as handle:
-            np.save(handle, features.numpy(), allow_pickle=False)
-        os.replace(partial, path)  # whole or absent: parallel jobs may race to write it
+        # whole or absent (parallel jobs may race to write the same file: either one wins)
+        write_stream(path, lambda handle: np.save(handle, features.numpy(), allow_pickle=False))
         if features.nbytes > MEMORY_BYTES:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         return features
