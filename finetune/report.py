@@ -42,6 +42,7 @@ class Job:
     epochs: int | None = None
     train_seconds: float | None = None
     error: str = ""
+    metric: str | None = None  # the metric the job was told to return
 
 
 def _number(value: Any) -> float | None:
@@ -79,6 +80,7 @@ def read_job(job_dir: Path) -> Job:
     job.train_from = metrics.get("train_from", freeze.get("train_from"))
     job.lr = _number(metrics.get("lr", optim.get("lr")))
     job.trainable_params = metrics.get("trainable_params")
+    job.metric = metrics.get("metric")
     if job.status == "failed":
         job.error = " ".join(" ".join(map(str, metrics.get("error", []))).split())
     if job.status == "complete":
@@ -221,13 +223,7 @@ def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
 
 def default_metric(jobs: list[Job]) -> str:
     """The metric the jobs were told to return (`metric`), val/acc if none says."""
-    for job in jobs:
-        metrics_file = job.dir / artifacts.METRICS
-        if metrics_file.is_file():
-            named = artifacts.read_json(metrics_file).get("metric")
-            if named:
-                return str(named)
-    return "val/acc"
+    return next((job.metric for job in jobs if job.metric), "val/acc")
 
 
 def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, Any]:
