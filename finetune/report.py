@@ -260,6 +260,9 @@ def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        print(f"{USAGE}\n\n{__doc__.split(chr(10), 2)[2].strip()}")
+        return
     from finetune.prediction import parse_args
 
     try:

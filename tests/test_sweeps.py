@@ -125,6 +125,8 @@ def test_report_of_a_folder_without_jobs_says_so(tmp_path: Path,
         err = capsys.readouterr().err
         assert err.startswith("finetune.report: error:") and message in err
         assert len(err.strip().splitlines()) == 1
+    report_main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m finetune.report DIR")
 
 
 def _compose(*overrides: str):
