@@ -38,7 +38,10 @@ def main() -> None:
     settings = SETTINGS[a.device]
     if a.smoke:
         a.size, a.batch, a.batches, a.repeats = 16, 8, 4, 1
-        settings = settings[1:2]  # one setting: the smoke run checks the script, not speed
+        # one setting: the smoke run checks the script, not speed. Not bf16-mixed: on CPU
+        # (torch 2.14.1) its loss turns NaN in some runs, nondeterministically, and the run
+        # then stops (BENCHMARKS.md section 5).
+        settings = settings[:1]
     accelerator = "gpu" if a.device == "cuda" else "cpu"
     rows, base = [], None
     for precision, channels_last, compiled in settings:
