@@ -101,7 +101,7 @@ def test_cycle_and_missing_base_each_give_one_message(tmp_path: Path) -> None:
 
 
 def test_validate_reports_three_mistakes_at_once(torch_home: Path, tmp_path: Path) -> None:
-    result = recipes_cli("validate", "resnet50_9cls", *DIGITS_1_9[:2], "head.num_classes=4",
+    result = recipes_cli("validate", "resnet50_9cls", *DIGITS_1_9, "head.num_classes=4",
                          "freeze.train_from=layer9", "surgery=[{op: remove, path: avgpol}]",
                          cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
     errors = cli_errors(result, prefix="finetune.recipes: error:")

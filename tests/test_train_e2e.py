@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,13 +153,23 @@ def test_resnet50_9cls_through_torchvision_cache(torch_home: Path, tmp_path: Pat
 
 
 def test_imagefolder_of_pngs_with_tensorboard(digits_folder: Path, tmp_path: Path) -> None:
-    result = run_cli(*QUICK, "data=imagefolder", f"data.root={digits_folder}",
+    """Real PNG folders, two files among them that do not decode: skipped and listed."""
+    root = tmp_path / "imgs"
+    shutil.copytree(digits_folder, root)
+    good = next((root / "1").glob("*.png"))
+    (root / "1" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (root / "2" / "notes.png").write_text("not an image")
+    result = run_cli(*QUICK, "data=imagefolder", f"data.root={root}",
                      "data.classes=null", "head.num_classes=null", "logger=tensorboard", *SHRINK,
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = run_dir_of(result)
     assert read_json(run / "manifest.json")["class_names"] == ["0", "1", "2"]
-    assert read_json(run / "metrics.json")["status"] == "complete"
+    metrics = read_json(run / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["bad_images"] == 2
+    listed = (run / "bad_images.csv").read_text().splitlines()
+    assert listed[0] == "path,reason" and len(listed) == 3
+    assert "skipped 2 images that cannot be decoded" in result.stdout + result.stderr
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -182,8 +193,8 @@ def test_too_small_input_for_inception_aux_head_says_what_to_do(tmp_path: Path) 
 
 def test_offline_weights_error_names_url_and_path(tmp_path: Path) -> None:
     empty_home = tmp_path / "torch_home"
-    result = run_cli("recipe=resnet50_9cls", "data=digits", DIGITS_1_9, *SHRINK, cwd=tmp_path,
-                     env={"TORCH_HOME": str(empty_home)})
+    result = run_cli("recipe=resnet50_9cls", "data=digits", DIGITS_1_9, "data.image_size=32",
+                     *SHRINK, cwd=tmp_path, env={"TORCH_HOME": str(empty_home)})
     error = cli_errors(result)
     assert len(error) == 1
     assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in error[0]
