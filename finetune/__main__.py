@@ -51,6 +51,11 @@ def split_overrides(argv: list[str]) -> list[int]:
     return indices
 
 
+def inherited_recipes() -> dict[str, Any]:
+    """The recipe files and reruns the process that started this one registered."""
+    return json.loads(os.environ.get(RECIPES_OF_RUN_ENV, "{}"))
+
+
 def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     """Register the schema and the recipes, check the recipe and overrides, return Hydra's argv.
 
@@ -63,7 +68,7 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     schema.register_base_recipe()
     for name, path in schema.shipped_recipes().items():
         schema.register_recipe(name, path)
-    inherited = json.loads(os.environ.get(RECIPES_OF_RUN_ENV, "{}"))
+    inherited = inherited_recipes()
     for name, path in inherited.get("files", {}).items():
         schema.register_recipe(name, Path(path))
         RECIPE_FILES[name] = Path(path)
@@ -138,7 +143,7 @@ def task(cfg: DictConfig) -> float:
     from finetune.train import ERROR_FILE, run
 
     if not RECIPE_FILES and not RERUN_OF:  # a launcher's worker process (joblib, submitit)
-        inherited = json.loads(os.environ.get(RECIPES_OF_RUN_ENV, "{}"))
+        inherited = inherited_recipes()
         RECIPE_FILES.update({k: Path(v) for k, v in inherited.get("files", {}).items()})
         RERUN_OF.update({k: Path(v) for k, v in inherited.get("reruns", {}).items()})
     hydra_cfg = HydraConfig.get()

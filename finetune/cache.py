@@ -217,7 +217,6 @@ class CachedFeatures(Dataset):
     def __init__(self, features: torch.Tensor | np.ndarray, source: Any) -> None:
         self.features, self.labels = features, source.labels
         self.paths = getattr(source, "paths", None)
-        self.source = source
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -56,7 +56,7 @@ class FinetuneModule(pl.LightningModule):
         # torch.compile wraps the forward only: parameters, state_dict keys and checkpoints
         # stay those of the model (not registered as a submodule).
         object.__setattr__(self, "_forward", torch.compile(model) if compile else model)
-        self.compile = compile
+        self.compile_forward = compile  # not `compile`: that is nn.Module's method
         self._late: list[nn.Parameter] = []  # joined after DDP wrapped the model
         self.rank_check: dict[str, Any] | None = None
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
@@ -88,7 +88,8 @@ class FinetuneModule(pl.LightningModule):
     def use_features(self, suffix: nn.Module) -> None:
         """Batches now hold the frozen prefix's outputs (the feature cache): steps run the
         suffix, which shares its modules (and so its parameters) with the model."""
-        object.__setattr__(self, "_forward", torch.compile(suffix) if self.compile else suffix)
+        forward = torch.compile(suffix) if self.compile_forward else suffix
+        object.__setattr__(self, "_forward", forward)
 
     def train(self, mode: bool = True) -> FinetuneModule:
         # Frozen BatchNorm must stay in eval mode through every train()/eval() switch

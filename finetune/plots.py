@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 from finetune.artifacts import write_bytes
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_png(fig: plt.Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -42,7 +42,7 @@ def plot_curves(series: dict[str, dict[int, float]], path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_confusion(matrix: list[list[int]], class_names: list[str], path: Path) -> None:
@@ -62,4 +62,4 @@ def plot_confusion(matrix: list[list[int]], class_names: list[str], path: Path) 
                 color = "white" if count > peak / 2 else "black"
                 ax.text(j, i, str(count), ha="center", va="center", color=color,
                         fontsize=max(6, 12 - int(math.log2(n + 1))))
-    _save(fig, path)
+    save_png(fig, path)

@@ -179,7 +179,7 @@ def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from finetune.plots import _save
+    from finetune.plots import save_png
 
     lr_swept = "optim.lr" in keys or len({j.lr for j in scored}) > 1
     fig, axes = plt.subplots(1, 2 if lr_swept else 1, figsize=(11 if lr_swept else 6.5, 4),
@@ -217,7 +217,7 @@ def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
         ax.set(xscale="log", xlabel="optim.lr", ylabel=metric, title=f"{metric} by learning rate")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="train_from")
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
