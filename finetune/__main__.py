@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from finetune import config as schema
-from finetune.allowlist import import_problems, take_allow_flags
+from finetune.allowlist import take_allow_flags
 from finetune.errors import ConfigError, FinetuneError
 
 log = logging.getLogger("finetune")
@@ -66,16 +66,13 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     RERUN_OF.clear()
     schema.register_schema()
     schema.register_base_recipe()
-    for name, path in schema.shipped_recipes().items():
-        schema.register_recipe(name, path)
+    problems: list[str] = []
     inherited = inherited_recipes()
     for name, path in inherited.get("files", {}).items():
-        schema.register_recipe(name, Path(path))
-        RECIPE_FILES[name] = Path(path)
+        problems += _register(name, Path(path))
     for name, run in inherited.get("reruns", {}).items():
         register_rerun(Path(run), name)
     argv = rerun_argv(list(argv))
-    problems: list[str] = []
     overrides = split_overrides(argv)
     for i in overrides:
         key, _, value = argv[i].partition("=")
@@ -87,9 +84,7 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
                 names.append(one.strip())  # registered already, not a file
                 continue
             name, path = schema.resolve_recipe(one.strip(), cwd)
-            schema.register_recipe(name, path)
-            RECIPE_FILES[name] = path
-            problems += schema.check_recipe(path)
+            problems += _register(name, path)
             names.append(name)
         argv[i] = f"{key}={','.join(names)}"
     for i in overrides:
@@ -100,6 +95,16 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     if problems:
         raise ConfigError(problems)
     return argv
+
+
+def _register(name: str, path: Path) -> list[str]:
+    """Register a recipe file (read through the gate) as `recipe=name`; its problems."""
+    try:
+        schema.register_recipe(name, path)
+    except FinetuneError as err:
+        return err.problems
+    RECIPE_FILES[name] = path
+    return []
 
 
 def rerun_argv(argv: list[str]) -> list[str]:
@@ -114,28 +119,56 @@ def rerun_argv(argv: list[str]) -> list[str]:
 
 
 def register_rerun(run: Path, name: str | None = None) -> str:
-    """Register a run dir's config as the recipe `<recipe>_rerun`; returns the name."""
+    """Register a run dir's config as the recipe `<recipe>_rerun`; returns the name.
+
+    A run dir from someone else is untrusted: its recorded config passes the same gate as a
+    recipe. Keys that only the command line may set (freeze.cache_dir) are not taken from it.
+    """
+    from finetune import gate, safe_files
+
     manifest, composed = run / "manifest.json", run / ".hydra" / "config.yaml"
     if manifest.is_file():
-        recorded = json.loads(manifest.read_text())
-        config, recipe = recorded["config"], (recorded.get("recipe") or {}).get("name")
+        recorded = safe_files.load_json_object(manifest, "manifest")
+        config = recorded.get("config")
+        recipe = (recorded.get("recipe") or {}).get("name") \
+            if isinstance(recorded.get("recipe"), dict) else None
+        where = str(manifest)
     elif composed.is_file():
-        from omegaconf import OmegaConf
-
-        config = OmegaConf.to_container(OmegaConf.load(composed))
+        config = safe_files.load_yaml(composed, "recorded config")
         hydra_file = run / ".hydra" / "hydra.yaml"
-        recipe = (OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices.recipe")
-                  if hydra_file.is_file() else None)
+        recorded_hydra = safe_files.load_yaml(hydra_file, "recorded Hydra config") \
+            if hydra_file.is_file() else None
+        recipe = _select(recorded_hydra, "hydra", "runtime", "choices", "recipe")
+        where = str(composed)
     else:
         raise ConfigError([f"rerun={run}: no manifest.json or .hydra/config.yaml there; give "
                            "the dir of a run"])
-    problems = import_problems(config, str(run))  # a run dir from someone else is a recipe too
+    if not isinstance(config, dict):
+        raise ConfigError([f"{where}: holds no recorded config; give the dir of a run"])
+    config = dict(config)
+    for key in gate.CLI_ONLY:
+        group, _, leaf = key.partition(".")
+        if isinstance(config.get(group), dict) and config[group].get(leaf) is not None:
+            log.info("rerun: %s=%s is not taken from a run dir; set it on the command line",
+                     key, config[group][leaf])
+            config[group] = {k: v for k, v in config[group].items() if k != leaf}
+    problems = gate.recorded_config_problems(config, where)
     if problems:
         raise ConfigError(problems)
-    name = name or f"{recipe or schema.BASE_RECIPE}_rerun"
+    if not (isinstance(recipe, str) and schema.RECIPE_NAME.fullmatch(recipe)):
+        recipe = schema.BASE_RECIPE  # a name becomes part of a path: only a plain one
+    name = name or f"{recipe}_rerun"
     schema.register_recipe_node(name, config)
     RERUN_OF[name] = run.resolve()
     return name
+
+
+def _select(node: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
 
 
 def task(cfg: DictConfig) -> float:
@@ -161,6 +194,12 @@ def task(cfg: DictConfig) -> float:
         if full_error():
             raise
         raise SystemExit(2) from None
+    except KeyboardInterrupt as err:  # outside fit (in fit, Lightning exits 1 itself)
+        from finetune.callbacks import stop_name
+
+        print(f"finetune: stopped by {stop_name(err)}; nothing was trained to resume from",
+              file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception as err:
         if not sweep:
             raise

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 from safetensors.torch import save
 from torch import nn
 
+from finetune import safe_files
 from finetune.errors import FinetuneError
 
 METRICS = "metrics.json"
@@ -48,6 +49,7 @@ def write_stream(path: Path, writer: Callable[[BinaryIO], Any]) -> None:
     Raises:
         DiskFull: no space (or quota) left on the device.
     """
+    refuse_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -70,6 +72,50 @@ def write_stream(path: Path, writer: Callable[[BinaryIO], Any]) -> None:
         raise
 
 
+def refuse_links(path: Path, levels: int = 0) -> None:
+    """Refuse to write `path` when it, or one of the `levels` folders above it, is a symbolic
+    link: a run dir that came from someone else may hold links planted to make our outputs
+    land elsewhere (model.onnx -> ~/.bashrc). The rename would replace a link to a file
+    rather than follow it; a linked folder would be followed."""
+    for candidate in [path, *list(path.parents)[:levels]]:
+        if candidate.is_symlink():
+            raise FinetuneError(f"{candidate} is a symbolic link (to {os.readlink(candidate)}); "
+                                "finetune does not write through links in a run dir, which may "
+                                "have been planted by whoever sent it: remove the link, or "
+                                "write somewhere else (output=PATH)")
+
+
+LOCK = ".lock"
+
+
+def lock_run_dir(run_dir: Path, wait: bool = False, name: str = LOCK) -> Any:
+    """Hold the run dir for this process (an advisory lock on `run_dir/.lock`, released when
+    the returned file is closed or the process ends); refused when another run holds it, so
+    two runs never write one dir, whatever their dirs' names.
+
+    Args:
+        wait: wait for the other process instead of refusing.
+        name: the lock file's name in `run_dir`.
+
+    Raises:
+        FinetuneError: another live process holds the dir (and `wait` is False).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    refuse_links(run_dir / name)
+    handle = open(run_dir / name, "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the dir names' suffix still applies
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        handle.close()
+        raise FinetuneError(f"another run is writing to {run_dir} right now; wait for it to "
+                            "end, or give this one its own dir (hydra.run.dir=...)") from None
+    return handle
+
+
 class DiskFull(FinetuneError):
     """The device is full: nothing was half-written."""
 
@@ -86,8 +132,9 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     write_bytes(path, buffer.getvalue().encode())
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: Path, what: str = "file") -> Any:
+    """A JSON file of a run dir, bounded; a corrupt one is one sentence (UnsafeFile)."""
+    return safe_files.load_json(Path(path), what)
 
 
 def save_weights(model: nn.Module, path: Path) -> str:
@@ -120,7 +167,7 @@ def open_run(run_dir: str | Path, key: str = "run") -> tuple[dict[str, Any], Pat
     if not manifest_file.is_file() or not weights_file.is_file():
         raise FinetuneError(f"{key}={str(run_dir)!r}: not a finished run dir (it needs "
                             f"{MANIFEST} and {WEIGHTS})")
-    manifest = read_json(manifest_file)
+    manifest = safe_files.load_json_object(manifest_file, "manifest")
     if manifest.get("model_sha256") != file_sha256(weights_file):
         raise FinetuneError(f"{key}={str(run_dir)!r}: {WEIGHTS} does not match the sha256 in "
                             "its manifest; the run dir was changed after the run")

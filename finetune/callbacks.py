@@ -87,9 +87,17 @@ def _sync(module: pl.LightningModule) -> None:
         torch.cuda.synchronize(module.device)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`): handled exactly like Ctrl-C."""
+
+
+def stop_name(exception: BaseException) -> str:
+    return "SIGTERM" if isinstance(exception, Terminated) else "Ctrl-C"
+
+
 class SaveOnInterrupt(pl.Callback):
-    """Ctrl-C: a checkpoint of where training stood (checkpoints/interrupted.ckpt) and
-    metrics.json saying so, before Lightning shuts down. Only for KeyboardInterrupt: a run that
+    """Ctrl-C or SIGTERM: a checkpoint of where training stood (checkpoints/interrupted.ckpt)
+    and metrics.json saying so, before Lightning shuts down. Only for those: a run that
     failed (a NaN loss) must not save what failed."""
 
     def __init__(self, run_dir: Any, write_status: Any) -> None:
@@ -102,9 +110,9 @@ class SaveOnInterrupt(pl.Callback):
         path = self.run_dir / "checkpoints" / "interrupted.ckpt"
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
-            message = (f"stopped by Ctrl-C in epoch {trainer.current_epoch} at step "
-                       f"{trainer.global_step}; continue with resume={path} (from that step; "
-                       "not bit-exact, as a mid-epoch restart cannot be) or resume=auto "
+            message = (f"stopped by {stop_name(exception)} in epoch {trainer.current_epoch} "
+                       f"at step {trainer.global_step}; continue with resume={path} (from "
+                       "that step; not bit-exact, as a mid-epoch restart cannot be) or resume=auto "
                        "(checkpoints/last.ckpt, the end of the last whole epoch, if any)")
             self.write_status(message, str(path))
             print(f"finetune: {message}", flush=True)

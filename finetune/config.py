@@ -6,6 +6,8 @@ Nothing here imports torch: `--help` and `--cfg job` stay fast.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,16 @@ SCHEMA_NAME = "finetune_schema"
 BASE_RECIPE = "base"
 
 
+def run_suffix() -> str:
+    """Four hex digits that tell apart run dirs started in the same second (`${run_suffix:}`
+    in hydra.run.dir; cached, so one process and its sweep jobs see one value)."""
+    return secrets.token_hex(2)
+
+
+if not OmegaConf.has_resolver("run_suffix"):
+    OmegaConf.register_new_resolver("run_suffix", run_suffix, use_cache=True)
+
+
 def register_schema() -> None:
     """Store the top-level schema that conf/config.yaml extends."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
@@ -221,6 +233,23 @@ def register_base_recipe() -> None:
 
 
 RECIPES_ENV = "FINETUNE_RECIPES"
+HOME_ENV = "FINETUNE_HOME"
+
+
+def finetune_home() -> Path:
+    """finetune's own cache: $FINETUNE_HOME, else $XDG_CACHE_HOME/finetune, else
+    ~/.cache/finetune. Recipe sources, URL downloads and trusted_weights.txt live here,
+    where no recipe or received run dir can plant a file."""
+    home = os.environ.get(HOME_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "finetune")
+    return Path(home).expanduser()
+
+
+def cache_dir(name: str) -> Path:
+    """A folder of finetune's own cache (finetune_home), made private to this user."""
+    folder = finetune_home() / name
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
 
 
 def recipe_dirs() -> list[Path]:
@@ -238,6 +267,11 @@ def shipped_recipes() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+# A recipe's name becomes part of its run dir's path: letters, digits, '_', '-', '.', and it
+# may not start with a dot (a file `...yaml` would be named `..`).
+RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
 def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
     """Map `recipe=VALUE` (a shipped name or a path to a YAML file) to (name, file).
 
@@ -253,6 +287,10 @@ def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
         if not path.is_absolute():
             path = (cwd or Path.cwd()) / path
         if path.is_file():
+            if not RECIPE_NAME.fullmatch(path.stem):
+                raise ConfigError([f"recipe={value}: a recipe's file name may hold only letters, "
+                                   "digits, '_', '-', '+' and '.', and not start with a dot (it "
+                                   "names the run dir); rename the file"])
             return path.stem, path.resolve()
         raise ConfigError(
             [f"recipe={value}: no such file ({path}); check the path, or use a shipped name: "
@@ -264,19 +302,23 @@ def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
 
 
 def load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> Any:
-    """Read a recipe file as plain data (no resolvers run, no code imported).
+    """Read a recipe file as plain data (no resolvers run, no code imported), through the gate.
 
-    `extends: BASE` (a recipe name, or a path relative to this file) starts from BASE and
-    overrides only what this file sets; chains work, cycles and missing bases fail.
-    `description:` is the one-line summary `finetune.recipes list` shows.
+    The file is read bounded and safely (finetune.safe_files) and must pass finetune.gate;
+    `extends: BASE` (a recipe name, or a path relative to this file) starts from BASE, which
+    passes the same gate, and overrides only what this file sets; chains work, cycles and
+    missing bases fail. `description:` is the one-line summary `finetune.recipes list` shows.
+
+    Raises:
+        ConfigError: every problem the gate found in this file (or its first broken base).
     """
-    try:
-        node = OmegaConf.load(path)
-    except Exception as err:  # yaml errors carry line/column; keep them in the one line
-        raise ConfigError([f"{path}: not valid YAML: {' '.join(str(err).split())}"]) from None
-    if not OmegaConf.is_dict(node):
-        raise ConfigError([f"{path}: a recipe must be a mapping of keys, "
-                           f"got {type(node).__name__}"])
+    from finetune import gate, safe_files
+
+    body = safe_files.load_yaml(path, "recipe")
+    problems = gate.recipe_problems(body, str(path))
+    if problems:
+        raise ConfigError(problems)
+    node = OmegaConf.create(body or {})
     node.pop("description", None)
     if node.get("head", "") in ("none", None):  # `head: none` is short for head.type: none
         node.head = {"type": "none"}
@@ -364,75 +406,24 @@ def check_value(path: str, value: Any, where: str, probe: Any = None) -> str | N
     return None
 
 
-def _flatten(node: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(node: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """(dotted key, leaf value) pairs; lists and free-form dicts count as leaves."""
     out: list[tuple[str, Any]] = []
     for key, value in node.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and is_dataclass(_schema_at(path)):
-            out += _flatten(value, f"{path}.")
+            out += flatten(value, f"{path}.")
         else:
             out.append((path, value))
     return out
 
 
-def check_recipe(path: Path) -> list[str]:
-    """Every unknown key, wrong type and bad choice in a recipe file."""
-    body = OmegaConf.to_container(load_recipe(path), resolve=False)
-    assert isinstance(body, dict)
-    errors = hydra_settings_problems(body.pop("hydra", None), body.pop("defaults", None),
-                                     str(path))
-    errors += allowlist.import_problems(body, str(path))
-    probe = OmegaConf.structured(Config)
-    for key, value in _flatten(body):
-        problem = check_key(key, str(path)) or check_value(key, value, str(path), probe)
-        if problem:
-            errors.append(problem)
-    return errors
+def new_probe() -> Any:
+    """A structured Config to try values on (check_value); slow to make, so made once."""
+    return OmegaConf.structured(Config)
 
 
-# What a recipe may set of Hydra's own config: its search and where jobs run. Keys that
-# import or run something (a `_target_`, a search-space function, shell lines, environment
-# variables, callbacks) belong to the person at the command line, never to a shared file.
-RECIPE_HYDRA_GROUPS = {"sweeper": ("basic", "optuna"),
-                       "launcher": ("basic", "joblib", "parallel", "submitit_slurm", "slurm",
-                                    "submitit_local", "local")}
-RECIPE_HYDRA_REFUSED = {"_target_", "custom_search_space", "setup", "srun_args",
-                        "additional_parameters", "env_set", "env_copy", "callbacks", "storage"}
-
-
-def hydra_settings_problems(hydra: Any, defaults: Any, where: str) -> list[str]:
-    """Why a recipe's `hydra:` section or defaults list reaches past its search, if it does."""
-    problems = []
-
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                here = f"{path}.{key}"
-                if key in RECIPE_HYDRA_REFUSED:
-                    problems.append(f"{where}: {here} cannot be set in a recipe (it can run "
-                                    "code); set it on the command line if you mean it")
-                else:
-                    walk(value, here)
-
-    walk(hydra or {}, "hydra")
-    for entry in defaults or []:
-        if not isinstance(entry, dict):
-            continue
-        for key, value in entry.items():
-            group = str(key).removeprefix("override").strip().lstrip("/")
-            if not group.startswith("hydra/"):
-                continue
-            name = group.removeprefix("hydra/")
-            if str(value) not in RECIPE_HYDRA_GROUPS.get(name, ()):
-                allowed = "; ".join(f"hydra/{g}: {', '.join(o)}"
-                                    for g, o in RECIPE_HYDRA_GROUPS.items())
-                problems.append(f"{where}: a recipe's defaults may choose only {allowed}; not "
-                                f"{group}: {value}")
-    return problems
-
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
+def nest(key: str, value: Any) -> dict[str, Any]:
     """`a.b=v` as {a: {b: v}}: the shape import checks walk."""
     node: Any = value
     for part in reversed(key.split(".")):
@@ -457,7 +448,7 @@ def check_overrides(overrides: list[str]) -> list[str]:
         where = f"override '{override.input_line}'"
         values = (list(override.sweep_iterator()) if override.is_sweep_override()
                   else [override.value()])
-        nested = [allowlist.import_problems(_nest(key, v), where) for v in values]
+        nested = [allowlist.import_problems(nest(key, v), where) for v in values]
         if any(nested):
             errors += next(n for n in nested if n)
             continue

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,14 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
     model = load_run(run_dir, device="cpu")
     target = Path(output) if output else Path(run_dir) / f"model{SUFFIX[fmt]}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
+    info_file = target.with_name(f"{target.name}.json")
+    for path in (target, info_file):  # refused before anything is written
+        artifacts.refuse_links(path)
+    # A private, new folder beside the target: nothing planted in the run dir (a link named
+    # like our temporary or external-data file) can be followed while the exporter writes.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        runner = (_torchscript if fmt == "torchscript" else _onnx)(model, partial)
+        runner = (_torchscript if fmt == "torchscript" else _onnx)(model, staging / target.name)
         difference = None
         if runner is not None:
             check = _example(model, 3)  # another batch size than traced with
@@ -81,9 +88,13 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
                 raise FinetuneError(f"parity check failed: max abs difference {difference:.3g} "
                                     f"> {TOLERANCE} between the {fmt} export and the model; "
                                     "nothing was written")
-        os.replace(partial, target)
+        written = sorted(staging.iterdir())  # the model, and external data the graph names
+        for file in written:
+            artifacts.refuse_links(target.parent / file.name)
+        for file in written:
+            os.replace(file, target.parent / file.name)
     finally:
-        partial.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     info = {"format": fmt, "file": str(target), "run": str(Path(run_dir).resolve()),
             "class_names": model.class_names, "preprocessing": model.preprocessing.to_dict(),
             "input_shape": ["batch", model.preprocessing.channels, model.preprocessing.crop,
@@ -92,7 +103,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
             "parity_max_abs_diff": difference, "tolerance": TOLERANCE,
             "model_sha256": model.manifest["model_sha256"],
             "torch": torch.__version__}
-    artifacts.write_json(target.with_name(f"{target.name}.json"), info)
+    artifacts.write_json(info_file, info)
     return info
 
 
@@ -102,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                           {"run": None, "format": None, "output": ""}, USAGE)
         info = export(args["run"], args["format"], args["output"] or None)
     except FinetuneError as err:
-        print(f"finetune.export: error: {err}", file=sys.stderr)
+        for line in err.problems:
+            print(f"finetune.export: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     parity = (f"max abs difference {info['parity_max_abs_diff']:.2e} (tolerance {TOLERANCE})"
               if info["parity_max_abs_diff"] is not None else

@@ -17,19 +17,32 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune import config as schema
 from finetune.__main__ import RECIPE_FILES, prepare, report
 from finetune.allowlist import take_allow_flags
-from finetune.errors import FinetuneError
+from finetune.errors import ConfigError, FinetuneError
 
 FLAGS = ("--keys", "--splits", "--json")
 USAGE = ("usage: python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] "
          "[--splits] [--json] [--depth N] [--allow-module PREFIX]")
 
 
+def compose_with_hydra(overrides: list[str]) -> DictConfig:
+    """The config a run with these overrides would get, Hydra's own part included (checked
+    as a run checks it: the gate, the schema)."""
+    from hydra.errors import HydraException
+
+    args = prepare(overrides)
+    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="inspect"):
+        try:
+            return compose("config", overrides=args, return_hydra_config=True)
+        except HydraException as err:  # e.g. an Optuna setting without sweep=optuna
+            cause = err.__cause__ or err
+            raise ConfigError([f"the config does not compose: "
+                               f"{' '.join(str(cause).split())}"]) from None
+
+
 def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
     """The config a run with these overrides would get (checked as a run checks it), and the
     name of the recipe chosen."""
-    args = prepare(overrides)
-    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="inspect"):
-        cfg = compose("config", overrides=args, return_hydra_config=True)
+    cfg = compose_with_hydra(overrides)
     recipe = cfg.hydra.runtime.choices.recipe
     with open_dict(cfg):
         del cfg["hydra"]

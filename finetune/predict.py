@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
                                 f"{len(predictions.unreadable)} images could be read")
         write_predictions(predictions, Path(args["output"]))
     except FinetuneError as err:
-        print(f"finetune.predict: error: {err}", file=sys.stderr)
+        for line in err.problems:
+            print(f"finetune.predict: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     for path, reason in predictions.unreadable:
         print(f"finetune.predict: skipped unreadable image {path}: {reason}", file=sys.stderr)

@@ -12,14 +12,16 @@ recipes/ folder.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from finetune import config as schema
+from finetune import safe_files
 from finetune.errors import ConfigError, FinetuneError
 
 USAGE = __doc__.split("\n\n")[1]
@@ -27,9 +29,12 @@ USAGE = __doc__.split("\n\n")[1]
 
 def description(path: Path) -> str:
     """The recipe's `description:` field, else the first sentence of its header comment."""
-    node = OmegaConf.load(path)
-    if OmegaConf.is_dict(node) and node.get("description"):
-        return str(node.description)
+    try:
+        node = safe_files.load_yaml(path, "recipe")
+    except FinetuneError as err:
+        return f"(unreadable: {err})"
+    if isinstance(node, dict) and isinstance(node.get("description"), str):
+        return node["description"]
     header = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -101,42 +106,93 @@ def copy(spec: str, target: str) -> str:
 def weights_reachable(cfg: Any) -> str | None:
     """None when the weights are cached or their URL answers; else what to do."""
     from finetune import backbones
-    from finetune.sources import hub_path
+    from finetune.sources import cached_download, hub_path
 
     if cfg.weights.source == "torchvision":
         url = backbones.weights_enum(cfg.model.name, cfg.weights.name).url
+        if hub_path(url).is_file():
+            return None
+        where = f"put it at {hub_path(url)} (torch's hub cache)"
     elif cfg.weights.source == "url" and cfg.weights.url:
         url = cfg.weights.url
+        if cached_download(url, (cfg.weights.sha256 or "").lower() or None):
+            return None
+        where = "or use weights.source=file weights.path=FILE"
     else:
-        return None
-    if hub_path(url).is_file():
         return None
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5):
             return None
     except OSError as err:
-        return (f"weights: {url} is not cached at {hub_path(url)} and cannot be reached "
-                f"({getattr(err, 'reason', err)}); download it there before running")
+        return (f"weights: {url} is not cached and cannot be reached "
+                f"({getattr(err, 'reason', err)}); download it elsewhere and {where}")
 
 
-def validate_recipe(spec: str, overrides: list[str]) -> list[str]:
-    """Every problem a run would stop on before training (none = the recipe is ready)."""
+def machine_effects(cfg: Any, hydra: Any) -> list[str]:
+    """What a run of `cfg` does to this machine beyond its run dir: downloads, a source recipe
+    trained first, files read from outside, jobs submitted. (A recipe cannot make a run
+    write outside its run dir: the gate refuses the keys that would.)"""
+    from finetune import backbones
+    from finetune.sources import cached_download, downloads_dir, hub_path, sources_dir
+
+    w = cfg.weights
+    run_dir = str(OmegaConf.to_container(hydra.run, resolve=False)["dir"])
+    run_dir = re.sub(r"\$\{now:[^}]*\}", "<time>", run_dir.replace(
+        "${hydra.runtime.choices.recipe}", str(hydra.runtime.choices.recipe)))
+    run_dir = run_dir.replace("${run_suffix:}", "<suffix>")
+    effects = [f"writes its run dir at {run_dir} (relative to the working directory), and "
+               "nothing else outside finetune's caches"]
+    if w.source == "torchvision":
+        url = backbones.weights_enum(cfg.model.name, w.name).url
+        cached = hub_path(url).is_file()
+        effects.append(f"reads {hub_path(url)}, checked against the hash in its name"
+                       if cached else f"downloads {url} into {hub_path(url).parent}")
+    elif w.source == "url":
+        cached = cached_download(w.url, (w.sha256 or "").lower() or None)
+        effects.append(f"reads {cached} (the download of {w.url})" if cached else
+                       f"downloads {w.url} into {downloads_dir()} (stored under its sha256"
+                       f"{'; pinned' if w.sha256 else '; not pinned: set weights.sha256'})")
+    elif w.source in ("file", "run"):
+        effects.append(f"reads weights from {w.path}")
+    elif w.source == "recipe":
+        overrides = f" with {' '.join(w.recipe_overrides)}" if w.recipe_overrides else ""
+        effects.append(f"trains recipe {w.recipe}{overrides} first, in a process of its own, "
+                       f"into {sources_dir()} (unless a verified run of it is there)")
+    if cfg.data.root:
+        effects.append(f"reads images from {cfg.data.root}")
+    if cfg.resume and cfg.resume != "auto":
+        effects.append(f"reads the checkpoint {cfg.resume}")
+    launcher = hydra.runtime.choices.get("hydra/launcher")
+    if launcher in ("slurm", "submitit_slurm"):
+        effects.append("in a sweep (-m), submits each job to SLURM with sbatch")
+    elif launcher in ("parallel", "joblib", "local", "submitit_local"):
+        effects.append(f"in a sweep (-m), runs jobs in parallel processes ({launcher})")
+    return effects
+
+
+def validate_recipe(spec: str, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(every problem a run would stop on before training, what the run would do to this
+    machine). No problems: the recipe is ready. The recipe passes the same gate a run uses."""
     from finetune import train
     from finetune.data import build_datamodule
-    from finetune.inspect import compose_config
+    from finetune.inspect import compose_with_hydra
     from finetune.validate import check_model_paths, validate
 
     try:
-        cfg, _ = compose_config([f"recipe={spec}", *overrides])
-    except ConfigError as err:
-        return err.problems
+        full = compose_with_hydra([f"recipe={spec}", *overrides])
+    except FinetuneError as err:
+        return err.problems, []
+    hydra = full.hydra
+    cfg = full.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
     problems: list[str] = []
     try:
         validate(cfg)
     except ConfigError as err:
         problems += err.problems
     if any(p.startswith("model.name") for p in problems):
-        return problems  # nothing below can be checked without the model
+        return problems, []  # nothing below can be checked without the model
     entry = train.pretrained_entry(cfg) if not problems else None
     reach = weights_reachable(cfg) if not problems else None
     problems += [reach] if reach else []
@@ -152,7 +208,8 @@ def validate_recipe(spec: str, overrides: list[str]) -> list[str]:
         check_model_paths(cfg, class_names, entry, prep.crop, prep.channels)
     except ConfigError as err:
         problems += err.problems
-    return problems
+    problems = list(dict.fromkeys(problems))  # two checks may find the same thing
+    return problems, machine_effects(cfg, hydra) if not problems else []
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,12 +225,13 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "copy" and len(words) == 3:
             print(copy(words[1], words[2]))
         elif command == "validate" and len(words) >= 2:
-            problems = validate_recipe(words[1], words[2:])
+            problems, effects = validate_recipe(words[1], words[2:])
             for line in problems:
                 print(f"finetune.recipes: error: {line}", file=sys.stderr)
             if problems:
                 raise SystemExit(2)
-            print(f"{words[1]}: ok — every check a run makes before training passed")
+            print(f"{words[1]}: ok — every check a run makes before training passed\n"
+                  "what a run does on this machine:\n" + "\n".join(f"  - {e}" for e in effects))
         else:
             print(f"usage:\n{USAGE}", file=sys.stderr)
             raise SystemExit(2)

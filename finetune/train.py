@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,7 +24,13 @@ from torchvision.models import WeightsEnum
 
 from finetune import artifacts, backbones, cache, plots, surgery
 from finetune.builder import assemble
-from finetune.callbacks import AtomicCheckpointIO, SaveOnInterrupt, ThroughputMeter
+from finetune.callbacks import (
+    AtomicCheckpointIO,
+    SaveOnInterrupt,
+    Terminated,
+    ThroughputMeter,
+    stop_name,
+)
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze, plan_freeze
@@ -46,19 +54,59 @@ def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None,
         rerun_of: dict[str, Path] | None = None) -> float:
     """Train as `cfg` says, write the run dir, return the final val/acc.
 
-    A run stopped by a user error leaves metrics.json with status "failed" and the message.
-    Under DDP every rank runs this; only rank zero writes.
+    A run stopped by a user error leaves metrics.json with status "failed" and the message;
+    one stopped by Ctrl-C or SIGTERM, status "interrupted". Under DDP every rank runs this;
+    only rank zero writes (and holds the run dir's lock: one run writes a dir at a time).
     """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    lock = artifacts.lock_run_dir(run_dir) if is_main_process() else None
+    try:
+        with _sigterm_as_interrupt():
+            return _guarded_run(cfg, run_dir, recipe_files or {}, rerun_of or {})
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) so that it ends a run as Ctrl-C does:
+    Lightning saves checkpoints/interrupted.ckpt through SaveOnInterrupt, the status says
+    interrupted and the exit is non-zero. (Lightning's own SIGTERM handling stops at the
+    next batch with a SystemExit that exits 0, leaving the status `running`.) Lightning keeps
+    this handler and calls it after its own while it fits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _guarded_run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
+                 rerun_of: dict[str, Path]) -> float:
     if is_main_process():
         artifacts.write_json(run_dir / artifacts.METRICS, {"status": "running"})
     try:
-        return _run(cfg, run_dir, recipe_files or {}, rerun_of or {})
+        return _run(cfg, run_dir, recipe_files, rerun_of)
     except FinetuneError as err:
         if is_main_process():
             with contextlib.suppress(artifacts.DiskFull):  # the disk may be what failed
                 artifacts.write_json(run_dir / artifacts.METRICS,
                                      {"status": "failed", "error": err.problems})
+        raise
+    except KeyboardInterrupt as err:  # before or after fit; in fit, SaveOnInterrupt wrote it
+        if is_main_process():
+            artifacts.write_json(run_dir / artifacts.METRICS, {
+                "status": "interrupted",
+                "error": [f"stopped by {stop_name(err)} before training began or after it "
+                          "ended; run the command again"]})
         raise
     except Exception as err:
         # Not a user error: the traceback goes beside the run for whoever debugs it.

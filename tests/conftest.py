@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,15 +87,39 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def save_torchvision_checkpoint(torch_home: Path, model_name: str, weights: str = "DEFAULT"
-                                ) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A state dict (random weights, no accuracy) under torchvision's own cache file name."""
+@pytest.fixture(scope="session", autouse=True)
+def finetune_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$FINETUNE_HOME (recipe sources, URL downloads, trusted_weights.txt) for the session,
+    inherited by every CLI run: the tests never touch the user's ~/.cache/finetune."""
+    home = tmp_path_factory.mktemp("finetune_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_HOME", str(home))
+        yield home
+
+
+def trust_weights_file(path: Path) -> None:
+    """Vouch for a weights file we made (random weights under torchvision's name): its sha256
+    goes into $FINETUNE_HOME/trusted_weights.txt, as a user who placed their own file would."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    listing = Path(os.environ["FINETUNE_HOME"]) / "trusted_weights.txt"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    with open(listing, "a") as handle:
+        handle.write(f"{digest}  # {path.name}, made by the tests\n")
+
+
+def save_torchvision_checkpoint(torch_home: Path, model_name: str, weights: str = "DEFAULT",
+                                trust: bool = True) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A state dict (random weights, no accuracy) under torchvision's own cache file name;
+    its hash cannot match the one in the name, so (unless `trust` is False) it is listed in
+    trusted_weights.txt."""
     entry = torchvision.models.get_model_weights(model_name)[weights]
     path = torch_home / "hub" / "checkpoints" / Path(entry.url).name
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1)
     state = torchvision.models.get_model(model_name, weights=None).state_dict()
     torch.save(state, path)
+    if trust:
+        trust_weights_file(path)
     return path, state
 
 

@@ -16,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
-from conftest import read_json, write_digit_images
+from conftest import QUICK, SHRINK, cli_errors, read_json, run_cli, write_digit_images
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -117,7 +117,12 @@ def test_a_nan_loss_stops_before_it_is_saved(tmp_path: Path) -> None:
                if t.is_floating_point())
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stop", "name"), [(signal.SIGINT, "Ctrl-C"),
+                                            (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_and_sigterm_save_a_resumable_checkpoint(tmp_path: Path, stop: signal.Signals,
+                                                        name: str) -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends a run as Ctrl-C does: never exit 0 with the
+    status left `running`."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "finetune", "recipe=base", "data=fake", "data.fake_size=200",
@@ -130,13 +135,13 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path: Path) -> None:
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)  # into the next epoch
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
     metrics = read_json(tmp_path / "run" / "metrics.json")
     saved = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
     assert metrics["status"] == "interrupted" and metrics["checkpoint"] == str(saved.resolve())
-    assert "finetune: stopped by Ctrl-C in epoch " in out and f"resume={saved.resolve()}" in out
+    assert f"finetune: stopped by {name} in epoch " in out and f"resume={saved.resolve()}" in out
     checkpoint = torch.load(saved, weights_only=True)  # what resume= reads, and checks
     assert checkpoint["finetune"]["stages"] == 1 and checkpoint["global_step"] > 0
     assert not list(saved.parent.glob(".*"))  # no temporary left
@@ -195,3 +200,26 @@ def test_a_traceback_only_when_asked(tmp_path: Path) -> None:
     assert loud.returncode != 0 and "Traceback" in loud.stderr
     assert ("finetune: error: data.root='nowhere': no such path (relative paths start at "
             f"{tmp_path})") in loud.stderr
+
+
+def test_two_runs_never_share_a_run_dir(tmp_path: Path) -> None:
+    """Run dirs started in the same second differ by a suffix; and a dir another live run
+    holds is refused in one sentence, leaving that run's files alone."""
+    from finetune.inspect import compose_with_hydra
+
+    dirs = {str(compose_with_hydra(["recipe=quickstart"]).hydra.run.dir) for _ in range(2)}
+    assert len(dirs) == 2 and all(d.startswith("outputs/quickstart/") for d in dirs)
+    held = tmp_path / "run"
+    lock = artifacts.lock_run_dir(held)
+    try:
+        artifacts.write_json(held / "metrics.json", {"status": "running"})
+        with pytest.raises(FinetuneError, match="another run is writing to"):
+            artifacts.lock_run_dir(held)
+        result = run_cli(*QUICK, *SHRINK, f"hydra.run.dir={held}", cwd=tmp_path)
+        assert cli_errors(result) == [
+            f"finetune: error: another run is writing to {held} right now; wait for it to "
+            "end, or give this one its own dir (hydra.run.dir=...)"]
+        assert read_json(held / "metrics.json") == {"status": "running"}
+    finally:
+        lock.close()
+    artifacts.lock_run_dir(held).close()  # free again once the holder ends

@@ -137,7 +137,8 @@ def test_every_shipped_recipe_validates(name: str, torch_home_vgg: Path, tmp_pat
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home_vgg))
     monkeypatch.chdir(tmp_path)
-    assert validate_recipe(name, _overrides(name)) == []
+    problems, effects = validate_recipe(name, _overrides(name))
+    assert problems == [] and effects[0].startswith("writes its run dir at ")
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n not in RUN_ELSEWHERE])

@@ -196,13 +196,13 @@ def test_a_recipe_cannot_reach_past_its_search(tmp_path: Path) -> None:
                     "  job:\n    env_set:\n      LD_PRELOAD: evil.so\n")
     with pytest.raises(ConfigError) as refused:
         prepare([f"recipe={evil}"])
+    why = ("cannot be set in a received recipe or run dir (it could run code or write outside "
+           "the run dir); a recipe may set only hydra.run.dir, hydra.sweep.dir/subdir, "
+           "hydra.sweeper.params and the search's size (docs/security.md lists them); set "
+           "others on the command line if you mean it")
     assert refused.value.problems == [
-        f"{evil}: hydra.sweeper.sampler._target_ cannot be set in a recipe (it can run code); "
-        "set it on the command line if you mean it",
-        f"{evil}: hydra.launcher.setup cannot be set in a recipe (it can run code); set it on "
-        "the command line if you mean it",
-        f"{evil}: hydra.job.env_set cannot be set in a recipe (it can run code); set it on the "
-        "command line if you mean it",
-        f"{evil}: a recipe's defaults may choose only hydra/sweeper: basic, optuna; "
-        "hydra/launcher: basic, joblib, parallel, submitit_slurm, slurm, submitit_local, local; "
-        "not hydra/callbacks: log_job_return"]
+        f"{evil}: defaults entry override /hydra/callbacks: a recipe may choose only the groups "
+        "data, hydra/launcher, hydra/sweeper, logger, sweep, not 'hydra/callbacks'",
+        f"{evil}: hydra.sweeper.sampler._target_ {why}",
+        f"{evil}: hydra.launcher.setup {why}",
+        f"{evil}: hydra.job {why}"]

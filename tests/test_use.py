@@ -166,3 +166,61 @@ def test_a_changed_run_dir_is_refused(trained: tuple[Path, Path, Path], tmp_path
         handle.write(bytes([last[0] ^ 1]))
     with pytest.raises(FinetuneError, match="does not match the sha256 in its manifest"):
         finetune.load(copy)
+
+
+def _received_copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "received"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    return copy
+
+
+def test_export_and_predict_never_write_through_a_planted_link(
+        trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A received run dir may hold links named like our outputs (model.torchscript.pt ->
+    ~/.bashrc): the export and predictions refuse them and the link's target is untouched."""
+    _, images, run = trained
+    copy = _received_copy(run, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (copy / "model.torchscript.pt").symlink_to(victim)
+    with pytest.raises(FinetuneError, match=r"model\.torchscript\.pt is a symbolic link"):
+        export(copy, "torchscript")
+    (copy / "model.torchscript.pt").unlink()
+    (copy / "model.torchscript.pt.json").symlink_to(victim)  # the JSON beside it, too
+    with pytest.raises(FinetuneError, match=r"model\.torchscript\.pt\.json is a symbolic link"):
+        export(copy, "torchscript")
+    assert victim.read_text() == "keep me"
+    assert not [p for p in copy.iterdir() if p.name.startswith(".model.")], "no staging left"
+    (copy / "preds.csv").symlink_to(victim)
+    result = run_cli(f"run={copy}", f"input={images / 'val'}", f"output={copy / 'preds.csv'}",
+                     cwd=tmp_path, module="finetune.predict")
+    assert result.returncode == 2 and "is a symbolic link" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and victim.read_text() == "keep me"
+
+
+def test_a_received_manifest_passes_the_gate(trained: tuple[Path, Path, Path],
+                                             tmp_path: Path) -> None:
+    """What predict and export rebuild from a manifest (builder arguments, surgery) is gated
+    like a recipe; a manifest that is not JSON is one sentence."""
+    from finetune.artifacts import file_sha256
+
+    _, images, run = trained
+    copy = _received_copy(run, tmp_path)
+    manifest = read_json(copy / "manifest.json")
+    assert manifest["model_sha256"] == file_sha256(copy / "model.safetensors")
+    manifest["surgery"][0]["module"]["type"] = "os.system"
+    manifest["model"]["build_kwargs"] = {"weights": "IMAGENET1K_V1"}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FinetuneError) as refused:
+        finetune.load(copy)
+    assert [p.split(": ", 2)[1] for p in refused.value.problems] == [
+        "model.kwargs.weights", "surgery[0].module.type"]
+    (copy / "manifest.json").write_text(json.dumps(manifest)[:100])  # truncated
+    result = run_cli(f"run={copy}", f"input={images / 'val'}", cwd=tmp_path,
+                     module="finetune.predict")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"finetune.predict: error: manifest {copy / 'manifest.json'}: not valid JSON "
+        + result.stderr.split("not valid JSON ", 1)[1].strip()]

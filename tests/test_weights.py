@@ -15,7 +15,7 @@ from finetune.errors import FinetuneError
 from finetune.load_report import LoadReport
 from finetune.sources import read_torchvision
 from finetune.weights import load_matching, load_weights
-from tests.conftest import save_torchvision_checkpoint
+from tests.conftest import save_torchvision_checkpoint, trust_weights_file
 
 
 def _cfg(**kwargs: object):
@@ -99,6 +99,7 @@ def test_densenet_old_keys_are_renamed_like_torchvision_does(tmp_path: Path,
     target = tmp_path / "hub" / "checkpoints" / Path(entry.url).name
     target.parent.mkdir(parents=True)
     torch.save(old, target)
+    trust_weights_file(target)  # random weights: their hash is not the one in the name
     tensors, report = read_torchvision("densenet121", "DEFAULT")
     assert set(tensors) == set(state)
     assert report.renamed
@@ -221,32 +222,56 @@ def test_require_stops_before_training_naming_the_mismatch(tmp_path: Path) -> No
                      _cfg(source="file", path=str(path), require=["head.*"]), "resnet18", [])
 
 
-def test_file_url_is_cached_and_pinned(tmp_path: Path, monkeypatch) -> None:
+def test_file_url_is_cached_under_its_sha256_and_pinned(tmp_path: Path, monkeypatch) -> None:
     from finetune.artifacts import file_sha256
-    from finetune.sources import hub_path
+    from finetune.sources import cached_download, downloads_dir, hub_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "finetune_home"))
     state = _resnet18_state()
-    served = tmp_path / "served" / "r18.pth"
+    served = tmp_path / "served" / "resnet18-f37072fd.pth"  # torchvision's own file name
     served.parent.mkdir()
     torch.save(state, served)
     url, sha = served.as_uri(), file_sha256(served)
     with pytest.raises(FinetuneError, match=r"does not match weights\.sha256=00ff"):
         load_weights(torchvision.models.resnet18(), _cfg(source="url", url=url, sha256="00ff"),
                      "resnet18", ["fc"])
-    assert not hub_path(url).exists(), "a download that fails its pin must not be cached"
+    assert cached_download(url) is None, "a download that fails its pin must not be cached"
+    assert [p.name for p in downloads_dir().iterdir()] == [], "no partial file left"
     model = torchvision.models.resnet18()
     report = load_weights(model, _cfg(source="url", url=url, sha256=sha), "resnet18", ["fc"])
-    assert report.url == url and report.path == str(hub_path(url)) and report.sha256 == sha
+    cached = downloads_dir() / f"{sha}.pth"
+    assert report.url == url and report.path == str(cached) and report.sha256 == sha
+    # Never under torchvision's name in torch's hub cache: a URL cannot plant weights that
+    # later `weights.source: torchvision` runs would load.
+    assert not hub_path(url).exists() and not (tmp_path / "home").exists()
     _assert_identical(model, state)
-    served.unlink()  # loads from the cache now, offline
+    served.unlink()  # loads from the cache now, offline, with or without the pin
     load_weights(torchvision.models.resnet18(), _cfg(source="url", url=url, sha256=sha),
                  "resnet18", ["fc"])
-    cached = hub_path(url)
+    load_weights(torchvision.models.resnet18(), _cfg(source="url", url=url), "resnet18", ["fc"])
     cached.write_bytes(cached.read_bytes()[:1000])
-    with pytest.raises(FinetuneError, match=f"{cached}.*delete it and retry, or fix the pin"):
-        load_weights(torchvision.models.resnet18(), _cfg(source="url", url=url, sha256=sha),
-                     "resnet18", ["fc"])
+    with pytest.raises(FinetuneError, match=f"{cached} has sha256 .*its name promises.*delete"):
+        load_weights(torchvision.models.resnet18(), _cfg(source="url", url=url), "resnet18",
+                     ["fc"])
+
+
+def test_torchvision_cache_file_is_checked_against_the_hash_in_its_name(
+        tmp_path: Path, monkeypatch) -> None:
+    """A file planted under torchvision's name (random weights here) is refused before it
+    is read, naming the file to delete; once the user vouches for it, it loads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "finetune_home"))
+    path, state = save_torchvision_checkpoint(tmp_path, "resnet18", trust=False)
+    with pytest.raises(FinetuneError) as refused:
+        read_torchvision("resnet18", "DEFAULT")
+    assert str(refused.value).startswith(
+        f"weights resnet18/IMAGENET1K_V1: the cached file {path} has sha256 ")
+    assert "not the f37072fd... its name promises" in str(refused.value)
+    assert "delete it and run again" in str(refused.value)
+    trust_weights_file(path)
+    tensors, report = read_torchvision("resnet18", "DEFAULT")
+    assert report.path == str(path) and set(tensors) == set(state)
 
 
 def test_one_channel_first_conv_is_adapted_and_keeps_outputs(tmp_path: Path) -> None:
