@@ -42,7 +42,9 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.artifacts import write_stream
+from finetune import safe_files
+from finetune.artifacts import file_sha256, write_json, write_stream
+from finetune.config import cache_dir
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -325,9 +327,22 @@ class FeatureCache(pl.Callback):
     def _file(self, key: str, split: str) -> Path | None:
         return self.directory / f"{key[:32]}-{split}.npy" if self.directory else None
 
+    @staticmethod
+    def _record(key: str, split: str) -> Path:
+        """Where the sha256 of a stored feature file is kept: finetune's private cache, not
+        the sweep dir, which may have arrived from someone else with planted features."""
+        return cache_dir("feature_records") / f"{key[:32]}-{split}.json"
+
     def _read(self, key: str, split: str) -> torch.Tensor | np.ndarray | None:
         path = self._file(key, split)
         if path is None or not path.is_file():
+            return None
+        record = self._record(key, split)
+        expected = (safe_files.load_json_object(record, "feature record").get("sha256")
+                    if record.is_file() else None)
+        if expected is None or file_sha256(path) != expected:
+            log.warning("feature cache: %s was not written by a run of yours (or changed "
+                        "since); computing the features again", path)
             return None
         array = np.load(path, mmap_mode="r", allow_pickle=False)
         return torch.from_numpy(np.array(array)) if array.nbytes <= MEMORY_BYTES else array
@@ -339,6 +354,8 @@ class FeatureCache(pl.Callback):
             return features
         # whole or absent (parallel jobs may race to write the same file: either one wins)
         write_stream(path, lambda handle: np.save(handle, features.numpy(), allow_pickle=False))
+        write_json(self._record(key, split), {"path": str(path.resolve()),
+                                              "sha256": file_sha256(path)})
         if features.nbytes > MEMORY_BYTES:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         return features

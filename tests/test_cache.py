@@ -4,6 +4,7 @@ cached features gives the model that training on images gives (real Lightning Tr
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -154,3 +155,23 @@ def test_training_on_cached_features_gives_the_same_model() -> None:
         assert float(cached_trainer.callback_metrics[key]) == pytest.approx(
             float(plain_trainer.callback_metrics[key]), abs=1e-5)
     assert cached.last_predictions == plain.last_predictions
+
+
+def test_stored_features_are_trusted_only_with_our_record(tmp_path: Path) -> None:
+    """A sweep dir can arrive from someone else with feature files planted under the right
+    key: they are read only when finetune's private record of the file's sha256 matches."""
+    import numpy as np
+
+    from finetune.cache import FeatureCache
+
+    store = FeatureCache(None, tmp_path / "feature_cache")  # type: ignore[arg-type]
+    key = "ab" * 32
+    planted = store._file(key, "train")
+    planted.parent.mkdir()
+    np.save(planted, np.ones((4, 3), dtype=np.float32))
+    assert store._read(key, "train") is None, "no record: computed again"
+    ours = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    store._keep(ours, key, "train")
+    assert torch.equal(torch.as_tensor(store._read(key, "train")), ours)
+    np.save(planted, np.ones((4, 3), dtype=np.float32))  # replaced after we wrote it
+    assert store._read(key, "train") is None
