@@ -6,7 +6,7 @@
 set -uo pipefail   # one failing figure does not stop the others
 cd "$(dirname "$0")/.."
 out=${1:-gpu_results.md}
-python3 -c "import finetune.train" || exit 1
+python3 -c "import finetune.training" || exit 1
 echo "## $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)" | tee -a "$out"
 python3 bench/overhead.py --device cuda --model resnet50 --size 224 --batch 64 --batches 30 \
   --precision bf16-mixed --channels-last --repeats 3 --out "$out"

@@ -1,8 +1,9 @@
 """finetune: declarative fine-tuning of torchvision image classifiers.
 
     import finetune
-    model = finetune.load("outputs/quickstart/2026-11-27_19-53-05")
-    result = finetune.predict(model, ["digit.png"], topk=3)
+    result = finetune.train("quickstart", ["trainer.max_epochs=2"])   # in this process
+    model = finetune.load(result.run_dir)
+    predictions = finetune.predict(model, ["digit.png"], topk=3)
 """
 
 from __future__ import annotations
@@ -11,11 +12,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from torch import nn
 
     from finetune.prediction import Predictions
+    from finetune.training import RunResult
 
 __version__ = "0.1.0"
+
+
+def train(recipe: str | Path = "base", overrides: Sequence[str] = (),
+          run_dir: str | Path | None = None) -> RunResult:
+    """Run a recipe (a shipped name or a path) with `key=value` overrides in this process, as
+    `python -m finetune recipe=RECIPE OVERRIDES...` does; returns the run dir, its metrics and
+    the monitored metric. `run_dir` replaces the timestamped outputs/<recipe>/<time> dir."""
+    from finetune.training import train_in_process
+
+    return train_in_process(recipe, overrides, run_dir)
 
 
 def load(run_dir: str | Path, device: Any = None) -> nn.Module:
@@ -38,3 +52,8 @@ def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64
     paths = ([Path(p) for p in images] if isinstance(images, list | tuple)
              else list_images(images))
     return predict_images(model, paths, topk, batch_size)
+
+
+# `import finetune.predict` (the CLI module) rebinds `finetune.predict` to that module, which
+# forwards calls here: `finetune.predict(...)` is the function whatever was imported.
+_predict_function = predict

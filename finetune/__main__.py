@@ -1,7 +1,7 @@
 """`python -m finetune recipe=NAME_OR_PATH [key=value ...]`: train from a recipe.
 
 The steps, each logged: compose (Hydra) -> validate -> build -> plan -> fit -> save; see
-finetune/train.py. Only the task imports torch, so `--help` and `--cfg job` stay fast.
+finetune/training.py. Only the task imports torch, so `--help` and `--cfg job` stay fast.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def _select(node: Any, *keys: str) -> Any:
 
 def task(cfg: DictConfig) -> float:
     """One training job. Returns the monitored metric so Hydra sweepers can optimize it."""
-    from finetune.train import ERROR_FILE, run
+    from finetune.training import ERROR_FILE, run
 
     if not RECIPE_FILES and not RERUN_OF:  # a launcher's worker process (joblib, submitit)
         inherited = inherited_recipes()
@@ -186,7 +186,7 @@ def task(cfg: DictConfig) -> float:
         report(ConfigError([problem]))
         raise SystemExit(2)
     try:
-        return run(cfg, recipe_files=RECIPE_FILES, rerun_of=RERUN_OF)
+        return run(cfg, run_context(hydra_cfg, RECIPE_FILES, RERUN_OF))
     except FinetuneError as err:
         report(err)
         if sweep:
@@ -208,6 +208,34 @@ def task(cfg: DictConfig) -> float:
               f"{' '.join(str(err).split())[:300]}); traceback in {job_dir / ERROR_FILE}; "
               "the sweep goes on", file=sys.stderr)
         return math.nan
+
+
+def recipe_record(name: str | None, recipe_files: dict[str, Path],
+                  rerun_of: dict[str, Path]) -> dict[str, Any]:
+    """What the manifest says of the recipe: its name, file and sha256 (and the run dir a
+    rerun reruns)."""
+    from finetune import artifacts
+
+    path = recipe_files.get(name) if name else None
+    recipe = {"name": name, "file": str(path) if path else None,
+              "sha256": artifacts.file_sha256(path) if path else None}
+    if name in rerun_of:
+        recipe["rerun_of"] = str(rerun_of[name])
+    return recipe
+
+
+def run_context(hydra_cfg: Any, recipe_files: dict[str, Path],
+                rerun_of: dict[str, Path]) -> Any:
+    """What the run needs from Hydra's globals, as data (finetune.plan.RunContext)."""
+    from finetune.plan import RunContext
+    from finetune.training import is_main_process
+
+    sweep = hydra_cfg.mode.name == "MULTIRUN"
+    return RunContext(run_dir=Path(hydra_cfg.runtime.output_dir),
+                      sweep_dir=Path(hydra_cfg.sweep.dir) if sweep else None,
+                      recipe=recipe_record(hydra_cfg.runtime.choices.get("recipe"),
+                                           recipe_files, rerun_of),
+                      overrides=list(hydra_cfg.overrides.task), main_process=is_main_process())
 
 
 def sweeper_problem(hydra_cfg: Any, metric: str) -> str | None:

@@ -99,35 +99,18 @@ def split_rows(model: Any) -> list[dict[str, Any]]:
 def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = False,
                  splits: bool = False) -> dict[str, Any]:
     """The plan of a run as data (what `--json` prints)."""
-    from finetune import train
-    from finetune.data import build_datamodule
-    from finetune.freezing import apply_freeze
     from finetune.optim import param_groups
-    from finetune.sources import SourceNotTrained
-    from finetune.validate import check_model_paths, validate
+    from finetune.plan import plan_run
 
-    validate(cfg)
-    entry = train.pretrained_entry(cfg)
-    prep = train.preprocessing_for(cfg, entry)
-    class_names = None
+    run_plan = plan_run(cfg, train_sources=False)
+    run_plan.raise_problems()
+    built, freeze, prep, notes = run_plan.built, run_plan.freeze, run_plan.prep, run_plan.notes
+    assert built is not None and freeze is not None and prep is not None
     data_info: dict[str, Any] = {"name": cfg.data.name}
-    if cfg.head.type != "none":
-        data = build_datamodule(cfg.data, prep, cfg.seed)
-        train.check_num_classes(cfg.head.num_classes, data.class_names)
-        class_names = data.class_names
-        data_info.update(classes=class_names, train_images=len(data.train_set),
-                         val_images=len(data.val_set))
-    check_model_paths(cfg, class_names, entry, prep.crop, prep.channels)
-    notes = []
-    try:
-        built = train.build_model(cfg, class_names, entry, prep.crop, prep.channels,
-                                  train_sources=False)
-    except SourceNotTrained as err:
-        notes.append(str(err))
-        unloaded = OmegaConf.merge(cfg, {"weights": {"source": "none"}})
-        built = train.build_model(unloaded, class_names, entry, prep.crop, prep.channels)
-    freeze = train.plan_from_config(built.model, cfg.freeze)
-    apply_freeze(built.model, freeze)
+    if run_plan.data is not None:
+        data_info.update(classes=run_plan.class_names,
+                         train_images=len(run_plan.data.train_set),
+                         val_images=len(run_plan.data.val_set))
     names = {id(p): n for n, p in built.model.named_parameters()}
     sizes = {n: p.numel() for n, p in built.model.named_parameters()}
     total = sum(sizes.values())
@@ -142,8 +125,7 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
                "groups": [g["name"] for g in groups if g["epoch"] == stage.epoch]}
               for stage in freeze.stages]
     joins = {n: stage.epoch for stage in freeze.stages[1:] for n in stage.params}
-    cached = (train.cache_decision(cfg, built.model, freeze, data_info["train_images"])[1]
-              if "train_images" in data_info else "off: nothing trains")
+    cached = run_plan.cache_reason
     plan: dict[str, Any] = {
         "recipe": {"name": recipe,
                    "file": str(RECIPE_FILES[recipe]) if recipe in RECIPE_FILES else None},

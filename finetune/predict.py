@@ -8,8 +8,11 @@ so that `finetune.predict` stays the API function.)
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
+from typing import Any
 
+import finetune
 from finetune.errors import FinetuneError
 from finetune.prediction import (
     list_images,
@@ -48,6 +51,17 @@ def main(argv: list[str] | None = None) -> None:
           + (f"; {len(predictions.unreadable)} unreadable, skipped" if predictions.unreadable
              else ""))
 
+
+class _CallableModule(types.ModuleType):
+    """`import finetune.predict` binds this module to the package's `predict`, hiding the
+    API function README shows; calling the module calls that function, so `finetune.predict(
+    model, images)` works whatever was imported."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return finetune._predict_function(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from finetune import config as schema
 from finetune import safe_files
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import FinetuneError
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -173,10 +173,8 @@ def machine_effects(cfg: Any, hydra: Any) -> list[str]:
 def validate_recipe(spec: str, overrides: list[str]) -> tuple[list[str], list[str]]:
     """(every problem a run would stop on before training, what the run would do to this
     machine). No problems: the recipe is ready. The recipe passes the same gate a run uses."""
-    from finetune import train
-    from finetune.data import build_datamodule
     from finetune.inspect import compose_with_hydra
-    from finetune.validate import check_model_paths, validate
+    from finetune.plan import plan_run
 
     try:
         full = compose_with_hydra([f"recipe={spec}", *overrides])
@@ -186,28 +184,10 @@ def validate_recipe(spec: str, overrides: list[str]) -> tuple[list[str], list[st
     cfg = full.copy()
     with open_dict(cfg):
         del cfg["hydra"]
-    problems: list[str] = []
-    try:
-        validate(cfg)
-    except ConfigError as err:
-        problems += err.problems
-    if any(p.startswith("model.name") for p in problems):
-        return problems, []  # nothing below can be checked without the model
-    entry = train.pretrained_entry(cfg) if not problems else None
-    reach = weights_reachable(cfg) if not problems else None
-    problems += [reach] if reach else []
-    prep = train.preprocessing_for(cfg, entry)
-    class_names = None
-    if cfg.head.type != "none":
-        try:
-            class_names = build_datamodule(cfg.data, prep, cfg.seed).class_names
-            train.check_num_classes(cfg.head.num_classes, class_names)
-        except FinetuneError as err:
-            problems.append(str(err))
-    try:
-        check_model_paths(cfg, class_names, entry, prep.crop, prep.channels)
-    except ConfigError as err:
-        problems += err.problems
+    problems = plan_run(cfg, load=False).problems
+    if not problems:
+        reach = weights_reachable(cfg)
+        problems += [reach] if reach else []
     problems = list(dict.fromkeys(problems))  # two checks may find the same thing
     return problems, machine_effects(cfg, hydra) if not problems else []
 

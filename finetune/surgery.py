@@ -147,11 +147,11 @@ def _parse_slice(text: str, where: str) -> slice:
 def _shapes_at(model: nn.Module, path: str, size: tuple[int, int], where: str
                ) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
     """(input, output) shape at `path` in a dry forward; None where nothing flowed."""
-    shapes = _dry_shapes(model, size, where, [path])
+    shapes = dry_shapes(model, size, where, [path])
     return shapes.get(path, (None, None))
 
 
-def _dry_shapes(model: nn.Module, size: tuple[int, int], where: str,
+def dry_shapes(model: nn.Module, size: tuple[int, int], where: str,
                 paths: list[str] | None = None
                 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """io_shapes for `size` = (side, channels), a failure named after the op."""
@@ -233,6 +233,6 @@ def apply_surgery(model: nn.Module, ops: list[dict[str, Any]], input_size: int,
             raise FinetuneError(f"surgery[{i}]: an op is a mapping like {{op: remove, path: "
                                 f"avgpool}}, got {op!r}")
         apply_op(result, op, (input_size, channels), i)
-        _dry_shapes(result.model, (input_size, channels),
+        dry_shapes(result.model, (input_size, channels),
                     f"surgery[{i}] ({op.get('op')} {op.get('path')})")
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.models import WeightsEnum
 
 from finetune import backbones, cache, heads, surgery
+from finetune.builder import Assembled
 from finetune.config import resolve_recipe
 from finetune.errors import ConfigError, FinetuneError
-from finetune.freezing import plan_freeze
+from finetune.freezing import FreezePlan, plan_freeze
 from finetune.optim import param_groups
 
 
@@ -87,6 +89,16 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(problems)
 
 
+@dataclass
+class Checked:
+    """The model assembled once (backbone -> head -> surgery, no weights yet) and the freeze
+    plan on it; `problems` lists every path that matches nothing (then the model is unusable)."""
+
+    assembled: Assembled | None
+    freeze: FreezePlan | None
+    problems: list[str]
+
+
 def check_model_paths(cfg: DictConfig, class_names: list[str] | None,
                       entry: WeightsEnum | None, input_size: int, channels: int = 3) -> None:
     """Every module path and glob in surgery, freeze and weights.require must match the model
@@ -95,19 +107,29 @@ def check_model_paths(cfg: DictConfig, class_names: list[str] | None,
     Runs on a forked random state: checking must not change what the run then initializes.
     """
     with torch.random.fork_rng(devices=[]):
-        _check_model_paths(cfg, class_names, entry, input_size, channels)
+        checked = assemble_checked(cfg, class_names, entry, input_size, channels)
+    if checked.problems:
+        raise ConfigError(checked.problems)
 
 
-def _check_model_paths(cfg: DictConfig, class_names: list[str] | None,
-                       entry: WeightsEnum | None, input_size: int, channels: int) -> None:
+def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEnum | None,
+                     input_size: int, channels: int = 3) -> Checked:
+    """backbone -> head -> surgery, each op checked (a path that matches nothing is reported
+    and later ops still checked), then the freeze plan, optimizer groups and weights.require
+    on the result. With no problems the model is exactly what builder.assemble makes (same
+    random initialization), ready for its weights."""
     problems, attempt = _collector()
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     assert isinstance(user_kwargs, dict)
     kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, entry) if entry else {}),
               **user_kwargs}
-    model = backbones.build(cfg.model.name, kwargs)
+    model = attempt(lambda: backbones.build(cfg.model.name, kwargs))
+    if model is None:
+        return Checked(None, None, problems)
+    head_paths: list[str] = []
     if class_names is not None:
-        attempt(lambda: heads.replace_heads(model, len(class_names)))
+        head_paths = attempt(lambda: heads.replace_heads(
+            model, len(class_names), cfg.head.dropout, list(cfg.head.hidden))) or []
     result = surgery.SurgeryResult(model)
     ops = OmegaConf.to_container(cfg.surgery, resolve=True)
     assert isinstance(ops, list)
@@ -124,6 +146,10 @@ def _check_model_paths(cfg: DictConfig, class_names: list[str] | None,
         if len(problems) > before:
             continue  # a path that matches nothing changed nothing: later ops still check
         attempt(lambda o=op, i=index: surgery.apply_op(result, o, (input_size, channels), i))
+        if len(problems) == before:  # as apply_surgery: a dry forward after each op
+            attempt(lambda o=op, i=index: surgery.dry_shapes(
+                result.model, (input_size, channels),
+                f"surgery[{i}] ({o.get('op')} {o.get('path')})"))
         if len(problems) > before and op.get("op") != "replace":
             break  # the model's shape after this op is unknown; later paths depend on it
     plan = attempt(lambda: plan_freeze(result.model, cfg.freeze.train_from, cfg.freeze.bn,
@@ -135,5 +161,5 @@ def _check_model_paths(cfg: DictConfig, class_names: list[str] | None,
         if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
             problems.append(f"weights.require: {pattern!r} matches no model tensor; keys look "
                             f"like {keys[0]!r}")
-    if problems:
-        raise ConfigError(problems)
+    assembled = Assembled(result.model, [result.map_key(p) for p in head_paths], result)
+    return Checked(assembled if not problems else None, plan, problems)

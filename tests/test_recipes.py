@@ -11,7 +11,7 @@ import torchvision
 
 from finetune import config as schema
 from finetune.inspect import compose_config, inspect_plan, render
-from finetune.train import build_model, pretrained_entry
+from finetune.plan import plan_run, pretrained_entry
 from tests.conftest import cli_errors, read_json, run_cli, run_dir_of
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=64"]
@@ -60,7 +60,9 @@ def test_gradual_recipe_opens_the_network_in_phases(offline_home: Path) -> None:
 
 def test_custom_head_loads_exactly_what_name_filtering_would(offline_home: Path) -> None:
     cfg, _ = compose_config(["recipe=resnet50_custom_head", *DIGITS_1_9])
-    built = build_model(cfg, [str(d) for d in range(1, 10)], pretrained_entry(cfg), 64)
+    plan = plan_run(cfg)
+    assert plan.problems == [] and plan.class_names == [str(d) for d in range(1, 10)]
+    built = plan.built
     checkpoint_file = offline_home / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
     checkpoint = torch.load(checkpoint_file, weights_only=True)
     fresh = built.model.state_dict()

@@ -122,7 +122,7 @@ def test_resume_problems_are_one_line(runs: dict[str, Path], tmp_path: Path) -> 
     from finetune.freezing import plan_freeze
     from finetune.heads import replace_heads
     from finetune.module import FinetuneModule
-    from finetune.train import check_resumable, resume_checkpoint
+    from finetune.training import check_resumable, resume_checkpoint
 
     with pytest.raises(FinetuneError, match=r"resume=nowhere/last\.ckpt: no such file or run dir"):
         resume_checkpoint("nowhere/last.ckpt", tmp_path)

@@ -224,3 +224,27 @@ def test_a_received_manifest_passes_the_gate(trained: tuple[Path, Path, Path],
     assert result.stderr.strip().splitlines() == [
         f"finetune.predict: error: manifest {copy / 'manifest.json'}: not valid JSON "
         + result.stderr.split("not valid JSON ", 1)[1].strip()]
+
+
+def test_train_runs_in_process_and_predict_stays_a_function(tmp_path: Path) -> None:
+    """finetune.train: the run a CLI command makes, in this process (no subprocess), in the
+    dir asked for; finetune.predict is the API function even after `import
+    finetune.predict` (the CLI module)."""
+    import importlib
+
+    importlib.import_module("finetune.predict")
+    result = finetune.train("quickstart", ["weights.source=none", *SHRINK],
+                            run_dir=tmp_path / "run")
+    assert result.run_dir == (tmp_path / "run").resolve()
+    assert result.metrics["status"] == "complete" and result.value == result.metrics["val/acc"]
+    manifest = read_json(result.run_dir / "manifest.json")
+    assert manifest["recipe"]["name"] == "quickstart"
+    assert manifest["overrides"] == ["weights.source=none", *SHRINK]
+    images = tmp_path / "images"
+    write_digit_images(images, [5], 2)
+    predictions = finetune.predict(result.run_dir, images, topk=2)
+    assert len(predictions.rows) == 2 and predictions.classes == [str(d) for d in range(5, 10)]
+    with pytest.raises(FinetuneError, match="head.num_classes=3 but the data has 5 classes"):
+        finetune.train("quickstart", ["weights.source=none", "head.num_classes=3", *SHRINK],
+                       run_dir=tmp_path / "bad")
+    assert read_json(tmp_path / "bad" / "metrics.json")["status"] == "failed"

@@ -1,4 +1,4 @@
-"""One training run, top to bottom: validate -> build -> plan -> fit -> save."""
+"""One training run, top to bottom: plan (finetune/plan.py) -> fit -> save."""
 
 from __future__ import annotations
 
@@ -8,22 +8,20 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
-from torchvision.models import WeightsEnum
 
-from finetune import artifacts, backbones, cache, plots, surgery
-from finetune.builder import assemble
+from finetune import artifacts, backbones, cache, plots
 from finetune.callbacks import (
     AtomicCheckpointIO,
     SaveOnInterrupt,
@@ -31,12 +29,11 @@ from finetune.callbacks import (
     ThroughputMeter,
     stop_name,
 )
-from finetune.data import ImageDataModule, build_datamodule
+from finetune.data import ImageDataModule
 from finetune.errors import FinetuneError
-from finetune.freezing import FreezePlan, apply_freeze, plan_freeze
+from finetune.freezing import FreezePlan
 from finetune.module import FinetuneModule
-from finetune.validate import check_model_paths, validate
-from finetune.weights import LoadReport, load_weights
+from finetune.plan import Built, RunContext, RunPlan, plan_run
 
 log = logging.getLogger("finetune")
 MONITOR = "val/acc"
@@ -50,19 +47,18 @@ def is_main_process() -> bool:
     return rank_zero_only.rank == 0
 
 
-def run(cfg: DictConfig, recipe_files: dict[str, Path] | None = None,
-        rerun_of: dict[str, Path] | None = None) -> float:
-    """Train as `cfg` says, write the run dir, return the final val/acc.
+def run(cfg: DictConfig, context: RunContext) -> float:
+    """Train as `cfg` says, write the run dir, return the monitored metric (`metric`).
 
     A run stopped by a user error leaves metrics.json with status "failed" and the message;
     one stopped by Ctrl-C or SIGTERM, status "interrupted". Under DDP every rank runs this;
     only rank zero writes (and holds the run dir's lock: one run writes a dir at a time).
     """
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    lock = artifacts.lock_run_dir(run_dir) if is_main_process() else None
+    assert context.run_dir is not None
+    lock = artifacts.lock_run_dir(context.run_dir) if context.main_process else None
     try:
         with _sigterm_as_interrupt():
-            return _guarded_run(cfg, run_dir, recipe_files or {}, rerun_of or {})
+            return _guarded_run(cfg, context)
     finally:
         if lock is not None:
             lock.close()
@@ -89,12 +85,13 @@ def _sigterm_as_interrupt() -> Any:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _guarded_run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
-                 rerun_of: dict[str, Path]) -> float:
+def _guarded_run(cfg: DictConfig, context: RunContext) -> float:
+    run_dir = context.run_dir
+    assert run_dir is not None
     if is_main_process():
         artifacts.write_json(run_dir / artifacts.METRICS, {"status": "running"})
     try:
-        return _run(cfg, run_dir, recipe_files, rerun_of)
+        return _run(cfg, context)
     except FinetuneError as err:
         if is_main_process():
             with contextlib.suppress(artifacts.DiskFull):  # the disk may be what failed
@@ -118,22 +115,21 @@ def _guarded_run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
         raise
 
 
-def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
-         rerun_of: dict[str, Path]) -> float:
-    recipe = recipe_info(recipe_files, rerun_of)
-    log.info("compose: recipe %s -> %s", recipe["name"], run_dir)
-    validate(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    entry = pretrained_entry(cfg)
-    prep = preprocessing_for(cfg, entry)
+def _run(cfg: DictConfig, context: RunContext) -> float:
+    """plan -> fit -> save."""
+    run_dir, recipe = context.run_dir, context.recipe
+    assert run_dir is not None
+    log.info("compose: recipe %s -> %s", recipe.get("name"), run_dir)
+    plan = plan_run(cfg, context)
+    plan.raise_problems()
+    built, freeze, data, prep = plan.built, plan.freeze, plan.data, plan.prep
+    assert built is not None and freeze is not None and prep is not None
     if cfg.head.type == "none":
-        check_model_paths(cfg, None, entry, prep.crop, prep.channels)
         if not is_main_process():
             return float("nan")
-        return save_extractor(run_dir, cfg, recipe, build_model(cfg, None, entry, prep.crop,
-                                                               prep.channels), prep)
-    data = build_datamodule(cfg.data, prep, cfg.seed)
-    num_classes = check_num_classes(cfg.head.num_classes, data.class_names)
+        return save_extractor(run_dir, cfg, context, built, prep)
+    assert data is not None
+    num_classes = len(data.class_names)
     if data.bad_images and is_main_process():
         artifacts.write_csv(run_dir / BAD_IMAGES, ["path", "reason"],
                             [list(b) for b in data.bad_images])
@@ -141,12 +137,9 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
                     len(data.bad_images), run_dir / BAD_IMAGES, data.bad_images[0][0])
     log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
              len(data.train_set), len(data.val_set), prep.to_dict())
-    check_model_paths(cfg, data.class_names, entry, prep.crop, prep.channels)
-    built = build_model(cfg, data.class_names, entry, prep.crop, prep.channels)
+    log_built(cfg, built)
     if is_main_process():
         artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
-    freeze = plan_from_config(built.model, cfg.freeze)
-    apply_freeze(built.model, freeze)
     log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
              trainable_summary(built.model))
     if is_main_process():  # what a report of a sweep still running can show
@@ -161,7 +154,7 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
                             cfg.model.channels_last, cfg.model.compile)
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = check_resumable(checkpoint, module) if checkpoint is not None else ([], [])
-    features = feature_cache(cfg, built.model, freeze, len(data.train_set))
+    features = feature_cache(cfg, plan)
     trainer, meter = make_trainer(cfg, run_dir, history, features)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
@@ -172,46 +165,29 @@ def _run(cfg: DictConfig, run_dir: Path, recipe_files: dict[str, Path],
         raise friendly from None
     if not trainer.is_global_zero:
         return float(trainer.callback_metrics.get(cfg.metric, float("nan")))
-    metrics = save_run(run_dir, cfg, recipe, built, freeze, data, prep, module, trainer, meter,
+    metrics = save_run(run_dir, cfg, context, built, freeze, data, prep, module, trainer, meter,
                        cache_info(features))
     print_summary(run_dir, metrics)
     value = metrics.get(cfg.metric)
     return float(value) if value is not None else float("nan")
 
 
-def feature_cache(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
-                  train_images: int) -> cache.FeatureCache | str:
+def feature_cache(cfg: DictConfig, plan: RunPlan) -> cache.FeatureCache | str:
     """The feature cache callback for this run, or why there is none (`freeze.cache`)."""
-    cut, reason = cache_decision(cfg, model, freeze, train_images)
-    if cut is None:
-        log.info("feature cache: %s", reason)
-        return reason
+    if plan.cache_cut is None:
+        log.info("feature cache: %s", plan.cache_reason)
+        return plan.cache_reason
     directory = cfg.freeze.cache_dir
-    if directory is None and HydraConfig.get().mode.name == "MULTIRUN":
-        directory = Path(HydraConfig.get().sweep.dir) / "feature_cache"
-    return cache.FeatureCache(cut, Path(directory).expanduser() if directory else None,
-                              write=is_main_process())
-
-
-def cache_decision(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
-                   train_images: int) -> tuple[cache.Cut | None, str]:
-    """Whether this run caches the frozen prefix, and why (also what `inspect` shows)."""
-    limit, batch = cfg.trainer.limit_train_batches, cfg.data.batch_size
-    per_epoch = (min(1.0, float(limit)) if isinstance(limit, float)
-                 else min(1.0, int(limit) * batch / max(1, train_images)))
-    return cache.decide(cfg.freeze.cache, model, len(freeze.stages) > 1, bool(cfg.data.augment),
-                        per_epoch * (cfg.trainer.max_epochs or 1))
+    if directory is None and plan.context.sweep_dir is not None:
+        directory = plan.context.sweep_dir / "feature_cache"
+    return cache.FeatureCache(plan.cache_cut, Path(directory).expanduser() if directory
+                              else None, write=is_main_process())
 
 
 def cache_info(features: cache.FeatureCache | str) -> dict[str, Any]:
     if isinstance(features, str):
         return {"status": "off", "reason": features}
     return features.info
-
-
-def plan_from_config(model: nn.Module, freeze: Any) -> FreezePlan:
-    """The freeze group resolved against the model (every selector checked)."""
-    return plan_freeze(model, freeze.train_from, freeze.bn, freeze.modules, freeze.unfreeze)
 
 
 def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
@@ -275,74 +251,10 @@ def check_resumable(path: Path, module: FinetuneModule
     return artifacts.metrics_history(path.parent.parent / "metrics.csv", int(saved["epoch"]))
 
 
-def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:
-    if cfg.weights.source != "torchvision":
-        return None
-    return backbones.weights_enum(cfg.model.name, cfg.weights.name)
-
-
-def preprocessing_entry(cfg: DictConfig, entry: WeightsEnum | None) -> WeightsEnum | None:
-    """Whose eval transform to use: the weights loaded; for a file or URL, the architecture's
-    usual weights (a .pth from torchvision expects their preprocessing); for random init, a
-    run or a recipe, a plain resize to data.image_size with ImageNet statistics (what a run
-    of this framework from scratch uses)."""
-    if cfg.weights.source in ("file", "url"):
-        return backbones.weights_enum(cfg.model.name, "DEFAULT")
-    return entry
-
-
-def preprocessing_for(cfg: DictConfig, entry: WeightsEnum | None) -> backbones.Preprocessing:
-    """The eval preprocessing of a run: the weights' own, scaled and overridden by `data`."""
-    return backbones.preprocessing(preprocessing_entry(cfg, entry), cfg.data.image_size,
-                                   cfg.data.mean, cfg.data.std, cfg.data.channels)
-
-
-def check_num_classes(configured: int | None, class_names: list[str]) -> int:
-    if configured is not None and configured != len(class_names):
-        raise FinetuneError(f"head.num_classes={configured} but the data has {len(class_names)} "
-                            f"classes ({', '.join(class_names[:12])}); set head.num_classes="
-                            f"{len(class_names)}, or null to follow the data")
-    return len(class_names)
-
-
-@dataclass
-class Built:
-    """The model as built, and how: builder arguments, head paths, the weight load, and the
-    output shape of one image in a dry forward."""
-
-    model: nn.Module
-    build_kwargs: dict[str, Any]
-    head_paths: list[str]
-    report: LoadReport
-    output_shape: list[int]
-
-
-def build_model(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEnum | None,
-                input_size: int, channels: int = 3, train_sources: bool = True) -> Built:
-    """backbone -> head -> surgery -> weights: the pretrained tensors that still fit (by name
-    and shape, after the surgery moved modules) are copied in.
-
-    Args:
-        class_names: the new head's classes; None keeps no head (`head: none`).
-        input_size, channels: the dry-forward batch that infers `auto` sizes, checks shapes.
-        train_sources: whether a recipe source without a run may be trained now.
-    """
-    user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    ops = OmegaConf.to_container(cfg.surgery, resolve=True)
-    assert isinstance(user_kwargs, dict) and isinstance(ops, list)
-    build_kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, entry) if entry else {}),
-                    **user_kwargs}
-    parts = assemble(cfg.model.name, build_kwargs,
-                     len(class_names) if class_names is not None else None, cfg.head.dropout,
-                     list(cfg.head.hidden), ops, input_size, channels)
-    model, head_paths = parts.model, parts.head_paths
-    log.info("build: %s; head at %s; surgery: %d ops%s", cfg.model.name,
-             ", ".join(head_paths) or "none", len(ops),
-             f", pretrained keys moved: {parts.operated.key_map}" if parts.operated.key_map else "")
-    report = load_weights(model, cfg.weights, cfg.model.name, head_paths, parts.operated.map_key,
-                          class_names, train_sources)
-    output = surgery.io_shapes(model, input_size, paths=[], channels=channels)[""][1]
-    return Built(model, build_kwargs, head_paths, report, list(output[1:]))
+def log_built(cfg: DictConfig, built: Built) -> None:
+    ops = len(cfg.surgery)
+    log.info("build: %s; head at %s; surgery: %d ops", cfg.model.name,
+             ", ".join(built.head_paths) or "none", ops)
 
 
 def input_too_small(err: RuntimeError, cfg: DictConfig) -> FinetuneError | None:
@@ -422,17 +334,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     return trainer, meter
 
 
-def recipe_info(recipe_files: dict[str, Path], rerun_of: dict[str, Path]) -> dict[str, Any]:
-    name = HydraConfig.get().runtime.choices.get("recipe")
-    path = recipe_files.get(name) if name else None
-    info = {"name": name, "file": str(path) if path else None,
-            "sha256": artifacts.file_sha256(path) if path else None}
-    if name in rerun_of:
-        info["rerun_of"] = str(rerun_of[name])
-    return info
-
-
-def write_manifest(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
+def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
                    prep: backbones.Preprocessing, class_names: list[str] | None,
                    freeze: FreezePlan | None) -> str:
     """model.safetensors and manifest.json: what is needed to use the model. Returns the
@@ -441,8 +343,8 @@ def write_manifest(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built
     surgery_ops = OmegaConf.to_container(cfg.surgery, resolve=True)
     artifacts.write_json(run_dir / artifacts.MANIFEST, {
         "format": 1,
-        "recipe": recipe,
-        "overrides": list(HydraConfig.get().overrides.task),
+        "recipe": context.recipe,
+        "overrides": list(context.overrides),
         "model": {"name": cfg.model.name, "build_kwargs": built.build_kwargs},
         "head": {"type": cfg.head.type,
                  "num_classes": len(class_names) if class_names else None,
@@ -466,13 +368,14 @@ def write_manifest(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built
     return model_sha
 
 
-def save_extractor(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
+def save_extractor(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
                    prep: backbones.Preprocessing) -> float:
     """`head: none`: a feature extractor is built, loaded and saved; there is nothing to train."""
     artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
     log.info("head: none: a feature extractor giving %s per image; nothing to train",
              built.output_shape)
-    write_manifest(run_dir, cfg, recipe, built, prep, None, None)
+    log_built(cfg, built)
+    write_manifest(run_dir, cfg, context, built, prep, None, None)
     artifacts.write_json(run_dir / artifacts.METRICS, {
         "status": "complete", "epochs": 0, "output_shape": built.output_shape,
         "total_params": sum(p.numel() for p in built.model.parameters())})
@@ -491,12 +394,12 @@ def write_val_predictions(path: Path, data: ImageDataModule, predictions: list[i
     artifacts.write_csv(path, ["item", "label", "predicted"], rows)
 
 
-def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Built,
+def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
              cache_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
-    write_manifest(run_dir, cfg, recipe, built, prep, data.class_names, freeze)
+    write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze)
     series = artifacts.epoch_metrics(run_dir / "metrics.csv")
     plots.plot_curves(series, run_dir / "curves.png")
     if module.last_confusion is not None:
@@ -542,6 +445,50 @@ def save_run(run_dir: Path, cfg: DictConfig, recipe: dict[str, Any], built: Buil
     }
     artifacts.write_json(run_dir / artifacts.METRICS, metrics)
     return metrics
+
+
+@dataclass
+class RunResult:
+    """What `finetune.train` returns: the run dir, its metrics.json, the monitored metric."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    value: float
+
+
+def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
+                     run_dir: str | Path | None = None) -> RunResult:
+    """One run in this process, exactly as `python -m finetune recipe=RECIPE OVERRIDES...`
+    runs it (the same gate, the same composition through Hydra's compose API), but without
+    Hydra's logging set-up or its process-level globals; one device (DDP needs the CLI).
+
+    Raises:
+        FinetuneError: the problems that stopped the run (metrics.json records them too).
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from finetune import __main__ as cli
+    from finetune import config as schema
+
+    extra = [f"hydra.run.dir={Path(run_dir).expanduser().resolve()}"] if run_dir else []
+    args = cli.prepare([f"recipe={recipe}", *overrides, *extra])
+    overrides_given = [a for a in args if not a.startswith(("recipe=", "hydra."))]
+    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="finetune"):
+        full = compose("config", overrides=args, return_hydra_config=True)
+    directory = Path(str(full.hydra.run.dir)).expanduser().resolve()
+    name = str(full.hydra.runtime.choices.recipe)
+    cfg = full.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    directory.mkdir(parents=True, exist_ok=True)
+    artifacts.write_bytes(directory / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
+    artifacts.write_bytes(directory / ".hydra" / "overrides.yaml",
+                          OmegaConf.to_yaml(overrides_given).encode())
+    context = RunContext(run_dir=directory, recipe=cli.recipe_record(
+        name, cli.RECIPE_FILES, cli.RERUN_OF), overrides=overrides_given)
+    value = run(cfg, context)
+    return RunResult(directory, artifacts.read_json(directory / artifacts.METRICS), value)
 
 
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -1,0 +1,184 @@
+"""plan_run: everything a run decides before it trains, computed once, every problem at once.
+
+Training is plan -> fit -> save (finetune/training.py); `inspect` renders the plan and
+`recipes validate` prints its problems. The model is built once: backbone -> head -> surgery
+with every path checked (finetune.validate.assemble_checked), then the weights load into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from finetune import backbones, cache, surgery
+from finetune.data import ImageDataModule, build_datamodule
+from finetune.errors import ConfigError, FinetuneError
+from finetune.freezing import FreezePlan, apply_freeze
+from finetune.load_report import LoadReport
+from finetune.validate import assemble_checked, validate
+from finetune.weights import load_weights
+
+
+@dataclass
+class RunContext:
+    """What a run needs to know beyond its config, which Hydra's globals used to carry.
+
+    Attributes:
+        run_dir: where the run writes (None: nothing is written, as for inspect).
+        sweep_dir: the sweep this run is a job of, if any (its feature cache lives there).
+        recipe: name, file, sha256 (and rerun_of) of the recipe, for the manifest.
+        overrides: the command line's overrides, for the manifest.
+        main_process: rank zero (the only process, or rank 0 of DDP): the one that writes.
+    """
+
+    run_dir: Path | None = None
+    sweep_dir: Path | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    main_process: bool = True
+
+
+@dataclass
+class Built:
+    """The model as built, and how: builder arguments, head paths, the weight load, and the
+    output shape of one image in a dry forward."""
+
+    model: nn.Module
+    build_kwargs: dict[str, Any]
+    head_paths: list[str]
+    report: LoadReport
+    output_shape: list[int]
+
+
+@dataclass
+class RunPlan:
+    """The run before it trains: data, model, weights, freeze plan, cache decision; or why it
+    cannot run (`problems`, every one found)."""
+
+    cfg: DictConfig
+    context: RunContext
+    entry: WeightsEnum | None = None
+    prep: backbones.Preprocessing | None = None
+    data: ImageDataModule | None = None
+    class_names: list[str] | None = None
+    built: Built | None = None
+    freeze: FreezePlan | None = None
+    cache_cut: cache.Cut | None = None
+    cache_reason: str = "off: nothing trains"
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def raise_problems(self) -> None:
+        """Stop here with every problem found, one line each."""
+        if self.problems:
+            raise ConfigError(list(dict.fromkeys(self.problems)))
+
+
+def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:
+    """The torchvision weights entry a run loads, or None for another source."""
+    if cfg.weights.source != "torchvision":
+        return None
+    return backbones.weights_enum(cfg.model.name, cfg.weights.name)
+
+
+def preprocessing_for(cfg: DictConfig, entry: WeightsEnum | None) -> backbones.Preprocessing:
+    """The eval preprocessing of a run: the weights' own, scaled and overridden by `data`.
+
+    For a file or URL, the architecture's usual weights (a .pth from torchvision expects
+    their preprocessing); for random init, a run or a recipe, a plain resize to
+    data.image_size with ImageNet statistics (what a run of this framework from scratch uses).
+    """
+    if cfg.weights.source in ("file", "url"):
+        entry = backbones.weights_enum(cfg.model.name, "DEFAULT")
+    return backbones.preprocessing(entry, cfg.data.image_size, cfg.data.mean, cfg.data.std,
+                                   cfg.data.channels)
+
+
+def check_num_classes(configured: int | None, class_names: list[str]) -> int:
+    if configured is not None and configured != len(class_names):
+        raise FinetuneError(f"head.num_classes={configured} but the data has {len(class_names)} "
+                            f"classes ({', '.join(class_names[:12])}); set head.num_classes="
+                            f"{len(class_names)}, or null to follow the data")
+    return len(class_names)
+
+
+def cache_decision(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
+                   train_images: int) -> tuple[cache.Cut | None, str]:
+    """Whether this run caches the frozen prefix, and why (also what `inspect` shows)."""
+    limit, batch = cfg.trainer.limit_train_batches, cfg.data.batch_size
+    per_epoch = (min(1.0, float(limit)) if isinstance(limit, float)
+                 else min(1.0, int(limit) * batch / max(1, train_images)))
+    return cache.decide(cfg.freeze.cache, model, len(freeze.stages) > 1, bool(cfg.data.augment),
+                        per_epoch * (cfg.trainer.max_epochs or 1))
+
+
+def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool = True,
+             train_sources: bool = True) -> RunPlan:
+    """Validate, read the data, build the model once, load its weights, plan the freeze and
+    the feature cache; every problem found on the way is in `plan.problems`.
+
+    Args:
+        load: load the weights (False: check the config and paths only, as validate does).
+        train_sources: whether a recipe source without a run may be trained now (False:
+            the plan notes it and starts from random weights, as inspect does).
+    """
+    from finetune.sources import SourceNotTrained
+
+    plan = RunPlan(cfg, context or RunContext())
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        plan.problems += err.problems
+    if any(p.startswith("model.name") for p in plan.problems):
+        return plan  # nothing below can be checked without the model
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if not any(p.startswith("weights.name") for p in plan.problems):
+        plan.entry = pretrained_entry(cfg)
+    plan.prep = preprocessing_for(cfg, plan.entry)
+    classes_for_checks: list[str] | None = None
+    if cfg.head.type != "none":
+        try:
+            plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed)
+            check_num_classes(cfg.head.num_classes, plan.data.class_names)
+            plan.class_names = plan.data.class_names
+        except FinetuneError as err:
+            plan.problems += err.problems
+        # the paths are still checked: against a head of the size asked for (or 2)
+        classes_for_checks = plan.class_names or [str(i) for i in range(
+            cfg.head.num_classes or 2)]
+    checked = assemble_checked(cfg, classes_for_checks, plan.entry, plan.prep.crop,
+                               plan.prep.channels)
+    plan.problems += checked.problems
+    if plan.problems or checked.assembled is None or checked.freeze is None:
+        return plan
+    parts = checked.assembled
+    model = parts.model
+    user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    assert isinstance(user_kwargs, dict)
+    build_kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, plan.entry)
+                       if plan.entry else {}), **user_kwargs}
+    weights = cfg.weights if load else OmegaConf.merge(cfg.weights, {"source": "none"})
+    try:
+        report = load_weights(model, weights, cfg.model.name, parts.head_paths,
+                              parts.operated.map_key, plan.class_names, train_sources)
+    except SourceNotTrained as err:
+        plan.notes.append(str(err))
+        report = load_weights(model, OmegaConf.merge(cfg.weights, {"source": "none"}),
+                              cfg.model.name, parts.head_paths)
+    except FinetuneError as err:
+        plan.problems += err.problems
+        return plan
+    output = surgery.io_shapes(model, plan.prep.crop, paths=[], channels=plan.prep.channels)
+    plan.built = Built(model, build_kwargs, parts.head_paths, report, list(output[""][1][1:]))
+    plan.freeze = checked.freeze
+    apply_freeze(model, plan.freeze)
+    if plan.data is not None:
+        plan.cache_cut, plan.cache_reason = cache_decision(cfg, model, plan.freeze,
+                                                           len(plan.data.train_set))
+    return plan
