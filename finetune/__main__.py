@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from finetune import config as schema
 from finetune.allowlist import take_allow_flags
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError, run_entry_point
 
 log = logging.getLogger("finetune")
 
@@ -29,6 +29,8 @@ log = logging.getLogger("finetune")
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
                      "-cn", "--config-dir", "-cd", "--info", "--experimental-rerun"}
 
+# Free-form mappings of the schema: their keys are the user's, not Hydra's to know.
+FREE_FORM = ("model.kwargs.", "weights.rename.")
 # Recipe name -> file, for the recipe(s) this process was asked to run (read by the manifest).
 RECIPE_FILES: dict[str, Path] = {}
 # Recipe name -> the run dir it reruns (`rerun=RUN_DIR`).
@@ -90,6 +92,8 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     for i in overrides:
         if argv[i] in ("head=none", "head=null"):  # short for head.type=none, as in recipes
             argv[i] = "head.type=none"
+        elif argv[i].startswith(FREE_FORM):  # model.kwargs.dropout=0.2, as README writes it
+            argv[i] = f"++{argv[i]}"  # (Hydra wants + for a key its mapping does not have)
     problems += schema.check_overrides([argv[i] for i in overrides
                                         if argv[i].partition("=")[0].lstrip("+") != "recipe"])
     if problems:
@@ -306,5 +310,10 @@ def main(argv: list[str] | None = None) -> Any:
                       version_base="1.3")(task)()
 
 
+def cli() -> None:
+    """The `finetune` console script."""
+    run_entry_point(main)
+
+
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

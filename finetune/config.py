@@ -395,7 +395,7 @@ def check_value(path: str, value: Any, where: str, probe: Any = None) -> str | N
     """None when `value` fits the type and choices of `path`, else one message. `probe`: a
     structured Config to try the value on (made once per batch of checks: it is slow)."""
     if path in CHOICES and value not in CHOICES[path]:
-        return (f"{where}: {path}={value!r} is not one of {', '.join(CHOICES[path])}"
+        return (f"{where}: {path}={value!r} is not one of {', '.join(map(str, CHOICES[path]))}"
                 f"{did_you_mean(value, CHOICES[path])}")
     probe = probe if probe is not None else OmegaConf.structured(Config)
     try:

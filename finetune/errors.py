@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
 class FinetuneError(Exception):
@@ -31,3 +34,16 @@ def did_you_mean(word: object, options: Iterable[object], n: int = 3, cutoff: fl
     """' (did you mean 'a' or 'b'?)' for the options closest to `word`, or ''."""
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=n, cutoff=cutoff)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def run_entry_point(main: Callable[[], Any]) -> None:
+    """Run a command's main(); a reader that stops early (`| head`) is no error: the rest of
+    the output is dropped and the exit status stays 0, without a BrokenPipeError traceback."""
+    try:
+        main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at devnull so that flush is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(0) from None

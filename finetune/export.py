@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from finetune import artifacts
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, run_entry_point
 from finetune.prediction import load_run, parse_args
 
 TOLERANCE = 1e-4
@@ -46,6 +46,10 @@ def _torchscript(model: nn.Module, path: Path) -> Any:
     return lambda x: loaded(x)
 
 
+def _too_large_for_one_file(model: nn.Module) -> bool:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.8e9
+
+
 def _onnx(model: nn.Module, path: Path) -> Any | None:
     """Export with a dynamic batch; a runner through onnxruntime, or None without it."""
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
@@ -55,6 +59,9 @@ def _onnx(model: nn.Module, path: Path) -> Any | None:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (_example(model, 2),), str(path), input_names=["image"],
                           output_names=["output"], dynamo=True,
+                          # one portable file (the tensors inside the graph), as a model under
+                          # protobuf's 2 GB limit can be; larger ones keep model.onnx.data
+                          external_data=_too_large_for_one_file(model),
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
     if importlib.util.find_spec("onnxruntime") is None:
         return None
@@ -124,4 +131,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune import config as schema
 from finetune.__main__ import RECIPE_FILES, prepare, report
 from finetune.allowlist import take_allow_flags
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError, run_entry_point
 
 FLAGS = ("--keys", "--splits", "--json")
 USAGE = ("usage: python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] "
@@ -229,4 +229,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

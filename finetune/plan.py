@@ -118,6 +118,26 @@ def cache_decision(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
                         per_epoch * (cfg.trainer.max_epochs or 1))
 
 
+def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],
+                       err: BaseException) -> str:
+    """One sentence for a model that cannot run on the run's input size, saying which size
+    or key to use."""
+    name = cfg.model.name
+    if name.startswith("vit_"):
+        size = build_kwargs.get("image_size", 224)
+        hint = (f"a ViT takes exactly its image_size ({size} px here): set data.image_size="
+                f"{size}, or, without pretrained weights, model.kwargs.image_size={crop}")
+    elif name.startswith("maxvit"):
+        size = build_kwargs.get("input_size", [224, 224])
+        hint = f"maxvit takes exactly its input_size ({size}): set data.image_size={size[0]}"
+    elif name in ("inception_v3", "googlenet"):
+        hint = "raise data.image_size (inception_v3 takes at least 75 px, 299 with aux_logits)"
+    else:
+        hint = "raise data.image_size"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{name} cannot take {crop} px inputs ({first}); {hint}"
+
+
 def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool = True,
              train_sources: bool = True) -> RunPlan:
     """Validate, read the data, build the model once, load its weights, plan the freeze and
@@ -174,8 +194,20 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     except FinetuneError as err:
         plan.problems += err.problems
         return plan
-    output = surgery.io_shapes(model, plan.prep.crop, paths=[], channels=plan.prep.channels)
+    try:
+        output = surgery.io_shapes(model, plan.prep.crop, paths=[], channels=plan.prep.channels)
+    except (RuntimeError, AssertionError) as err:  # torchvision's ViT asserts its input size
+        plan.problems.append(input_size_problem(cfg, plan.prep.crop, build_kwargs, err))
+        return plan
     plan.built = Built(model, build_kwargs, parts.head_paths, report, list(output[""][1][1:]))
+    outputs = plan.built.output_shape
+    if plan.class_names is not None and outputs != [len(plan.class_names)]:
+        plan.problems.append(
+            f"the model gives {outputs} outputs per image but the data has "
+            f"{len(plan.class_names)} classes: a surgery op replaced the classifier with "
+            "another size; give it out_features: "
+            f"{len(plan.class_names)} (or leave the classifier to head.num_classes)")
+        return plan
     plan.freeze = checked.freeze
     apply_freeze(model, plan.freeze)
     if plan.data is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import finetune
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, run_entry_point
 from finetune.prediction import (
     list_images,
     load_run,
@@ -64,4 +64,4 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from finetune import config as schema
 from finetune import safe_files
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, run_entry_point
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -222,4 +222,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

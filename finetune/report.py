@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import artifacts
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, run_entry_point
 
 ARGS: dict[str, str | None] = {"metric": "", "out": ""}
 USAGE = "usage: python -m finetune.report DIR [metric=val/acc] [out=DIR]"
@@ -284,4 +284,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -157,7 +157,7 @@ def dry_shapes(model: nn.Module, size: tuple[int, int], where: str,
     """io_shapes for `size` = (side, channels), a failure named after the op."""
     try:
         return io_shapes(model, size[0], paths, channels=size[1])
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError) as err:  # torchvision's ViT asserts its size
         raise FinetuneError(f"{where}: the model no longer runs on {size[0]} px, {size[1]}-"
                             f"channel inputs: {str(err).splitlines()[0]}") from None
 

@@ -20,6 +20,8 @@ from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, plan_freeze
 from finetune.optim import param_groups
 
+BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
+
 
 def _collector() -> tuple[list[str], Callable[[Callable[[], Any]], Any]]:
     problems: list[str] = []
@@ -81,6 +83,12 @@ def validate(cfg: DictConfig) -> None:
     if package and importlib.util.find_spec(package) is None:
         problems.append(f"logger={cfg.logger.name} needs the {package} package: "
                         f"pip install 'finetune[{cfg.logger.name}]'")
+    for i, entry in enumerate(cfg.data.augment):
+        name = entry if isinstance(entry, str) else OmegaConf.select(entry, "type")
+        if name in BATCH_MIXES:
+            problems.append(f"data.augment[{i}]: {name} mixes pairs of images and their labels "
+                            "across a batch, which a per-image augmentation cannot do; it is not "
+                            "supported yet (a batch-mix option is planned): remove it")
     attempt(lambda: cache.mode_of(cfg.freeze.cache))
     problems += cache.config_conflicts(cfg.freeze.cache, list(cfg.data.augment),
                                        list(cfg.freeze.unfreeze), cfg.freeze.train_from,

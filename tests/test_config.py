@@ -157,3 +157,59 @@ def test_conf_documents_every_schema_key_with_its_default() -> None:
                 short = key.split(".", 1)[1]
                 assert short in documented, f"{key} missing from {option}"
                 assert documented[short][1], f"{key} has no comment in {option}"
+
+
+def _plan_problems(*overrides: str) -> list[str]:
+    from finetune.inspect import compose_config
+    from finetune.plan import plan_run
+
+    cfg, _ = compose_config(["recipe=quickstart", "weights.source=none", *overrides])
+    return plan_run(cfg, load=False).problems
+
+
+def test_plan_time_corrections_are_one_sentence_each() -> None:
+    """Things that used to crash later, or train wrong, are refused when the run is planned."""
+    assert _plan_problems("model.name=vit_b_16") == [
+        "vit_b_16 cannot take 32 px inputs (Wrong image height! Expected 224 but got 32!); a "
+        "ViT takes exactly its image_size (224 px here): set data.image_size=224, or, without "
+        "pretrained weights, model.kwargs.image_size=32"]
+    assert _plan_problems("model.name=vit_b_16", "model.kwargs.image_size=32") == []
+    assert _plan_problems("data.augment=[MixUp]")[0].startswith(
+        "data.augment[0]: MixUp mixes pairs of images and their labels across a batch")
+    wrong_head = "surgery=[{op: replace, path: fc, with: {type: Linear, out_features: 3}}]"
+    assert _plan_problems(wrong_head) == [
+        "the model gives [3] outputs per image but the data has 5 classes: a surgery op "
+        "replaced the classifier with another size; give it out_features: 5 (or leave the "
+        "classifier to head.num_classes)"]
+    # two problems of different kinds, reported together
+    assert len(_plan_problems("head.num_classes=3", "freeze.train_from=layer9")) == 2
+
+
+def test_model_kwargs_on_the_command_line_need_no_plus() -> None:
+    cfg = compose_cfg("recipe=quickstart", "model.kwargs.zero_init_residual=true")
+    assert cfg.model.kwargs.zero_init_residual is True
+    errors = prepare_errors("data.channels=2")
+    assert errors == ["override 'data.channels=2': data.channels=2 is not one of 1, 3"]
+
+
+def prepare_errors(*overrides: str) -> list[str]:
+    from finetune.errors import ConfigError
+
+    try:
+        prepare(["recipe=quickstart", *overrides])
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def test_help_piped_into_head_is_quiet(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for module in ("finetune", "finetune.inspect"):
+        shell = (f"{sys.executable} -m {module} --help | head -c 10 >/dev/null"
+                 if module == "finetune" else
+                 f"{sys.executable} -m {module} recipe=quickstart weights.source=none | true")
+        done = subprocess.run(shell, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

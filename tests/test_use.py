@@ -104,6 +104,21 @@ def test_export_with_parity(trained: tuple[Path, Path, Path], tmp_path: Path, fm
         assert info["parity_max_abs_diff"] is None
     else:
         assert info["parity_max_abs_diff"] <= 1e-4
+    if fmt == "onnx":  # one portable file: it runs from anywhere, alone
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.json"]
+        if importlib.util.find_spec("onnxruntime") is not None:
+            import onnxruntime
+
+            moved = tmp_path / "elsewhere" / "m.onnx"
+            moved.parent.mkdir()
+            target.rename(moved)
+            session = onnxruntime.InferenceSession(str(moved),
+                                                   providers=["CPUExecutionProvider"])
+            x = torch.randn(2, 3, 32, 32)
+            with torch.inference_mode():
+                expected = finetune.load(run, device="cpu")(x)
+            got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+            assert (got - expected).abs().max() <= 1e-4
     if fmt == "torchscript":
         scripted = torch.jit.load(str(target))
         model = finetune.load(run)
@@ -244,7 +259,7 @@ def test_train_runs_in_process_and_predict_stays_a_function(tmp_path: Path) -> N
     write_digit_images(images, [5], 2)
     predictions = finetune.predict(result.run_dir, images, topk=2)
     assert len(predictions.rows) == 2 and predictions.classes == [str(d) for d in range(5, 10)]
-    with pytest.raises(FinetuneError, match="head.num_classes=3 but the data has 5 classes"):
+    with pytest.raises(FinetuneError, match=r"head\.num_classes=3 but the data has 5 classes"):
         finetune.train("quickstart", ["weights.source=none", "head.num_classes=3", *SHRINK],
                        run_dir=tmp_path / "bad")
     assert read_json(tmp_path / "bad" / "metrics.json")["status"] == "failed"
