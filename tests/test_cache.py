@@ -175,3 +175,18 @@ def test_stored_features_are_trusted_only_with_our_record(tmp_path: Path) -> Non
     assert torch.equal(torch.as_tensor(store._read(key, "train")), ours)
     np.save(planted, np.ones((4, 3), dtype=np.float32))  # replaced after we wrote it
     assert store._read(key, "train") is None
+
+
+def test_the_key_changes_with_the_frozen_weights() -> None:
+    """Same architecture, same code, other weights: other features, so another key."""
+    from finetune.cache import prefix_identity
+
+    first = cut_model(_resnet("layer4"))
+    other_model = _resnet("layer4")
+    with torch.no_grad():
+        other_model.layer1[0].conv1.weight.add_(1.0)
+    second = cut_model(other_model)
+    assert isinstance(first, Cut) and isinstance(second, Cut)
+    a, b = prefix_identity(first.prefix), prefix_identity(second.prefix)
+    assert a["code"] == b["code"] and a["modules"] == b["modules"]
+    assert a != b

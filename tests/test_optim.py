@@ -205,3 +205,18 @@ def test_every_schedule_keeps_working_when_a_group_joins(sched: str) -> None:
     torch.save(state, buffer := __import__("io").BytesIO())
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True)["last_epoch"] == state["last_epoch"]
+
+
+def test_no_decay_norm_means_every_normalization_layer() -> None:
+    """`norm` covers LayerNorm (ViT) and GroupNorm, not only BatchNorm."""
+    vit = torchvision.models.vit_b_16()
+    groups = _names(param_groups(vit, _optim(weight_decay=0.1, no_decay=["norm"]),
+                                 plan_freeze(vit), 1))
+    plain = {id(p) for p in groups["all/no_decay"]["params"]}
+    assert id(vit.encoder.ln.weight) in plain and id(vit.encoder.layers[0].ln_1.bias) in plain
+    assert id(vit.heads.head.weight) not in plain
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8))
+    groups = _names(param_groups(grouped, _optim(weight_decay=0.1, no_decay=["norm"]),
+                                 plan_freeze(grouped), 1))
+    assert {id(p) for p in groups["all/no_decay"]["params"]} == {
+        id(grouped[1].weight), id(grouped[1].bias)}

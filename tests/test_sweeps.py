@@ -206,3 +206,17 @@ def test_a_recipe_cannot_reach_past_its_search(tmp_path: Path) -> None:
         f"{evil}: hydra.sweeper.sampler._target_ {why}",
         f"{evil}: hydra.launcher.setup {why}",
         f"{evil}: hydra.job {why}"]
+
+
+def test_ranking_follows_the_metric_direction(tmp_path: Path) -> None:
+    """Accuracy: highest first; loss: lowest first; jobs without the metric last."""
+    from finetune.report import Job, rank
+
+    jobs = [Job(tmp_path / str(i), "complete", values={"val/acc": acc, "val/loss": loss})
+            for i, (acc, loss) in enumerate([(0.5, 0.9), (0.9, 0.2), (0.7, 0.4)])]
+    jobs.append(Job(tmp_path / "3", "failed"))
+    assert [j.dir.name for j in rank(jobs, "val/acc")] == ["1", "2", "0", "3"]
+    assert [j.dir.name for j in rank(jobs, "val/loss")] == ["1", "2", "0", "3"]
+    jobs[0].values["val/loss"] = 0.1  # now the lowest loss, still the lowest accuracy
+    assert next(j.dir.name for j in rank(jobs, "val/loss")) == "0"
+    assert next(j.dir.name for j in rank(jobs, "val/acc")) == "1"

@@ -1,0 +1,122 @@
+"""Mutation score: break one line at a time and check that some test fails.
+
+Each mutant replaces one exact piece of the source with a broken version (a defence
+removed, a sign flipped, a term dropped), runs the tests named beside it, and restores the
+file. A mutant is *killed* when a test fails; one that *survives* is a feature no test guards.
+
+    python bench/mutants.py            # every mutant, a table and the score
+    python bench/mutants.py 3 7        # only these (by number)
+
+The figures go to BENCHMARKS.md (section "Mutation score").
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (what it breaks, file, the exact text, its broken version, the tests to run)
+MUTANTS: list[tuple[str, str, str, str, str]] = [
+    ("no_decay misses LayerNorm/GroupNorm", "finetune/optim.py",
+     "NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,",
+     "NORM_LAYERS = (nn.modules.batchnorm._NormBase,) or (", "tests/test_optim.py"),
+    ("feature-cache key without the tensors' hash", "finetune/cache.py",
+     '"tensors": digest.hexdigest()}', '"tensors": ""}', "tests/test_cache.py"),
+    ("leaderboard ranks val/loss highest-first", "finetune/report.py",
+     'sign = 1.0 if metric.endswith("loss") else -1.0', "sign = -1.0",
+     "tests/test_sweeps.py"),
+    ("a recipe source's reuse key ignores recipe_overrides", "finetune/sources.py",
+     'composed = subprocess.run([sys.executable, "-m", "finetune", *args, "--cfg", "job",',
+     'composed = subprocess.run([sys.executable, "-m", "finetune", args[0], "--cfg", "job",',
+     "tests/test_sources.py"),
+    ("throughput meter counts the warm-up epoch", "finetune/callbacks.py",
+     "return self.epochs[1:] or self.epochs", "return self.epochs",
+     "tests/test_callbacks.py"),
+    ("input-wait share always 0", "finetune/callbacks.py",
+     "return sum(w for _, _, w in self._steady()) / seconds if seconds > 0 else None",
+     "return 0.0", "tests/test_callbacks.py"),
+    ("SIGTERM no longer ends a run like Ctrl-C", "finetune/training.py",
+     "        raise Terminated()", "        return None",
+     "tests/test_bad_inputs.py -k sigterm"),
+    ("the gate lets any hydra key through", "finetune/gate.py",
+     '    walk(hydra, "hydra")\n    return problems', "    return problems",
+     "tests/test_gate.py -k 'every_attack or logging_config'"),
+    ("alias bombs are built", "finetune/safe_files.py",
+     "        _expanded_size(root, where)\n", "", "tests/test_gate.py -k every_attack"),
+    ("interpolations of resolvers pass", "finetune/gate.py",
+     "    problems += interpolation_problems(value, where, key)\n", "",
+     "tests/test_gate.py -k every_attack"),
+    ("recipe_overrides reach argv unchecked", "finetune/sources.py",
+     "    problems = [p for i, entry in enumerate(overrides)\n"
+     '                for p in gate.override_problems(entry, f"weights.recipe_overrides[{i}]")]',
+     "    problems = []", "tests/test_gate.py -k where_they_become"),
+    ("a run dir's recorded config is not gated", "finetune/__main__.py",
+     "    problems = gate.recorded_config_problems(config, where)", "    problems = []",
+     "tests/test_gate.py -k rerun"),
+    ("a manifest's model description is not gated", "finetune/prediction.py",
+     '    problems = gate.manifest_model_problems(manifest, f"run={run_dir}")',
+     "    problems = []", "tests/test_use.py -k manifest"),
+    ("writes follow symlinks", "finetune/artifacts.py",
+     "    for candidate in [path, *list(path.parents)[:levels]]:", "    for candidate in []:",
+     "tests/test_use.py -k link"),
+    ("torchvision cache files are not hash-checked", "finetune/sources.py",
+     "    if not actual.startswith(prefix) and actual not in trusted_hashes():",
+     "    if False:", "tests/test_weights.py -k hash_in_its_name"),
+    ("two runs may share a run dir", "finetune/artifacts.py",
+     "        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))",
+     "        pass", "tests/test_bad_inputs.py -k share"),
+    ("run dirs have no suffix", "conf/config.yaml",
+     "${now:%Y-%m-%d_%H-%M-%S}-${run_suffix:}   #", "${now:%Y-%m-%d_%H-%M-%S}   #",
+     "tests/test_bad_inputs.py -k share"),
+    ("a tampered source run is reused", "finetune/sources.py",
+     "    if _is_complete(run_dir) and _source_verified(run_dir, key):",
+     "    if _is_complete(run_dir):", "tests/test_train_e2e.py -k record"),
+    ("planted features are read", "finetune/cache.py",
+     "        if expected is None or file_sha256(path) != expected:", "        if False:",
+     "tests/test_cache.py -k record"),
+    ("a wrong-sized classifier from surgery passes the plan", "finetune/plan.py",
+     "    if plan.class_names is not None and outputs != [len(plan.class_names)]:",
+     "    if False:", "tests/test_config.py -k correction"),
+]
+
+
+def run_mutant(index: int) -> tuple[str, float]:
+    _, file, old, new, tests = MUTANTS[index]
+    path = ROOT / file
+    original = path.read_text()
+    if original.count(old) != 1:
+        return f"not applied: the text is in {file} {original.count(old)} times", 0.0
+    path.write_text(original.replace(old, new))
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(f"{sys.executable} -m pytest -q -x -n 0 -p no:cacheprovider "
+                              f"{tests}", shell=True, cwd=ROOT, capture_output=True, text=True,
+                              timeout=900)
+    finally:
+        path.write_text(original)
+    seconds = time.perf_counter() - started
+    if done.returncode == 1:
+        return "killed", seconds
+    if done.returncode == 0:
+        return "SURVIVED", seconds
+    return f"error (pytest exit {done.returncode})", seconds
+
+
+def main(argv: list[str]) -> None:
+    chosen = [int(a) for a in argv] or list(range(len(MUTANTS)))
+    killed = 0
+    print(f"{'#':>2}  {'result':<10} {'s':>5}  mutant (tests)")
+    for index in chosen:
+        result, seconds = run_mutant(index)
+        killed += result == "killed"
+        what, file, _, _, tests = MUTANTS[index]
+        print(f"{index:>2}  {result:<10} {seconds:>5.0f}  {what} [{file}] ({tests})", flush=True)
+    print(f"mutation score: {killed}/{len(chosen)} killed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
