@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import hashlib
 import io
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -51,6 +54,35 @@ def write_stream(path: Path, writer: Callable[[BinaryIO], Any]) -> None:
     """
     refuse_links(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with deferred_signals():
+        _write_stream(path, writer)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a write takes effect once the file is whole: the handlers
+    are swapped for ones that only note the signal (Python runs handlers in the main thread,
+    between bytecodes, so a raise there would cut a checkpoint short mid-write)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1]:  # now act on it, as the handler that was there would
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+def _write_stream(path: Path, writer: Callable[[BinaryIO], Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -223,3 +224,19 @@ def test_two_runs_never_share_a_run_dir(tmp_path: Path) -> None:
     finally:
         lock.close()
     artifacts.lock_run_dir(held).close()  # free again once the holder ends
+
+
+def test_ctrl_c_during_a_write_takes_effect_once_the_file_is_whole(tmp_path: Path) -> None:
+    """Ctrl-C that lands while a checkpoint is written (it did, in CI) no longer cuts the
+    file short with a traceback: the write finishes, then the interrupt is raised."""
+    target = tmp_path / "last.ckpt"
+
+    def writer(handle: Any) -> None:
+        handle.write(b"a" * 10)
+        signal.raise_signal(signal.SIGINT)
+        handle.write(b"b" * 10)
+
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.write_stream(target, writer)
+    assert target.read_bytes() == b"a" * 10 + b"b" * 10
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
