@@ -132,11 +132,11 @@ def register_rerun(run: Path, name: str | None = None) -> str:
 
     manifest, composed = run / "manifest.json", run / ".hydra" / "config.yaml"
     if manifest.is_file():
-        recorded = safe_files.load_json_object(manifest, "manifest")
-        config = recorded.get("config")
-        recipe = (recorded.get("recipe") or {}).get("name") \
-            if isinstance(recorded.get("recipe"), dict) else None
+        from finetune.manifest import Manifest
+
         where = str(manifest)
+        recorded = Manifest.from_json(safe_files.load_json_object(manifest, "manifest"), where)
+        config, recipe = recorded.config, recorded.recipe.get("name")
     elif composed.is_file():
         config = safe_files.load_yaml(composed, "recorded config")
         hydra_file = run / ".hydra" / "hydra.yaml"
@@ -177,7 +177,8 @@ def _select(node: Any, *keys: str) -> Any:
 
 def task(cfg: DictConfig) -> float:
     """One training job. Returns the monitored metric so Hydra sweepers can optimize it."""
-    from finetune.training import ERROR_FILE, run
+    from finetune.artifacts import ERROR_FILE
+    from finetune.training import run
 
     if not RECIPE_FILES and not RERUN_OF:  # a launcher's worker process (joblib, submitit)
         inherited = inherited_recipes()

@@ -23,10 +23,20 @@ from torch import nn
 from finetune import safe_files
 from finetune.errors import FinetuneError
 
-METRICS = "metrics.json"
+# Every file a run dir holds, named once.
+METRICS = "metrics.json"  # status and final metrics; written last (complete) or on a stop
 LOAD_REPORT = "load_report.json"
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+METRICS_CSV = "metrics.csv"  # Lightning's CSV logger, one row per logged step / epoch
+CURVES = "curves.png"
+CONFUSION = "confusion_matrix.png"
+VAL_PREDICTIONS = "val_predictions.csv"
+BAD_IMAGES = "bad_images.csv"  # images skipped because they cannot be decoded
+ERROR_FILE = "error.txt"  # the traceback of a run that failed on something other than input
+CHECKPOINTS = "checkpoints"  # best.ckpt, last.ckpt, interrupted.ckpt
+LAST_CHECKPOINT = "last.ckpt"
+INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -186,24 +196,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "unknown"
     return out
-
-
-def open_run(run_dir: str | Path, key: str = "run") -> tuple[dict[str, Any], Path]:
-    """The manifest of a finished run dir and its weights file, checked against each other.
-
-    Args:
-        key: the argument the run dir came from, for the error message.
-    """
-    run = Path(run_dir).expanduser()
-    manifest_file, weights_file = run / MANIFEST, run / WEIGHTS
-    if not manifest_file.is_file() or not weights_file.is_file():
-        raise FinetuneError(f"{key}={str(run_dir)!r}: not a finished run dir (it needs "
-                            f"{MANIFEST} and {WEIGHTS})")
-    manifest = safe_files.load_json_object(manifest_file, "manifest")
-    if manifest.get("model_sha256") != file_sha256(weights_file):
-        raise FinetuneError(f"{key}={str(run_dir)!r}: {WEIGHTS} does not match the sha256 in "
-                            "its manifest; the run dir was changed after the run")
-    return manifest, weights_file
 
 
 def epoch_metrics(metrics_csv: Path) -> dict[str, dict[int, float]]:

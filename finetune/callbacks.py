@@ -107,7 +107,9 @@ class SaveOnInterrupt(pl.Callback):
                      exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt):
             return
-        path = self.run_dir / "checkpoints" / "interrupted.ckpt"
+        from finetune import artifacts
+
+        path = self.run_dir / artifacts.CHECKPOINTS / artifacts.INTERRUPTED_CHECKPOINT
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
             message = (f"stopped by {stop_name(exception)} in epoch {trainer.current_epoch} "

@@ -106,9 +106,9 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
             "class_names": model.class_names, "preprocessing": model.preprocessing.to_dict(),
             "input_shape": ["batch", model.preprocessing.channels, model.preprocessing.crop,
                             model.preprocessing.crop],
-            "output_shape": ["batch", *model.manifest["output_shape"]],
+            "output_shape": ["batch", *model.manifest.output_shape],
             "parity_max_abs_diff": difference, "tolerance": TOLERANCE,
-            "model_sha256": model.manifest["model_sha256"],
+            "model_sha256": model.manifest.model_sha256,
             "torch": torch.__version__}
     artifacts.write_json(info_file, info)
     return info

@@ -17,29 +17,23 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune import artifacts, gate
+from finetune import artifacts
 from finetune.backbones import Preprocessing
 from finetune.builder import assemble
 from finetune.data import IMAGE_SUFFIXES, eval_transform
-from finetune.errors import ConfigError, FinetuneError, did_you_mean
+from finetune.errors import FinetuneError, did_you_mean
+from finetune.manifest import read_manifest
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """The fine-tuned model of a run dir, in eval mode, with `class_names`, `transform` (the
     eval preprocessing), `preprocessing` and `manifest` attached."""
-    manifest, weights_file = artifacts.open_run(run_dir)
-    # A run dir may come from someone else: what it rebuilds passes the gate a recipe passes.
-    problems = gate.manifest_model_problems(manifest, f"run={run_dir}")
-    problems += preprocessing_problems(manifest.get("preprocessing"), f"run={run_dir}")
-    if not isinstance(manifest.get("class_names"), (list, type(None))):
-        problems.append(f"run={run_dir}: the manifest's class_names is not a list")
-    if problems:
-        raise ConfigError(problems)
-    prep = Preprocessing(**manifest["preprocessing"])
-    head = manifest["head"]
-    parts = assemble(manifest["model"]["name"], manifest["model"]["build_kwargs"],
+    manifest, weights_file = read_manifest(run_dir)
+    prep = Preprocessing(**manifest.preprocessing)
+    head = manifest.head
+    parts = assemble(manifest.model_name, manifest.build_kwargs,
                      None if head.get("type") == "none" else head["num_classes"],
-                     head["dropout"], head["hidden"], manifest.get("surgery") or [], prep.crop,
+                     head["dropout"], head["hidden"], manifest.surgery, prep.crop,
                      prep.channels)
     model = parts.model
     result = model.load_state_dict(load_file(str(weights_file)), strict=False)
@@ -49,24 +43,11 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> n
                             f"{result.unexpected_keys[:3]})")
     model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Plain attributes, not submodules: the state dict and exports stay the model alone.
-    for name, value in (("class_names", manifest["class_names"]),
+    for name, value in (("class_names", manifest.class_names),
                         ("transform", eval_transform(prep)), ("preprocessing", prep),
                         ("manifest", manifest)):
         object.__setattr__(model, name, value)
     return model
-
-
-def preprocessing_problems(recorded: Any, where: str) -> list[str]:
-    """The manifest's preprocessing must be the fields of Preprocessing with their types."""
-    fields = {"resize": int, "crop": int, "mean": list, "std": list, "interpolation": str,
-              "channels": int}
-    if not isinstance(recorded, dict) or not {"resize", "crop", "mean", "std"} <= set(recorded):
-        return [f"{where}: the manifest's preprocessing is missing or incomplete"]
-    bad = [k for k, v in recorded.items()
-           if k not in fields or not isinstance(v, fields[k]) or isinstance(v, bool)
-           or (isinstance(v, list) and not all(isinstance(x, (int, float)) for x in v))]
-    return [f"{where}: the manifest's preprocessing has a bad {', '.join(map(str, bad))}; it "
-            "was changed after the run"] if bad else []
 
 
 def list_images(path: str | Path) -> list[Path]:

@@ -87,7 +87,7 @@ def read_job(job_dir: Path) -> Job:
         job.values = {k: _number(metrics.get(k)) for k in METRICS}
         job.epochs, job.train_seconds = metrics.get("epochs"), metrics.get("train_seconds")
     else:  # running, or stopped: what its per-epoch log holds so far
-        series = artifacts.epoch_metrics(job_dir / "metrics.csv")
+        series = artifacts.epoch_metrics(job_dir / artifacts.METRICS_CSV)
         accs = series.get("val/acc", {})
         if accs:
             last = max(accs)

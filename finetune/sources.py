@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from finetune import artifacts, backbones, config, safe_files
 from finetune.errors import ConfigError, FinetuneError
 from finetune.load_report import LoadReport
+from finetune.manifest import read_manifest
 
 log = logging.getLogger("finetune")
 
@@ -224,12 +225,11 @@ def read_url(url: str, sha256: str | None) -> tuple[dict[str, torch.Tensor], Loa
 def read_run(run_dir: str | Path, source: str = "run") -> tuple[dict[str, torch.Tensor],
                                                                LoadReport]:
     """The model.safetensors of a finished run of this framework, checked against its manifest."""
-    manifest, weights_file = artifacts.open_run(run_dir, key="weights.path")
+    manifest, weights_file = read_manifest(run_dir, key="weights.path")
     tensors, report = read_file(str(weights_file), source=source)
     report.run = {"dir": str(weights_file.parent.resolve()),
-                  "recipe": (manifest.get("recipe") or {}).get("name"),
-                  "model": manifest.get("model", {}).get("name"),
-                  "class_names": manifest.get("class_names")}
+                  "recipe": manifest.recipe.get("name"), "model": manifest.model_name,
+                  "class_names": manifest.class_names}
     return tensors, report
 
 
@@ -293,9 +293,9 @@ def _train_or_reuse(spec: str, name: str, key: str, run_dir: Path, args: list[st
     if trained.returncode or not _is_complete(run_dir):
         raise FinetuneError(f"weights.recipe={spec}: training the source recipe failed; "
                             f"see {run_dir}")
-    manifest, _ = artifacts.open_run(run_dir, key="weights.recipe")
+    manifest, _ = read_manifest(run_dir, key="weights.recipe")
     artifacts.write_json(run_dir / SOURCE_RECORD, {
-        "recipe": name, "config_sha256": key, "model_sha256": manifest["model_sha256"]})
+        "recipe": name, "config_sha256": key, "model_sha256": manifest.model_sha256})
 
 
 def _is_complete(run_dir: Path) -> bool:
@@ -311,11 +311,10 @@ def _source_verified(run_dir: Path, key: str) -> bool:
         return False
     entry = safe_files.load_json_object(record, "source record")
     try:
-        manifest, _ = artifacts.open_run(run_dir, key="weights.recipe")
+        manifest, _ = read_manifest(run_dir, key="weights.recipe")
     except FinetuneError:
         return False
-    ok = entry.get("config_sha256") == key and \
-        entry.get("model_sha256") == manifest.get("model_sha256")
+    ok = entry.get("config_sha256") == key and entry.get("model_sha256") == manifest.model_sha256
     if not ok:
         log.warning("weights: %s does not match its source record; training it again", run_dir)
     return ok

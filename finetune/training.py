@@ -32,14 +32,12 @@ from finetune.callbacks import (
 from finetune.data import ImageDataModule
 from finetune.errors import FinetuneError
 from finetune.freezing import FreezePlan
+from finetune.manifest import Manifest
 from finetune.module import FinetuneModule
 from finetune.plan import Built, RunContext, RunPlan, plan_run
 
 log = logging.getLogger("finetune")
 MONITOR = "val/acc"
-VAL_PREDICTIONS = "val_predictions.csv"
-BAD_IMAGES = "bad_images.csv"  # images skipped because they cannot be decoded
-ERROR_FILE = "error.txt"  # the traceback of a run that failed on something other than input
 
 
 def is_main_process() -> bool:
@@ -108,10 +106,10 @@ def _guarded_run(cfg: DictConfig, context: RunContext) -> float:
     except Exception as err:
         # Not a user error: the traceback goes beside the run for whoever debugs it.
         if is_main_process():
-            artifacts.write_bytes(run_dir / ERROR_FILE, traceback.format_exc().encode())
+            artifacts.write_bytes(run_dir / artifacts.ERROR_FILE, traceback.format_exc().encode())
             artifacts.write_json(run_dir / artifacts.METRICS, {
                 "status": "failed", "error": [f"{type(err).__name__}: {err}"],
-                "traceback": ERROR_FILE})
+                "traceback": artifacts.ERROR_FILE})
         raise
 
 
@@ -131,10 +129,10 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     assert data is not None
     num_classes = len(data.class_names)
     if data.bad_images and is_main_process():
-        artifacts.write_csv(run_dir / BAD_IMAGES, ["path", "reason"],
+        artifacts.write_csv(run_dir / artifacts.BAD_IMAGES, ["path", "reason"],
                             [list(b) for b in data.bad_images])
         log.warning("data: skipped %d images that cannot be decoded (listed in %s), e.g. %s",
-                    len(data.bad_images), run_dir / BAD_IMAGES, data.bad_images[0][0])
+                    len(data.bad_images), run_dir / artifacts.BAD_IMAGES, data.bad_images[0][0])
     log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
              len(data.train_set), len(data.val_set), prep.to_dict())
     log_built(cfg, built)
@@ -196,7 +194,7 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        found = run_dir / "checkpoints" / "last.ckpt"
+        found = run_dir / artifacts.CHECKPOINTS / artifacts.LAST_CHECKPOINT
         if found.is_file():
             return found
         log.info("resume=auto: no checkpoint in %s yet; starting from the beginning",
@@ -204,7 +202,8 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
         return None
     path = Path(resume).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        for candidate in (path / artifacts.CHECKPOINTS / artifacts.LAST_CHECKPOINT,
+                          path / artifacts.LAST_CHECKPOINT):
             if candidate.is_file():
                 return candidate
         raise FinetuneError(f"resume={resume}: no checkpoints/last.ckpt in that folder; give a "
@@ -248,7 +247,8 @@ def check_resumable(path: Path, module: FinetuneModule
                             "it was trained with")
     log.info("resume: from %s (epoch %d done, %d freeze stages begun)", path, saved["epoch"],
              stages)
-    return artifacts.metrics_history(path.parent.parent / "metrics.csv", int(saved["epoch"]))
+    return artifacts.metrics_history(path.parent.parent / artifacts.METRICS_CSV,
+                                     int(saved["epoch"]))
 
 
 def log_built(cfg: DictConfig, built: Built) -> None:
@@ -304,11 +304,11 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     feature cache callback, when the run caches."""
     meter = ThroughputMeter()
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR,
+        ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="best", monitor=MONITOR,
                         mode="max", auto_insert_metric_name=False, enable_version_counter=False),
         # Lightning 2.6's save_last only refreshes last.ckpt when a top-k save happened in the
         # same step; a monitor-less checkpoint keeps it truly the last.
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None,
+        ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="last", monitor=None,
                         save_top_k=1, enable_version_counter=False),
         meter,  # before the cache: computing the features counts as training time
         SaveOnInterrupt(run_dir, lambda message, path: artifacts.write_json(
@@ -322,7 +322,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     header, rows = history
     if header and is_main_process():
         writer = loggers[0].experiment  # created now: it deletes an old metrics.csv
-        artifacts.write_csv(run_dir / "metrics.csv", header, rows)
+        artifacts.write_csv(run_dir / artifacts.METRICS_CSV, header, rows)
         # Known columns: the writer appends to the carried file instead of rewriting it with
         # only the columns it has seen (which would fail on the older rows).
         writer.metrics_keys = list(header)
@@ -341,30 +341,24 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
     weights' sha256."""
     model_sha = artifacts.save_weights(built.model, run_dir / artifacts.WEIGHTS)
     surgery_ops = OmegaConf.to_container(cfg.surgery, resolve=True)
-    artifacts.write_json(run_dir / artifacts.MANIFEST, {
-        "format": 1,
-        "recipe": context.recipe,
-        "overrides": list(context.overrides),
-        "model": {"name": cfg.model.name, "build_kwargs": built.build_kwargs},
-        "head": {"type": cfg.head.type,
-                 "num_classes": len(class_names) if class_names else None,
-                 "dropout": cfg.head.dropout, "hidden": list(cfg.head.hidden),
-                 "paths": built.head_paths},
-        "surgery": surgery_ops,
-        "output_shape": built.output_shape,
-        "freeze": {"train_from": freeze.train_from if freeze else None, "bn": cfg.freeze.bn,
-                   "stages": [s.to_dict() for s in freeze.stages] if freeze else []},
-        "resumed_from": str(cfg.resume) if cfg.resume else None,
-        "class_names": class_names,
-        "preprocessing": prep.to_dict(),
-        "weights": {k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}
-                   | {"name": cfg.weights.name if cfg.weights.source == "torchvision" else None},
-        "model_sha256": model_sha,
-        "seed": cfg.seed,
-        "versions": artifacts.library_versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(surgery_ops, list) and isinstance(config, dict)
+    Manifest(
+        model_name=cfg.model.name, build_kwargs=built.build_kwargs,
+        head={"type": cfg.head.type, "num_classes": len(class_names) if class_names else None,
+              "dropout": cfg.head.dropout, "hidden": list(cfg.head.hidden),
+              "paths": built.head_paths},
+        surgery=surgery_ops, output_shape=built.output_shape, class_names=class_names,
+        preprocessing=prep.to_dict(), model_sha256=model_sha, recipe=context.recipe,
+        overrides=list(context.overrides),
+        freeze={"train_from": freeze.train_from if freeze else None, "bn": cfg.freeze.bn,
+                "stages": [s.to_dict() for s in freeze.stages] if freeze else []},
+        resumed_from=str(cfg.resume) if cfg.resume else None,
+        weights={k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}
+        | {"name": cfg.weights.name if cfg.weights.source == "torchvision" else None},
+        seed=cfg.seed, versions=artifacts.library_versions(), config=config,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    ).write(run_dir)
     return model_sha
 
 
@@ -400,12 +394,12 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              cache_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
     write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze)
-    series = artifacts.epoch_metrics(run_dir / "metrics.csv")
-    plots.plot_curves(series, run_dir / "curves.png")
+    series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
+    plots.plot_curves(series, run_dir / artifacts.CURVES)
     if module.last_confusion is not None:
         plots.plot_confusion(module.last_confusion.tolist(), data.class_names,
-                             run_dir / "confusion_matrix.png")
-    write_val_predictions(run_dir / VAL_PREDICTIONS, data, module.last_predictions)
+                             run_dir / artifacts.CONFUSION)
+    write_val_predictions(run_dir / artifacts.VAL_PREDICTIONS, data, module.last_predictions)
     final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
              if k.startswith("val/")}
     accs = series.get(MONITOR, {})

@@ -177,6 +177,14 @@ def test_shipped_recipes_and_searches_pass_the_gate() -> None:
     assert gate.recipe_problems(optuna, "search") == []
 
 
+# The fields a manifest must have besides its config (finetune.manifest.Manifest).
+MANIFEST = {"model": {"name": "resnet18", "build_kwargs": {}},
+            "head": {"type": "classifier", "num_classes": 2, "dropout": 0.0, "hidden": []},
+            "surgery": [], "output_shape": [2], "class_names": ["a", "b"],
+            "preprocessing": {"resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+            "model_sha256": "0" * 64}
+
+
 def test_rerun_of_a_received_run_dir_is_gated(tmp_path: Path) -> None:
     """A run dir's recorded config is a recipe: hydra settings planted in it are refused,
     from the manifest and from .hydra/config.yaml alike."""
@@ -190,7 +198,7 @@ def test_rerun_of_a_received_run_dir_is_gated(tmp_path: Path) -> None:
     (run / ".hydra" / "config.yaml").write_text(json.dumps(planted))
     with pytest.raises(ConfigError, match=r"hydra\.job_logging cannot be set"):
         prepare([f"rerun={run}"])
-    (run / "manifest.json").write_text(json.dumps({"config": planted, "recipe": {
+    (run / "manifest.json").write_text(json.dumps({**MANIFEST, "config": planted, "recipe": {
         "name": "../../x"}}))
     with pytest.raises(ConfigError, match=r"hydra\.job_logging cannot be set"):
         prepare([f"rerun={run}"])
@@ -198,7 +206,7 @@ def test_rerun_of_a_received_run_dir_is_gated(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match=r"manifest .*manifest.json: not valid JSON"):
         prepare([f"rerun={run}"])
     # a clean recorded config reruns; a path-like recipe name does not become a path
-    (run / "manifest.json").write_text(json.dumps({"config": {"seed": 1, "freeze": {
+    (run / "manifest.json").write_text(json.dumps({**MANIFEST, "config": {"seed": 1, "freeze": {
         "cache_dir": str(out)}}, "recipe": {"name": "../../x"}}))
     assert prepare([f"rerun={run}"])[0] == "recipe=base_rerun"
     assert not out.exists()
