@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from finetune import allowlist
 from finetune.errors import ConfigError, did_you_mean
+from finetune.weight_sources import SOURCES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -193,7 +194,7 @@ class Config:
 
 # Keys whose value is one of a closed set; checked at compose time with nearest matches.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "weights.source": ("none", "torchvision", "file", "url", "run", "recipe"),
+    "weights.source": tuple(SOURCES),  # finetune/weight_sources.py
     "head.type": ("classifier", "none"),
     "data.channels": (1, 3),
     "weights.on_shape_mismatch": ("skip", "error"),

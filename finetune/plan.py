@@ -22,6 +22,7 @@ from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze
 from finetune.load_report import LoadReport
 from finetune.validate import assemble_checked, validate
+from finetune.weight_sources import source_of
 from finetune.weights import load_weights
 
 
@@ -82,20 +83,17 @@ class RunPlan:
 
 def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:
     """The torchvision weights entry a run loads, or None for another source."""
-    if cfg.weights.source != "torchvision":
-        return None
-    return backbones.weights_enum(cfg.model.name, cfg.weights.name)
+    return source_of(cfg).entry(cfg)
 
 
-def preprocessing_for(cfg: DictConfig, entry: WeightsEnum | None) -> backbones.Preprocessing:
+def preprocessing_for(cfg: DictConfig) -> backbones.Preprocessing:
     """The eval preprocessing of a run: the weights' own, scaled and overridden by `data`.
 
     For a file or URL, the architecture's usual weights (a .pth from torchvision expects
     their preprocessing); for random init, a run or a recipe, a plain resize to
     data.image_size with ImageNet statistics (what a run of this framework from scratch uses).
     """
-    if cfg.weights.source in ("file", "url"):
-        entry = backbones.weights_enum(cfg.model.name, "DEFAULT")
+    entry = source_of(cfg).preprocessing_entry(cfg)
     return backbones.preprocessing(entry, cfg.data.image_size, cfg.data.mean, cfg.data.std,
                                    cfg.data.channels)
 
@@ -160,7 +158,7 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if not any(p.startswith("weights.name") for p in plan.problems):
         plan.entry = pretrained_entry(cfg)
-    plan.prep = preprocessing_for(cfg, plan.entry)
+    plan.prep = preprocessing_for(cfg)
     classes_for_checks: list[str] | None = None
     if cfg.head.type != "none":
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +54,9 @@ def summary(name: str, path: Path) -> dict[str, Any]:
         cfg, _ = compose_config([f"recipe={path}"])
     except Exception as err:  # a broken user recipe is listed, not fatal
         return {**row, "error": str(err).splitlines()[0]}
-    weights = cfg.weights.source + {"torchvision": f":{cfg.weights.name}",
-                                    "recipe": f":{cfg.weights.recipe}"}.get(cfg.weights.source, "")
+    from finetune.weight_sources import source_of
+
+    weights = source_of(cfg).label(cfg)
     classes = (cfg.head.num_classes or (len(cfg.data.classes) if cfg.data.classes else None)
                if cfg.head.type != "none" else "none (features)")
     return {**row, "model": cfg.model.name, "weights": weights, "data": cfg.data.name,
@@ -104,60 +104,24 @@ def copy(spec: str, target: str) -> str:
 
 
 def weights_reachable(cfg: Any) -> str | None:
-    """None when the weights are cached or their URL answers; else what to do."""
-    from finetune import backbones
-    from finetune.sources import cached_download, hub_path
+    """None when the weights are at hand (cached, or their URL answers); else what to do."""
+    from finetune.weight_sources import source_of
 
-    if cfg.weights.source == "torchvision":
-        url = backbones.weights_enum(cfg.model.name, cfg.weights.name).url
-        if hub_path(url).is_file():
-            return None
-        where = f"put it at {hub_path(url)} (torch's hub cache)"
-    elif cfg.weights.source == "url" and cfg.weights.url:
-        url = cfg.weights.url
-        if cached_download(url, (cfg.weights.sha256 or "").lower() or None):
-            return None
-        where = "or use weights.source=file weights.path=FILE"
-    else:
-        return None
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5):
-            return None
-    except OSError as err:
-        return (f"weights: {url} is not cached and cannot be reached "
-                f"({getattr(err, 'reason', err)}); download it elsewhere and {where}")
+    return source_of(cfg).unreachable(cfg)
 
 
 def machine_effects(cfg: Any, hydra: Any) -> list[str]:
     """What a run of `cfg` does to this machine beyond its run dir: downloads, a source recipe
     trained first, files read from outside, jobs submitted. (A recipe cannot make a run
     write outside its run dir: the gate refuses the keys that would.)"""
-    from finetune import backbones
-    from finetune.sources import cached_download, downloads_dir, hub_path, sources_dir
+    from finetune.weight_sources import source_of
 
-    w = cfg.weights
     run_dir = str(OmegaConf.to_container(hydra.run, resolve=False)["dir"])
     run_dir = re.sub(r"\$\{now:[^}]*\}", "<time>", run_dir.replace(
         "${hydra.runtime.choices.recipe}", str(hydra.runtime.choices.recipe)))
     run_dir = run_dir.replace("${run_suffix:}", "<suffix>")
     effects = [f"writes its run dir at {run_dir} (relative to the working directory), and "
-               "nothing else outside finetune's caches"]
-    if w.source == "torchvision":
-        url = backbones.weights_enum(cfg.model.name, w.name).url
-        cached = hub_path(url).is_file()
-        effects.append(f"reads {hub_path(url)}, checked against the hash in its name"
-                       if cached else f"downloads {url} into {hub_path(url).parent}")
-    elif w.source == "url":
-        cached = cached_download(w.url, (w.sha256 or "").lower() or None)
-        effects.append(f"reads {cached} (the download of {w.url})" if cached else
-                       f"downloads {w.url} into {downloads_dir()} (stored under its sha256"
-                       f"{'; pinned' if w.sha256 else '; not pinned: set weights.sha256'})")
-    elif w.source in ("file", "run"):
-        effects.append(f"reads weights from {w.path}")
-    elif w.source == "recipe":
-        overrides = f" with {' '.join(w.recipe_overrides)}" if w.recipe_overrides else ""
-        effects.append(f"trains recipe {w.recipe}{overrides} first, in a process of its own, "
-                       f"into {sources_dir()} (unless a verified run of it is there)")
+               "nothing else outside finetune's caches", *source_of(cfg).effects(cfg)]
     if cfg.data.root:
         effects.append(f"reads images from {cfg.data.root}")
     if cfg.resume and cfg.resume != "auto":

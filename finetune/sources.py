@@ -322,17 +322,11 @@ def _source_verified(run_dir: Path, key: str) -> bool:
 
 def read_source(cfg: Any, model_name: str, train_sources: bool = True
                 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """The tensors `cfg` (the weights group) names; source `none` is handled by the caller.
+    """The tensors `cfg` (the weights group) names, read by its source (weight_sources.py).
 
     Args:
         train_sources: whether a recipe source without a run may be trained now.
     """
-    if cfg.source == "torchvision":
-        return read_torchvision(model_name, cfg.name)
-    if cfg.source == "url":
-        return read_url(cfg.url, cfg.sha256)
-    if cfg.source == "recipe":
-        return read_recipe(cfg.recipe, list(cfg.recipe_overrides), train_sources)
-    if Path(cfg.path).expanduser().is_dir() or cfg.source == "run":
-        return read_run(cfg.path)
-    return read_file(cfg.path)
+    from finetune.weight_sources import SOURCES
+
+    return SOURCES[cfg.source].read(cfg, model_name, train_sources)

@@ -35,6 +35,7 @@ from finetune.freezing import FreezePlan
 from finetune.manifest import Manifest
 from finetune.module import FinetuneModule
 from finetune.plan import Built, RunContext, RunPlan, plan_run
+from finetune.weight_sources import source_of
 
 log = logging.getLogger("finetune")
 MONITOR = "val/acc"
@@ -355,7 +356,7 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
                 "stages": [s.to_dict() for s in freeze.stages] if freeze else []},
         resumed_from=str(cfg.resume) if cfg.resume else None,
         weights={k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}
-        | {"name": cfg.weights.name if cfg.weights.source == "torchvision" else None},
+        | {"name": getattr(source_of(cfg).entry(cfg), "name", None)},  # the entry DEFAULT is
         seed=cfg.seed, versions=artifacts.library_versions(), config=config,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     ).write(run_dir)

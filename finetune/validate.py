@@ -15,10 +15,10 @@ from torchvision.models import WeightsEnum
 
 from finetune import backbones, cache, heads, surgery
 from finetune.builder import Assembled
-from finetune.config import resolve_recipe
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, plan_freeze
 from finetune.optim import param_groups
+from finetune.weight_sources import source_of
 
 BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
 
@@ -40,22 +40,9 @@ def validate(cfg: DictConfig) -> None:
     """Config-level problems: names, sources, paths on disk. Nothing is built."""
     problems, attempt = _collector()
     attempt(lambda: backbones.check_name(cfg.model.name))
-    if cfg.weights.source == "torchvision" and not problems:
-        attempt(lambda: backbones.weights_enum(cfg.model.name, cfg.weights.name))
-    source = cfg.weights.source
-    if source in ("file", "run"):
-        what = "a state dict" if source == "file" else "a run dir"
-        if not cfg.weights.path:
-            problems.append(f"weights.source={source} needs weights.path=PATH to {what}")
-        elif not Path(cfg.weights.path).expanduser().exists():
-            problems.append(f"weights.path={cfg.weights.path!r}: no such file or folder")
-    if source == "url" and not cfg.weights.url:
-        problems.append("weights.source=url needs weights.url=http(s)://... or file://...")
-    if source == "recipe":
-        if not cfg.weights.recipe:
-            problems.append("weights.source=recipe needs weights.recipe=NAME_OR_PATH")
-        else:
-            attempt(lambda: resolve_recipe(cfg.weights.recipe))
+    source = source_of(cfg)
+    if not problems or not source.needs_model:
+        problems += source.problems(cfg)
     if cfg.data.name in ("imagefolder", "csv"):
         root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
         if root is None:
