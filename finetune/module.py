@@ -18,8 +18,9 @@ from torchmetrics.classification import (
 )
 
 from finetune.errors import FinetuneError
+from finetune.freeze_schedule import FreezeSchedule
 from finetune.freezing import FreezePlan, apply_stage, keep_eval
-from finetune.optim import Schedule, build_scheduler, group_specs, param_groups, stage_groups
+from finetune.optim import build_scheduler, param_groups
 from finetune.registry import make_optimizer
 from finetune.seeding import seed_epoch
 
@@ -47,9 +48,10 @@ class FinetuneModule(pl.LightningModule):
         self.model = model
         self.freeze_plan, self.optim_cfg, self.sched_cfg = freeze, optim, sched
         self.seed = seed
-        # Stages of the freeze plan begun so far (1 = the start); saved in checkpoints.
-        self.stages = freeze.stages_until(0)
-        apply_stage(model, freeze, self.stages)
+        # The unfreeze schedule owns which phases have begun (saved in checkpoints); the
+        # module only reads it (train mode, optimizer groups). Added to the Trainer by
+        # configure_callbacks, so a module alone is enough to fit.
+        self.schedule = FreezeSchedule(model, freeze, optim)
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -57,7 +59,6 @@ class FinetuneModule(pl.LightningModule):
         # stay those of the model (not registered as a submodule).
         object.__setattr__(self, "_forward", torch.compile(model) if compile else model)
         self.compile_forward = compile  # not `compile`: that is nn.Module's method
-        self._late: list[nn.Parameter] = []  # joined after DDP wrapped the model
         self.rank_check: dict[str, Any] | None = None
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
         metrics: dict[str, Any] = {
@@ -96,69 +97,21 @@ class FinetuneModule(pl.LightningModule):
         # (Lightning calls train() again after each validation).
         super().train(mode)
         if mode:
-            keep_eval(self.model, self.freeze_plan.stages[self.stages - 1].eval_modules)
+            keep_eval(self.model, self.schedule.eval_modules)
         return self
 
-    # -- the freeze schedule ----------------------------------------------------------------
+    @property
+    def stages(self) -> int:
+        """Phases of the freeze plan begun so far (1 = the start)."""
+        return self.schedule.stages
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [self.schedule]
 
     def on_train_epoch_start(self) -> None:
         # Every random stream restarts from (seed, epoch): a resumed run draws what the
         # uninterrupted run drew (dropout here; data order and augmentation in the data).
         seed_epoch(self.seed, self.current_epoch)
-        due = self.freeze_plan.stages_until(self.current_epoch)
-        while self.stages < due:
-            self._begin_stage(self.stages)
-        for group in self.trainer.optimizers[0].param_groups:
-            self.log(f"lr-{group['name']}", group["lr"], on_step=False, on_epoch=True,
-                     sync_dist=True)
-
-    def _begin_stage(self, index: int) -> None:
-        """Unfreeze a phase's modules and add their named groups to the running optimizer."""
-        optimizer = self.trainer.optimizers[0]
-        taken = {g["name"] for g in optimizer.param_groups}
-        specs = group_specs(self.model, self.optim_cfg.get("groups"))
-        groups = stage_groups(self.model, self.optim_cfg, self.freeze_plan, index, specs, taken)
-        stage = apply_stage(self.model, self.freeze_plan, index + 1)
-        self.stages = index + 1
-        if self.trainer.world_size > 1:
-            # DDP reduces the gradients of what trained when it wrapped the model; the
-            # parameters that join later are averaged across ranks in on_after_backward.
-            named = dict(self.model.named_parameters())
-            self._late += [named[n] for n in stage.params]
-        self._schedule().add_groups(groups)  # scheduled from their first step
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
-        joined = ", ".join(f"{g['name']} lr {g['lr']:.3g}" for g in optimizer.param_groups[
-            -len(groups):])
-        log.info("unfreeze at epoch %d: %s -> %d more parameter tensors train (%s); now %s of "
-                 "%s parameters trainable (%.1f%%)", stage.epoch, stage.selector,
-                 len(stage.params), joined, f"{trainable:,}", f"{total:,}",
-                 100 * trainable / total)
-
-    def _schedule(self) -> Schedule:
-        return self.trainer.lr_scheduler_configs[0].scheduler  # type: ignore[return-value]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["finetune"] = {"stages": self.stages,
-                                  "groups": [g["name"] for g in
-                                             self.trainer.optimizers[0].param_groups]}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Before configure_optimizers: the optimizer is rebuilt with the groups it saved.
-        saved = checkpoint.get("finetune", {})
-        self.stages = int(saved.get("stages", self.stages))
-        apply_stage(self.model, self.freeze_plan, self.stages)
-
-    def on_after_backward(self) -> None:
-        if not self._late:
-            return
-        import torch.distributed as dist
-
-        world = self.trainer.world_size
-        for param in self._late:
-            if param.grad is not None:
-                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-                param.grad.div_(world)
 
     def on_fit_end(self) -> None:
         """Under DDP: whether every rank ends with the same tensors (frozen and trained)."""
@@ -253,7 +206,8 @@ class FinetuneModule(pl.LightningModule):
         if self._trainer is not None and self._val_count and not self.trainer.sanity_checking \
                 and self.trainer.lr_scheduler_configs:
             loss = self.trainer.strategy.reduce(self._val_loss / self._val_count, reduce_op="mean")
-            self._schedule().observe(float(loss))
+            self.trainer.lr_scheduler_configs[0].scheduler.observe(  # type: ignore[union-attr]
+                float(loss))
 
     def configure_optimizers(self) -> Any:
         apply_stage(self.model, self.freeze_plan, self.stages)
