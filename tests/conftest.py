@@ -38,6 +38,16 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, module: st
                           capture_output=True, text=True, timeout=600)
 
 
+def train_here(*args: str, run_dir: Path) -> Path:
+    """`finetune.train` in this process, arguments as on the command line (`recipe=` among
+    them); returns the run dir. No interpreter start: for tests about the run, not the CLI."""
+    import finetune
+
+    recipe = next((a.partition("=")[2] for a in args if a.startswith("recipe=")), "base")
+    overrides = [a for a in args if not a.startswith("recipe=")]
+    return finetune.train(recipe, overrides, run_dir=run_dir).run_dir
+
+
 def cli_errors(result: subprocess.CompletedProcess, prefix: str = "finetune: error:"
                ) -> list[str]:
     """The error lines of a run that failed as a user error must: exit 2, no traceback."""

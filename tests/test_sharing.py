@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import yaml
 
 from finetune import config as schema
-from tests.conftest import SHRINK, cli_errors, read_json, run_cli, run_dir_of
+from tests.conftest import SHRINK, cli_errors, read_json, run_cli, run_dir_of, train_here
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=32"]
 # Shipped recipes that read an image folder run on the digits in tests.
@@ -46,9 +47,8 @@ def test_list_shows_every_recipe_and_user_folders(tmp_path: Path) -> None:
 
 
 def test_show_resolved_equals_what_the_run_records(tmp_path: Path) -> None:
-    result = run_cli("recipe=digits_source", *SHRINK, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    recorded = read_json(run_dir_of(result) / "manifest.json")["config"]
+    run = train_here("recipe=digits_source", *SHRINK, run_dir=tmp_path / "run")
+    recorded = read_json(run / "manifest.json")["config"]
     shown = recipes_cli("show", "digits_source", "--resolved", *SHRINK, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert yaml.safe_load(shown.stdout) == recorded
@@ -63,9 +63,8 @@ def test_copy_gives_a_recipe_that_runs(tmp_path: Path) -> None:
     assert f"python -m finetune recipe={target}" in target.read_text().splitlines()[1]
     again = recipes_cli("copy", "digits_source", str(target), cwd=tmp_path)
     assert again.returncode == 2 and "exists already" in again.stderr
-    run = run_cli(f"recipe={target}", *SHRINK, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert read_json(run_dir_of(run) / "metrics.json")["status"] == "complete"
+    run = train_here(f"recipe={target}", *SHRINK, run_dir=tmp_path / "run")
+    assert read_json(run / "metrics.json")["status"] == "complete"
 
 
 def test_three_line_recipe_extending_a_shipped_one(torch_home: Path, tmp_path: Path) -> None:
@@ -142,15 +141,15 @@ def test_every_shipped_recipe_validates(name: str, torch_home_vgg: Path, tmp_pat
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n not in RUN_ELSEWHERE])
-def test_every_shipped_recipe_runs(name: str, torch_home: Path, tmp_path: Path) -> None:
-    result = run_cli(f"recipe={name}", *_overrides(name), cwd=tmp_path,
-                     env={"TORCH_HOME": str(torch_home)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    run = run_dir_of(result)
+def test_every_shipped_recipe_runs(name: str, torch_home: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        run = train_here(f"recipe={name}", *_overrides(name), run_dir=tmp_path / "run")
     assert read_json(run / "metrics.json")["status"] == "complete"
     for stage in read_json(run / "manifest.json")["freeze"]["stages"][1:]:  # every phase ran
-        assert f"unfreeze at epoch {stage['epoch']}: {stage['selector']}" in \
-            result.stdout + result.stderr
+        assert f"unfreeze at epoch {stage['epoch']}: {stage['selector']}" in caplog.text
         assert f"lr-{stage['name']}" in (run / "metrics.csv").read_text()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finetune.artifacts import file_sha256
-from tests.conftest import QUICK, SHRINK, cli_errors, read_json, run_cli, run_dir_of
+from tests.conftest import (
+    QUICK,
+    SHRINK,
+    cli_errors,
+    read_json,
+    run_cli,
+    run_dir_of,
+    train_here,
+)
 
 DIGITS_1_9 = "data.classes=[1,2,3,4,5,6,7,8,9]"
 # The quickstart's source recipe, shrunk the same way.
@@ -136,9 +145,9 @@ def test_a_real_lightning_checkpoint_loads_bit_identical(quickstart_runs: list[P
 
 def test_a_run_dir_is_a_weight_source(quickstart_runs: list[Path], tmp_path: Path) -> None:
     run = quickstart_runs[0]
-    result = run_cli(*QUICK, "weights.source=run", f"weights.path={run}", *SHRINK, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = read_json(run_dir_of(result) / "load_report.json")
+    done = train_here(*QUICK, "weights.source=run", f"weights.path={run}", *SHRINK,
+                      run_dir=tmp_path / "run")
+    report = read_json(done / "load_report.json")
     # Same classes (5-9) as the source run: its head is a valid start and loads too.
     assert report["source"] == "run" and report["counts"]["loaded"] == 122
     assert report["head_reset"] is None and report["run"]["recipe"] == "quickstart"
@@ -152,11 +161,13 @@ def test_same_recipe_and_seed_give_the_same_run(quickstart_runs: list[Path]) -> 
     assert all(torch.equal(first_w[k], second_w[k]) for k in first_w)
 
 
-def test_resnet50_9cls_through_torchvision_cache(torch_home: Path, tmp_path: Path) -> None:
-    result = run_cli("recipe=resnet50_9cls", "data=digits", DIGITS_1_9, "data.image_size=32",
-                     *SHRINK, cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = run_dir_of(result)
+def test_resnet50_9cls_through_torchvision_cache(torch_home: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        run = train_here("recipe=resnet50_9cls", "data=digits", DIGITS_1_9,
+                         "data.image_size=32", *SHRINK, run_dir=tmp_path / "run")
     report = read_json(run / "load_report.json")
     assert report["source"] == "torchvision"
     assert report["path"].startswith(str(torch_home))
@@ -164,7 +175,7 @@ def test_resnet50_9cls_through_torchvision_cache(torch_home: Path, tmp_path: Pat
     assert [s["key"] for s in report["shape_skipped"]] == ["fc.weight", "fc.bias"]
     assert report["missing"] == [] and report["unexpected"] == []
     assert report["counts"]["loaded"] == 318
-    assert "loaded 318/320 tensors from torchvision; new: fc.weight, fc.bias" in result.stdout
+    assert "loaded 318/320 tensors from torchvision; new: fc.weight, fc.bias" in caplog.text
 
     checkpoint = torch.load(report["path"], weights_only=True)
     trained = load_file(str(run / "model.safetensors"))
@@ -182,33 +193,31 @@ def test_resnet50_9cls_through_torchvision_cache(torch_home: Path, tmp_path: Pat
     assert manifest["preprocessing"]["resize"] == round(32 * 232 / 224)
 
 
-def test_imagefolder_of_pngs_with_tensorboard(digits_folder: Path, tmp_path: Path) -> None:
+def test_imagefolder_of_pngs_with_tensorboard(digits_folder: Path, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     """Real PNG folders, two files among them that do not decode: skipped and listed."""
     root = tmp_path / "imgs"
     shutil.copytree(digits_folder, root)
     good = next((root / "1").glob("*.png"))
     (root / "1" / "truncated.png").write_bytes(good.read_bytes()[:60])
     (root / "2" / "notes.png").write_text("not an image")
-    result = run_cli(*QUICK, "data=imagefolder", f"data.root={root}",
-                     "data.classes=null", "head.num_classes=null", "logger=tensorboard", *SHRINK,
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = run_dir_of(result)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        run = train_here(*QUICK, "data=imagefolder", f"data.root={root}", "data.classes=null",
+                         "head.num_classes=null", "logger=tensorboard", *SHRINK,
+                         run_dir=tmp_path / "run")
     assert read_json(run / "manifest.json")["class_names"] == ["0", "1", "2"]
     metrics = read_json(run / "metrics.json")
     assert metrics["status"] == "complete" and metrics["bad_images"] == 2
     listed = (run / "bad_images.csv").read_text().splitlines()
     assert listed[0] == "path,reason" and len(listed) == 3
-    assert "skipped 2 images that cannot be decoded" in result.stdout + result.stderr
+    assert "skipped 2 images that cannot be decoded" in caplog.text
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_googlenet_trains_with_its_auxiliary_heads(tmp_path: Path) -> None:
-    result = run_cli(*QUICK, "model.name=googlenet", "+model.kwargs.aux_logits=true",
+    run = train_here(*QUICK, "model.name=googlenet", "+model.kwargs.aux_logits=true",
                      "data.image_size=64", *SHRINK, "trainer.limit_train_batches=1",
-                     "trainer.limit_val_batches=1", "data.batch_size=4", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = run_dir_of(result)
+                     "trainer.limit_val_batches=1", "data.batch_size=4", run_dir=tmp_path / "run")
     assert read_json(run / "manifest.json")["head"]["paths"] == ["fc", "aux1.fc2", "aux2.fc2"]
     assert load_file(str(run / "model.safetensors"))["aux2.fc2.weight"].shape == (5, 1024)
 
