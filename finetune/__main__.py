@@ -58,7 +58,8 @@ def inherited_recipes() -> dict[str, Any]:
     return json.loads(os.environ.get(RECIPES_OF_RUN_ENV, "{}"))
 
 
-def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
+def prepare(argv: list[str], cwd: Path | None = None, drop: frozenset[str] = frozenset()
+            ) -> list[str]:
     """Register the schema and the recipes, check the recipe and overrides, return Hydra's argv.
 
     Raises:
@@ -74,7 +75,7 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
         problems += _register(name, Path(path))
     for name, run in inherited.get("reruns", {}).items():
         register_rerun(Path(run), name)
-    argv = rerun_argv(list(argv))
+    argv = rerun_argv([a for a in argv if a.partition("=")[0].lstrip("+") not in drop])
     overrides = split_overrides(argv)
     for i in overrides:
         key, _, value = argv[i].partition("=")
@@ -86,7 +87,7 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
                 names.append(one.strip())  # registered already, not a file
                 continue
             name, path = schema.resolve_recipe(one.strip(), cwd)
-            problems += _register(name, path)
+            problems += _register(name, path, drop)
             names.append(name)
         argv[i] = f"{key}={','.join(names)}"
     for i in overrides:
@@ -101,10 +102,10 @@ def prepare(argv: list[str], cwd: Path | None = None) -> list[str]:
     return argv
 
 
-def _register(name: str, path: Path) -> list[str]:
+def _register(name: str, path: Path, drop: frozenset[str] = frozenset()) -> list[str]:
     """Register a recipe file (read through the gate) as `recipe=name`; its problems."""
     try:
-        schema.register_recipe(name, path)
+        schema.register_recipe(name, path, drop)
     except FinetuneError as err:
         return err.problems
     RECIPE_FILES[name] = path

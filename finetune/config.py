@@ -302,7 +302,8 @@ def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
                        f"with ${RECIPES_ENV}), or pass a path to a .yaml file"])
 
 
-def load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+def load_recipe(path: Path, chain: tuple[Path, ...] = (), drop: frozenset[str] = frozenset()
+                ) -> Any:
     """Read a recipe file as plain data (no resolvers run, no code imported), through the gate.
 
     The file is read bounded and safely (finetune.safe_files) and must pass finetune.gate;
@@ -310,12 +311,17 @@ def load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> Any:
     passes the same gate, and overrides only what this file sets; chains work, cycles and
     missing bases fail. `description:` is the one-line summary `finetune.recipes list` shows.
 
+    Args:
+        drop: dotted keys left out (validate's second look past values it already refused).
+
     Raises:
         ConfigError: every problem the gate found in this file (or its first broken base).
     """
     from finetune import gate, safe_files
 
     body = safe_files.load_yaml(path, "recipe")
+    for key in drop:
+        _drop_key(body, key.split("."))
     problems = gate.recipe_problems(body, str(path))
     if problems:
         raise ConfigError(problems)
@@ -325,11 +331,19 @@ def load_recipe(path: Path, chain: tuple[Path, ...] = ()) -> Any:
         node.head = {"type": "none"}
     base = node.pop("extends", None)
     if base is not None:
-        node = _extend(path, str(base), node, chain)
+        node = _extend(path, str(base), node, chain, drop)
     return node
 
 
-def _extend(path: Path, base: str, node: Any, chain: tuple[Path, ...]) -> Any:
+def _drop_key(node: Any, parts: list[str]) -> None:
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
+
+
+def _extend(path: Path, base: str, node: Any, chain: tuple[Path, ...],
+            drop: frozenset[str] = frozenset()) -> Any:
     """`node` on top of the recipe it extends: mappings merge, lists and values replace, and
     the defaults lists join (this file's entries win for the same group)."""
     try:
@@ -340,7 +354,7 @@ def _extend(path: Path, base: str, node: Any, chain: tuple[Path, ...]) -> Any:
     if base_path.resolve() in here:
         cycle = " -> ".join(p.name for p in (*here, base_path))
         raise ConfigError([f"{path}: extends makes a cycle ({cycle}); remove one of them"])
-    parent = load_recipe(base_path, here)
+    parent = load_recipe(base_path, here, drop)
     defaults: dict[str, Any] = {}
     for entry in [*parent.get("defaults", []), *node.get("defaults", [])]:
         key = next(iter(entry)) if OmegaConf.is_dict(entry) else str(entry)
@@ -351,9 +365,9 @@ def _extend(path: Path, base: str, node: Any, chain: tuple[Path, ...]) -> Any:
     return merged
 
 
-def register_recipe(name: str, path: Path) -> None:
+def register_recipe(name: str, path: Path, drop: frozenset[str] = frozenset()) -> None:
     """Make `recipe=name` select the file, merged at the top level like `# @package _global_`."""
-    register_recipe_node(name, load_recipe(path))
+    register_recipe_node(name, load_recipe(path, drop=drop))
 
 
 def register_recipe_node(name: str, node: Any) -> None:

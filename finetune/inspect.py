@@ -24,12 +24,12 @@ USAGE = ("usage: python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] 
          "[--splits] [--json] [--depth N] [--allow-module PREFIX]")
 
 
-def compose_with_hydra(overrides: list[str]) -> DictConfig:
+def compose_with_hydra(overrides: list[str], drop: frozenset[str] = frozenset()) -> DictConfig:
     """The config a run with these overrides would get, Hydra's own part included (checked
-    as a run checks it: the gate, the schema)."""
+    as a run checks it: the gate, the schema). `drop`: keys left at their defaults."""
     from hydra.errors import HydraException
 
-    args = prepare(overrides)
+    args = prepare(overrides, drop=drop)
     with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="inspect"):
         try:
             return compose("config", overrides=args, return_hydra_config=True)

@@ -134,21 +134,36 @@ def machine_effects(cfg: Any, hydra: Any) -> list[str]:
     return effects
 
 
+# "<where>: optim.name='rmsprob' is not one of sgd, ..." (config.check_value)
+CHOICE_PROBLEM = re.compile(r": ([A-Za-z_][\w.]*)=.* is not one of ")
+
+
 def validate_recipe(spec: str, overrides: list[str]) -> tuple[list[str], list[str]]:
     """(every problem a run would stop on before training, what the run would do to this
     machine). No problems: the recipe is ready. The recipe passes the same gate a run uses."""
     from finetune.inspect import compose_with_hydra
     from finetune.plan import plan_run
 
+    args = [f"recipe={spec}", *overrides]
+    first: list[str] = []
     try:
-        full = compose_with_hydra([f"recipe={spec}", *overrides])
+        full = compose_with_hydra(args)
     except FinetuneError as err:
-        return err.problems, []
+        # Values outside their choices stop composition; to check the model as well, look
+        # again with those keys at their defaults (only when that is all that was wrong).
+        first = err.problems
+        keys = frozenset(m.group(1) for p in first if (m := CHOICE_PROBLEM.search(p)))
+        if len(keys) < len(first) or not keys:
+            return first, []
+        try:
+            full = compose_with_hydra(args, drop=keys)
+        except FinetuneError:
+            return first, []
     hydra = full.hydra
     cfg = full.copy()
     with open_dict(cfg):
         del cfg["hydra"]
-    problems = plan_run(cfg, load=False).problems
+    problems = first + plan_run(cfg, load=False).problems
     if not problems:
         reach = weights_reachable(cfg)
         problems += [reach] if reach else []

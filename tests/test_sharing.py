@@ -168,3 +168,16 @@ def test_a_user_recipe_folder_makes_names_runnable(tmp_path: Path) -> None:
                      env={"FINETUNE_RECIPES": str(folder)})
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["trainer"]["max_epochs"] == 1
+
+
+def test_validate_reports_a_bad_choice_and_the_model_paths_together(tmp_path: Path) -> None:
+    """A bad choice no longer hides the model-level mistakes: three problems, three lines."""
+    from finetune.recipes import validate_recipe
+
+    recipe = tmp_path / "three.yaml"
+    recipe.write_text("extends: quickstart\nweights:\n  source: none\noptim:\n  name: rmsprob\n"
+                      "freeze:\n  train_from: layer9\nsurgery:\n  - {op: remove, path: avgpol}\n")
+    problems, effects = validate_recipe(str(recipe), [])
+    assert [p.split("'")[0] for p in problems] == [
+        f"{recipe}: optim.name=", "surgery[0].path=", "freeze.train_from="]
+    assert effects == []
