@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.models import WeightsEnum
 
@@ -92,19 +91,6 @@ class Checked:
     assembled: Assembled | None
     freeze: FreezePlan | None
     problems: list[str]
-
-
-def check_model_paths(cfg: DictConfig, class_names: list[str] | None,
-                      entry: WeightsEnum | None, input_size: int, channels: int = 3) -> None:
-    """Every module path and glob in surgery, freeze and weights.require must match the model
-    (built without weights); every mismatch is reported, with the nearest real names.
-
-    Runs on a forked random state: checking must not change what the run then initializes.
-    """
-    with torch.random.fork_rng(devices=[]):
-        checked = assemble_checked(cfg, class_names, entry, input_size, channels)
-    if checked.problems:
-        raise ConfigError(checked.problems)
 
 
 def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEnum | None,
