@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from torch import nn
 
-    from finetune.prediction import Predictions
+    from finetune.inference import Predictions
     from finetune.training import RunResult
 
 __version__ = "0.1.0"
@@ -35,7 +35,7 @@ def train(recipe: str | Path = "base", overrides: Sequence[str] = (),
 def load(run_dir: str | Path, device: Any = None) -> nn.Module:
     """The fine-tuned model of a run dir, in eval mode, with `class_names` and `transform`
     (its eval preprocessing) attached. Only tensors are read (safetensors)."""
-    from finetune.prediction import load_run
+    from finetune.inference import load_run
 
     return load_run(run_dir, device)
 
@@ -46,7 +46,7 @@ def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64
     paths) from a model `load` returned, or from a run dir."""
     from torch import nn
 
-    from finetune.prediction import list_images, load_run, predict_images
+    from finetune.inference import list_images, load_run, predict_images
 
     model = model_or_run if isinstance(model_or_run, nn.Module) else load_run(model_or_run)
     paths = ([Path(p) for p in images] if isinstance(images, list | tuple)

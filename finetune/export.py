@@ -22,7 +22,7 @@ from torch import nn
 
 from finetune import artifacts
 from finetune.errors import FinetuneError, run_entry_point
-from finetune.prediction import load_run, parse_args
+from finetune.inference import load_run, parse_args
 
 TOLERANCE = 1e-4
 SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}

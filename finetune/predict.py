@@ -1,7 +1,7 @@
 """`python -m finetune.predict run=RUN_DIR input=FILE_OR_DIR [output=predictions.csv] [topk=3]`
 
 Writes a CSV: path, then the top-k labels (class names) and probabilities. Unreadable images
-are listed and skipped. (The work is in finetune/prediction.py; this module is only the CLI,
+are listed and skipped. (The work is in finetune/inference.py; this module is only the CLI,
 so that `finetune.predict` stays the API function.)
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import finetune
 from finetune.errors import FinetuneError, run_entry_point
-from finetune.prediction import (
+from finetune.inference import (
     list_images,
     load_run,
     parse_args,

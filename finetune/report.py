@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if "-h" in args or "--help" in args:
         print(f"{USAGE}\n\n{__doc__.split(chr(10), 2)[2].strip()}")
         return
-    from finetune.prediction import parse_args
+    from finetune.inference import parse_args
 
     try:
         positional = [a for a in args if "=" not in a]
