@@ -157,7 +157,7 @@ def register_rerun(run: Path, name: str | None = None) -> str:
             log.info("rerun: %s=%s is not taken from a run dir; set it on the command line",
                      key, config[group][leaf])
             config[group] = {k: v for k, v in config[group].items() if k != leaf}
-    problems = gate.recorded_config_problems(config, where)
+    problems = gate.recipe_problems(config, where)  # a recorded config is a recipe
     if problems:
         raise ConfigError(problems)
     if not (isinstance(recipe, str) and schema.RECIPE_NAME.fullmatch(recipe)):

@@ -346,11 +346,6 @@ def override_problems(text: Any, where: str, sweep: bool = False) -> list[str]:
     return problems
 
 
-def recorded_config_problems(config: Any, where: str) -> list[str]:
-    """A run dir's recorded config (manifest `config`, .hydra/config.yaml) is a recipe."""
-    return recipe_problems(config, where)
-
-
 def manifest_model_problems(manifest: dict[str, Any], where: str) -> list[str]:
     """What predict, export and `weights.source: run` rebuild from a received manifest: the
     model name and builder arguments, the head and the surgery, gated like a recipe."""

@@ -177,10 +177,7 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
         return plan
     parts = checked.assembled
     model = parts.model
-    user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    assert isinstance(user_kwargs, dict)
-    build_kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, plan.entry)
-                       if plan.entry else {}), **user_kwargs}
+    build_kwargs = checked.build_kwargs
     weights = cfg.weights if load else OmegaConf.merge(cfg.weights, {"source": "none"})
     try:
         report = load_weights(model, weights, cfg.model.name, parts.head_paths,

@@ -91,6 +91,7 @@ class Checked:
     assembled: Assembled | None
     freeze: FreezePlan | None
     problems: list[str]
+    build_kwargs: dict[str, Any]
 
 
 def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEnum | None,
@@ -106,7 +107,7 @@ def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Weig
               **user_kwargs}
     model = attempt(lambda: backbones.build(cfg.model.name, kwargs))
     if model is None:
-        return Checked(None, None, problems)
+        return Checked(None, None, problems, kwargs)
     head_paths: list[str] = []
     if class_names is not None:
         head_paths = attempt(lambda: heads.replace_heads(
@@ -143,4 +144,4 @@ def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Weig
             problems.append(f"weights.require: {pattern!r} matches no model tensor; keys look "
                             f"like {keys[0]!r}")
     assembled = Assembled(result.model, [result.map_key(p) for p in head_paths], result)
-    return Checked(assembled if not problems else None, plan, problems)
+    return Checked(assembled if not problems else None, plan, problems, kwargs)
