@@ -17,7 +17,11 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune import allowlist
+from finetune.bn_policies import BN_POLICIES
+from finetune.data_formats import FORMATS
 from finetune.errors import ConfigError, did_you_mean
+from finetune.loggers import LOGGERS
+from finetune.schedules import SCHEDULES
 from finetune.weight_sources import SOURCES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -192,20 +196,32 @@ class Config:
     metric: str = "val/acc"
 
 
+# Keys whose value names an entry of an extension table (adding an entry adds the choice).
+TABLES: dict[str, dict[str, Any]] = {
+    "weights.source": SOURCES,  # finetune/weight_sources.py
+    "data.name": FORMATS,  # finetune/data_formats.py
+    "sched.name": SCHEDULES,  # finetune/schedules.py
+    "freeze.bn": BN_POLICIES,  # finetune/bn_policies.py
+    "logger.name": LOGGERS,  # finetune/loggers.py
+}
+
 # Keys whose value is one of a closed set; checked at compose time with nearest matches.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "weights.source": tuple(SOURCES),  # finetune/weight_sources.py
     "head.type": ("classifier", "none"),
     "data.channels": (1, 3),
     "weights.on_shape_mismatch": ("skip", "error"),
-    "freeze.bn": ("frozen", "train", "affine"),
-    "optim.name": ("sgd", "adam", "adamw", "rmsprop"),
-    "sched.name": ("none", "cosine", "step", "onecycle", "plateau"),
-    "data.name": ("digits", "imagefolder", "csv", "fake"),
+    "optim.name": ("sgd", "adam", "adamw", "rmsprop"),  # finetune/registry.py OPTIMIZERS
     "data.on_bad_image": ("skip", "error"),
-    "logger.name": ("csv", "tensorboard", "mlflow"),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc"),
 }
+
+
+def choices_of(path: str) -> tuple[Any, ...] | None:
+    """The values `path` may take, read from its table now (None: any value of its type)."""
+    if path in TABLES:
+        return tuple(TABLES[path])
+    return CHOICES.get(path)
+
 
 # Config groups a user selects with `group=option` (files under conf/<group>/).
 GROUPS = ("data", "logger", "sweep")
@@ -409,9 +425,10 @@ def check_key(path: str, where: str) -> str | None:
 def check_value(path: str, value: Any, where: str, probe: Any = None) -> str | None:
     """None when `value` fits the type and choices of `path`, else one message. `probe`: a
     structured Config to try the value on (made once per batch of checks: it is slow)."""
-    if path in CHOICES and value not in CHOICES[path]:
-        return (f"{where}: {path}={value!r} is not one of {', '.join(map(str, CHOICES[path]))}"
-                f"{did_you_mean(value, CHOICES[path])}")
+    options = choices_of(path)
+    if options is not None and value not in options:
+        return (f"{where}: {path}={value!r} is not one of {', '.join(map(str, options))}"
+                f"{did_you_mean(value, options)}")
     probe = probe if probe is not None else OmegaConf.structured(Config)
     try:
         OmegaConf.update(probe, path, value, merge=True)

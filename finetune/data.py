@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
 from finetune.backbones import Preprocessing
+from finetune.data_formats import FORMATS
 from finetune.errors import FinetuneError
 from finetune.registry import make_transform
 from finetune.seeding import derive
@@ -240,7 +241,7 @@ def load_digits(classes: list[Any] | None) -> tuple[Split, list[str]]:
     return Split(images, [label_of[int(bunch.target[i])] for i in keep]), names
 
 
-def _check_root(root: str | None, kind: str) -> Path:
+def check_root(root: str | None, kind: str) -> Path:
     if root is None or root == "???":
         raise FinetuneError(f"data.root is required for data={kind}; add data.root=PATH")
     path = Path(root).expanduser()
@@ -359,20 +360,7 @@ def _workers(setting: Any, in_memory: bool) -> int:
 
 def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModule:
     """The datamodule for `cfg` (the data group): split, transforms and loaders."""
-    val: Split | None = None
-    if cfg.name == "digits":
-        full, names = load_digits(cfg.classes)
-    elif cfg.name == "fake":
-        full, names = fake_data(cfg.fake_size, cfg.fake_classes, prep.crop, seed)
-    elif cfg.name == "csv":
-        full, names = read_csv_list(_check_root(cfg.root, "csv"), cfg.classes)
-    else:
-        root = _check_root(cfg.root, "imagefolder")
-        if (root / "train").is_dir() and (root / "val").is_dir():
-            full, names = scan_folder(root / "train", cfg.classes)
-            val, _ = scan_folder(root / "val", names)
-        else:
-            full, names = scan_folder(root, cfg.classes)
+    full, val, names = FORMATS[cfg.name].read(cfg, prep.crop, seed)
     bad: list[tuple[str, str]] = []
     if not isinstance(full.items, torch.Tensor):  # files: every one must decode
         full, bad = drop_undecodable(full, names, cfg.get("on_bad_image", "skip"))

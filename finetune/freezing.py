@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from finetune.bn_policies import BN_POLICIES
 from finetune.errors import FinetuneError
 from finetune.selectors import (
     as_list,
@@ -29,7 +30,6 @@ from finetune.selectors import (
 from finetune.surgery import get_module
 
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-BN_POLICIES = ("frozen", "train", "affine")
 
 
 @dataclass
@@ -103,15 +103,16 @@ def before(model: nn.Module, start: str) -> set[str]:
 
 def _state(model: nn.Module, region: set[str], bn: str) -> tuple[list[str], list[str]]:
     """(trainable parameters, BatchNorm modules kept in eval) for a frozen region."""
+    policy = BN_POLICIES[bn]
     trainable = []
     bn_modules = {n for n, m in model.named_modules() if isinstance(m, BATCHNORM)}
     for name, _ in model.named_parameters():
         holder = owner(name)
-        frozen = inside(holder, region) and not (bn == "affine" and holder in bn_modules)
+        frozen = inside(holder, region) and not (policy.trains_affine and holder in bn_modules)
         if not frozen:
             trainable.append(name)
-    eval_modules = [] if bn == "train" else [n for n in sorted(bn_modules, key=_order(model))
-                                             if inside(n, region)]
+    eval_modules = [n for n in sorted(bn_modules, key=_order(model))
+                    if inside(n, region)] if policy.fixed_stats else []
     return trainable, eval_modules
 
 

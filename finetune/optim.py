@@ -22,12 +22,11 @@ from torch.optim.lr_scheduler import LRScheduler
 from finetune.errors import FinetuneError
 from finetune.freezing import FreezePlan, Stage
 from finetune.registry import make_optimizer
+from finetune.schedules import SCHEDULES, LRShape
 from finetune.selectors import as_list, describe, inside, owner, select_modules
 
 # Warm-up starts from this fraction of the configured learning rate.
 WARMUP_START = 0.01
-# One-cycle: start at max_lr / ONECYCLE_DIV, end at max_lr / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV).
-ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1.0e4
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
                nn.LocalResponseNorm, nn.RMSNorm)
 CONTAINERS = (nn.Sequential, nn.ModuleList)
@@ -188,7 +187,7 @@ class Schedule(LRScheduler):
                  steps_per_epoch: int = 1, warmup_epochs: int = 0, step_size: int = 10,
                  gamma: float = 0.1, patience: int = 2) -> None:
         self.name, self.epochs, self.warmup = name, max(1, epochs), warmup_epochs
-        self.per_step = name == "onecycle"
+        self.per_step = self.shape.per_step
         self.steps_per_epoch = max(1, steps_per_epoch) if self.per_step else 1
         self.step_size, self.gamma, self.patience = step_size, gamma, patience
         self.plateau_factor, self.best, self.bad_epochs = 1.0, math.inf, 0
@@ -201,28 +200,20 @@ class Schedule(LRScheduler):
     def epoch_time(self, t: int | None = None) -> float:
         return (self.last_epoch if t is None else t) / self.steps_per_epoch
 
+    @property
+    def shape(self) -> LRShape:
+        """The shape from the table (looked up, not stored: the state dict stays plain data
+        that torch.load(weights_only=True) reads)."""
+        return SCHEDULES[self.name]
+
     def factor(self, epoch: float) -> float:
-        """The schedule's multiplier at (fractional) epoch `epoch`, before group ramps."""
-        if self.per_step:
-            total = self.epochs * self.steps_per_epoch
-            pct = min(0.9, self.warmup / self.epochs) if self.warmup else 0.3
-            up = max(1.0, pct * total - 1)
-            step = epoch * self.steps_per_epoch
-            low, final = 1.0 / ONECYCLE_DIV, 1.0 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
-            if step <= up:
-                return _cos_between(low, 1.0, step / up)
-            return _cos_between(1.0, final, min(1.0, (step - up) / max(1.0, total - 1 - up)))
-        if epoch < self.warmup:
-            return ramp(epoch, self.warmup)
-        t = epoch - self.warmup
-        if self.name == "cosine":
-            span = max(1, self.epochs - self.warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(t, span) / span))
-        if self.name == "step":
-            return self.gamma ** (int(t) // self.step_size)
-        if self.name == "plateau":
-            return self.plateau_factor
-        return 1.0
+        """The schedule's multiplier at (fractional) epoch `epoch`, before group ramps: the
+        linear warm-up, then the shape from finetune/schedules.py."""
+        if not self.shape.owns_warmup:
+            if epoch < self.warmup:
+                return ramp(epoch, self.warmup)
+            epoch -= self.warmup
+        return self.shape.factor(self, epoch)
 
     def lr_of(self, group: dict[str, Any]) -> float:
         epoch = self.epoch_time()
@@ -239,7 +230,7 @@ class Schedule(LRScheduler):
         factor drops by `gamma`, at once. Called at the end of validation, before the epoch's
         checkpoint is written, so a resumed run has seen every observation (Lightning steps
         its own plateau schedulers after the checkpoint and skips that step on resume)."""
-        if self.name != "plateau":
+        if not self.shape.observes_loss:
             return
         if val_loss < self.best:
             self.best, self.bad_epochs = val_loss, 0
@@ -265,10 +256,6 @@ class Schedule(LRScheduler):
 def ramp(t: float, span: float) -> float:
     """Linear warm-up from WARMUP_START to 1 over `span` epochs."""
     return WARMUP_START + (1.0 - WARMUP_START) * min(1.0, t / span)
-
-
-def _cos_between(start: float, end: float, fraction: float) -> float:
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * fraction))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, max_epochs: int,

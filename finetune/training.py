@@ -32,6 +32,7 @@ from finetune.callbacks import (
 from finetune.data import ImageDataModule
 from finetune.errors import FinetuneError
 from finetune.freezing import FreezePlan
+from finetune.loggers import LOGGERS
 from finetune.manifest import Manifest
 from finetune.module import FinetuneModule
 from finetune.plan import Built, RunContext, RunPlan, plan_run
@@ -281,19 +282,9 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 def make_loggers(name: str, run_dir: Path) -> list[Logger]:
-    """metrics.csv always; TensorBoard or MLflow beside it when asked for (validate checked
-    that their package is installed)."""
-    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
-    if name == "tensorboard":
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""))
-    elif name == "mlflow":
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        loggers.append(MLFlowLogger(experiment_name="finetune",
-                                    tracking_uri=(run_dir / "mlruns").as_uri()))
-    return loggers
+    """metrics.csv always; the chosen logger's beside it (finetune/loggers.py; validate
+    checked that its package is installed)."""
+    return [CSVLogger(save_dir=run_dir, name="", version=""), *LOGGERS[name].make(run_dir)]
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path,

@@ -6,7 +6,6 @@ import fnmatch
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,8 +13,10 @@ from torchvision.models import WeightsEnum
 
 from finetune import backbones, cache, heads, surgery
 from finetune.builder import Assembled
+from finetune.data_formats import FORMATS
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, plan_freeze
+from finetune.loggers import LOGGERS
 from finetune.optim import param_groups
 from finetune.weight_sources import source_of
 
@@ -42,13 +43,7 @@ def validate(cfg: DictConfig) -> None:
     source = source_of(cfg)
     if not problems or not source.needs_model:
         problems += source.problems(cfg)
-    if cfg.data.name in ("imagefolder", "csv"):
-        root = OmegaConf.select(cfg, "data.root", throw_on_missing=False)
-        if root is None:
-            problems.append(f"data.root is required for data={cfg.data.name}; add data.root=PATH")
-        elif not Path(root).expanduser().exists():
-            problems.append(f"data.root={root!r}: no such path (relative paths start at "
-                            f"{Path.cwd()})")
+    problems += FORMATS[cfg.data.name].problems(cfg.data)
     epochs = cfg.sched.epochs or cfg.trainer.max_epochs
     for i, phase in enumerate(cfg.freeze.unfreeze):
         if phase.epoch >= epochs:
@@ -65,7 +60,7 @@ def validate(cfg: DictConfig) -> None:
                         "for trainer.max_epochs")
     if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
         problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
-    package = {"tensorboard": "tensorboard", "mlflow": "mlflow"}.get(cfg.logger.name)
+    package = LOGGERS[cfg.logger.name].package
     if package and importlib.util.find_spec(package) is None:
         problems.append(f"logger={cfg.logger.name} needs the {package} package: "
                         f"pip install 'finetune[{cfg.logger.name}]'")
