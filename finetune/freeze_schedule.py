@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 from torch import nn
 
 from finetune.freezing import FreezePlan, apply_stage
-from finetune.optim import Schedule, group_specs, stage_groups
+from finetune.optim import GroupPlan, Schedule, torch_groups
 
 log = logging.getLogger("finetune")
 
@@ -25,8 +25,8 @@ log = logging.getLogger("finetune")
 class FreezeSchedule(pl.Callback):
     """The phases of `plan` on `model`, begun on schedule; `stages` counts those begun."""
 
-    def __init__(self, model: nn.Module, plan: FreezePlan, optim_cfg: Any) -> None:
-        self.model, self.plan, self.optim_cfg = model, plan, optim_cfg
+    def __init__(self, model: nn.Module, plan: FreezePlan, groups: list[GroupPlan]) -> None:
+        self.model, self.plan, self.groups = model, plan, groups
         self.stages = plan.stages_until(0)  # 1 = the start
         apply_stage(model, plan, self.stages)
         self.late: list[nn.Parameter] = []  # joined after DDP wrapped the model
@@ -47,9 +47,7 @@ class FreezeSchedule(pl.Callback):
     def _begin_stage(self, trainer: pl.Trainer, index: int) -> None:
         """Unfreeze a phase's modules and add their named groups to the running optimizer."""
         optimizer = trainer.optimizers[0]
-        taken = {g["name"] for g in optimizer.param_groups}
-        specs = group_specs(self.model, self.optim_cfg.get("groups"))
-        groups = stage_groups(self.model, self.optim_cfg, self.plan, index, specs, taken)
+        groups = torch_groups([g for g in self.groups if g.stage == index], self.model)
         stage = apply_stage(self.model, self.plan, index + 1)
         self.stages = index + 1
         if trainer.world_size > 1:

@@ -99,7 +99,6 @@ def split_rows(model: Any) -> list[dict[str, Any]]:
 def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = False,
                  splits: bool = False) -> dict[str, Any]:
     """The plan of a run as data (what `--json` prints)."""
-    from finetune.optim import param_groups
     from finetune.plan import plan_run
 
     run_plan = plan_run(cfg, train_sources=False)
@@ -111,14 +110,13 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
         data_info.update(classes=run_plan.class_names,
                          train_images=len(run_plan.data.train_set),
                          val_images=len(run_plan.data.val_set))
-    names = {id(p): n for n, p in built.model.named_parameters()}
     sizes = {n: p.numel() for n, p in built.model.named_parameters()}
     total = sum(sizes.values())
-    groups = [{"name": g["name"], "epoch": g["join_epoch"], "lr": g["lr"],
-               "weight_decay": g.get("weight_decay", 0.0), "warmup_epochs": g["warmup_epochs"],
-               "tensors": len(g["params"]), "params": sum(p.numel() for p in g["params"]),
-               "first": names[id(g["params"][0])] if g["params"] else None}
-              for g in param_groups(built.model, cfg.optim, freeze, len(freeze.stages))]
+    groups = [{"name": g.name, "epoch": g.join_epoch, "lr": g.lr,
+               "weight_decay": g.weight_decay, "warmup_epochs": g.warmup_epochs,
+               "tensors": len(g.params), "params": sum(sizes[n] for n in g.params),
+               "first": g.params[0] if g.params else None}
+              for g in run_plan.groups]
     phases = [{**stage.to_dict(), "trainable_params": sum(sizes[n] for n in stage.trainable),
                "share": round(sum(sizes[n] for n in stage.trainable) / total, 4) if total else 0,
                "bn_eval": len(stage.eval_modules),

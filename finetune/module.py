@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 from finetune.errors import FinetuneError
 from finetune.freeze_schedule import FreezeSchedule
 from finetune.freezing import FreezePlan, apply_stage, keep_eval
-from finetune.optim import build_scheduler, param_groups
+from finetune.optim import GroupPlan, build_scheduler, plan_groups, torch_groups
 from finetune.registry import make_optimizer
 from finetune.seeding import seed_epoch
 
@@ -43,15 +43,19 @@ class FinetuneModule(pl.LightningModule):
 
     def __init__(self, model: nn.Module, num_classes: int, freeze: FreezePlan, optim: Any,
                  sched: Any, label_smoothing: float = 0.0, aux_weight: float = 0.4,
-                 seed: int = 0, channels_last: bool = False, compile: bool = False) -> None:
+                 seed: int = 0, channels_last: bool = False, compile: bool = False,
+                 groups: list[GroupPlan] | None = None) -> None:
         super().__init__()
         self.model = model
         self.freeze_plan, self.optim_cfg, self.sched_cfg = freeze, optim, sched
+        # The optimizer groups of every stage, as the plan computed them (RunPlan.groups);
+        # computed here only for a module made without a plan.
+        self.groups = groups if groups is not None else plan_groups(model, optim, freeze)
         self.seed = seed
         # The unfreeze schedule owns which phases have begun (saved in checkpoints); the
         # module only reads it (train mode, optimizer groups). Added to the Trainer by
         # configure_callbacks, so a module alone is enough to fit.
-        self.schedule = FreezeSchedule(model, freeze, optim)
+        self.schedule = FreezeSchedule(model, freeze, self.groups)
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -211,8 +215,8 @@ class FinetuneModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         apply_stage(self.model, self.freeze_plan, self.stages)
-        optimizer = make_optimizer(self.optim_cfg, param_groups(
-            self.model, self.optim_cfg, self.freeze_plan, self.stages))
+        optimizer = make_optimizer(self.optim_cfg, torch_groups(
+            [g for g in self.groups if g.stage < self.stages], self.model))
         scheduler = build_scheduler(optimizer, self.sched_cfg, self.trainer.max_epochs or 1,
                                     int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

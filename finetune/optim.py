@@ -112,14 +112,35 @@ def is_no_decay(model: nn.Module, param: str, tokens: list[str]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class GroupPlan:
+    """One optimizer group as data (parameter names, no tensors): what the plan computes
+    once, inspect shows, the optimizer is built from, and a resumed checkpoint must match."""
+
+    name: str
+    params: list[str]
+    lr: float
+    weight_decay: float
+    join_epoch: int
+    warmup_epochs: int
+    stage: int  # the freeze stage it joins at (0 = the start)
+
+    def torch_group(self, named: dict[str, nn.Parameter]) -> dict[str, Any]:
+        """The torch.optim param group (with what Schedule reads: base_lr, join_epoch,
+        warmup_epochs)."""
+        return {"name": self.name, "params": [named[n] for n in self.params], "lr": self.lr,
+                "base_lr": self.lr, "weight_decay": self.weight_decay,
+                "join_epoch": self.join_epoch, "warmup_epochs": self.warmup_epochs}
+
+
 def stage_groups(model: nn.Module, cfg: Any, plan: FreezePlan, index: int,
-                 specs: list[GroupSpec], taken: set[str]) -> list[dict[str, Any]]:
-    """The optimizer groups of the parameters that join at stage `index`, named."""
+                 specs: list[GroupSpec], taken: set[str]) -> list[GroupPlan]:
+    """The groups of the parameters that join at stage `index`, named (names in `taken`
+    get the stage's epoch appended, and are added to it)."""
     stage: Stage = plan.stages[index]
     units = layer_units(model) if cfg.get("layer_decay") else []
     no_decay = [str(t) for t in cfg.get("no_decay") or []]
     buckets: dict[tuple[str, str, bool], dict[str, Any]] = {}
-    named = dict(model.named_parameters())
     for name in stage.params:
         spec = next((s for s in specs if inside(owner(name), s.modules)), None)
         if spec is not None:
@@ -139,28 +160,47 @@ def stage_groups(model: nn.Module, cfg: Any, plan: FreezePlan, index: int,
         if key not in buckets:
             label = "/".join(p for p in (base, unit if unit != base else "",
                                          "no_decay" if plain else "") if p)
-            buckets[key] = {"name": label, "params": [], "lr": lr, "base_lr": lr,
+            buckets[key] = {"name": label, "params": [], "lr": lr,
                             "weight_decay": 0.0 if plain else wd, "join_epoch": stage.epoch,
-                            "warmup_epochs": stage.warmup_epochs if index > 0 else 0}
-        buckets[key]["params"].append(named[name])
-    groups = list(buckets.values())
-    for group in groups:
-        if group["name"] in taken:
-            group["name"] = f"{group['name']}@{stage.epoch}"
-        taken.add(group["name"])
+                            "warmup_epochs": stage.warmup_epochs if index > 0 else 0,
+                            "stage": index}
+        buckets[key]["params"].append(name)
+    groups = []
+    for bucket in buckets.values():
+        if bucket["name"] in taken:
+            bucket["name"] = f"{bucket['name']}@{stage.epoch}"
+        taken.add(bucket["name"])
+        groups.append(GroupPlan(**bucket))
     return groups
+
+
+def plan_groups(model: nn.Module, cfg: Any, plan: FreezePlan) -> list[GroupPlan]:
+    """The optimizer groups of every stage of `plan`, in join order (the same every time: a
+    resumed run rebuilds the groups it saved). `cfg` is the optim group.
+
+    Raises:
+        FinetuneError: an optim.groups entry without modules, with lr and lr_mult, or whose
+            selector matches nothing.
+    """
+    specs = group_specs(model, cfg.get("groups"))
+    taken: set[str] = set()
+    groups: list[GroupPlan] = []
+    for index in range(len(plan.stages)):
+        groups += stage_groups(model, cfg, plan, index, specs, taken)
+    return groups
+
+
+def torch_groups(groups: list[GroupPlan], model: nn.Module) -> list[dict[str, Any]]:
+    """The torch.optim param groups of `groups`, on `model`'s parameters."""
+    named = dict(model.named_parameters())
+    return [g.torch_group(named) for g in groups]
 
 
 def param_groups(model: nn.Module, cfg: Any, plan: FreezePlan, stages: int
                  ) -> list[dict[str, Any]]:
-    """Groups for every parameter trainable once `stages` stages have begun, in join order
-    (the same order every time: a resumed run rebuilds the groups it saved)."""
-    specs = group_specs(model, cfg.get("groups"))
-    taken: set[str] = set()
-    groups: list[dict[str, Any]] = []
-    for index in range(max(1, stages)):
-        groups += stage_groups(model, cfg, plan, index, specs, taken)
-    return groups
+    """torch param groups for every parameter trainable once `stages` stages have begun."""
+    return torch_groups([g for g in plan_groups(model, cfg, plan) if g.stage < max(1, stages)],
+                        model)
 
 
 def build_optimizer(model: nn.Module, cfg: Any, plan: FreezePlan | None = None,

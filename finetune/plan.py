@@ -21,6 +21,7 @@ from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze
 from finetune.load_report import LoadReport
+from finetune.optim import GroupPlan
 from finetune.validate import assemble_checked, validate
 from finetune.weight_sources import source_of
 from finetune.weights import load_weights
@@ -59,7 +60,8 @@ class Built:
 
 @dataclass
 class RunPlan:
-    """The run before it trains: data, model, weights, freeze plan, cache decision; or why it
+    """The run before it trains: data, model, weights, freeze plan, optimizer groups, cache
+    decision; or why it
     cannot run (`problems`, every one found)."""
 
     cfg: DictConfig
@@ -70,6 +72,7 @@ class RunPlan:
     class_names: list[str] | None = None
     built: Built | None = None
     freeze: FreezePlan | None = None
+    groups: list[GroupPlan] = field(default_factory=list)  # every stage's, in join order
     cache_cut: cache.Cut | None = None
     cache_reason: str = "off: nothing trains"
     problems: list[str] = field(default_factory=list)
@@ -203,7 +206,7 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
             "another size; give it out_features: "
             f"{len(plan.class_names)} (or leave the classifier to head.num_classes)")
         return plan
-    plan.freeze = checked.freeze
+    plan.freeze, plan.groups = checked.freeze, checked.groups
     apply_freeze(model, plan.freeze)
     if plan.data is not None:
         plan.cache_cut, plan.cache_reason = cache_decision(cfg, model, plan.freeze,

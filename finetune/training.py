@@ -151,7 +151,7 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                  stage.epoch, stage.selector, len(stage.params), stage.name)
     module = FinetuneModule(built.model, num_classes, freeze, cfg.optim, cfg.sched,
                             cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
-                            cfg.model.channels_last, cfg.model.compile)
+                            cfg.model.channels_last, cfg.model.compile, plan.groups)
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = check_resumable(checkpoint, module) if checkpoint is not None else ([], [])
     features = feature_cache(cfg, plan)
@@ -238,10 +238,7 @@ def check_resumable(path: Path, module: FinetuneModule
                             f"tensors differ, e.g. {differ[0]}); resume with the recipe and "
                             "overrides it was trained with (rerun=RUN_DIR resume=RUN_DIR)")
     stages = int(saved["finetune"]["stages"])
-    from finetune.optim import param_groups
-
-    expected = [g["name"] for g in param_groups(module.model, module.optim_cfg,
-                                                module.freeze_plan, stages)]
+    expected = [g.name for g in module.groups if g.stage < stages]
     if expected != list(saved["finetune"]["groups"]):
         raise FinetuneError(f"resume={path}: the optimizer groups differ (checkpoint: "
                             f"{', '.join(saved['finetune']['groups'])}; this config: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +17,7 @@ from finetune.data_formats import FORMATS
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, plan_freeze
 from finetune.loggers import LOGGERS
-from finetune.optim import param_groups
+from finetune.optim import GroupPlan, plan_groups
 from finetune.weight_sources import source_of
 
 BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
@@ -87,6 +87,7 @@ class Checked:
     freeze: FreezePlan | None
     problems: list[str]
     build_kwargs: dict[str, Any]
+    groups: list[GroupPlan] = field(default_factory=list)
 
 
 def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEnum | None,
@@ -131,12 +132,11 @@ def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Weig
             break  # the model's shape after this op is unknown; later paths depend on it
     plan = attempt(lambda: plan_freeze(result.model, cfg.freeze.train_from, cfg.freeze.bn,
                                        cfg.freeze.modules, cfg.freeze.unfreeze))
-    if plan is not None:
-        attempt(lambda: param_groups(result.model, cfg.optim, plan, len(plan.stages)))
+    groups = attempt(lambda: plan_groups(result.model, cfg.optim, plan)) if plan else None
     keys = list(result.model.state_dict())
     for pattern in cfg.weights.require:
         if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
             problems.append(f"weights.require: {pattern!r} matches no model tensor; keys look "
                             f"like {keys[0]!r}")
     assembled = Assembled(result.model, [result.map_key(p) for p in head_paths], result)
-    return Checked(assembled if not problems else None, plan, problems, kwargs)
+    return Checked(assembled if not problems else None, plan, problems, kwargs, groups or [])

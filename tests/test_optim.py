@@ -21,7 +21,8 @@ from finetune.optim import (
     build_scheduler,
     layer_units,
     param_groups,
-    stage_groups,
+    plan_groups,
+    torch_groups,
 )
 
 
@@ -190,7 +191,8 @@ def test_every_schedule_keeps_working_when_a_group_joins(sched: str) -> None:
     seen: dict[str, list[float]] = {"fc": [], "layer4": []}
     for epoch in range(5):
         if epoch == 2:
-            schedule.add_groups(stage_groups(model, cfg, plan, 1, [], {"fc"}))
+            schedule.add_groups(torch_groups([g for g in plan_groups(model, cfg, plan)
+                                              if g.stage == 1], model))
         for group in optimizer.param_groups:
             seen[group["name"]].append(group["lr"])
         _epoch(config["scheduler"].optimizer, config, steps)
