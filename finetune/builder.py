@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from finetune import backbones, heads, surgery
+from finetune.errors import ConfigError, FinetuneError
 
 
 @dataclass
@@ -20,12 +21,29 @@ class Assembled:
 
 
 def assemble(model_name: str, build_kwargs: dict[str, Any], num_classes: int | None,
-             dropout: float, hidden: list[int], ops: list[dict[str, Any]], input_size: int,
-             channels: int = 3) -> Assembled:
+             dropout: float, hidden: list[int], ops: list[Any], input_size: int,
+             channels: int = 3, problems: list[str] | None = None) -> Assembled | None:
     """Build the torchvision architecture, replace its classifier (unless `num_classes` is
-    None: no head), then run the surgery ops; head paths follow the surgery's moves."""
-    model = backbones.build(model_name, build_kwargs)
-    head_paths = (heads.replace_heads(model, num_classes, dropout, hidden)
-                  if num_classes is not None else [])
-    operated = surgery.apply_surgery(model, ops, input_size, channels)
+    None: no head), then run the surgery ops; head paths follow the surgery's moves.
+
+    Without `problems`, any problem raises (all of them, ConfigError). With it, problems are
+    appended and the model is assembled as far as it goes, so later checks (freeze
+    selectors, weights.require) still run on it: usable only if none were added. None when
+    the backbone itself could not be built.
+    """
+    found: list[str] = [] if problems is None else problems
+    start = len(found)
+    model, head_paths = None, []
+    try:
+        model = backbones.build(model_name, build_kwargs)
+        if num_classes is not None:
+            head_paths = heads.replace_heads(model, num_classes, dropout, hidden)
+    except FinetuneError as err:
+        found.extend(err.problems)
+    operated = (surgery.apply_surgery(model, ops, input_size, channels, found)
+                if model is not None else None)
+    if problems is None and len(found) > start:
+        raise ConfigError(found)
+    if operated is None:
+        return None
     return Assembled(operated.model, [operated.map_key(p) for p in head_paths], operated)

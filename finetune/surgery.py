@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from finetune import registry
-from finetune.errors import FinetuneError, did_you_mean
+from finetune.errors import ConfigError, FinetuneError, did_you_mean
 
 OPS = ("replace", "insert_after", "insert_before", "remove", "truncate", "rename")
 
@@ -220,19 +220,46 @@ def apply_op(result: SurgeryResult, op: dict[str, Any], size: tuple[int, int], i
         result.key_map.append((path, f"{prefix}{new_name}"))
 
 
-def apply_surgery(model: nn.Module, ops: list[dict[str, Any]], input_size: int,
-                  channels: int = 3) -> SurgeryResult:
+def apply_surgery(model: nn.Module, ops: list[Any], input_size: int, channels: int = 3,
+                  problems: list[str] | None = None) -> SurgeryResult:
     """Run `ops` in order; after each, a dry forward checks that every shape still fits.
 
+    Every op is checked: a path that matches nothing changed nothing, so the ops after it
+    are still checked; after any other failure the model's shape is unknown and checking
+    stops (a failed `replace` leaves the shapes as they were). With `problems` the problems
+    are appended to it (the result is then unusable if any were); without, they are raised.
+
     Raises:
-        FinetuneError: naming the op (surgery[i]) and its path, the bad value or the shapes.
+        ConfigError: naming each op (surgery[i]) and its path, the bad value or the shapes.
     """
+    found: list[str] = [] if problems is None else problems
+    start = len(found)
     result = SurgeryResult(model)
-    for i, op in enumerate(ops):
+    size = (input_size, channels)
+
+    def attempt(check: Callable[[], Any]) -> None:
+        try:
+            check()
+        except FinetuneError as err:
+            found.extend(err.problems)
+
+    for index, op in enumerate(ops):
+        before = len(found)
         if not isinstance(op, dict):
-            raise FinetuneError(f"surgery[{i}]: an op is a mapping like {{op: remove, path: "
-                                f"avgpool}}, got {op!r}")
-        apply_op(result, op, (input_size, channels), i)
-        dry_shapes(result.model, (input_size, channels),
-                    f"surgery[{i}] ({op.get('op')} {op.get('path')})")
+            found.append(f"surgery[{index}]: an op is a mapping like {{op: remove, path: "
+                         f"avgpool}}, got {op!r}")
+            continue
+        path = str(op.get("path", ""))
+        if not (op.get("op") == "truncate" and path == ""):
+            attempt(lambda p=path, i=index: get_module(result.model, p, key=f"surgery[{i}].path"))
+        if len(found) > before:
+            continue  # a path that matches nothing changed nothing: later ops still check
+        attempt(lambda o=op, i=index: apply_op(result, o, size, i))
+        if len(found) == before:
+            attempt(lambda o=op, i=index: dry_shapes(
+                result.model, size, f"surgery[{i}] ({o.get('op')} {o.get('path')})"))
+        if len(found) > before and op.get("op") != "replace":
+            break  # the model's shape after this op is unknown; later paths depend on it
+    if problems is None and len(found) > start:
+        raise ConfigError(found)
     return result

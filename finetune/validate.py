@@ -11,8 +11,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torchvision.models import WeightsEnum
 
-from finetune import backbones, cache, heads, surgery
-from finetune.builder import Assembled
+from finetune import backbones, cache
+from finetune.builder import Assembled, assemble
 from finetune.data_formats import FORMATS
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, plan_freeze
@@ -92,51 +92,28 @@ class Checked:
 
 def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEnum | None,
                      input_size: int, channels: int = 3) -> Checked:
-    """backbone -> head -> surgery, each op checked (a path that matches nothing is reported
-    and later ops still checked), then the freeze plan, optimizer groups and weights.require
-    on the result. With no problems the model is exactly what builder.assemble makes (same
-    random initialization), ready for its weights."""
+    """builder.assemble (backbone -> head -> surgery, every op checked) with the config's
+    builder arguments, then the freeze plan, optimizer groups and weights.require on the
+    result, every problem collected; with none the model is ready for its weights."""
     problems, attempt = _collector()
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     assert isinstance(user_kwargs, dict)
     kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, entry) if entry else {}),
               **user_kwargs}
-    model = attempt(lambda: backbones.build(cfg.model.name, kwargs))
-    if model is None:
-        return Checked(None, None, problems, kwargs)
-    head_paths: list[str] = []
-    if class_names is not None:
-        head_paths = attempt(lambda: heads.replace_heads(
-            model, len(class_names), cfg.head.dropout, list(cfg.head.hidden))) or []
-    result = surgery.SurgeryResult(model)
     ops = OmegaConf.to_container(cfg.surgery, resolve=True)
     assert isinstance(ops, list)
-    for index, op in enumerate(ops):
-        before = len(problems)
-        if not isinstance(op, dict):
-            problems.append(f"surgery[{index}]: an op is a mapping like {{op: remove, path: "
-                            f"avgpool}}, got {op!r}")
-            continue
-        path = str(op.get("path", ""))
-        if not (op.get("op") == "truncate" and path == ""):
-            attempt(lambda p=path, i=index: surgery.get_module(result.model, p,
-                                                                key=f"surgery[{i}].path"))
-        if len(problems) > before:
-            continue  # a path that matches nothing changed nothing: later ops still check
-        attempt(lambda o=op, i=index: surgery.apply_op(result, o, (input_size, channels), i))
-        if len(problems) == before:  # as apply_surgery: a dry forward after each op
-            attempt(lambda o=op, i=index: surgery.dry_shapes(
-                result.model, (input_size, channels),
-                f"surgery[{i}] ({o.get('op')} {o.get('path')})"))
-        if len(problems) > before and op.get("op") != "replace":
-            break  # the model's shape after this op is unknown; later paths depend on it
-    plan = attempt(lambda: plan_freeze(result.model, cfg.freeze.train_from, cfg.freeze.bn,
+    assembled = assemble(cfg.model.name, kwargs, len(class_names) if class_names is not None
+                         else None, cfg.head.dropout, list(cfg.head.hidden), ops, input_size,
+                         channels, problems)
+    if assembled is None:
+        return Checked(None, None, problems, kwargs)
+    model = assembled.model
+    plan = attempt(lambda: plan_freeze(model, cfg.freeze.train_from, cfg.freeze.bn,
                                        cfg.freeze.modules, cfg.freeze.unfreeze))
-    groups = attempt(lambda: plan_groups(result.model, cfg.optim, plan)) if plan else None
-    keys = list(result.model.state_dict())
+    groups = attempt(lambda: plan_groups(model, cfg.optim, plan)) if plan else None
+    keys = list(model.state_dict())
     for pattern in cfg.weights.require:
         if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
             problems.append(f"weights.require: {pattern!r} matches no model tensor; keys look "
                             f"like {keys[0]!r}")
-    assembled = Assembled(result.model, [result.map_key(p) for p in head_paths], result)
     return Checked(assembled if not problems else None, plan, problems, kwargs, groups or [])
