@@ -20,8 +20,8 @@ from finetune import backbones, cache, surgery
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze
-from finetune.load_report import LoadReport
 from finetune.optim import GroupPlan
+from finetune.provenance import LoadReport
 from finetune.validate import assemble_checked, validate
 from finetune.weight_sources import source_of
 from finetune.weights import load_weights

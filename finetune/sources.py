@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from finetune import artifacts, backbones, config, safe_files
 from finetune.errors import ConfigError, FinetuneError
-from finetune.load_report import LoadReport
 from finetune.manifest import read_manifest
+from finetune.provenance import LoadReport
 
 log = logging.getLogger("finetune")
 

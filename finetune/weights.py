@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.load_report import LoadReport
+from finetune.provenance import LoadReport
 from finetune.sources import read_source
 
 log = logging.getLogger("finetune")

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from finetune import backbones, heads
-from finetune.load_report import LoadReport
+from finetune.provenance import LoadReport
 from finetune.weights import load_matching
 
 warnings.filterwarnings("ignore", category=FutureWarning)

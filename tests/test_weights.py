@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from finetune import heads
 from finetune.config import WeightsConfig
 from finetune.errors import FinetuneError
-from finetune.load_report import LoadReport
+from finetune.provenance import LoadReport
 from finetune.sources import read_torchvision
 from finetune.weights import load_matching, load_weights
 from tests.conftest import save_torchvision_checkpoint, trust_weights_file

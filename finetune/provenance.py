@@ -1,4 +1,5 @@
-"""The load report: what a weight load did to every tensor, as JSON and as a log table."""
+"""The load report (provenance): where the tensors came from and what a weight load did to
+every one of them, as JSON (load_report.json) and as a log table."""
 
 from __future__ import annotations
 
