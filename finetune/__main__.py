@@ -38,6 +38,7 @@ RERUN_OF: dict[str, Path] = {}
 # Lightning's DDP launcher starts the other ranks with this process's (prepared) argv, where a
 # recipe given as a path or a rerun is a registered name: they find it through the env.
 RECIPES_OF_RUN_ENV = "FINETUNE_RUN_RECIPES"
+LAUNCH_ENV = "FINETUNE_LAUNCHED"  # wall-clock time the command started: first_step_seconds
 
 
 def split_overrides(argv: list[str]) -> list[int]:
@@ -241,7 +242,9 @@ def run_context(hydra_cfg: Any, recipe_files: dict[str, Path],
                       sweep_dir=Path(hydra_cfg.sweep.dir) if sweep else None,
                       recipe=recipe_record(hydra_cfg.runtime.choices.get("recipe"),
                                            recipe_files, rerun_of),
-                      overrides=list(hydra_cfg.overrides.task), main_process=is_main_process())
+                      overrides=list(hydra_cfg.overrides.task), main_process=is_main_process(),
+                      launched=float(os.environ[LAUNCH_ENV]) if LAUNCH_ENV in os.environ
+                      else None)
 
 
 def sweeper_problem(hydra_cfg: Any, metric: str) -> str | None:
@@ -293,7 +296,7 @@ def print_help(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    os.environ.setdefault("FINETUNE_LAUNCHED", str(time.time()))  # first_step_seconds
+    os.environ.setdefault(LAUNCH_ENV, str(time.time()))  # first_step_seconds
     args = sys.argv[1:] if argv is None else argv
     try:
         args = prepare(take_allow_flags(list(args)))

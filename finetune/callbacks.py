@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-
-LAUNCH_ENV = "FINETUNE_LAUNCHED"  # wall-clock time the command started (set by __main__)
 
 
 class ThroughputMeter(pl.Callback):
@@ -24,7 +21,8 @@ class ThroughputMeter(pl.Callback):
     epoch only, so measuring adds no per-step sync.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, launched: float | None = None) -> None:
+        self.launched = launched  # wall-clock start of the command, for first_step_seconds
         self.epochs: list[tuple[int, float, float]] = []  # (images, seconds, waiting) per epoch
         self.fit_seconds = 0.0
         self.first_step_seconds: float | None = None
@@ -41,8 +39,8 @@ class ThroughputMeter(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
-        if self.first_step_seconds is None and os.environ.get(LAUNCH_ENV):
-            self.first_step_seconds = time.time() - float(os.environ[LAUNCH_ENV])
+        if self.first_step_seconds is None and self.launched is not None:
+            self.first_step_seconds = time.time() - self.launched
         if self._batch_end is not None and batch_idx >= 1:
             self._waiting += now - self._batch_end
 

@@ -37,6 +37,8 @@ class RunContext:
         recipe: name, file, sha256 (and rerun_of) of the recipe, for the manifest.
         overrides: the command line's overrides, for the manifest.
         main_process: rank zero (the only process, or rank 0 of DDP): the one that writes.
+        launched: wall-clock time the command (or the finetune.train call) started, for
+            first_step_seconds; None: not measured.
     """
 
     run_dir: Path | None = None
@@ -44,6 +46,7 @@ class RunContext:
     recipe: dict[str, Any] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     main_process: bool = True
+    launched: float | None = None
 
 
 @dataclass

@@ -155,7 +155,7 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = check_resumable(checkpoint, module) if checkpoint is not None else ([], [])
     features = feature_cache(cfg, plan)
-    trainer, meter = make_trainer(cfg, run_dir, history, features)
+    trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
     except RuntimeError as err:
@@ -287,11 +287,11 @@ def make_loggers(name: str, run_dir: Path) -> list[Logger]:
 def make_trainer(cfg: DictConfig, run_dir: Path,
                  history: tuple[list[str], list[list[str]]] = ([], []),
                  features: cache.FeatureCache | str | None = None,
-                 ) -> tuple[pl.Trainer, ThroughputMeter]:
+                 launched: float | None = None) -> tuple[pl.Trainer, ThroughputMeter]:
     """The Lightning Trainer with our checkpoints, loggers and meter. `history`: a resumed
     run's earlier metrics (header, rows), which metrics.csv starts with; `features`: the
-    feature cache callback, when the run caches."""
-    meter = ThroughputMeter()
+    feature cache callback, when the run caches; `launched`: when the command started."""
+    meter = ThroughputMeter(launched)
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="best", monitor=MONITOR,
                         mode="max", auto_insert_metric_name=False, enable_version_counter=False),
@@ -451,12 +451,14 @@ def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    launched = time.time()
     from finetune import __main__ as cli
     from finetune import config as schema
 
     extra = [f"hydra.run.dir={Path(run_dir).expanduser().resolve()}"] if run_dir else []
     args = cli.prepare([f"recipe={recipe}", *overrides, *extra])
-    overrides_given = [a for a in args if not a.startswith(("recipe=", "hydra."))]
+    # as Hydra records a command line's task overrides (recipe= among them, hydra.* apart)
+    overrides_given = [a for a in args if not a.startswith("hydra.")]
     with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="finetune"):
         full = compose("config", overrides=args, return_hydra_config=True)
     directory = Path(str(full.hydra.run.dir)).expanduser().resolve()
@@ -469,7 +471,7 @@ def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
     artifacts.write_bytes(directory / ".hydra" / "overrides.yaml",
                           OmegaConf.to_yaml(overrides_given).encode())
     context = RunContext(run_dir=directory, recipe=cli.recipe_record(
-        name, cli.RECIPE_FILES, cli.RERUN_OF), overrides=overrides_given)
+        name, cli.RECIPE_FILES, cli.RERUN_OF), overrides=overrides_given, launched=launched)
     value = run(cfg, context)
     return RunResult(directory, artifacts.read_json(directory / artifacts.METRICS), value)
 

@@ -48,6 +48,37 @@ def train_here(*args: str, run_dir: Path) -> Path:
     return finetune.train(recipe, overrides, run_dir=run_dir).run_dir
 
 
+def problems_here(*args: str, run_dir: Path | None = None) -> list[str]:
+    """The problems `python -m finetune ARGS` would print (one per `finetune: error:` line),
+    from finetune.train in this process: the same gate, composition and plan. For tests
+    about a message; a few true CLI tests check the exit status and the absent traceback."""
+    import finetune
+    from finetune.errors import FinetuneError
+
+    recipe = next((a.partition("=")[2] for a in args if a.startswith("recipe=")), "base")
+    overrides = [a for a in args if not a.startswith("recipe=")]
+    with pytest.raises(FinetuneError) as stopped:
+        finetune.train(recipe, overrides, run_dir=run_dir)
+    return stopped.value.problems
+
+
+def main_here(module: str, *args: str, capsys: pytest.CaptureFixture[str]
+              ) -> tuple[int, str, str]:
+    """`python -m MODULE ARGS` for a command with main(argv) (predict, export, inspect,
+    recipes, report), in this process: (exit status, stdout, stderr)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def cli_errors(result: subprocess.CompletedProcess, prefix: str = "finetune: error:"
                ) -> list[str]:
     """The error lines of a run that failed as a user error must: exit 2, no traceback."""

@@ -17,7 +17,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
-from conftest import QUICK, SHRINK, cli_errors, read_json, run_cli, write_digit_images
+from conftest import (
+    QUICK,
+    SHRINK,
+    problems_here,
+    read_json,
+    write_digit_images,
+)
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -216,10 +222,9 @@ def test_two_runs_never_share_a_run_dir(tmp_path: Path) -> None:
         artifacts.write_json(held / "metrics.json", {"status": "running"})
         with pytest.raises(FinetuneError, match="another run is writing to"):
             artifacts.lock_run_dir(held)
-        result = run_cli(*QUICK, *SHRINK, f"hydra.run.dir={held}", cwd=tmp_path)
-        assert cli_errors(result) == [
-            f"finetune: error: another run is writing to {held} right now; wait for it to "
-            "end, or give this one its own dir (hydra.run.dir=...)"]
+        assert problems_here(*QUICK, *SHRINK, run_dir=held) == [
+            f"another run is writing to {held} right now; wait for it to end, or give this "
+            "one its own dir (hydra.run.dir=...)"]
         assert read_json(held / "metrics.json") == {"status": "running"}
     finally:
         lock.close()

@@ -18,9 +18,11 @@ SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py"]
 def test_bench_script_runs_in_smoke_mode(script: str, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Run as `python bench/SCRIPT --smoke --out FILE` would, in this process (the scripts'
-    main() under __main__; no interpreter and torch import per script)."""
+    main() under __main__, their framework runs through finetune.train: no interpreter and
+    torch import per script or run)."""
     out = tmp_path / "results.md"
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FINETUNE_BENCH_IN_PROCESS", "1")
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     monkeypatch.setattr(sys, "argv", [str(REPO / "bench" / script), "--smoke", "--out",
                                       str(out)])

@@ -12,7 +12,7 @@ import torchvision
 from finetune import config as schema
 from finetune.inspect import compose_config, inspect_plan, render
 from finetune.plan import plan_run
-from tests.conftest import cli_errors, read_json, run_cli, run_dir_of
+from tests.conftest import main_here, problems_here, read_json, run_cli, train_here
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=64"]
 # Recipes that read an image folder inspect on the digits instead.
@@ -85,7 +85,10 @@ def test_custom_head_loads_exactly_what_name_filtering_would(offline_home: Path)
         assert torch.equal(model.state_dict()[key], checkpoint[key]), key
 
 
-def test_inspect_cli_json_and_validation_errors(torch_home: Path, tmp_path: Path) -> None:
+def test_inspect_cli_json_and_validation_errors(torch_home: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The true CLI once (--json), then the same command's error in this process."""
     env = {"TORCH_HOME": str(torch_home)}
     result = run_cli("recipe=resnet50_9cls", *DIGITS_1_9, "--json", "--keys", "--splits",
                      cwd=tmp_path, env=env, module="finetune.inspect")
@@ -96,17 +99,17 @@ def test_inspect_cli_json_and_validation_errors(torch_home: Path, tmp_path: Path
     assert {"key": "fc.weight", "shape": [9, 2048], "fate": "new"} in plan["keys"]
     assert [s["train_from"] for s in plan["splits"]][6] == "layer3"
     assert plan["optimizer"]["groups"][0]["first"] == "layer3.0.conv1.weight"
-    bad = run_cli("recipe=resnet50_9cls", *DIGITS_1_9, "freeze.train_from=layer5", cwd=tmp_path,
-                  env=env, module="finetune.inspect")
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "freeze.train_from='layer5' matches no module" in bad.stderr
-    assert "did you mean" in bad.stderr and "'layer4'" in bad.stderr
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    code, _, err = main_here("finetune.inspect", "recipe=resnet50_9cls", *DIGITS_1_9,
+                             "freeze.train_from=layer5", capsys=capsys)
+    assert code == 2 and "freeze.train_from='layer5' matches no module" in err
+    assert "did you mean" in err and "'layer4'" in err
 
 
-def test_vgg16_feature_extractor_run(torch_home_vgg: Path, tmp_path: Path) -> None:
-    result = run_cli("recipe=vgg16_relu5_3", cwd=tmp_path, env={"TORCH_HOME": str(torch_home_vgg)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    run = run_dir_of(result)
+def test_vgg16_feature_extractor_run(torch_home_vgg: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(torch_home_vgg))
+    run = train_here("recipe=vgg16_relu5_3", run_dir=tmp_path / "run")
     manifest = read_json(run / "manifest.json")
     assert manifest["output_shape"] == [512, 14, 14]
     assert manifest["head"]["type"] == "none" and manifest["class_names"] is None
@@ -121,13 +124,14 @@ def test_vgg16_feature_extractor_run(torch_home_vgg: Path, tmp_path: Path) -> No
     assert sorted(saved) == sorted(f"features.{k}" for k in reference)
 
 
-def test_path_mistakes_are_reported_together(torch_home: Path, tmp_path: Path) -> None:
-    result = run_cli("recipe=resnet50_custom_head", *DIGITS_1_9, "freeze.train_from=layer7",
-                     "weights.require=[head.*]",
-                     "surgery=[{op: remove, path: avgpol}, {op: replace, path: fc, with: "
-                     "{type: Lineer}}]", cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
-    errors = cli_errors(result)
-    assert len(errors) == 4, result.stderr
+def test_path_mistakes_are_reported_together(torch_home: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    errors = problems_here("recipe=resnet50_custom_head", *DIGITS_1_9,
+                           "freeze.train_from=layer7", "weights.require=[head.*]",
+                           "surgery=[{op: remove, path: avgpol}, {op: replace, path: fc, with: "
+                           "{type: Lineer}}]", run_dir=tmp_path / "run")
+    assert len(errors) == 4, errors
     assert "surgery[0].path='avgpol'" in errors[0] and "'avgpool'" in errors[0]
     assert "unknown layer type 'Lineer'" in errors[1]
     assert "freeze.train_from='layer7'" in errors[2]

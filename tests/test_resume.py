@@ -14,7 +14,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from tests.conftest import cli_errors, read_json, run_cli
+from tests.conftest import problems_here, read_json
 
 # Every random stream in play: dropout, augmentation, shuffling; momentum, weight decay, a
 # phase that joins with its own warm-up, on a schedule that spans the whole run.
@@ -112,7 +112,8 @@ def test_resumed_before_the_unfreeze_epoch_unfreezes_on_time(runs: dict[str, Pat
     assert rows == _lr_rows(runs["whole"])  # the same learning rates, epoch by epoch
 
 
-def test_resume_problems_are_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_problems_are_one_line(runs: dict[str, Path], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked before training: a path that is not there, a checkpoint of another model or
     of another optimizer layout."""
     from omegaconf import OmegaConf
@@ -151,9 +152,9 @@ def test_resume_problems_are_one_line(runs: dict[str, Path], tmp_path: Path) -> 
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(FinetuneError, match="cannot read the checkpoint"):
         check_resumable(tmp_path / "junk.ckpt", module("resnet18", 0.01))
-    errors = cli_errors(run_cli(*RECIPE, "resume=nowhere.ckpt", cwd=tmp_path))
-    assert errors == [f"finetune: error: resume=nowhere.ckpt: no such file or run dir "
-                      f"(relative paths start at {tmp_path})"]
+    monkeypatch.chdir(tmp_path)
+    assert problems_here(*RECIPE, "resume=nowhere.ckpt", run_dir=tmp_path / "run") == [
+        f"resume=nowhere.ckpt: no such file or run dir (relative paths start at {tmp_path})"]
 
 
 def test_rerun_reads_the_config_of_a_run_that_never_finished(runs: dict[str, Path],

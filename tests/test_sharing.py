@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
 from finetune import config as schema
-from tests.conftest import SHRINK, cli_errors, read_json, run_cli, run_dir_of, train_here
+from tests.conftest import SHRINK, cli_errors, main_here, read_json, run_cli, train_here
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=32"]
 # Shipped recipes that read an image folder run on the digits in tests.
@@ -22,11 +24,29 @@ LONGER = {"resnet18_gradual": ["trainer.max_epochs=5", "trainer.limit_train_batc
 SHRUNK_SOURCE = "weights.recipe_overrides=[" + ",".join(f'"{o}"' for o in SHRINK) + "]"
 
 
-def recipes_cli(*args: str, cwd: Path, env: dict[str, str] | None = None):
-    return run_cli(*args, cwd=cwd, env=env, module="finetune.recipes")
+Cli = Callable[..., subprocess.CompletedProcess]
 
 
-def test_list_shows_every_recipe_and_user_folders(tmp_path: Path) -> None:
+@pytest.fixture
+def recipes_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+                ) -> Callable[..., subprocess.CompletedProcess]:
+    """`python -m finetune.recipes ARGS` run in `cwd` with `env`, in this process (its
+    main(argv)): the exit status and output a user sees, without an interpreter start."""
+
+    def call(*args: str, cwd: Path, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        code, out, err = main_here("finetune.recipes", *args, capsys=capsys)
+        for key in env or {}:
+            monkeypatch.delenv(key)
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return call
+
+
+def test_list_shows_every_recipe_and_user_folders(tmp_path: Path, recipes_cli: Cli) -> None:
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "team_recipe.yaml").write_text("description: our 3-class baseline\n"
@@ -46,7 +66,7 @@ def test_list_shows_every_recipe_and_user_folders(tmp_path: Path) -> None:
     assert table.returncode == 0 and "quickstart" in table.stdout
 
 
-def test_show_resolved_equals_what_the_run_records(tmp_path: Path) -> None:
+def test_show_resolved_equals_what_the_run_records(tmp_path: Path, recipes_cli: Cli) -> None:
     run = train_here("recipe=digits_source", *SHRINK, run_dir=tmp_path / "run")
     recorded = read_json(run / "manifest.json")["config"]
     shown = recipes_cli("show", "digits_source", "--resolved", *SHRINK, cwd=tmp_path)
@@ -56,7 +76,7 @@ def test_show_resolved_equals_what_the_run_records(tmp_path: Path) -> None:
     assert raw.stdout == (schema.RECIPES_DIR / "digits_source.yaml").read_text()
 
 
-def test_copy_gives_a_recipe_that_runs(tmp_path: Path) -> None:
+def test_copy_gives_a_recipe_that_runs(tmp_path: Path, recipes_cli: Cli) -> None:
     target = tmp_path / "recipes" / "my_digits.yaml"
     result = recipes_cli("copy", "digits_source", str(target), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -67,7 +87,9 @@ def test_copy_gives_a_recipe_that_runs(tmp_path: Path) -> None:
     assert read_json(run / "metrics.json")["status"] == "complete"
 
 
-def test_three_line_recipe_extending_a_shipped_one(torch_home: Path, tmp_path: Path) -> None:
+def test_three_line_recipe_extending_a_shipped_one(torch_home: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    recipes_cli: Cli) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "mine.yaml").write_text("extends: resnet50_9cls\noptim:\n  lr: 0.01\n")
@@ -77,10 +99,10 @@ def test_three_line_recipe_extending_a_shipped_one(torch_home: Path, tmp_path: P
     assert mine_cfg["optim"]["lr"] == 0.01
     mine_cfg["optim"]["lr"] = base_cfg["optim"]["lr"]
     assert mine_cfg == base_cfg, "only the overridden key differs"
-    result = run_cli("recipe=mine.yaml", *DIGITS_1_9, *SHRINK, cwd=elsewhere,
-                     env={"TORCH_HOME": str(torch_home)})
-    assert result.returncode == 0, result.stderr[-2000:]
-    manifest = read_json(run_dir_of(result) / "manifest.json")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    run = train_here("recipe=mine.yaml", *DIGITS_1_9, *SHRINK, run_dir=elsewhere / "run")
+    manifest = read_json(run / "manifest.json")
     assert manifest["config"]["optim"]["lr"] == 0.01
     assert manifest["config"]["freeze"]["train_from"] == "layer3"
     assert manifest["recipe"]["file"] == str(elsewhere / "mine.yaml")
@@ -99,7 +121,8 @@ def test_cycle_and_missing_base_each_give_one_message(tmp_path: Path) -> None:
         assert len(errors) == 1 and needle in errors[0], result.stderr
 
 
-def test_validate_reports_three_mistakes_at_once(torch_home: Path, tmp_path: Path) -> None:
+def test_validate_reports_three_mistakes_at_once(torch_home: Path, tmp_path: Path,
+                                                 recipes_cli: Cli) -> None:
     result = recipes_cli("validate", "resnet50_9cls", *DIGITS_1_9, "head.num_classes=4",
                          "freeze.train_from=layer9", "surgery=[{op: remove, path: avgpol}]",
                          cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})

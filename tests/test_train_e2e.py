@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -20,10 +19,8 @@ from finetune.artifacts import file_sha256
 from tests.conftest import (
     QUICK,
     SHRINK,
-    cli_errors,
+    problems_here,
     read_json,
-    run_cli,
-    run_dir_of,
     train_here,
 )
 
@@ -38,11 +35,12 @@ def quickstart_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     source recipe the first one trained)."""
     cwd = tmp_path_factory.mktemp("quickstart")
     dirs = []
-    for _ in range(2):
-        result = run_cli("recipe=quickstart", *SHRINK, "trainer.max_epochs=2", SHRUNK_SOURCE,
-                         cwd=cwd, env={"FINETUNE_HOME": str(cwd / "home")})
-        assert result.returncode == 0, result.stderr[-3000:]
-        dirs.append(run_dir_of(result))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FINETUNE_HOME", str(cwd / "home"))
+        for i in range(2):
+            dirs.append(train_here("recipe=quickstart", *SHRINK, "trainer.max_epochs=2",
+                                   SHRUNK_SOURCE, run_dir=cwd / "outputs" / "quickstart" /
+                                   f"run{i}"))
     return dirs
 
 
@@ -223,30 +221,32 @@ def test_googlenet_trains_with_its_auxiliary_heads(tmp_path: Path) -> None:
 
 
 def test_too_small_input_for_inception_aux_head_says_what_to_do(tmp_path: Path) -> None:
-    result = run_cli(*QUICK, "model.name=inception_v3", "data.image_size=80",
-                     *SHRINK, "trainer.limit_train_batches=1", "data.batch_size=2", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "inception_v3 cannot take 80 px inputs" in result.stderr
-    assert "model.kwargs.aux_logits=false" in result.stderr
+    problems = problems_here(*QUICK, "model.name=inception_v3", "data.image_size=80",
+                             *SHRINK, "trainer.limit_train_batches=1", "data.batch_size=2",
+                             run_dir=tmp_path / "run")
+    assert len(problems) == 1 and "inception_v3 cannot take 80 px inputs" in problems[0]
+    assert "model.kwargs.aux_logits=false" in problems[0]
 
 
-def test_offline_weights_error_names_url_and_path(tmp_path: Path) -> None:
+def test_offline_weights_error_names_url_and_path(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     empty_home = tmp_path / "torch_home"
-    result = run_cli("recipe=resnet50_9cls", "data=digits", DIGITS_1_9, "data.image_size=32",
-                     *SHRINK, cwd=tmp_path, env={"TORCH_HOME": str(empty_home)})
-    error = cli_errors(result)
+    monkeypatch.setenv("TORCH_HOME", str(empty_home))
+    error = problems_here("recipe=resnet50_9cls", "data=digits", DIGITS_1_9,
+                          "data.image_size=32", *SHRINK, run_dir=tmp_path / "run")
     assert len(error) == 1
     assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in error[0]
     assert str(empty_home / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in error[0]
-    failed = next((tmp_path / "outputs").rglob("metrics.json"))
-    assert json.loads(failed.read_text())["status"] == "failed"
+    assert read_json(tmp_path / "run" / "metrics.json")["status"] == "failed"
 
 
-def test_run_time_problems_are_reported_together(tmp_path: Path) -> None:
-    result = run_cli(*QUICK, "model.name=resnet5", "data=imagefolder",
-                     "data.root=no/such/folder", "weights.source=file", cwd=tmp_path)
-    errors = cli_errors(result)
-    assert len(errors) == 3, result.stderr
+def test_run_time_problems_are_reported_together(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    errors = problems_here(*QUICK, "model.name=resnet5", "data=imagefolder",
+                           "data.root=no/such/folder", "weights.source=file",
+                           run_dir=tmp_path / "run")
+    assert len(errors) == 3, errors
     assert "did you mean 'resnet50'" in errors[0]
     assert "weights.source=file needs weights.path" in errors[1]
     assert "data.root='no/such/folder': no such path" in errors[2]
@@ -255,7 +255,5 @@ def test_run_time_problems_are_reported_together(tmp_path: Path) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None,
                     reason="mlflow is installed here; the message is for when it is not")
 def test_missing_logger_package_says_how_to_install(tmp_path: Path) -> None:
-    result = run_cli(*QUICK, "logger=mlflow", *SHRINK, cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "logger=mlflow needs the mlflow package: pip install 'finetune[mlflow]'" in \
-        result.stderr
+    assert problems_here(*QUICK, "logger=mlflow", *SHRINK, run_dir=tmp_path / "run") == [
+        "logger=mlflow needs the mlflow package: pip install 'finetune[mlflow]'"]

@@ -15,7 +15,15 @@ from safetensors.torch import load_file
 import finetune
 from finetune.errors import FinetuneError
 from finetune.export import export
-from tests.conftest import QUICK, SHRINK, read_json, run_cli, run_dir_of, write_digit_images
+from tests.conftest import (
+    QUICK,
+    SHRINK,
+    main_here,
+    read_json,
+    run_cli,
+    train_here,
+    write_digit_images,
+)
 
 # A surgery recipe in overrides: a 1x1 conv inserted after layer4, the classifier renamed.
 SURGERY = ("surgery=[{op: insert_after, path: layer4, module: {type: Conv2d, out_channels: 512, "
@@ -29,11 +37,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     images = cwd / "images"
     write_digit_images(images / "train", [3, 7, 8], 20)
     write_digit_images(images / "val", [3, 7, 8], 10)
-    result = run_cli(*QUICK, "data=imagefolder", f"data.root={images}", "data.classes=null",
+    run = train_here(*QUICK, "data=imagefolder", f"data.root={images}", "data.classes=null",
                      "head.num_classes=null", SURGERY, *SHRINK, "trainer.max_epochs=2",
-                     "trainer.limit_val_batches=1.0", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd, images, run_dir_of(result)
+                     "trainer.limit_val_batches=1.0", run_dir=cwd / "outputs" / "run")
+    return cwd, images, run
 
 
 def _val_predictions(run: Path) -> dict[str, str]:
@@ -55,6 +62,7 @@ def test_load_rebuilds_the_surgery_model(trained: tuple[Path, Path, Path]) -> No
 
 
 def test_predict_equals_the_training_validation(trained: tuple[Path, Path, Path]) -> None:
+    """The true CLI (`python -m finetune.predict`), as README shows it."""
     cwd, images, run = trained
     result = run_cli(f"run={run}", f"input={images / 'val'}", "output=preds.csv", "topk=2",
                      cwd=cwd, module="finetune.predict")
@@ -72,32 +80,34 @@ def test_predict_equals_the_training_validation(trained: tuple[Path, Path, Path]
 
 
 def test_unreadable_images_are_listed_and_skipped(trained: tuple[Path, Path, Path],
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     _, images, run = trained
     folder = tmp_path / "mixed"
     folder.mkdir()
     for path in sorted((images / "val" / "7").glob("*.png"))[:3]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "broken.png").write_bytes(b"not an image")
-    result = run_cli(f"run={run}", f"input={folder}", f"output={tmp_path / 'p.csv'}",
-                     cwd=tmp_path, module="finetune.predict")
-    assert result.returncode == 0, result.stderr
-    assert "skipped unreadable image" in result.stderr and "broken.png" in result.stderr
-    assert "3 images" in result.stdout and "1 unreadable" in result.stdout
+    code, out, err = main_here("finetune.predict", f"run={run}", f"input={folder}",
+                               f"output={tmp_path / 'p.csv'}", capsys=capsys)
+    assert code == 0, err
+    assert "skipped unreadable image" in err and "broken.png" in err
+    assert "3 images" in out and "1 unreadable" in out
     api = finetune.predict(run, folder, topk=1)
     assert len(api.rows) == 3 and [Path(p).name for p, _ in api.unreadable] == ["broken.png"]
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_export_with_parity(trained: tuple[Path, Path, Path], tmp_path: Path, fmt: str) -> None:
+def test_export_with_parity(trained: tuple[Path, Path, Path], tmp_path: Path, fmt: str,
+                            capsys: pytest.CaptureFixture[str]) -> None:
     if fmt == "onnx" and importlib.util.find_spec("onnxscript") is None:
         pytest.skip("the onnx extra is not installed")
     _, _, run = trained
     target = tmp_path / f"model.{fmt}"
-    result = run_cli(f"run={run}", f"format={fmt}", f"output={target}", cwd=tmp_path,
-                     module="finetune.export")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "max abs difference" in result.stdout
+    code, out, err = main_here("finetune.export", f"run={run}", f"format={fmt}",
+                               f"output={target}", capsys=capsys)
+    assert code == 0, err[-2000:]
+    assert "max abs difference" in out
     info = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert info["class_names"] == ["3", "7", "8"] and info["preprocessing"]["crop"] == 32
     if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
@@ -128,10 +138,8 @@ def test_export_with_parity(trained: tuple[Path, Path, Path], tmp_path: Path, fm
 
 
 def test_feature_extractor_exports_too(tmp_path: Path) -> None:
-    result = run_cli(*QUICK, "head=none", 'surgery=[{op: truncate, path: "", keep: ":8"}]',
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    run = run_dir_of(result)
+    run = train_here(*QUICK, "head=none", 'surgery=[{op: truncate, path: "", keep: ":8"}]',
+                     run_dir=tmp_path / "run")
     assert read_json(run / "manifest.json")["output_shape"] == [512, 1, 1]
     info = export(run, "torchscript")
     assert info["output_shape"] == ["batch", 512, 1, 1] and info["parity_max_abs_diff"] == 0.0
@@ -141,10 +149,7 @@ def test_feature_extractor_exports_too(tmp_path: Path) -> None:
 
 def test_rerun_reproduces_the_run_exactly(trained: tuple[Path, Path, Path]) -> None:
     cwd, _, run = trained
-    result = run_cli(f"rerun={run}", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    again = run_dir_of(result)
-    assert again != run
+    again = train_here(f"rerun={run}", run_dir=cwd / "outputs" / "again")
     first, second = read_json(run / "metrics.json"), read_json(again / "metrics.json")
     for key in ("val/acc", "val/loss", "val/f1", "epochs"):
         assert first[key] == second[key], key
@@ -192,7 +197,8 @@ def _received_copy(run: Path, tmp_path: Path) -> Path:
 
 
 def test_export_and_predict_never_write_through_a_planted_link(
-        trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+        trained: tuple[Path, Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """A received run dir may hold links named like our outputs (model.torchscript.pt ->
     ~/.bashrc): the export and predictions refuse them and the link's target is untouched."""
     _, images, run = trained
@@ -209,14 +215,15 @@ def test_export_and_predict_never_write_through_a_planted_link(
     assert victim.read_text() == "keep me"
     assert not [p for p in copy.iterdir() if p.name.startswith(".model.")], "no staging left"
     (copy / "preds.csv").symlink_to(victim)
-    result = run_cli(f"run={copy}", f"input={images / 'val'}", f"output={copy / 'preds.csv'}",
-                     cwd=tmp_path, module="finetune.predict")
-    assert result.returncode == 2 and "is a symbolic link" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and victim.read_text() == "keep me"
+    code, _, err = main_here("finetune.predict", f"run={copy}", f"input={images / 'val'}",
+                             f"output={copy / 'preds.csv'}", capsys=capsys)
+    assert code == 2 and "is a symbolic link" in err, err
+    assert victim.read_text() == "keep me"
 
 
 def test_a_received_manifest_passes_the_gate(trained: tuple[Path, Path, Path],
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     """What predict and export rebuild from a manifest (builder arguments, surgery) is gated
     like a recipe; a manifest that is not JSON is one sentence."""
     from finetune.artifacts import file_sha256
@@ -233,12 +240,12 @@ def test_a_received_manifest_passes_the_gate(trained: tuple[Path, Path, Path],
     assert [p.split(": ", 2)[1] for p in refused.value.problems] == [
         "model.kwargs.weights", "surgery[0].module.type"]
     (copy / "manifest.json").write_text(json.dumps(manifest)[:100])  # truncated
-    result = run_cli(f"run={copy}", f"input={images / 'val'}", cwd=tmp_path,
-                     module="finetune.predict")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
+    code, _, err = main_here("finetune.predict", f"run={copy}", f"input={images / 'val'}",
+                             capsys=capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
         f"finetune.predict: error: manifest {copy / 'manifest.json'}: not valid JSON "
-        + result.stderr.split("not valid JSON ", 1)[1].strip()]
+        + err.split("not valid JSON ", 1)[1].strip()]
 
 
 def test_train_runs_in_process_and_predict_stays_a_function(tmp_path: Path) -> None:
@@ -254,7 +261,7 @@ def test_train_runs_in_process_and_predict_stays_a_function(tmp_path: Path) -> N
     assert result.metrics["status"] == "complete" and result.value == result.metrics["val/acc"]
     manifest = read_json(result.run_dir / "manifest.json")
     assert manifest["recipe"]["name"] == "quickstart"
-    assert manifest["overrides"] == ["weights.source=none", *SHRINK]
+    assert manifest["overrides"] == ["recipe=quickstart", "weights.source=none", *SHRINK]
     images = tmp_path / "images"
     write_digit_images(images, [5], 2)
     predictions = finetune.predict(result.run_dir, images, topk=2)
