@@ -82,6 +82,17 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a wrong-sized classifier from surgery passes the plan", "finetune/plan.py",
      "    if plan.class_names is not None and outputs != [len(plan.class_names)]:",
      "    if False:", "tests/test_config.py -k correction"),
+    ("freeze.bn=affine freezes the BatchNorm weights too", "finetune/freezing.py",
+     "not (policy.trains_affine and holder in bn_modules)",
+     "not (False and holder in bn_modules)", "tests/test_freezing.py"),
+    ("an unfreeze phase adds the start's groups again", "finetune/freeze_schedule.py",
+     "[g for g in self.groups if g.stage == index]", "[g for g in self.groups if g.stage == 0]",
+     "tests/test_freeze_training.py"),
+    ("the linear warm-up is skipped", "finetune/optim.py",
+     "            if epoch < self.warmup:\n", "            if False:\n", "tests/test_optim.py"),
+    ("a data format's root is not checked before reading", "finetune/data_formats.py",
+     "        if not self.needs_root:\n            return []",
+     "        if True:\n            return []", "tests/test_train_e2e.py -k together"),
 ]
 
 
