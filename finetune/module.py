@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,18 +16,14 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from finetune.errors import FinetuneError
 from finetune.freeze_schedule import FreezeSchedule
 from finetune.freezing import FreezePlan, apply_stage, keep_eval
+from finetune.guards import LossGuard, RankCheck
 from finetune.optim import GroupPlan, build_scheduler, plan_groups, torch_groups
 from finetune.registry import make_optimizer
 from finetune.seeding import seed_epoch
 
 log = logging.getLogger("finetune")
-
-
-class NonFiniteLoss(FinetuneError):
-    """The loss became NaN or infinite: training stops before a checkpoint saves it."""
 
 
 def split_outputs(output: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -63,7 +58,8 @@ class FinetuneModule(pl.LightningModule):
         # stay those of the model (not registered as a submodule).
         object.__setattr__(self, "_forward", torch.compile(model) if compile else model)
         self.compile_forward = compile  # not `compile`: that is nn.Module's method
-        self.rank_check: dict[str, Any] | None = None
+        # Watching the loss for NaN/inf and, under DDP, the ranks' tensors (finetune/guards.py)
+        self.loss_guard, self.rank_check = LossGuard(), RankCheck()
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
         metrics: dict[str, Any] = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -77,10 +73,6 @@ class FinetuneModule(pl.LightningModule):
         self.last_predictions: list[int] = []  # argmax per validation image, in loader order
         self._val_loss, self._val_count = torch.zeros(()), 0
         self._predictions: list[torch.Tensor] = []
-        # The first step whose loss was not finite, and that loss: kept on the device (no host
-        # sync per step) and read when Lightning syncs anyway and before each epoch's end.
-        self._bad_step: torch.Tensor | None = None
-        self._bad_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return split_outputs(self._run(x))[0]
@@ -110,31 +102,12 @@ class FinetuneModule(pl.LightningModule):
         return self.schedule.stages
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [self.schedule]
+        return [self.schedule, self.loss_guard, self.rank_check]
 
     def on_train_epoch_start(self) -> None:
         # Every random stream restarts from (seed, epoch): a resumed run draws what the
         # uninterrupted run drew (dropout here; data order and augmentation in the data).
         seed_epoch(self.seed, self.current_epoch)
-
-    def on_fit_end(self) -> None:
-        """Under DDP: whether every rank ends with the same tensors (frozen and trained)."""
-        if self.trainer.world_size <= 1:
-            return
-        state = self.model.state_dict()
-        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-
-        def sums(names: list[str]) -> torch.Tensor:
-            return torch.stack([torch.stack([state[n].double().sum(), state[n].double().abs()
-                                             .sum()]) for n in names]).to(self.device)
-
-        kinds = {"frozen": [n for n in state if n in frozen],
-                 "trained": [n for n, p in self.model.named_parameters() if p.requires_grad]}
-        self.rank_check = {"world_size": self.trainer.world_size}
-        for kind, names in kinds.items():
-            gathered = self.all_gather(sums(names)) if names else None
-            self.rank_check[f"{kind}_tensors_identical_across_ranks"] = bool(
-                gathered is None or all(torch.equal(gathered[0], g) for g in gathered))
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
@@ -149,36 +122,7 @@ class FinetuneModule(pl.LightningModule):
         # Not on the progress bar: refreshing it every step would read the loss from the GPU
         # (a host sync per step); Lightning reads it every trainer.log_every_n_steps.
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))
-        self._watch_loss(loss.detach())
         return loss
-
-    def _watch_loss(self, loss: torch.Tensor) -> None:
-        if self._bad_step is None:
-            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-            self._bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
-        first = ~torch.isfinite(loss) & (self._bad_step < 0)
-        self._bad_step = torch.where(first, self.global_step, self._bad_step)
-        self._bad_loss = torch.where(first, loss, self._bad_loss)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = self.trainer.log_every_n_steps or 1
-        last = batch_idx + 1 >= self.trainer.num_training_batches
-        if self._bad_step is None or not (last or (batch_idx + 1) % every == 0):
-            return
-        step = int(self._bad_step)
-        if step < 0:
-            return
-        epoch = self.current_epoch
-        good = [Path(p) for cb in self.trainer.checkpoint_callbacks
-                for p in (getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", ""))
-                if p and Path(p).is_file()]
-        kept = (f"the last good checkpoint is {good[0]} (epoch {epoch - 1}), resumable with "
-                f"resume={good[0]}" if good and epoch > 0 else
-                "no checkpoint was written before it")
-        raise NonFiniteLoss(
-            f"the training loss became {float(self._bad_loss)} at step {step} (epoch {epoch}); "
-            f"training stopped before saving anything of it: {kept}; lower optim.lr, set "
-            "trainer.gradient_clip_val, or check the data")
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = []

@@ -417,7 +417,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         "first_step_seconds": round(meter.first_step_seconds, 3)
         if meter.first_step_seconds is not None else None,
         "world_size": world,
-        **({"ddp": module.rank_check} if module.rank_check else {}),
+        **({"ddp": module.rank_check.result} if module.rank_check.result else {}),
         **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
         **parameter_counts(module.model),

@@ -34,7 +34,8 @@ from finetune.config import DataConfig, OptimConfig, SchedConfig
 from finetune.data import ImageDataModule, TensorImages, build_datamodule, eval_transform, fake_data
 from finetune.errors import FinetuneError
 from finetune.freezing import apply_freeze, plan_freeze
-from finetune.module import FinetuneModule, NonFiniteLoss
+from finetune.guards import NonFiniteLoss
+from finetune.module import FinetuneModule
 
 warnings.filterwarnings("ignore")
 CLASSES = 4
