@@ -180,6 +180,11 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
                                plan.prep.channels)
     plan.problems += checked.problems
     if plan.problems or checked.assembled is None or checked.freeze is None:
+        if load and not any(p.startswith("weights") for p in plan.problems):
+            # the weights will not load either: say so now, with the rest (when nothing
+            # else is wrong, loading says it, naming the file and where to put it)
+            unreachable = source_of(cfg).unreachable(cfg)
+            plan.problems += [unreachable] if unreachable else []
         return plan
     parts = checked.assembled
     model = parts.model

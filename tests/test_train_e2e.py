@@ -240,6 +240,18 @@ def test_offline_weights_error_names_url_and_path(tmp_path: Path,
     assert read_json(tmp_path / "run" / "metrics.json")["status"] == "failed"
 
 
+def test_a_wrong_class_count_and_missing_weights_are_reported_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    problems = problems_here("recipe=resnet50_9cls", "data=digits", DIGITS_1_9,
+                             "data.image_size=32", "head.num_classes=4", *SHRINK,
+                             run_dir=tmp_path / "run")
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("head.num_classes=4 but the data has 9 classes")
+    assert "resnet50-11ad3fa6.pth is not cached" in problems[1]
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in problems[1]
+
+
 def test_run_time_problems_are_reported_together(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
