@@ -470,6 +470,10 @@ def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
     artifacts.write_bytes(directory / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg).encode())
     artifacts.write_bytes(directory / ".hydra" / "overrides.yaml",
                           OmegaConf.to_yaml(overrides_given).encode())
+    # as hydra.main records it (a rerun of a run that stopped reads its recipe choice here)
+    artifacts.write_bytes(directory / ".hydra" / "hydra.yaml", OmegaConf.to_yaml(
+        OmegaConf.create({"hydra": OmegaConf.to_container(full.hydra, resolve=False)}))
+        .encode())
     context = RunContext(run_dir=directory, recipe=cli.recipe_record(
         name, cli.RECIPE_FILES, cli.RERUN_OF), overrides=overrides_given, launched=launched)
     value = run(cfg, context)

@@ -4,9 +4,8 @@ after or before its unfreeze epoch, with the same groups, learning rates and opt
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
+import io
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from tests.conftest import problems_here, read_json
+from tests.conftest import problems_here, read_json, train_here
 
 # Every random stream in play: dropout, augmentation, shuffling; momentum, weight decay, a
 # phase that joins with its own warm-up, on a schedule that spans the whole run.
@@ -28,36 +27,29 @@ RECIPE = [
 ]
 
 
-def _start(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.Popen([sys.executable, "-m", "finetune", *RECIPE, *args], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(*procs: subprocess.Popen) -> list[str]:
-    outs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
-        outs.append(out)
-    return outs
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """whole: 4 epochs at once. Beside it, a chain: `first` stops after epoch 0 (before the
     unfreeze at epoch 2); `middle` resumes it in its own dir (resume=auto) and stops after
-    epoch 2 (the unfreeze epoch); `last` resumes that from its run dir into a new one."""
+    epoch 2 (the unfreeze epoch); `last` resumes that from its run dir into a new one. In
+    this process, one run after another (finetune.train); the log of `middle` is kept."""
     root = tmp_path_factory.mktemp("resume")
     dirs = {name: root / name for name in ("whole", "first", "last")}
-    _finish(_start("trainer.max_epochs=4", f"hydra.run.dir={dirs['whole']}", cwd=root),
-            _start("trainer.max_epochs=1", f"hydra.run.dir={dirs['first']}", cwd=root))
+    train_here(*RECIPE, "trainer.max_epochs=4", run_dir=dirs["whole"])
+    train_here(*RECIPE, "trainer.max_epochs=1", run_dir=dirs["first"])
     dirs["middle"] = dirs["first"]
-    middle_log, = _finish(_start("trainer.max_epochs=3", "resume=auto",
-                                 f"hydra.run.dir={dirs['middle']}", cwd=root))
-    (root / "middle.log").write_text(middle_log)
-    _finish(_start("trainer.max_epochs=4", f"resume={dirs['middle']}",
-                   f"hydra.run.dir={dirs['last']}", cwd=root))
+    logger, stream = logging.getLogger("finetune"), io.StringIO()
+    handler, level = logging.StreamHandler(stream), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        train_here(*RECIPE, "trainer.max_epochs=3", "resume=auto", run_dir=dirs["middle"])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (root / "middle.log").write_text(stream.getvalue())
+    train_here(*RECIPE, "trainer.max_epochs=4", f"resume={dirs['middle']}",
+               run_dir=dirs["last"])
     return {**dirs, "middle_log": root / "middle.log"}
 
 
