@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from finetune import config as schema
 from finetune.allowlist import take_allow_flags
+from finetune.cli import help_text
 from finetune.errors import ConfigError, FinetuneError, run_entry_point
 
 log = logging.getLogger("finetune")
@@ -284,15 +285,27 @@ def print_help(args: list[str]) -> None:
     with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="help"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         text = OmegaConf.to_container(cfg.hydra.help, resolve=True)
+        assert isinstance(text, dict)
         with open_dict(cfg):
             del cfg["hydra"]
     groups = {"recipe": [schema.BASE_RECIPE, *schema.shipped_recipes()]}
     groups.update({g: sorted(p.stem for p in (schema.CONF_DIR / g).glob("*.yaml"))
-                   for g in schema.GROUPS})
-    listing = "\n".join(f"{group}: {', '.join(options)}" for group, options in groups.items())
-    print(f"{text['header']}\n\n== Recipes and config groups (group=option) ==\n{listing}\n\n"
-          f"== Config (override any key with key=value) ==\n{OmegaConf.to_yaml(cfg)}\n"
-          f"{text['footer']}")
+                   for g in (*schema.GROUPS, "hydra/launcher")})
+    listing = "\n".join(f"  {group}: {', '.join(options)}" for group, options in groups.items())
+    details = (
+        "arguments besides key=value:\n"
+        "  rerun=RUN_DIR         the run's recorded config (a recipe); add resume=RUN_DIR to "
+        "continue it\n"
+        "  resume=RUN_DIR|CKPT   continue from a checkpoint (resume=auto: this run dir's own)\n"
+        "  -m                    a sweep (Hydra multirun): key=a,b,c or sweep=splits|optuna\n"
+        "  hydra/launcher=NAME   where a sweep's jobs run (parallel: joblib; slurm, local: "
+        "submitit)\n"
+        "  --allow-module PREFIX let a recipe name layers of your own package (docs/security.md)"
+        "\n  --cfg job             print the composed config and stop\n\n"
+        f"recipes and config groups (group=option):\n{listing}\n\n"
+        f"config (override any key with key=value; every key is explained in conf/config.yaml):"
+        f"\n{OmegaConf.to_yaml(cfg)}\n{text['footer']}")
+    print(help_text("finetune", details))
 
 
 def main(argv: list[str] | None = None) -> Any:

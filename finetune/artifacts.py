@@ -15,13 +15,13 @@ import threading
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from safetensors.torch import save
-from torch import nn
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from finetune import safe_files
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:  # reading a run dir (report, recipes) imports no torch
+    from torch import nn
 
 # Every file a run dir holds, named once.
 METRICS = "metrics.json"  # status and final metrics; written last (complete) or on a stop
@@ -181,6 +181,8 @@ def read_json(path: Path, what: str = "file") -> Any:
 
 def save_weights(model: nn.Module, path: Path) -> str:
     """The state dict as safetensors (tensors only, no pickle); returns the file's sha256."""
+    from safetensors.torch import save
+
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     write_bytes(path, save(tensors))
     return file_sha256(path)

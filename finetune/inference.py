@@ -21,7 +21,7 @@ from finetune import artifacts
 from finetune.backbones import Preprocessing
 from finetune.builder import assemble
 from finetune.data import IMAGE_SUFFIXES, eval_transform
-from finetune.errors import FinetuneError, did_you_mean
+from finetune.errors import FinetuneError
 from finetune.manifest import read_manifest
 
 
@@ -117,18 +117,3 @@ def write_predictions(predictions: Predictions, path: Path) -> None:
                                               strict=True) for v in pair]]
             for row in predictions.rows]
     artifacts.write_csv(path, header, rows)
-
-
-def parse_args(argv: list[str], spec: dict[str, str | None], usage: str) -> dict[str, str]:
-    """`key=value` arguments; unknown keys and missing required ones fail with one line."""
-    values: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in spec:
-            raise FinetuneError(f"unknown argument {arg!r}{did_you_mean(key, spec, n=1)}; "
-                                f"{usage}")
-        values[key] = value
-    missing = [k for k, v in spec.items() if v is None and k not in values]
-    if missing:
-        raise FinetuneError(f"missing {', '.join(f'{k}=...' for k in missing)}; {usage}")
-    return {**{k: v for k, v in spec.items() if v is not None}, **values}

@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from finetune import config as schema
 from finetune.__main__ import RECIPE_FILES, prepare, report
 from finetune.allowlist import take_allow_flags
+from finetune.cli import help_text, usage, wants_help
 from finetune.errors import ConfigError, FinetuneError, run_entry_point
 
 FLAGS = ("--keys", "--splits", "--json")
-USAGE = ("usage: python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] "
-         "[--splits] [--json] [--depth N] [--allow-module PREFIX]")
+USAGE = usage("finetune.inspect")
 
 
 def compose_with_hydra(overrides: list[str], drop: frozenset[str] = frozenset()) -> DictConfig:
@@ -194,8 +194,11 @@ def render(plan: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
-        print(USAGE)
+    if wants_help(args):
+        print(help_text("finetune.inspect", "Prints the plan: data, model, weights (the load "
+                        "report), what trains from which epoch, the optimizer groups and the "
+                        "feature-cache decision. --json: the same as data; --keys: every "
+                        "state-dict key and its fate; --splits: every split point."))
         return
     try:
         args = take_allow_flags(args)

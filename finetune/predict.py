@@ -13,28 +13,29 @@ from pathlib import Path
 from typing import Any
 
 import finetune
+from finetune.cli import help_text, parse_args, usage, wants_help
 from finetune.errors import FinetuneError, run_entry_point
-from finetune.inference import (
-    list_images,
-    load_run,
-    parse_args,
-    predict_images,
-    write_predictions,
-)
+
+COMMAND = "finetune.predict"
 
 ARGS = {"run": None, "input": None, "output": "predictions.csv", "topk": "3",
         "batch_size": "64"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    usage = ("usage: python -m finetune.predict run=RUN_DIR input=FILE_OR_DIR "
-             "[output=predictions.csv] [topk=3] [batch_size=64]")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(help_text(COMMAND, __doc__.split("\n\n", 1)[1].split("\n\n")[0]))
+        return
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv, ARGS, usage)
+        args = parse_args(argv, ARGS, usage(COMMAND))
         try:
             topk, batch_size = int(args["topk"]), int(args["batch_size"])
         except ValueError:
-            raise FinetuneError(f"topk and batch_size are whole numbers; {usage}") from None
+            raise FinetuneError(f"topk and batch_size are whole numbers; {usage(COMMAND)}"
+                                ) from None
+        from finetune.inference import list_images, load_run, predict_images, write_predictions
+
         model = load_run(args["run"])
         predictions = predict_images(model, list_images(args["input"]), topk, batch_size)
         if not predictions.rows:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf, open_dict
 
 from finetune import config as schema
 from finetune import safe_files
+from finetune.cli import help_text, usage, wants_help
 from finetune.errors import FinetuneError, run_entry_point
 
 USAGE = __doc__.split("\n\n")[1]
@@ -173,6 +174,9 @@ def validate_recipe(spec: str, overrides: list[str]) -> tuple[list[str], list[st
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(args):
+        print(help_text("finetune.recipes", f"commands:\n{USAGE}"))
+        return
     flags = {a for a in args if a.startswith("--")}
     words = [a for a in args if not a.startswith("--")]
     command = words[0] if words else ""
@@ -192,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{words[1]}: ok — every check a run makes before training passed\n"
                   "what a run does on this machine:\n" + "\n".join(f"  - {e}" for e in effects))
         else:
-            print(f"usage:\n{USAGE}", file=sys.stderr)
+            what = f"unknown command {command!r}" if command else "no command given"
+            print(f"finetune.recipes: error: {what}; {usage('finetune.recipes')}\n"
+                  "(python -m finetune.recipes --help shows each command)", file=sys.stderr)
             raise SystemExit(2)
     except FinetuneError as err:
         for line in err.problems:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune import artifacts
+from finetune.cli import help_text, parse_args, usage, wants_help
 from finetune.errors import FinetuneError, run_entry_point
 
 ARGS: dict[str, str | None] = {"metric": "", "out": ""}
-USAGE = "usage: python -m finetune.report DIR [metric=val/acc] [out=DIR]"
+USAGE = usage("finetune.report")
 METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc")
 ALL_LAYERS = "(all)"  # the split point of a job that trains every layer (train_from null)
 COLUMNS = ("rank", "job", "status", "overrides", "train_from", "lr", "trainable_params",
@@ -260,10 +261,9 @@ def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if "-h" in args or "--help" in args:
-        print(f"{USAGE}\n\n{__doc__.split(chr(10), 2)[2].strip()}")
+    if wants_help(args):
+        print(help_text("finetune.report", __doc__.split(chr(10), 2)[2].strip()))
         return
-    from finetune.inference import parse_args
 
     try:
         positional = [a for a in args if "=" not in a]
@@ -273,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         result = report(Path(positional[0]).expanduser(), options["metric"],
                         Path(options["out"]).expanduser() if options["out"] else None)
     except FinetuneError as err:
-        print(f"finetune.report: error: {err}", file=sys.stderr)
+        for line in err.problems:
+            print(f"finetune.report: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     shown = [c for c in result["header"] if c != "error"]
     print(text_table(shown, [r[:len(shown)] for r in result["rows"]]))

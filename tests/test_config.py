@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -90,15 +91,38 @@ def test_unknown_recipe_names_the_closest(tmp_path: Path) -> None:
     _assert_one_line_errors(result, "no such file")
 
 
-def test_config_only_commands_do_not_import_torch(tmp_path: Path) -> None:
-    for flags in (["--help"], ["--cfg", "job", "recipe=resnet50_9cls"]):
-        code = (f"import runpy, sys; sys.argv = ['finetune', *{flags!r}]\n"
-                "try:\n    runpy.run_module('finetune', run_name='__main__')\n"
-                "except SystemExit:\n    pass\n"
-                "print('TORCH', 'torch' in sys.modules)")
-        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=60)
-        assert "TORCH False" in result.stdout, result.stdout + result.stderr
+COMMANDS = ["finetune", "finetune.inspect", "finetune.recipes", "finetune.report",
+            "finetune.predict", "finetune.export"]
+
+
+def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
+    """--help of every command exits 0 with its usage, examples and the other commands;
+    --cfg job, recipes list/show and report read files: none of them imports torch. One
+    interpreter runs them all, checking sys.modules after each."""
+    sweep = tmp_path / "sweep" / "0"
+    sweep.mkdir(parents=True)
+    (sweep / "metrics.json").write_text('{"status": "complete", "val/acc": 0.5}')
+    calls = [[m, "--help"] for m in COMMANDS] + [
+        ["finetune", "--cfg", "job", "recipe=resnet50_9cls"],
+        ["finetune.recipes", "list"], ["finetune.recipes", "show", "quickstart", "--resolved"],
+        ["finetune.report", str(tmp_path / "sweep")]]
+    code = (f"import json, runpy, sys\nresults = []\nfor call in {calls!r}:\n"
+            "    sys.argv = [call[0], *call[1:]]\n"
+            "    try:\n        runpy.run_module(call[0], run_name='__main__')\n        rc = 0\n"
+            "    except SystemExit as done:\n        rc = done.code or 0\n"
+            "    results.append([call, rc, 'torch' in sys.modules])\n"
+            "print('RESULTS', json.dumps(results))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULTS"))
+    for call, rc, torch_loaded in json.loads(line.split(" ", 1)[1]):
+        assert rc == 0 and not torch_loaded, (call, rc, torch_loaded, result.stderr[-2000:])
+    for command in COMMANDS:
+        assert f"{command}: " in result.stdout and "usage: python -m " in result.stdout
+    listing = result.stdout.split("other commands:", 1)[1]
+    assert all(f"python -m {c}" in listing for c in COMMANDS[1:])
+    assert "rerun=RUN_DIR" in result.stdout and "hydra/launcher: " in result.stdout
+    assert "--allow-module PREFIX" in result.stdout
 
 
 def test_help_lists_the_recipes(tmp_path: Path) -> None:

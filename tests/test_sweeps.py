@@ -126,7 +126,9 @@ def test_report_of_a_folder_without_jobs_says_so(tmp_path: Path,
         assert err.startswith("finetune.report: error:") and message in err
         assert len(err.strip().splitlines()) == 1
     report_main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: python -m finetune.report DIR")
+    shown = capsys.readouterr().out
+    assert shown.startswith("finetune.report: the leaderboard of a sweep")
+    assert "usage: python -m finetune.report DIR [metric=val/acc] [out=DIR]" in shown
 
 
 def _compose(*overrides: str):

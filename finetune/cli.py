@@ -1,0 +1,94 @@
+"""One convention for every command: `key=value` arguments, `--help` (or `-h`) prints the
+usage with examples and exits 0 without importing torch, a mistake is one line and exit 2.
+
+The usage texts live here, so `python -m finetune --help` lists every command the same way
+each command describes itself. This module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from finetune.errors import ConfigError, did_you_mean
+
+HELP_FLAGS = ("-h", "--help")
+
+# command, what it does (one line), usage, examples
+COMMANDS: dict[str, tuple[str, str, list[str]]] = {
+    "finetune": (
+        "train a recipe (CPU, GPU, DDP), or sweep it with -m",
+        "python -m finetune recipe=NAME_OR_PATH [key=value ...] [--allow-module PREFIX]",
+        ["python -m finetune recipe=quickstart",
+         "python -m finetune recipe=resnet50_9cls data.root=~/photos trainer.max_epochs=5",
+         "python -m finetune rerun=outputs/quickstart/RUN   (the same run again; with "
+         "resume=RUN_DIR it continues)",
+         "python -m finetune -m recipe=digits_transfer_splits   (a sweep: one job per split)",
+         "python -m finetune recipe=NAME --cfg job   (print the composed config)"]),
+    "finetune.inspect": (
+        "everything a run would do, without training",
+        "python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] [--splits] "
+        "[--json] [--depth N] [--allow-module PREFIX]",
+        ["python -m finetune.inspect recipe=resnet50_9cls --splits"]),
+    "finetune.recipes": (
+        "find, read, adapt and check recipes",
+        "python -m finetune.recipes list [--json] | show NAME [--resolved] [key=value ...] | "
+        "copy NAME PATH | validate NAME_OR_PATH [key=value ...]",
+        ["python -m finetune.recipes list",
+         "python -m finetune.recipes copy resnet50_9cls my_recipe.yaml",
+         "python -m finetune.recipes validate my_recipe.yaml"]),
+    "finetune.report": (
+        "the leaderboard of a sweep (table, CSV, Markdown, plot)",
+        "python -m finetune.report DIR [metric=val/acc] [out=DIR]",
+        ["python -m finetune.report outputs/sweeps/digits_transfer_splits/RUN"]),
+    "finetune.predict": (
+        "classify images with a finished run",
+        "python -m finetune.predict run=RUN_DIR input=FILE_OR_DIR [output=predictions.csv] "
+        "[topk=3] [batch_size=64]",
+        ["python -m finetune.predict run=outputs/quickstart/RUN input=images/"]),
+    "finetune.export": (
+        "TorchScript or ONNX, parity-checked against the run's model",
+        "python -m finetune.export run=RUN_DIR format=torchscript|onnx [output=PATH]",
+        ["python -m finetune.export run=outputs/quickstart/RUN format=onnx"]),
+}
+
+
+def usage(command: str) -> str:
+    """`usage: ...` on one line (what an error message ends with)."""
+    return f"usage: {COMMANDS[command][1]}"
+
+
+def help_text(command: str, details: str = "") -> str:
+    """What `--help` prints: what the command does, its usage, examples, then the other
+    commands."""
+    what, line, examples = COMMANDS[command]
+    others = "\n".join(f"  python -m {name:<18} {COMMANDS[name][0]}"
+                       for name in COMMANDS if name != command)
+    parts = [f"{command}: {what}", "", f"usage: {line}", "", "examples:",
+             *(f"  {e}" for e in examples), "", "other commands:", others]
+    if details:
+        parts += ["", details.rstrip()]
+    parts += ["", "docs: README.md and docs/ (one page per topic)"]
+    return "\n".join(parts)
+
+
+def wants_help(args: list[str]) -> bool:
+    return any(a in HELP_FLAGS for a in args)
+
+
+def parse_args(argv: list[str], spec: dict[str, str | None], usage_line: str
+               ) -> dict[str, str]:
+    """`key=value` arguments; unknown keys and missing required ones are one line each, all
+    of them at once."""
+    values: dict[str, str] = {}
+    problems = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in spec:
+            problems.append(f"unknown argument {arg!r}{did_you_mean(key, spec, n=1)}; "
+                            f"{usage_line}")
+            continue
+        values[key] = value
+    missing = [k for k, v in spec.items() if v is None and k not in values]
+    if missing:
+        problems.append(f"missing {', '.join(f'{k}=...' for k in missing)}; {usage_line}")
+    if problems:
+        raise ConfigError(problems)
+    return {**{k: v for k, v in spec.items() if v is not None}, **values}
