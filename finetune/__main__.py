@@ -97,11 +97,22 @@ def prepare(argv: list[str], cwd: Path | None = None, drop: frozenset[str] = fro
             argv[i] = "head.type=none"
         elif argv[i].startswith(FREE_FORM):  # model.kwargs.dropout=0.2, as README writes it
             argv[i] = f"++{argv[i]}"  # (Hydra wants + for a key its mapping does not have)
+        argv[i] = home_expanded(argv[i])
     problems += schema.check_overrides([argv[i] for i in overrides
                                         if argv[i].partition("=")[0].lstrip("+") != "recipe"])
     if problems:
         raise ConfigError(problems)
     return argv
+
+
+def home_expanded(override: str) -> str:
+    """`data.root=~/photos` as a shell user means it: the home folder expanded, the path
+    quoted (Hydra's grammar reads a bare `~` as "delete this key" and stops)."""
+    key, sep, value = override.partition("=")
+    if not sep or not (value == "~" or value.startswith(("~/", "~" + os.sep))):
+        return override
+    path = os.path.expanduser(value)
+    return f"{key}='{path}'" if "'" not in path else f'{key}="{path}"'
 
 
 def _register(name: str, path: Path, drop: frozenset[str] = frozenset()) -> list[str]:

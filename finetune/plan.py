@@ -167,12 +167,13 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     plan.prep = preprocessing_for(cfg)
     classes_for_checks: list[str] | None = None
     if cfg.head.type != "none":
-        try:
-            plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed)
-            check_num_classes(cfg.head.num_classes, plan.data.class_names)
-            plan.class_names = plan.data.class_names
-        except FinetuneError as err:
-            plan.problems += err.problems
+        if not any(p.startswith("data.") for p in plan.problems):  # (said once: validate)
+            try:
+                plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed)
+                check_num_classes(cfg.head.num_classes, plan.data.class_names)
+                plan.class_names = plan.data.class_names
+            except FinetuneError as err:
+                plan.problems += err.problems
         # the paths are still checked: against a head of the size asked for (or 2)
         classes_for_checks = plan.class_names or [str(i) for i in range(
             cfg.head.num_classes or 2)]

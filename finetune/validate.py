@@ -70,12 +70,30 @@ def validate(cfg: DictConfig) -> None:
             problems.append(f"data.augment[{i}]: {name} mixes pairs of images and their labels "
                             "across a batch, which a per-image augmentation cannot do; it is not "
                             "supported yet (a batch-mix option is planned): remove it")
+    problems += device_problems(cfg.trainer)
     attempt(lambda: cache.mode_of(cfg.freeze.cache))
     problems += cache.config_conflicts(cfg.freeze.cache, list(cfg.data.augment),
                                        list(cfg.freeze.unfreeze), cfg.freeze.train_from,
                                        list(cfg.freeze.modules))
     if problems:
         raise ConfigError(problems)
+
+
+def device_problems(trainer: Any) -> list[str]:
+    """A GPU asked for where this torch sees none: one sentence, not Lightning's traceback."""
+    import torch
+
+    accelerator = str(trainer.accelerator).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        build = (f"this torch {torch.__version__} is built without CUDA"
+                 if torch.version.cuda is None else "no CUDA GPU is visible")
+        return [f"trainer.accelerator={trainer.accelerator}: {build}; use "
+                "trainer.accelerator=auto (a GPU when there is one, else the CPU) or cpu, with "
+                "trainer.precision=32-true or bf16-mixed on a CPU"]
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        return ["trainer.accelerator=mps: Apple's MPS is not available on this machine; use "
+                "trainer.accelerator=auto or cpu"]
+    return []
 
 
 @dataclass

@@ -269,3 +269,30 @@ def test_run_time_problems_are_reported_together(tmp_path: Path,
 def test_missing_logger_package_says_how_to_install(tmp_path: Path) -> None:
     assert problems_here(*QUICK, "logger=mlflow", *SHRINK, run_dir=tmp_path / "run") == [
         "logger=mlflow needs the mlflow package: pip install 'finetune[mlflow]'"]
+
+
+def test_a_home_path_works_as_in_a_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         ) -> None:
+    """`data.root=~/photos`: Hydra's grammar alone stops at the `~`; the home is expanded."""
+    from finetune.inspect import compose_config
+    from finetune.plan import plan_run
+    from tests.conftest import write_digit_images
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_digit_images(tmp_path / "photos", [1, 2], 6)
+    cfg, _ = compose_config(["recipe=quickstart", "weights.source=none", "data=imagefolder",
+                             "data.root=~/photos", "data.classes=null", "head.num_classes=null"])
+    assert cfg.data.root == str(tmp_path / "photos")
+    assert plan_run(cfg, load=False).problems == []
+    assert problems_here(*QUICK, "data=imagefolder", "data.root=~/elsewhere",
+                         run_dir=tmp_path / "run") == [
+        f"data.root='{tmp_path / 'elsewhere'}': no such path (relative paths start at "
+        f"{Path.cwd()})"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without")
+def test_a_gpu_asked_for_where_there_is_none_is_one_sentence(tmp_path: Path) -> None:
+    problems = problems_here(*QUICK, "trainer.accelerator=gpu", "trainer.precision=16-mixed",
+                             run_dir=tmp_path / "run")
+    assert len(problems) == 1 and problems[0].startswith("trainer.accelerator=gpu: ")
+    assert "use trainer.accelerator=auto" in problems[0]
