@@ -194,6 +194,7 @@ class Config:
     seed: int = 0
     resume: str | None = None
     metric: str = "val/acc"
+    log_level: str = "info"
 
 
 # Keys whose value names an entry of an extension table (adding an entry adds the choice).
@@ -212,6 +213,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "weights.on_shape_mismatch": ("skip", "error"),
     "optim.name": ("sgd", "adam", "adamw", "rmsprop"),  # finetune/registry.py OPTIMIZERS
     "data.on_bad_image": ("skip", "error"),
+    "log_level": ("info", "debug"),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc"),
 }
 

@@ -36,6 +36,7 @@ from finetune.loggers import LOGGERS
 from finetune.manifest import Manifest
 from finetune.module import FinetuneModule
 from finetune.plan import Built, RunContext, RunPlan, plan_run
+from finetune.quiet import quiet_output
 from finetune.weight_sources import source_of
 
 log = logging.getLogger("finetune")
@@ -57,7 +58,7 @@ def run(cfg: DictConfig, context: RunContext) -> float:
     assert context.run_dir is not None
     lock = artifacts.lock_run_dir(context.run_dir) if context.main_process else None
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), quiet_output(cfg.log_level):
             return _guarded_run(cfg, context)
     finally:
         if lock is not None:
@@ -142,6 +143,10 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
         artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
     log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
              trainable_summary(built.model))
+    if freeze.eval_modules:
+        log.info("plan: %d frozen BatchNorm layers stay in eval mode on purpose (their running "
+                 "statistics are pretrained; freeze.bn=%s; freeze.bn=train updates them)",
+                 len(freeze.eval_modules), cfg.freeze.bn)
     if is_main_process():  # what a report of a sweep still running can show
         artifacts.write_json(run_dir / artifacts.METRICS, {
             "status": "running", "train_from": freeze.train_from, "lr": float(cfg.optim.lr),
@@ -317,9 +322,15 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
         writer.metrics_keys = list(header)
     # Our samplers shard for DDP themselves (the shuffling order and augmentation seeds per
     # epoch; validation split across ranks), so Lightning must not replace them.
+    # Lightning's model summary: its FLOPs column is 0 for these models and the plan lines say
+    # what trains; log_level=debug shows it.
+    trainer_kwargs.setdefault("enable_model_summary", cfg.log_level == "debug")
     trainer = pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
                          use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
                          **trainer_kwargs)
+    log.info("trainer: %s, %d device(s), %d process(es), precision %s",
+             trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
+             trainer.num_devices, trainer.world_size, trainer.precision)
     return trainer, meter
 
 

@@ -296,3 +296,31 @@ def test_a_gpu_asked_for_where_there_is_none_is_one_sentence(tmp_path: Path) -> 
                              run_dir=tmp_path / "run")
     assert len(problems) == 1 and problems[0].startswith("trainer.accelerator=gpu: ")
     assert "use trainer.accelerator=auto" in problems[0]
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_output_is_finetunes_own_unless_debug(level: str, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The third-party lines that say nothing about the run (finetune/quiet.py) are filtered;
+    log_level=debug keeps them, and the caller's warning filters are untouched after."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        train_here(*QUICK, *SHRINK, "freeze.train_from=layer4", "trainer.log_every_n_steps=50",
+                   f"log_level={level}", run_dir=tmp_path / "run")
+        warnings.warn("the caller's own warning", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in seen]
+    noise = ["exists and is not empty", "module(s) in eval mode",
+             "smaller than the logging interval"]
+    lightning = [r.getMessage() for r in caplog.records if r.name.startswith("pytorch_lightning")]
+    ours = [r.getMessage() for r in caplog.records if r.name == "finetune"]
+    assert any(m.startswith("trainer: cpu, 1 device(s)") for m in ours)
+    assert any("frozen BatchNorm layers stay in eval mode on purpose" in m for m in ours)
+    assert "the caller's own warning" in messages
+    if level == "info":
+        assert not [m for m in messages if any(n in m for n in noise)], messages
+        assert not any("GPU available" in m for m in lightning), lightning
+    else:
+        assert all(any(n in m for m in messages) for n in noise), messages
+        assert any("GPU available" in m for m in lightning), lightning

@@ -1,0 +1,58 @@
+"""Output a person reads: finetune's own lines, the progress bar and the summary.
+
+Third-party messages that say nothing about this run are filtered here, at their source, each
+with the reason; everything else is kept. `log_level=debug` keeps them all (and Lightning's
+model summary). The filters hold for one run (`quiet_output` is a context manager), so a
+Python session that calls finetune.train keeps its own warning settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
+# (message regex, why it does not apply to a finetune run)
+FILTERED_WARNINGS: list[tuple[str, str]] = [
+    (r"Experiment logs directory .* exists and is not empty",
+     "the run dir is ours and new (it holds .hydra/ and metrics.json already); a resumed run "
+     "carries its metrics.csv history on purpose"),
+    (r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+     "Lightning's own call into torch's pytree API; nothing a user can change"),
+    (r"Found \d+ module\(s\) in eval mode at the start of training",
+     "frozen BatchNorm layers are kept in eval mode on purpose (freeze.bn=frozen/affine; the "
+     "plan line says how many)"),
+    (r"The number of training batches \(\d+\) is smaller than the logging interval",
+     "metrics.csv gets every epoch's values regardless; short runs are the norm in tests and "
+     "few-shot runs"),
+    (r"You are trying to `self.log\(\)` but the `self.trainer` reference is not registered",
+     "only raised for steps run outside a Trainer (a module used directly)"),
+]
+
+# Lightning's INFO lines (GPU/TPU available, the litlogger tip, `limit_*_batches` echoes, "Loading
+# train_dataloader to estimate...", "`Trainer.fit` stopped"): the plan and summary lines say
+# what matters (the device is in the trainer line). Its warnings stay.
+LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero",
+                          "lightning_fabric.utilities.rank_zero",
+                          "lightning.pytorch.utilities.rank_zero")
+
+
+@contextlib.contextmanager
+def quiet_output(level: str = "info") -> Iterator[None]:
+    """Filter the third-party noise for the duration of a run (`level`: info | debug)."""
+    if level == "debug":
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for pattern, _why in FILTERED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, old in zip(loggers, levels, strict=True):
+                logger.setLevel(old)
