@@ -107,7 +107,7 @@ def _write_stream(path: Path, writer: Callable[[BinaryIO], Any]) -> None:
             raise DiskFull(f"no space left on the device while writing {path}; "
                            f"{'the previous file is intact; ' if path.exists() else ''}free "
                            "some space (or point hydra.run.dir elsewhere) and run again "
-                           "(resume=auto continues from the last checkpoint)") from None
+                           "(resume=RUN_DIR continues a run from its last checkpoint)") from None
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -110,10 +110,13 @@ class SaveOnInterrupt(pl.Callback):
         path = self.run_dir / artifacts.CHECKPOINTS / artifacts.INTERRUPTED_CHECKPOINT
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
+            run = Path(self.run_dir).resolve()
             message = (f"stopped by {stop_name(exception)} in epoch {trainer.current_epoch} "
-                       f"at step {trainer.global_step}; continue with resume={path} (from "
-                       "that step; not bit-exact, as a mid-epoch restart cannot be) or resume=auto "
-                       "(checkpoints/last.ckpt, the end of the last whole epoch, if any)")
+                       f"at step {trainer.global_step}; continue from that step with: python -m "
+                       f"finetune rerun={run} resume={path.resolve()} (not bit-exact: a "
+                       "mid-epoch restart cannot be); or from the end of the last whole epoch "
+                       f"(checkpoints/last.ckpt, if one was written) with: python -m finetune "
+                       f"rerun={run} resume={run} (bit-exact)")
             self.write_status(message, str(path))
             print(f"finetune: {message}", flush=True)
 

@@ -158,7 +158,8 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                             cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
                             cfg.model.channels_last, cfg.model.compile, plan.groups)
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
-    history = check_resumable(checkpoint, module) if checkpoint is not None else ([], [])
+    history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs)
+               if checkpoint is not None else ([], []))
     features = feature_cache(cfg, plan)
     trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched)
     try:
@@ -221,11 +222,13 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def check_resumable(path: Path, module: FinetuneModule
+def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None = None
                     ) -> tuple[list[str], list[list[str]]]:
     """The checkpoint must be of this model and this optimizer layout; then the run dir gets
     its metrics history up to the checkpoint's epoch, so curves and best epochs span both.
-    Returns that history (header, rows), read now: the run dir may be the same one."""
+    Returns that history (header, rows), read now: the run dir may be the same one. Warns
+    when the run would go on past the end of the schedule it resumes (at a learning rate of
+    about 0)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
@@ -249,10 +252,44 @@ def check_resumable(path: Path, module: FinetuneModule
                             f"{', '.join(saved['finetune']['groups'])}; this config: "
                             f"{', '.join(expected)}); resume with the freeze and optim settings "
                             "it was trained with")
-    log.info("resume: from %s (epoch %d done, %d freeze stages begun)", path, saved["epoch"],
-             stages)
+    progress = saved.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    whole = bool(progress.get("is_last_batch", True))  # saved at the end of an epoch
+    epoch, step = int(saved["epoch"]), int(saved.get("global_step", 0))
+    where = (f"epoch {epoch} done, step {step}" if whole else
+             f"stopped in epoch {epoch} after {progress.get('current', {}).get('completed', '?')}"
+             f" of its batches, step {step}")
+    log.info("resume: from %s (%s; %d freeze stages begun)", path, where, stages)
+    ended = schedule_end(saved, epoch + 1 if whole else epoch)
+    if ended is not None and max_epochs is not None and max_epochs > ended[1]:
+        name, length = ended
+        log.warning(
+            "resume: the checkpoint's %s schedule ended with epoch %d (its length, "
+            "sched.epochs or the first run's trainer.max_epochs, is kept on resume): epochs "
+            "%d..%d would train at a learning rate of about 0. To train them, start a fresh "
+            "schedule from its weights instead (the same recipe with weights.source=run "
+            "weights.path=%s trainer.max_epochs=%d); to stop a run early and extend it later, "
+            "give it its full length at the start (sched.epochs=N)", name, length - 1,
+            length, max_epochs - 1, path.parent.parent, max_epochs - length)
     return artifacts.metrics_history(path.parent.parent / artifacts.METRICS_CSV,
                                      int(saved["epoch"]))
+
+
+def schedule_end(saved: dict[str, Any], next_epoch: int) -> tuple[str, int] | None:
+    """(schedule name, its length in epochs) when the checkpoint's schedule has decayed to
+    about 0 by `next_epoch`, else None (it still moves, or never ends: none, step, plateau)."""
+    from types import SimpleNamespace
+
+    from finetune.schedules import SCHEDULES
+
+    state = (saved.get("lr_schedulers") or [{}])[0]
+    shape = SCHEDULES.get(str(state.get("name")))
+    if shape is None or not isinstance(state.get("epochs"), int):
+        return None
+    schedule = SimpleNamespace(**state)
+    t = next_epoch if shape.owns_warmup else next_epoch - int(state.get("warmup", 0))
+    if next_epoch < state["epochs"] or t < 0 or shape.factor(schedule, float(t)) > 1e-3:
+        return None
+    return shape.name, int(state["epochs"])
 
 
 def log_built(cfg: DictConfig, built: Built) -> None:

@@ -150,6 +150,9 @@ def test_ctrl_c_and_sigterm_save_a_resumable_checkpoint(tmp_path: Path, stop: si
     saved = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
     assert metrics["status"] == "interrupted" and metrics["checkpoint"] == str(saved.resolve())
     assert f"finetune: stopped by {name} in epoch " in out and f"resume={saved.resolve()}" in out
+    run_dir = saved.resolve().parent.parent
+    assert f"python -m finetune rerun={run_dir} resume={saved.resolve()}" in out
+    assert f"python -m finetune rerun={run_dir} resume={run_dir} " in out
     checkpoint = torch.load(saved, weights_only=True)  # what resume= reads, and checks
     assert checkpoint["finetune"]["stages"] == 1 and checkpoint["global_step"] > 0
     assert not list(saved.parent.glob(".*"))  # no temporary left
@@ -171,8 +174,8 @@ def test_a_full_disk_leaves_the_previous_file_whole(tmp_path: Path,
         artifacts.write_json(metrics, {"status": "complete"})
     assert str(stopped.value) == (
         f"no space left on the device while writing {metrics}; the previous file is intact; "
-        "free some space (or point hydra.run.dir elsewhere) and run again (resume=auto "
-        "continues from the last checkpoint)")
+        "free some space (or point hydra.run.dir elsewhere) and run again (resume=RUN_DIR "
+        "continues a run from its last checkpoint)")
     with pytest.raises(artifacts.DiskFull):
         AtomicCheckpointIO().save_checkpoint({"epoch": 1}, checkpoint)
     monkeypatch.undo()

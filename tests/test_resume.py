@@ -94,7 +94,7 @@ def _lr_rows(run: Path) -> dict[int, dict[str, str]]:
 
 def test_resumed_before_the_unfreeze_epoch_unfreezes_on_time(runs: dict[str, Path]) -> None:
     log = runs["middle_log"].read_text()
-    assert "(epoch 0 done, 1 freeze stages begun)" in log
+    assert "(epoch 0 done, step 4; 1 freeze stages begun)" in log
     assert "unfreeze at epoch 2: train_from: layer4" in log
     middle = _checkpoint(runs["middle"])
     assert middle["epoch"] == 2 and middle["finetune"]["stages"] == 2
@@ -167,3 +167,41 @@ def test_rerun_reads_the_config_of_a_run_that_never_finished(runs: dict[str, Pat
     assert cfg.freeze.unfreeze[0].train_from == "layer4" and cfg.sched.epochs == 4
     assert cfg.trainer.max_epochs == 6 and cfg.resume == str(runs["whole"])
     assert cfg.data.name == "fake" and cfg.head.dropout == 0.2
+
+
+def test_resume_says_where_it_stands_and_when_the_schedule_has_ended(
+        runs: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Extending a finished run past its cosine schedule would train at lr 0: a warning with
+    the fix. The log names the epoch and step, and a stop inside an epoch as such."""
+    from omegaconf import OmegaConf
+
+    from finetune.config import OptimConfig, SchedConfig
+    from finetune.freezing import plan_freeze
+    from finetune.heads import replace_heads
+    from finetune.module import FinetuneModule
+    from finetune.training import check_resumable
+
+    config = OmegaConf.load(runs["whole"] / ".hydra" / "config.yaml")
+    model = torchvision.models.resnet18()
+    replace_heads(model, 4, dropout=0.2)
+    module = FinetuneModule(model, 4, plan_freeze(model, "fc", unfreeze=config.freeze.unfreeze),
+                            OmegaConf.merge(OmegaConf.structured(OptimConfig), config.optim),
+                            OmegaConf.structured(SchedConfig))
+    checkpoint = runs["whole"] / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        check_resumable(checkpoint, module, max_epochs=4)  # what it was: nothing to say
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        check_resumable(checkpoint, module, max_epochs=6)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "cosine schedule ended with epoch 3" in warned[0]
+    assert "epochs 4..5 would train at a learning rate of about 0" in warned[0]
+    assert f"weights.source=run weights.path={runs['whole']} trainer.max_epochs=2" in warned[0]
+    assert "(epoch 3 done, step " in caplog.text
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    progress = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    progress["is_last_batch"], progress["current"]["completed"] = False, 2  # a stop mid-epoch
+    torch.save(saved, tmp_path / "interrupted.ckpt")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        check_resumable(tmp_path / "interrupted.ckpt", module, max_epochs=4)
+    assert "stopped in epoch 3 after 2 of its batches, step " in caplog.text
