@@ -162,6 +162,24 @@ class DiskFull(FinetuneError):
     """The device is full: nothing was half-written."""
 
 
+def link_if_identical(copy: Path, original: Path) -> bool:
+    """Store two byte-identical files once: `copy` becomes a hard link to `original` (the
+    run dir then holds its bytes once). False when they differ or either is missing."""
+    if not (copy.is_file() and original.is_file()) or copy.is_symlink() or \
+            original.is_symlink() or copy.stat().st_size != original.stat().st_size:
+        return False
+    if os.path.samefile(copy, original) or file_sha256(copy) != file_sha256(original):
+        return os.path.samefile(copy, original)
+    staged = copy.with_name(f".{copy.name}.link")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(original, staged)
+    except OSError:  # a file system without hard links: keep both files
+        return False
+    os.replace(staged, copy)
+    return True
+
+
 def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 

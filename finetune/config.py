@@ -179,6 +179,12 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    keep: str = "auto"
+    optimizer: bool = True
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
@@ -191,6 +197,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     resume: str | None = None
     metric: str = "val/acc"
@@ -214,6 +221,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "adam", "adamw", "rmsprop"),  # finetune/registry.py OPTIMIZERS
     "data.on_bad_image": ("skip", "error"),
     "log_level": ("info", "debug"),
+    "checkpoint.keep": ("auto", "last", "best", "both", "none"),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc"),
 }
 

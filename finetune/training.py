@@ -161,7 +161,8 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs)
                if checkpoint is not None else ([], []))
     features = feature_cache(cfg, plan)
-    trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched)
+    trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched,
+                                  sweep=context.sweep_dir is not None)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
     except RuntimeError as err:
@@ -171,6 +172,8 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
         raise friendly from None
     if not trainer.is_global_zero:
         return float(trainer.callback_metrics.get(cfg.metric, float("nan")))
+    artifacts.link_if_identical(run_dir / artifacts.CHECKPOINTS / "best.ckpt",
+                                run_dir / artifacts.CHECKPOINTS / artifacts.LAST_CHECKPOINT)
     metrics = save_run(run_dir, cfg, context, built, freeze, data, prep, module, trainer, meter,
                        cache_info(features))
     print_summary(run_dir, metrics)
@@ -234,6 +237,11 @@ def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None =
     except Exception as err:
         raise FinetuneError(f"resume={path}: cannot read the checkpoint "
                             f"({' '.join(str(err).split())[:200]})") from None
+    if isinstance(saved, dict) and "state_dict" in saved and "optimizer_states" not in saved:
+        raise FinetuneError(f"resume={path}: the checkpoint holds weights only (best.ckpt, or "
+                            "checkpoint.optimizer=false), not the optimizer and schedule a "
+                            "resume continues; start a new run from its weights instead "
+                            f"(weights.source=file weights.path={path})")
     if not isinstance(saved, dict) or "finetune" not in saved or "state_dict" not in saved:
         raise FinetuneError(f"resume={path}: not a checkpoint written by finetune (no "
                             "'finetune' entry); resume from a run's checkpoints/last.ckpt")
@@ -326,21 +334,34 @@ def make_loggers(name: str, run_dir: Path) -> list[Logger]:
     return [CSVLogger(save_dir=run_dir, name="", version=""), *LOGGERS[name].make(run_dir)]
 
 
+def checkpoints_kept(keep: str, sweep: bool) -> str:
+    """checkpoint.keep resolved: auto is last for a run (to resume from) and none for a
+    sweep job, whose weights are its model.safetensors."""
+    return ("none" if sweep else "last") if keep == "auto" else keep
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path,
                  history: tuple[list[str], list[list[str]]] = ([], []),
                  features: cache.FeatureCache | str | None = None,
-                 launched: float | None = None) -> tuple[pl.Trainer, ThroughputMeter]:
+                 launched: float | None = None, sweep: bool = False
+                 ) -> tuple[pl.Trainer, ThroughputMeter]:
     """The Lightning Trainer with our checkpoints, loggers and meter. `history`: a resumed
     run's earlier metrics (header, rows), which metrics.csv starts with; `features`: the
     feature cache callback, when the run caches; `launched`: when the command started."""
     meter = ThroughputMeter(launched)
+    keep = checkpoints_kept(cfg.checkpoint.keep, sweep)
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="best", monitor=MONITOR,
-                        mode="max", auto_insert_metric_name=False, enable_version_counter=False),
+        # best.ckpt holds weights only: a resume continues from last.ckpt
+        *([ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="best",
+                           monitor=MONITOR, mode="max", auto_insert_metric_name=False,
+                           enable_version_counter=False, save_weights_only=True)]
+          if keep in ("best", "both") else []),
         # Lightning 2.6's save_last only refreshes last.ckpt when a top-k save happened in the
         # same step; a monitor-less checkpoint keeps it truly the last.
-        ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="last", monitor=None,
-                        save_top_k=1, enable_version_counter=False),
+        *([ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="last",
+                           monitor=None, save_top_k=1, enable_version_counter=False,
+                           save_weights_only=not cfg.checkpoint.optimizer)]
+          if keep in ("last", "both") else []),
         meter,  # before the cache: computing the features counts as training time
         SaveOnInterrupt(run_dir, lambda message, path: artifacts.write_json(
             run_dir / artifacts.METRICS, {"status": "interrupted", "error": [message],
@@ -362,6 +383,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     # Lightning's model summary: its FLOPs column is 0 for these models and the plan lines say
     # what trains; log_level=debug shows it.
     trainer_kwargs.setdefault("enable_model_summary", cfg.log_level == "debug")
+    trainer_kwargs["enable_checkpointing"] = keep != "none"  # else Lightning adds its own
     trainer = pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
                          use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
                          **trainer_kwargs)

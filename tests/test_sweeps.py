@@ -50,6 +50,7 @@ def test_every_job_has_its_dir_and_a_failed_job_does_not_stop_the_sweep(sweep: P
     assert splits[:4] == ["layer4", "layer4", "fc", "fc"]
     assert [m["lr"] for m in metrics[:4]] == [0.01, 0.03, 0.01, 0.03]
     assert all((j / "model.safetensors").is_file() for j in jobs[:4])
+    assert not list(sweep.rglob("*.ckpt")), "a sweep job keeps its weights, not checkpoints"
     assert "freeze.train_from='layer9' matches no module" in metrics[4]["error"][0]
     # The cache: the second job of each split point reads what the first computed.
     caches = [m["feature_cache"] for m in metrics[:4]]

@@ -112,7 +112,7 @@ def test_quickstart_writes_every_artifact(quickstart_runs: list[Path]) -> None:
     assert not torch.equal(tensors[trained_key], source_weights[trained_key])
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert torch.equal(last["state_dict"]["model.fc.weight"], tensors["fc.weight"])
-    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert not (run / "checkpoints" / "best.ckpt").exists(), "checkpoint.keep=auto: last only"
 
     with open(run / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -324,3 +324,30 @@ def test_output_is_finetunes_own_unless_debug(level: str, tmp_path: Path,
     else:
         assert all(any(n in m for m in messages) for n in noise), messages
         assert any("GPU available" in m for m in lightning), lightning
+
+
+def test_the_checkpoint_policy_keeps_what_it_says(tmp_path: Path) -> None:
+    """checkpoint.keep and checkpoint.optimizer: best.ckpt holds weights only, identical
+    files are stored once, a weights-only checkpoint is refused as a resume in one line."""
+    from finetune.training import checkpoints_kept
+
+    assert (checkpoints_kept("auto", sweep=False), checkpoints_kept("auto", sweep=True)) == (
+        "last", "none")
+    both = train_here(*QUICK, *SHRINK, "checkpoint.keep=both", "checkpoint.optimizer=false",
+                      run_dir=tmp_path / "both")
+    best, last = both / "checkpoints" / "best.ckpt", both / "checkpoints" / "last.ckpt"
+    assert best.samefile(last), "one epoch: the same weights, stored once"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in saved and "model.fc.weight" in saved["state_dict"]
+    assert problems_here(*QUICK, *SHRINK, f"resume={both}", run_dir=tmp_path / "again") == [
+        f"resume={last}: the checkpoint holds weights only (best.ckpt, or "
+        "checkpoint.optimizer=false), not the optimizer and schedule a resume continues; start "
+        f"a new run from its weights instead (weights.source=file weights.path={last})"]
+    none = train_here(*QUICK, *SHRINK, "checkpoint.keep=none", run_dir=tmp_path / "none")
+    assert not list(none.rglob("*.ckpt")) and (none / "model.safetensors").is_file()
+    only_best = train_here(*QUICK, *SHRINK, "trainer.max_epochs=2", "checkpoint.keep=best",
+                           run_dir=tmp_path / "best")
+    kept = sorted(p.name for p in (only_best / "checkpoints").iterdir())
+    assert kept == ["best.ckpt"]
+    assert "optimizer_states" not in torch.load(only_best / "checkpoints" / "best.ckpt",
+                                                map_location="cpu", weights_only=True)
