@@ -276,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         for line in err.problems:
             print(f"finetune.report: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
+    print_leaderboard(result)
+
+
+def print_leaderboard(result: dict[str, Any]) -> None:
+    """The table, each failed job's error, the summary and the files written."""
     shown = [c for c in result["header"] if c != "error"]
     print(text_table(shown, [r[:len(shown)] for r in result["rows"]]))
     for row in result["rows"]:

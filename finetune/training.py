@@ -550,6 +550,10 @@ def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
     return RunResult(directory, artifacts.read_json(directory / artifacts.METRICS), value)
 
 
+SUMMARY_FILES = ("model.safetensors", "metrics.json", "load_report.json", "manifest.json",
+                 "curves.png", "confusion_matrix.png", "checkpoints/")
+
+
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
     best = metrics.get("best/val/acc")
     lines = [
@@ -558,7 +562,7 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
         f"{metrics['best/epoch']})" if best is not None else
         f"finetune: done in {metrics['train_seconds']:.1f} s; no validation ran",
         f"  run dir: {run_dir}",
-        "  model.safetensors  metrics.json  load_report.json  manifest.json  curves.png  "
-        "confusion_matrix.png  checkpoints/",
+        "  " + "  ".join(name for name in SUMMARY_FILES if (run_dir / name.rstrip("/")).exists()
+                         and (not name.endswith("/") or any((run_dir / name).iterdir()))),
     ]
     print("\n".join(lines), flush=True)

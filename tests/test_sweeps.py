@@ -38,7 +38,19 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "freeze.train_from=layer4,fc,layer9", "optim.lr=0.01,0.03",
                      "hydra.sweep.dir=sweep", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
+    (cwd / "sweep" / "command.out").write_text(result.stdout)
     return cwd / "sweep"
+
+
+def test_a_sweep_says_where_first_and_ends_with_its_leaderboard(sweep: Path) -> None:
+    lines = (sweep / "command.out").read_text().splitlines()
+    assert lines[0] == ("finetune: sweep -> sweep/<job>  (while it runs: python -m "
+                        "finetune.report sweep)")
+    end = lines.index("finetune: sweep done: sweep")
+    assert end > max(i for i, line in enumerate(lines) if line.startswith("  run dir: "))
+    assert lines[end + 1].startswith("rank  job  status")
+    assert lines[-2] == "6 jobs: 4 complete, 2 failed; ranked by val/acc"
+    assert (sweep / "leaderboard.csv").is_file()
 
 
 def test_every_job_has_its_dir_and_a_failed_job_does_not_stop_the_sweep(sweep: Path) -> None:
