@@ -191,8 +191,8 @@ def _select(node: Any, *keys: str) -> Any:
 
 def task(cfg: DictConfig) -> float:
     """One training job. Returns the monitored metric so Hydra sweepers can optimize it."""
-    from finetune.artifacts import ERROR_FILE
-    from finetune.training import run
+    from finetune.artifacts import ERROR_FILE, remove_if_unused
+    from finetune.precheck import config_problems
 
     if not RECIPE_FILES and not RERUN_OF:  # a launcher's worker process (joblib, submitit)
         inherited = inherited_recipes()
@@ -204,6 +204,16 @@ def task(cfg: DictConfig) -> float:
     if problem:  # wrong for every job: stop the sweep before the first one trains
         report(ConfigError([problem]))
         raise SystemExit(2)
+    if not sweep:  # what needs no torch is checked before torch is imported (a second, not
+        problems = config_problems(cfg)  # most of a minute on a busy machine)
+        if problems:
+            report(ConfigError(problems))
+            remove_if_unused(Path(hydra_cfg.runtime.output_dir))
+            if full_error():
+                raise ConfigError(problems)
+            raise SystemExit(2)
+    from finetune.training import run
+
     try:
         return run(cfg, run_context(hydra_cfg, RECIPE_FILES, RERUN_OF))
     except FinetuneError as err:

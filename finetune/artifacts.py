@@ -162,6 +162,30 @@ class DiskFull(FinetuneError):
     """The device is full: nothing was half-written."""
 
 
+BOOKKEEPING = (".hydra", LOCK, METRICS)  # what a run dir holds before anything ran
+
+
+def remove_if_unused(run_dir: Path) -> bool:
+    """Remove a run dir that holds only bookkeeping (Hydra's record and log, the lock, a
+    status): a run refused before it trained leaves nothing behind. Its parent goes too when
+    that leaves it empty (outputs/<recipe>/, and outputs/ then). False, and nothing removed,
+    for anything else."""
+    import shutil
+
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        return False
+    entries = list(run_dir.iterdir())
+    if any(e.name not in BOOKKEEPING and not (e.suffix == ".log" and e.is_file())
+           for e in entries) or any(e.is_symlink() for e in entries):
+        return False
+    shutil.rmtree(run_dir)
+    with contextlib.suppress(OSError):  # not empty: another run's dir is there
+        run_dir.parent.rmdir()
+        if run_dir.parent.parent.name == "outputs":  # outputs/<recipe>/<time>: the default
+            run_dir.parent.parent.rmdir()
+    return True
+
+
 def link_if_identical(copy: Path, original: Path) -> bool:
     """Store two byte-identical files once: `copy` becomes a hard link to `original` (the
     run dir then holds its bytes once). False when they differ or either is missing."""

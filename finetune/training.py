@@ -95,6 +95,9 @@ def _guarded_run(cfg: DictConfig, context: RunContext) -> float:
         return _run(cfg, context)
     except FinetuneError as err:
         if is_main_process():
+            if context.sweep_dir is None and artifacts.remove_if_unused(run_dir):
+                raise  # refused before anything ran: no run dir left behind (a sweep keeps
+                # its failed jobs' dirs: the leaderboard lists them)
             with contextlib.suppress(artifacts.DiskFull):  # the disk may be what failed
                 artifacts.write_json(run_dir / artifacts.METRICS,
                                      {"status": "failed", "error": err.problems})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,14 +12,11 @@ from torchvision.models import WeightsEnum
 
 from finetune import backbones, cache
 from finetune.builder import Assembled, assemble
-from finetune.data_formats import FORMATS
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, plan_freeze
-from finetune.loggers import LOGGERS
 from finetune.optim import GroupPlan, plan_groups
+from finetune.precheck import config_problems
 from finetune.weight_sources import source_of
-
-BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
 
 
 def _collector() -> tuple[list[str], Callable[[Callable[[], Any]], Any]]:
@@ -40,36 +36,9 @@ def validate(cfg: DictConfig) -> None:
     """Config-level problems: names, sources, paths on disk. Nothing is built."""
     problems, attempt = _collector()
     attempt(lambda: backbones.check_name(cfg.model.name))
-    source = source_of(cfg)
-    if not problems or not source.needs_model:
-        problems += source.problems(cfg)
-    problems += FORMATS[cfg.data.name].problems(cfg.data)
-    epochs = cfg.sched.epochs or cfg.trainer.max_epochs
-    for i, phase in enumerate(cfg.freeze.unfreeze):
-        if phase.epoch >= epochs:
-            problems.append(f"freeze.unfreeze[{i}]: epoch {phase.epoch} is never reached (the "
-                            f"run has {epochs} epochs, 0..{epochs - 1}); lower it or raise "
-                            "trainer.max_epochs")
-    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
-        problems.append(f"optim.layer_decay={cfg.optim.layer_decay}: use a factor in (0, 1], "
-                        "e.g. 0.75")
-    if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
-        problems.append("optim.nesterov=true needs optim.name=sgd with optim.momentum > 0")
-    if cfg.sched.epochs is not None and cfg.sched.epochs < 1:
-        problems.append(f"sched.epochs={cfg.sched.epochs}: use a number of epochs >= 1, or null "
-                        "for trainer.max_epochs")
-    if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
-        problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
-    package = LOGGERS[cfg.logger.name].package
-    if package and importlib.util.find_spec(package) is None:
-        problems.append(f"logger={cfg.logger.name} needs the {package} package: "
-                        f"pip install 'finetune[{cfg.logger.name}]'")
-    for i, entry in enumerate(cfg.data.augment):
-        name = entry if isinstance(entry, str) else OmegaConf.select(entry, "type")
-        if name in BATCH_MIXES:
-            problems.append(f"data.augment[{i}]: {name} mixes pairs of images and their labels "
-                            "across a batch, which a per-image augmentation cannot do; it is not "
-                            "supported yet (a batch-mix option is planned): remove it")
+    if not problems and source_of(cfg).needs_model:  # its entry is looked up by model name
+        problems += source_of(cfg).problems(cfg)
+    problems += config_problems(cfg)
     problems += device_problems(cfg.trainer)
     attempt(lambda: cache.mode_of(cfg.freeze.cache))
     problems += cache.config_conflicts(cfg.freeze.cache, list(cfg.data.augment),

@@ -1,0 +1,54 @@
+"""The checks a run makes that need neither torch nor the model: run by the CLI before it
+imports torch (a wrong path or value is one line in about a second, and leaves nothing
+behind), and again inside the plan with everything else (finetune.validate)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from finetune.data_formats import FORMATS
+from finetune.loggers import LOGGERS
+from finetune.weight_sources import source_of
+
+BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
+
+
+def config_problems(cfg: Any) -> list[str]:
+    """Problems of the composed config alone: the weight source's (unless it needs the
+    model: validate asks it then), the data's paths, the schedule, the optimizer, the
+    logger's package, the augmentations."""
+    problems: list[str] = []
+    source = source_of(cfg)
+    if not source.needs_model:
+        problems += source.problems(cfg)
+    problems += FORMATS[cfg.data.name].problems(cfg.data)
+    epochs = cfg.sched.epochs or cfg.trainer.max_epochs
+    for i, phase in enumerate(cfg.freeze.unfreeze):
+        if phase.epoch >= epochs:
+            problems.append(f"freeze.unfreeze[{i}]: epoch {phase.epoch} is never reached (the "
+                            f"run has {epochs} epochs, 0..{epochs - 1}); lower it or raise "
+                            "trainer.max_epochs")
+    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
+        problems.append(f"optim.layer_decay={cfg.optim.layer_decay}: use a factor in (0, 1], "
+                        "e.g. 0.75")
+    if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
+        problems.append("optim.nesterov=true needs optim.name=sgd with optim.momentum > 0")
+    if cfg.sched.epochs is not None and cfg.sched.epochs < 1:
+        problems.append(f"sched.epochs={cfg.sched.epochs}: use a number of epochs >= 1, or null "
+                        "for trainer.max_epochs")
+    if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
+        problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
+    package = LOGGERS[cfg.logger.name].package
+    if package and importlib.util.find_spec(package) is None:
+        problems.append(f"logger={cfg.logger.name} needs the {package} package: "
+                        f"pip install 'finetune[{cfg.logger.name}]'")
+    for i, entry in enumerate(cfg.data.augment):
+        name = entry if isinstance(entry, str) else OmegaConf.select(entry, "type")
+        if name in BATCH_MIXES:
+            problems.append(f"data.augment[{i}]: {name} mixes pairs of images and their labels "
+                            "across a batch, which a per-image augmentation cannot do; it is not "
+                            "supported yet (a batch-mix option is planned): remove it")
+    return problems
