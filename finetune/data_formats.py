@@ -38,11 +38,19 @@ class DataFormat:
         """(labelled set, its own validation set or None, class names) as data.Split."""
         raise NotImplementedError(self.name)
 
+    def class_names(self, cfg: Any) -> list[str] | None:
+        """The classes as far as they can be known without reading images (and without
+        torch), for the early checks; None: not known before `read`."""
+        return [str(c) for c in cfg.classes] if cfg.get("classes") else None
+
 
 class Digits(DataFormat):
     """scikit-learn's 1,797 8x8 digits, in memory."""
 
     name = "digits"
+
+    def class_names(self, cfg: Any) -> list[str] | None:
+        return super().class_names(cfg) or [str(d) for d in range(10)]
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
         from finetune.data import load_digits
@@ -55,6 +63,9 @@ class Fake(DataFormat):
     """Random uint8 images, for smoke tests and benchmarks."""
 
     name = "fake"
+
+    def class_names(self, cfg: Any) -> list[str] | None:
+        return [str(i) for i in range(cfg.fake_classes)]
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
         from finetune.data import fake_data
@@ -69,6 +80,19 @@ class Csv(DataFormat):
     name = "csv"
     needs_root = True
 
+    def class_names(self, cfg: Any) -> list[str] | None:
+        import csv
+
+        given = super().class_names(cfg)
+        path = Path(str(cfg.root)).expanduser()
+        if given or self.problems(cfg) or not path.is_file() or path.stat().st_size > 2**26:
+            return given
+        with open(path, newline="", errors="replace") as handle:
+            rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
+        if rows and rows[0][:2] == ["path", "label"]:
+            rows = rows[1:]  # the optional header
+        return sorted({r[1] for r in rows if len(r) > 1}) or None
+
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
         from finetune.data import check_root, read_csv_list
 
@@ -81,6 +105,18 @@ class ImageFolder(DataFormat):
 
     name = "imagefolder"
     needs_root = True
+
+    def class_names(self, cfg: Any) -> list[str] | None:
+        given = super().class_names(cfg)
+        if given or self.problems(cfg):
+            return given
+        root = Path(str(cfg.root)).expanduser()
+        folder = root / "train" if (root / "train").is_dir() and (root / "val").is_dir() \
+            else root
+        if not folder.is_dir():
+            return None
+        return sorted(p.name for p in folder.iterdir()
+                      if p.is_dir() and not p.name.startswith(".")) or None
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
         from finetune.data import check_root, scan_folder

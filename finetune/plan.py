@@ -21,6 +21,7 @@ from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze
 from finetune.optim import GroupPlan
+from finetune.precheck import num_classes_problem
 from finetune.provenance import LoadReport
 from finetune.validate import assemble_checked, validate
 from finetune.weight_sources import source_of
@@ -105,10 +106,9 @@ def preprocessing_for(cfg: DictConfig) -> backbones.Preprocessing:
 
 
 def check_num_classes(configured: int | None, class_names: list[str]) -> int:
-    if configured is not None and configured != len(class_names):
-        raise FinetuneError(f"head.num_classes={configured} but the data has {len(class_names)} "
-                            f"classes ({', '.join(class_names[:12])}); set head.num_classes="
-                            f"{len(class_names)}, or null to follow the data")
+    problem = num_classes_problem(configured, class_names)
+    if problem:
+        raise FinetuneError(problem)
     return len(class_names)
 
 
@@ -172,8 +172,8 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
                 plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed)
                 check_num_classes(cfg.head.num_classes, plan.data.class_names)
                 plan.class_names = plan.data.class_names
-            except FinetuneError as err:
-                plan.problems += err.problems
+            except FinetuneError as err:  # (the class count may be known from precheck)
+                plan.problems += [p for p in err.problems if p not in plan.problems]
         # the paths are still checked: against a head of the size asked for (or 2)
         classes_for_checks = plan.class_names or [str(i) for i in range(
             cfg.head.num_classes or 2)]

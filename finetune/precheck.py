@@ -16,6 +16,15 @@ from finetune.weight_sources import source_of
 BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
 
 
+def num_classes_problem(configured: int | None, class_names: list[str]) -> str | None:
+    """head.num_classes against the data's classes (null follows the data)."""
+    if configured is None or configured == len(class_names):
+        return None
+    return (f"head.num_classes={configured} but the data has {len(class_names)} classes "
+            f"({', '.join(class_names[:12])}); set head.num_classes={len(class_names)}, or "
+            "null to follow the data")
+
+
 def config_problems(cfg: Any) -> list[str]:
     """Problems of the composed config alone: the weight source's (unless it needs the
     model: validate asks it then), the data's paths, the schedule, the optimizer, the
@@ -24,7 +33,13 @@ def config_problems(cfg: Any) -> list[str]:
     source = source_of(cfg)
     if not source.needs_model:
         problems += source.problems(cfg)
-    problems += FORMATS[cfg.data.name].problems(cfg.data)
+    data_format = FORMATS[cfg.data.name]
+    data_problems = data_format.problems(cfg.data)
+    problems += data_problems
+    if cfg.head.type != "none" and cfg.head.num_classes is not None and not data_problems:
+        names = data_format.class_names(cfg.data)
+        if names is not None:
+            problems += [p for p in [num_classes_problem(cfg.head.num_classes, names)] if p]
     epochs = cfg.sched.epochs or cfg.trainer.max_epochs
     for i, phase in enumerate(cfg.freeze.unfreeze):
         if phase.epoch >= epochs:

@@ -107,7 +107,8 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
         ["finetune.recipes", "list"], ["finetune.recipes", "show", "quickstart", "--resolved"],
         ["finetune.report", str(tmp_path / "sweep")],
         # refused before torch is imported, and nothing left behind
-        ["finetune", "recipe=quickstart", "data=imagefolder", "data.root=nowhere"]]
+        ["finetune", "recipe=quickstart", "data=imagefolder", "data.root=nowhere"],
+        ["finetune", "recipe=quickstart", "head.num_classes=3"]]
     code = (f"import json, runpy, sys\nresults = []\nfor call in {calls!r}:\n"
             "    sys.argv = [call[0], *call[1:]]\n"
             "    try:\n        runpy.run_module(call[0], run_name='__main__')\n        rc = 0\n"
@@ -118,10 +119,11 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
                             text=True, timeout=120)
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULTS"))
     for call, rc, torch_loaded in json.loads(line.split(" ", 1)[1]):
-        expected = 2 if "data.root=nowhere" in call else 0
+        expected = 2 if "data.root=nowhere" in call or "head.num_classes=3" in call else 0
         assert rc == expected and not torch_loaded, (call, rc, torch_loaded,
                                                      result.stderr[-2000:])
     assert "finetune: error: data.root='nowhere': no such path" in result.stderr
+    assert "finetune: error: head.num_classes=3 but the data has 5 classes" in result.stderr
     assert not (tmp_path / "outputs").exists(), "a refused run leaves no run dir"
     for command in COMMANDS:
         assert f"{command}: " in result.stdout and "usage: python -m " in result.stdout

@@ -3,6 +3,7 @@ class and one table entry, and the whole run (choices, validation, the plan) fol
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -94,3 +95,29 @@ def test_a_new_logger_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None
     assert plan_run(cfg, load=False).problems == [
         "logger=elsewhere needs the finetune_no_such_package package: pip install "
         "'finetune[elsewhere]'"]
+
+
+def test_every_format_knows_its_classes_without_reading_images(tmp_path: Path) -> None:
+    """What the early, torch-free class-count check sees: the same class names the reader
+    finds."""
+    from omegaconf import OmegaConf
+
+    from finetune.data import read_csv_list, scan_folder
+    from tests.conftest import write_digit_images
+
+    files = write_digit_images(tmp_path / "folder" / "train", [3, 7], 2)
+    write_digit_images(tmp_path / "folder" / "val", [3, 7], 1)
+    (tmp_path / "folder" / ".hidden").mkdir()
+    rows = ["path,label"] + [f"{p.relative_to(tmp_path)},{d}" for d, paths in files.items()
+                             for p in paths]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    folder = OmegaConf.create({"root": str(tmp_path / "folder"), "classes": None})
+    listed = OmegaConf.create({"root": str(tmp_path / "list.csv"), "classes": None})
+    assert FORMATS["imagefolder"].class_names(folder) == scan_folder(
+        tmp_path / "folder" / "train", None)[1] == ["3", "7"]
+    assert FORMATS["csv"].class_names(listed) == read_csv_list(tmp_path / "list.csv",
+                                                               None)[1] == ["3", "7"]
+    assert FORMATS["digits"].class_names(OmegaConf.create({"classes": None})) == [
+        str(d) for d in range(10)]
+    assert FORMATS["imagefolder"].class_names(
+        OmegaConf.create({"root": str(tmp_path / "nowhere"), "classes": None})) is None
