@@ -134,7 +134,8 @@ def test_ctrl_c_and_sigterm_save_a_resumable_checkpoint(tmp_path: Path, stop: si
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "finetune", "recipe=base", "data=fake", "data.fake_size=200",
-         "data.fake_classes=4", "data.batch_size=16", "trainer.max_epochs=50",
+         "data.fake_classes=4", "data.batch_size=16", "data.image_size=32",
+         "trainer.max_epochs=500",
          "trainer.enable_progress_bar=false", "freeze.train_from=layer4", "freeze.cache=false",
          "hydra.run.dir=run"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)

@@ -108,7 +108,12 @@ def test_inspect_cli_json_and_validation_errors(torch_home: Path, tmp_path: Path
 
 def test_vgg16_feature_extractor_run(torch_home_vgg: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune.recipes import validate_recipe
+
     monkeypatch.setenv("TORCH_HOME", str(torch_home_vgg))
+    monkeypatch.chdir(tmp_path)
+    problems, effects = validate_recipe("vgg16_relu5_3", [])
+    assert problems == [] and effects[0].startswith("writes its run dir at ")
     run = train_here("recipe=vgg16_relu5_3", run_dir=tmp_path / "run")
     manifest = read_json(run / "manifest.json")
     assert manifest["output_shape"] == [512, 14, 14]
