@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +49,7 @@ def framework_run(overrides: list[str]) -> dict[str, Any]:
     set (the suite's smoke runs: they check the script, not speed), finetune.train in this
     process instead."""
     run_dir = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    atexit.register(shutil.rmtree, run_dir, True)  # read until the script ends, then gone
     if os.environ.get(IN_PROCESS_ENV):
         import finetune
 

@@ -9,6 +9,7 @@ t() { local s e; s=$EPOCHREALTIME; "$@" >/dev/null 2>&1; e=$EPOCHREALTIME; awk "
 help=$(for i in $(seq $runs); do t python3 -m finetune --help; done | median)
 cfg=$(for i in $(seq $runs); do t python3 -m finetune recipe=quickstart --cfg job; done | median)
 dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
 python3 -m finetune recipe=quickstart weights.source=none trainer.max_epochs=1 \
   trainer.limit_train_batches=2 trainer.limit_val_batches=1 trainer.enable_progress_bar=false \
   hydra.run.dir="$dir" >/dev/null 2>&1

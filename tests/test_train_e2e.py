@@ -39,7 +39,8 @@ def quickstart_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         env.setenv("FINETUNE_HOME", str(cwd / "home"))
         for i in range(2):
             dirs.append(train_here("recipe=quickstart", *SHRINK, "trainer.max_epochs=2",
-                                   SHRUNK_SOURCE, run_dir=cwd / "outputs" / "quickstart" /
+                                   "checkpoint.keep=auto", SHRUNK_SOURCE,
+                                   run_dir=cwd / "outputs" / "quickstart" /
                                    f"run{i}"))
     return dirs
 
