@@ -93,6 +93,14 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a data format's root is not checked before reading", "finetune/data_formats.py",
      "        if not self.needs_root:\n            return []",
      "        if True:\n            return []", "tests/test_train_e2e.py -k together"),
+    ("a run refused before it trained leaves its dir", "finetune/artifacts.py",
+     "    if not run_dir.is_dir() or run_dir.is_symlink():\n        return False",
+     "    if True:\n        return False", "tests/test_use.py -k in_process"),
+    ("a sweep job keeps checkpoints", "finetune/training.py",
+     'return ("none" if sweep else "last") if keep == "auto" else keep',
+     'return "last" if keep == "auto" else keep', "tests/test_train_e2e.py -k policy"),
+    ("third-party noise is shown at log_level=info", "finetune/quiet.py",
+     '    if level == "debug":\n', "    if True:\n", "tests/test_train_e2e.py -k own_unless"),
 ]
 
 

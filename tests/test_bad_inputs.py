@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,6 +222,9 @@ def test_two_runs_never_share_a_run_dir(tmp_path: Path) -> None:
 
     dirs = {str(compose_with_hydra(["recipe=quickstart"]).hydra.run.dir) for _ in range(2)}
     assert len(dirs) == 2 and all(d.startswith("outputs/quickstart/") for d in dirs)
+    # the suffix itself (two composes may straddle a second, differing without it)
+    assert all(re.fullmatch(r"outputs/quickstart/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-[0-9a-f]{4}", d)
+               for d in dirs), dirs
     held = tmp_path / "run"
     lock = artifacts.lock_run_dir(held)
     try:
