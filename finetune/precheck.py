@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from finetune.data_formats import FORMATS
 from finetune.loggers import LOGGERS
+from finetune.ranges import range_problems
 from finetune.weight_sources import source_of
 
 BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
@@ -29,14 +30,15 @@ def config_problems(cfg: Any) -> list[str]:
     """Problems of the composed config alone: the weight source's (unless it needs the
     model: validate asks it then), the data's paths, the schedule, the optimizer, the
     logger's package, the augmentations."""
-    problems: list[str] = []
+    problems = range_problems(cfg)
     source = source_of(cfg)
     if not source.needs_model:
         problems += source.problems(cfg)
     data_format = FORMATS[cfg.data.name]
     data_problems = data_format.problems(cfg.data)
     problems += data_problems
-    if cfg.head.type != "none" and cfg.head.num_classes is not None and not data_problems:
+    if cfg.head.type != "none" and cfg.head.num_classes is not None and not data_problems \
+            and cfg.head.num_classes >= 1:
         names = data_format.class_names(cfg.data)
         if names is not None:
             problems += [p for p in [num_classes_problem(cfg.head.num_classes, names)] if p]
@@ -46,16 +48,8 @@ def config_problems(cfg: Any) -> list[str]:
             problems.append(f"freeze.unfreeze[{i}]: epoch {phase.epoch} is never reached (the "
                             f"run has {epochs} epochs, 0..{epochs - 1}); lower it or raise "
                             "trainer.max_epochs")
-    if cfg.optim.layer_decay is not None and not 0 < cfg.optim.layer_decay <= 1:
-        problems.append(f"optim.layer_decay={cfg.optim.layer_decay}: use a factor in (0, 1], "
-                        "e.g. 0.75")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         problems.append("optim.nesterov=true needs optim.name=sgd with optim.momentum > 0")
-    if cfg.sched.epochs is not None and cfg.sched.epochs < 1:
-        problems.append(f"sched.epochs={cfg.sched.epochs}: use a number of epochs >= 1, or null "
-                        "for trainer.max_epochs")
-    if cfg.head.num_classes is not None and cfg.head.num_classes < 1:
-        problems.append(f"head.num_classes={cfg.head.num_classes}: must be >= 1")
     package = LOGGERS[cfg.logger.name].package
     if package and importlib.util.find_spec(package) is None:
         problems.append(f"logger={cfg.logger.name} needs the {package} package: "

@@ -245,3 +245,41 @@ def test_help_piped_into_head_is_quiet(tmp_path: Path) -> None:
         done = subprocess.run(shell, shell=True, cwd=tmp_path, capture_output=True, text=True,
                               timeout=300)
         assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_every_range_is_checked_and_written_beside_its_key() -> None:
+    """Values that used to crash later or train nothing are refused, one line each, all
+    together; conf/config.yaml states each range (the comment on the key's line)."""
+    from finetune.ranges import ENTRY_RANGES, ITEM_RANGES, RANGES
+
+    problems = _plan_problems(
+        "data.batch_size=0", "trainer.max_epochs=-1", "trainer.accumulate_grad_batches=0",
+        "head.hidden=[0]", "data.image_size=0", "optim.lr=0",
+        "optim.groups=[{modules: fc, lr: -0.1}]", "trainer.limit_train_batches=1.5",
+        "freeze.unfreeze=[{epoch: -1, train_from: layer4}]")
+    expected = {
+        "data.batch_size=0: must be >= 1", "trainer.max_epochs=-1: must be >= 1",
+        "trainer.accumulate_grad_batches=0: must be >= 1", "head.hidden[0]=0: must be >= 1",
+        "data.image_size=0: must be >= 8", "optim.lr=0.0: must be > 0",
+        "optim.groups[0].lr=-0.1: must be > 0",
+        "freeze.unfreeze[0].epoch=-1: must be >= 0"}
+    for start in expected:
+        assert any(p.startswith(start) for p in problems), (start, problems)
+    assert any(p.startswith("trainer.limit_train_batches=1.5: a fraction of the batches must "
+                            "be in (0, 1]") for p in problems)
+    lines = (schema.CONF_DIR / "config.yaml").read_text().splitlines()
+    for key, allowed in {**RANGES, **ITEM_RANGES}.items():
+        leaf, depth = key.split(".")[-1], key.count(".")
+        if key.startswith("data."):  # the data group's keys: in each of its option files
+            for option in sorted((schema.CONF_DIR / "data").glob("*.yaml")):
+                line = next(x for x in option.read_text().splitlines()
+                            if x.startswith(leaf + ":"))
+                assert allowed.text() in line.partition("#")[2], (option, key, line)
+            continue
+        line = next(x for x in lines if x.startswith("  " * depth + leaf + ":"))
+        assert allowed.text() in line.partition("#")[2], (key, allowed.text(), line)
+    for key, entry_fields in ENTRY_RANGES.items():
+        line = next(x for x in lines if x.startswith("  " * key.count(".")
+                                                     + key.split(".")[-1] + ":"))
+        for name, allowed in entry_fields.items():
+            assert f"{name} {allowed.text()}" in line, (key, name, line)

@@ -152,6 +152,8 @@ def test_config_level_schedule_mistakes_are_reported_together() -> None:
         validate(cfg)
     problems = caught.value.problems
     assert len(problems) == 3
-    assert problems[0].startswith("freeze.unfreeze[0]: epoch 3 is never reached (the run has "
+    assert problems[0] == ("optim.layer_decay=1.5: must be in (0, 1] (conf/config.yaml gives "
+                           "each key's range)")
+    assert problems[1].startswith("freeze.unfreeze[0]: epoch 3 is never reached (the run has "
                                   "3 epochs, 0..2)")
-    assert "optim.layer_decay=1.5" in problems[1] and "optim.nesterov=true needs" in problems[2]
+    assert "optim.nesterov=true needs" in problems[2]
