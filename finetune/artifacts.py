@@ -162,23 +162,28 @@ class DiskFull(FinetuneError):
     """The device is full: nothing was half-written."""
 
 
-BOOKKEEPING = (".hydra", LOCK, METRICS)  # what a run dir holds before anything ran
+# What a run dir holds before anything ran: Hydra's record and job log, the lock, a status.
+BOOKKEEPING = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", LOCK, METRICS,
+               "__main__.log", "finetune.log")
 
 
 def remove_if_unused(run_dir: Path) -> bool:
-    """Remove a run dir that holds only bookkeeping (Hydra's record and log, the lock, a
-    status): a run refused before it trained leaves nothing behind. Its parent goes too when
-    that leaves it empty (outputs/<recipe>/, and outputs/ then). False, and nothing removed,
-    for anything else."""
-    import shutil
-
-    if not run_dir.is_dir() or run_dir.is_symlink():
+    """Remove a run dir that holds only bookkeeping: a run refused before it trained leaves
+    nothing behind. Only those files are deleted (never a tree), and the dir only when that
+    leaves it empty, so a dir that held anything else keeps everything; its parent goes too
+    when that leaves it empty (outputs/<recipe>/, and outputs/ then)."""
+    if not run_dir.is_dir() or run_dir.is_symlink() or not (run_dir / ".hydra").is_dir():
         return False
-    entries = list(run_dir.iterdir())
-    if any(e.name not in BOOKKEEPING and not (e.suffix == ".log" and e.is_file())
-           for e in entries) or any(e.is_symlink() for e in entries):
+    present = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if not p.is_dir()}
+    if not present <= set(BOOKKEEPING) or any(p.is_symlink() for p in run_dir.rglob("*")):
         return False
-    shutil.rmtree(run_dir)
+    for name in present:
+        (run_dir / name).unlink()
+    try:
+        (run_dir / ".hydra").rmdir()
+        run_dir.rmdir()
+    except OSError:  # something appeared meanwhile: leave the rest alone
+        return False
     with contextlib.suppress(OSError):  # not empty: another run's dir is there
         run_dir.parent.rmdir()
         if run_dir.parent.parent.name == "outputs":  # outputs/<recipe>/<time>: the default

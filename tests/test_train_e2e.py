@@ -352,3 +352,16 @@ def test_the_checkpoint_policy_keeps_what_it_says(tmp_path: Path) -> None:
     assert kept == ["best.ckpt"]
     assert "optimizer_states" not in torch.load(only_best / "checkpoints" / "best.ckpt",
                                                 map_location="cpu", weights_only=True)
+
+
+def test_a_refused_run_removes_only_its_own_bookkeeping(tmp_path: Path) -> None:
+    """A run dir that held anything else keeps all of it (and says failed); a fresh one
+    is gone."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.log").write_text("the user's")
+    assert problems_here(*QUICK, *SHRINK, "head.num_classes=3", run_dir=mine)
+    assert (mine / "notes.log").read_text() == "the user's"
+    assert read_json(mine / "metrics.json")["status"] == "failed"
+    assert problems_here(*QUICK, *SHRINK, "head.num_classes=3", run_dir=tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
