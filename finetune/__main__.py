@@ -300,15 +300,11 @@ def print_help(args: list[str]) -> None:
     Written here rather than left to Hydra, whose help copies the whole config store once for
     each of its 60-odd config groups (over a second); `--hydra-help` is still Hydra's."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
     overrides = [a for a in args if a not in ("--help", "-h")]
     with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="help"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        text = OmegaConf.to_container(cfg.hydra.help, resolve=True)
-        assert isinstance(text, dict)
-        with open_dict(cfg):
-            del cfg["hydra"]
+        cfg = compose("config", overrides=overrides)
     groups = {"recipe": [schema.BASE_RECIPE, *schema.shipped_recipes()]}
     groups.update({g: sorted(p.stem for p in (schema.CONF_DIR / g).glob("*.yaml"))
                    for g in (*schema.GROUPS, "hydra/launcher")})
@@ -325,7 +321,7 @@ def print_help(args: list[str]) -> None:
         "\n  --cfg job             print the composed config and stop\n\n"
         f"recipes and config groups (group=option):\n{listing}\n\n"
         f"config (override any key with key=value; every key is explained in conf/config.yaml):"
-        f"\n{OmegaConf.to_yaml(cfg)}\n{text['footer']}")
+        f"\n{OmegaConf.to_yaml(cfg)}\nRuns are written under outputs/<recipe>/<time>-<suffix>/.")
     print(help_text("finetune", details))
 
 
