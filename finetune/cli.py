@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "finetune.predict": (
         "classify images with a finished run",
         "python -m finetune.predict run=RUN_DIR input=FILE_OR_DIR [output=predictions.csv] "
-        "[topk=3] [batch_size=64]",
+        "[topk=3] [batch_size=64] [max_pixels=N]",
         ["python -m finetune.predict run=outputs/quickstart/RUN input=images/"]),
     "finetune.export": (
         "TorchScript or ONNX, parity-checked against the run's model",

@@ -152,6 +152,7 @@ class DataConfig:
     fake_size: int = 256
     fake_classes: int = 10
     on_bad_image: str = "skip"
+    max_image_pixels: int = 89_478_485
 
 
 @dataclass

@@ -12,7 +12,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
@@ -20,6 +19,7 @@ from torchvision.transforms import InterpolationMode, v2
 from finetune.backbones import Preprocessing
 from finetune.data_formats import FORMATS
 from finetune.errors import FinetuneError
+from finetune.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
 from finetune.registry import make_transform
 from finetune.seeding import derive
 
@@ -139,13 +139,12 @@ class ImageFiles(_Images):
     """Images read from files; grayscale, palette and RGBA become RGB."""
 
     def __init__(self, paths: list[Path], labels: list[int], transform: Any,
-                 random: bool = False) -> None:
+                 random: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         super().__init__(transform, random)
-        self.paths, self.labels = paths, labels
+        self.paths, self.labels, self.max_pixels = paths, labels, max_pixels
 
     def load(self, i: int) -> Any:
-        with Image.open(self.paths[i]) as image:
-            return image.convert("RGB")
+        return open_rgb(self.paths[i], self.max_pixels)
 
 
 @dataclass
@@ -161,23 +160,23 @@ class Split:
         return Split(items, [self.labels[i] for i in index])
 
 
-def _decode_problem(path: Path) -> str | None:
+def _decode_problem(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
     try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception as err:
-        return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+        open_rgb(path, max_pixels)
+    except ImageProblem as err:
+        return str(err)
     return None
 
 
-def drop_undecodable(split: Split, names: list[str], policy: str
-                     ) -> tuple[Split, list[tuple[str, str]]]:
-    """Decode every image once (threads; PIL releases the GIL): those that fail are skipped
-    and returned (path, reason), or refused with `policy` error."""
+def drop_undecodable(split: Split, names: list[str], policy: str,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Split, list[tuple[str, str]]]:
+    """Decode every image once (threads; PIL releases the GIL): those that fail (or are
+    over `max_pixels`) are skipped and returned (path, reason), or refused with `policy`
+    error."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        reasons = list(pool.map(_decode_problem, split.items))
+        reasons = list(pool.map(lambda p: _decode_problem(p, max_pixels), split.items))
     bad = [(str(p), r) for p, r in zip(split.items, reasons, strict=True) if r]
     if bad and policy == "error":
         raise FinetuneError(f"data: {len(bad)} image{'s' if len(bad) > 1 else ''} cannot be "
@@ -362,10 +361,12 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
     """The datamodule for `cfg` (the data group): split, transforms and loaders."""
     full, val, names = FORMATS[cfg.name].read(cfg, prep.crop, seed)
     bad: list[tuple[str, str]] = []
+    policy = cfg.get("on_bad_image", "skip")
+    max_pixels = cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)
     if not isinstance(full.items, torch.Tensor):  # files: every one must decode
-        full, bad = drop_undecodable(full, names, cfg.get("on_bad_image", "skip"))
+        full, bad = drop_undecodable(full, names, policy, max_pixels)
         if val is not None:
-            val, bad_val = drop_undecodable(val, names, cfg.get("on_bad_image", "skip"))
+            val, bad_val = drop_undecodable(val, names, policy, max_pixels)
             bad += bad_val
     train = full
     if val is None:
@@ -373,12 +374,14 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
     if cfg.train_size is not None and cfg.train_size < len(train.labels):
         train = few_shot(train, cfg.train_size, seed)
     in_memory = isinstance(full.items, torch.Tensor)
+    extra = {} if in_memory else {"max_pixels": max_pixels}
     dataset = TensorImages if in_memory else ImageFiles
     augment = OmegaConf.to_container(cfg.augment) if OmegaConf.is_config(cfg.augment) \
         else list(cfg.augment)
     data = ImageDataModule(
-        dataset(train.items, train.labels, train_transform(prep, augment), bool(augment)),
-        dataset(val.items, val.labels, eval_transform(prep)),
+        dataset(train.items, train.labels, train_transform(prep, augment), bool(augment),
+                **extra),
+        dataset(val.items, val.labels, eval_transform(prep), **extra),
         names, cfg.batch_size, _workers(cfg.num_workers, in_memory), seed,
     )
     data.bad_images = bad

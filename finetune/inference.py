@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -22,6 +21,7 @@ from finetune.backbones import Preprocessing
 from finetune.builder import assemble
 from finetune.data import IMAGE_SUFFIXES, eval_transform
 from finetune.errors import FinetuneError
+from finetune.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
 from finetune.manifest import read_manifest
 
 
@@ -73,9 +73,19 @@ class Predictions:
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # path, reason
 
 
-def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_size: int = 64
-                   ) -> Predictions:
-    """Classify `paths` with a model from `load_run`; unreadable images are skipped."""
+def max_pixels_of(model: nn.Module) -> int:
+    """The image size limit the run trained with (data.max_image_pixels), else Pillow's."""
+    manifest = getattr(model, "manifest", None)
+    data = (manifest.config.get("data") if manifest is not None else None) or {}
+    value = data.get("max_image_pixels") if isinstance(data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 \
+        else DEFAULT_MAX_PIXELS
+
+
+def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_size: int = 64,
+                   max_pixels: int | None = None) -> Predictions:
+    """Classify `paths` with a model from `load_run`; unreadable images (and those over
+    `max_pixels`, by default the run's data.max_image_pixels) are skipped and listed."""
     if not getattr(model, "class_names", None):
         raise FinetuneError("this run is a feature extractor (head: none): it has no classes "
                             "to predict; use finetune.load(run_dir) for its features")
@@ -94,13 +104,12 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
         batch.clear()
         names.clear()
 
+    limit = max_pixels or max_pixels_of(model)
     for path in paths:
         try:
-            with Image.open(path) as image:
-                batch.append(model.transform(image.convert("RGB")))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            out.unreadable.append((str(path), str(err).splitlines()[0] if str(err) else
-                                   type(err).__name__))
+            batch.append(model.transform(open_rgb(path, limit)))
+        except ImageProblem as err:
+            out.unreadable.append((str(path), str(err)))
             continue
         names.append(str(path))
         if len(batch) == batch_size:

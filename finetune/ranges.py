@@ -66,6 +66,7 @@ RANGES: dict[str, Range] = {
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True),
     "data.train_size": AT_LEAST_1,
     "data.fake_size": Range(2),
+    "data.max_image_pixels": AT_LEAST_1,
     "data.fake_classes": Range(2),
     "trainer.max_epochs": AT_LEAST_1,
     "trainer.num_nodes": AT_LEAST_1,

@@ -95,6 +95,16 @@ def test_unreadable_images_are_listed_and_skipped(trained: tuple[Path, Path, Pat
     assert "3 images" in out and "1 unreadable" in out
     api = finetune.predict(run, folder, topk=1)
     assert len(api.rows) == 3 and [Path(p).name for p, _ in api.unreadable] == ["broken.png"]
+    # an image over the limit is listed like an undecodable one (16x16 = 256 pixels)
+    code, out, err = main_here("finetune.predict", f"run={run}", f"input={folder}",
+                               f"output={tmp_path / 'q.csv'}", "max_pixels=255", capsys=capsys)
+    assert code == 2 and err.count("256 pixels, over the limit of 255") == 3, err
+    assert f"error: input={folder}: none of its 4 images could be read" in err
+    assert not (tmp_path / "q.csv").exists()
+    code, _, err = main_here("finetune.predict", f"run={run}", f"input={folder}",
+                             "max_pixels=256", f"output={tmp_path}", capsys=capsys)
+    assert (code, err) == (2, f"finetune.predict: error: output={tmp_path}: is a folder; give a "
+                              f"file name, e.g. output={tmp_path / 'predictions.csv'}\n")
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
