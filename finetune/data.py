@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
 from finetune.backbones import Preprocessing
-from finetune.data_formats import FORMATS
+from finetune.data_formats import FORMATS, CsvProblem, read_csv_rows
 from finetune.errors import FinetuneError
 from finetune.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
+from finetune.precheck import single_class_problem
 from finetune.registry import make_transform
 from finetune.seeding import derive
 
@@ -35,6 +35,26 @@ def train_transform(prep: Preprocessing, augment: list[Any]) -> v2.Compose:
     """Resize and crop as in eval, then the configured augmentations, then normalize."""
     extra = [make_transform(spec, prep.crop) for spec in augment]
     return v2.Compose([*_resize_crop(prep), *extra, *_to_normalized(prep)])
+
+
+def check_augment(transform: v2.Compose, prep: Preprocessing, augment: list[Any],
+                  sample: Any) -> None:
+    """Run the training transform once on a real training image, step by step, so that an
+    augmentation that cannot work (a negative or zero size, arguments that only fail on an
+    image) is refused at plan time, naming its entry, rather than in the first batch. The
+    random state is left as it was: the run draws what it would have drawn."""
+    first = len(_resize_crop(prep))
+    x = sample
+    with torch.random.fork_rng(devices=[]):
+        for i, step in enumerate(transform.transforms):
+            try:
+                x = step(x)
+            except Exception as err:  # torchvision raises several types for bad arguments
+                where = (f"data.augment[{i - first}] ({augment[i - first]})"
+                         if first <= i < first + len(augment) else "data")
+                raise FinetuneError(f"{where}: fails on a {prep.crop} px training image: "
+                                    f"{' '.join(str(err).split())[:200]}; fix its arguments "
+                                    "or remove it") from None
 
 
 def _resize_crop(prep: Preprocessing) -> list[v2.Transform]:
@@ -271,15 +291,10 @@ def scan_folder(folder: Path, classes: list[Any] | None) -> tuple[Split, list[st
 
 def read_csv_list(csv_path: Path, classes: list[Any] | None) -> tuple[Split, list[str]]:
     """Rows of `path,label`; paths relative to the CSV; an optional header is skipped."""
-    with open(csv_path, newline="") as handle:
-        rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
-    if rows and rows[0][:2] == ["path", "label"]:
-        rows = rows[1:]
-    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2]
-    if not rows or bad:
-        raise FinetuneError(f"data.root: {csv_path} needs rows of path,label"
-                            + (f"; rows {bad[:5]} have fewer than two fields" if bad else
-                               "; it has none"))
+    try:
+        rows = read_csv_rows(csv_path)
+    except CsvProblem as err:
+        raise FinetuneError(str(err)) from None
     names = _select_classes(sorted({r[1] for r in rows}), classes, str(csv_path))
     label_of = {n: i for i, n in enumerate(names)}
     kept = [r for r in rows if r[1] in label_of]
@@ -361,6 +376,9 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
     """The datamodule for `cfg` (the data group): split, transforms and loaders."""
     full, val, names = FORMATS[cfg.name].read(cfg, prep.crop, seed)
     bad: list[tuple[str, str]] = []
+    one_class = single_class_problem(names, cfg.get("root") or cfg.name)
+    if one_class:
+        raise FinetuneError(one_class)
     policy = cfg.get("on_bad_image", "skip")
     max_pixels = cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)
     if not isinstance(full.items, torch.Tensor):  # files: every one must decode
@@ -378,9 +396,12 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
     dataset = TensorImages if in_memory else ImageFiles
     augment = OmegaConf.to_container(cfg.augment) if OmegaConf.is_config(cfg.augment) \
         else list(cfg.augment)
+    training = train_transform(prep, augment)
+    if augment:
+        check_augment(training, prep, augment,
+                      open_rgb(train.items[0], max_pixels) if not in_memory else train.items[0])
     data = ImageDataModule(
-        dataset(train.items, train.labels, train_transform(prep, augment), bool(augment),
-                **extra),
+        dataset(train.items, train.labels, training, bool(augment), **extra),
         dataset(val.items, val.labels, eval_transform(prep), **extra),
         names, cfg.batch_size, _workers(cfg.num_workers, in_memory), seed,
     )

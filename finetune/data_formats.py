@@ -74,6 +74,52 @@ class Fake(DataFormat):
         return full, None, names
 
 
+MAX_CSV_BYTES = 1 << 30
+
+
+class CsvProblem(Exception):
+    """A CSV list that cannot be read as path,label rows (the message says why)."""
+
+
+def read_csv_rows(path: Path) -> list[tuple[str, str]]:
+    """The (path, label) rows of a CSV list: UTF-8 (a byte-order mark is fine), an optional
+    `path,label` header, `#` comment lines and blank lines skipped.
+
+    Raises:
+        CsvProblem: not UTF-8 text, not CSV, no rows, or rows without a path or a label;
+            every bad row counted in one sentence.
+    """
+    import csv
+    import io
+
+    from finetune.safe_files import UnsafeFile, read_text
+
+    try:
+        text = read_text(path, MAX_CSV_BYTES, "data.root:")
+    except UnsafeFile as err:
+        raise CsvProblem(str(err)) from None
+    try:
+        rows = [(reader.line_num, r) for reader in [csv.reader(io.StringIO(text, newline=""))]
+                for r in reader if r and not r[0].lstrip().startswith("#")]
+    except csv.Error as err:
+        raise CsvProblem(f"data.root: {path} is not a CSV list ({err}); write rows of "
+                         "path,label") from None
+    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    short = [n for n, r in rows if len(r) < 2]
+    no_path = [n for n, r in rows if len(r) >= 2 and not r[0].strip()]
+    no_label = [n for n, r in rows if len(r) >= 2 and not r[1].strip()]
+    if not rows or short or no_path or no_label:
+        found = [f"{what} on line{'s' if len(lines) > 1 else ''} "
+                 f"{', '.join(map(str, lines[:5]))}{' ...' if len(lines) > 5 else ''}"
+                 for what, lines in (("fewer than two fields", short), ("no path", no_path),
+                                     ("an empty label", no_label)) if lines]
+        raise CsvProblem(f"data.root: {path} needs rows of path,label; "
+                         + ("; ".join(found) if found else "it has none")
+                         + " (fix or remove those rows)" * bool(found))
+    return [(r[0].strip(), r[1].strip()) for _, r in rows]
+
+
 class Csv(DataFormat):
     """A CSV of path,label rows (paths relative to the CSV)."""
 
@@ -81,17 +127,14 @@ class Csv(DataFormat):
     needs_root = True
 
     def class_names(self, cfg: Any) -> list[str] | None:
-        import csv
-
         given = super().class_names(cfg)
         path = Path(str(cfg.root)).expanduser()
-        if given or self.problems(cfg) or not path.is_file() or path.stat().st_size > 2**26:
+        if given or self.problems(cfg) or not path.is_file():
             return given
-        with open(path, newline="", errors="replace") as handle:
-            rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
-        if rows and rows[0][:2] == ["path", "label"]:
-            rows = rows[1:]  # the optional header
-        return sorted({r[1] for r in rows if len(r) > 1}) or None
+        try:
+            return sorted({label for _, label in read_csv_rows(path)})
+        except CsvProblem:
+            return None  # reading the data says what is wrong, with the rest
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
         from finetune.data import check_root, read_csv_list

@@ -26,6 +26,15 @@ def num_classes_problem(configured: int | None, class_names: list[str]) -> str |
             "null to follow the data")
 
 
+def single_class_problem(class_names: list[str], where: str) -> str | None:
+    """A classifier needs two classes at least."""
+    if len(class_names) >= 2:
+        return None
+    return (f"data: only one class ({', '.join(class_names) or 'none'}) in {where}; a "
+            "classifier needs at least two: add a folder of other images (for a yes/no model, "
+            "one of negatives) or list more in data.classes")
+
+
 def config_problems(cfg: Any) -> list[str]:
     """Problems of the composed config alone: the weight source's (unless it needs the
     model: validate asks it then), the data's paths, the schedule, the optimizer, the
@@ -41,7 +50,9 @@ def config_problems(cfg: Any) -> list[str]:
             and cfg.head.num_classes >= 1:
         names = data_format.class_names(cfg.data)
         if names is not None:
-            problems += [p for p in [num_classes_problem(cfg.head.num_classes, names)] if p]
+            problem = (single_class_problem(names, cfg.data.get("root") or cfg.data.name)
+                       or num_classes_problem(cfg.head.num_classes, names))
+            problems += [problem] if problem else []
     epochs = cfg.sched.epochs or cfg.trainer.max_epochs
     for i, phase in enumerate(cfg.freeze.unfreeze):
         if phase.epoch >= epochs:

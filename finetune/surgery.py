@@ -210,6 +210,14 @@ def apply_op(result: SurgeryResult, op: dict[str, Any], size: tuple[int, int], i
             raise FinetuneError(f"{where}: to={new_name!r} must be a plain attribute name")
         parent_path, _, old_name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
+        if new_name != old_name and hasattr(parent, new_name):
+            kind = ("a module" if new_name in parent._modules else
+                    "a parameter or buffer" if new_name in {*parent._parameters,
+                                                            *parent._buffers}
+                    else f"an attribute of {type(parent).__name__}")
+            raise FinetuneError(f"{where}: to={new_name!r} is already {kind} of "
+                                f"{parent_path or 'the model'}; choose a name it does not "
+                                "have")
         module = parent.get_submodule(old_name)
         delattr(parent, old_name)
         setattr(parent, new_name, module)

@@ -254,3 +254,29 @@ def test_ctrl_c_during_a_write_takes_effect_once_the_file_is_whole(tmp_path: Pat
         artifacts.write_stream(target, writer)
     assert target.read_bytes() == b"a" * 10 + b"b" * 10
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["data.augment=[{Resize: {size: -4}}]"],
+     "data.augment[0] ({'Resize': {'size': -4}}): fails on a 32 px training image: Input and "
+     "output sizes should be greater than 0, but got input (H: 32, W: 32) output (H: -4, W: "
+     "-4); fix its arguments or remove it"),
+    (["surgery=[{op: rename, path: fc, to: training}]"],
+     "surgery[0] (rename fc): to='training' is already an attribute of ResNet of the model; "
+     "choose a name it does not have"),
+], ids=["negative-resize", "rename-onto-training"])
+def test_mistakes_that_crashed_in_training_are_refused_by_the_plan(args: list[str],
+                                                                   expected: str) -> None:
+    """They passed `recipes validate` and ended in a traceback in the first batch (or in
+    model.eval()); now the plan refuses them, before anything trains."""
+    assert problems_here(*QUICK, *SHRINK, *args) == [expected]
+
+
+def test_a_single_class_folder_is_refused_before_the_model_is_built(tmp_path: Path) -> None:
+    write_digit_images(tmp_path / "one", [3], per_class=6)
+    expected = [f"data: only one class (3) in {tmp_path / 'one'}; a classifier needs at least "
+                "two: add a folder of other images (for a yes/no model, one of negatives) or "
+                "list more in data.classes"]
+    for num_classes in ("head.num_classes=5", "head.num_classes=null"):  # precheck, then data
+        assert problems_here(*QUICK, *SHRINK, "data=imagefolder", f"data.root={tmp_path / 'one'}",
+                             "data.classes=null", num_classes) == expected

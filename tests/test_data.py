@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from finetune.backbones import Preprocessing
 from finetune.config import DataConfig
 from finetune.data import build_datamodule, train_transform
+from finetune.data_formats import FORMATS
 from finetune.errors import FinetuneError
 from tests.conftest import write_digit_images
 
@@ -74,6 +75,31 @@ def test_csv_list_with_relative_paths(tmp_path: Path) -> None:
     assert dm.class_names == ["digit3", "digit8"]
     assert len(dm.train_set) + len(dm.val_set) == 20
     assert dm.val_set[0][0].shape == (3, 32, 32)
+
+
+def test_csv_lists_as_spreadsheets_write_them(tmp_path: Path) -> None:
+    """A byte-order mark (Excel's "CSV UTF-8") before the header, spaces and a comment read
+    as the plain file; rows without a label, without a path or with one field are all named
+    at once; bytes that are not UTF-8 are one sentence."""
+    written = write_digit_images(tmp_path / "imgs", [3, 8], 6)
+    rows = [f"imgs/{d}/{p.name}, digit{d}" for d, ps in written.items() for p in ps]
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,label\n# a comment\n".encode()
+                                       + "\n".join(rows).encode() + b"\n")
+    dm = build_datamodule(_data(name="csv", root=str(tmp_path / "bom.csv")), PREP, 0)
+    assert dm.class_names == ["digit3", "digit8"]
+    assert FORMATS["csv"].class_names(_data(name="csv", root=str(tmp_path / "bom.csv"))) == [
+        "digit3", "digit8"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\n" + "\n".join([rows[0], "imgs/3/0.png,", rows[1], ",digit3",
+                                                "lonely.png", "imgs/8/1.png,  "]) + "\n")
+    with pytest.raises(FinetuneError) as refused:
+        build_datamodule(_data(name="csv", root=str(bad)), PREP, 0)
+    assert str(refused.value) == (
+        f"data.root: {bad} needs rows of path,label; fewer than two fields on line 6; no path "
+        "on line 5; an empty label on lines 3, 7 (fix or remove those rows)")
+    bad.write_bytes(b"path,label\nimgs/3/0.png,\xff\xfe\n")
+    with pytest.raises(FinetuneError, match=rf"data.root: {bad}: not UTF-8 text \(byte 24\)"):
+        build_datamodule(_data(name="csv", root=str(bad)), PREP, 0)
 
 
 def test_missing_root_and_empty_class_folder_fail_clearly(tmp_path: Path) -> None:

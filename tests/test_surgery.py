@@ -72,6 +72,13 @@ def test_rename_moves_keys_and_keeps_forward() -> None:
                                               "out_features": 2}},
      r"surgery\[0\] \(replace fc\): the model no longer runs .*2x512 and 100x2"),
     ({"op": "truncate", "path": "layer1", "keep": "5:"}, r"keeps nothing of layer1"),
+    # a name nn.Module (or the model) already has: it would shadow it, or crash in eval()
+    ({"op": "rename", "path": "fc", "to": "training"},
+     r"surgery\[0\] \(rename fc\): to='training' is already an attribute of ResNet of the "
+     "model; choose a name it does not have"),
+    ({"op": "rename", "path": "fc", "to": "layer1"}, r"to='layer1' is already a module of"),
+    ({"op": "rename", "path": "layer1.0.bn1", "to": "forward"},
+     r"to='forward' is already an attribute of BasicBlock of layer1.0"),
 ])
 def test_surgery_mistakes_name_the_op_path_and_fix(op: dict, message: str) -> None:
     with pytest.raises(FinetuneError, match=message):
