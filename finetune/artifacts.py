@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import signal
 import tempfile
@@ -209,8 +210,22 @@ def link_if_identical(copy: Path, original: Path) -> bool:
     return True
 
 
+def finite_or_null(obj: Any) -> Any:
+    """`obj` with every NaN and infinity replaced by None: JSON has no such numbers (Python
+    writes a bare NaN, which other readers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON (a non-finite number is written as null; whoever wrote it says why)."""
+    text = json.dumps(finite_or_null(obj), indent=2, sort_keys=False, allow_nan=False)
+    write_bytes(path, (text + "\n").encode())
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

@@ -27,6 +27,10 @@ class LossGuard(pl.Callback):
         self._bad_step: torch.Tensor | None = None
         self._bad_loss: torch.Tensor | None = None
         self._step = 0
+        self._first_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_step = trainer.global_step  # 0, or where a resumed run goes on
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -43,7 +47,8 @@ class LossGuard(pl.Callback):
             return
         step = int(self._bad_step)
         if step >= 0:
-            raise NonFiniteLoss(self._message(trainer, step, float(self._bad_loss)))
+            raise NonFiniteLoss(self._message(trainer, step, float(self._bad_loss),
+                                              first=step == self._first_step))
 
     def _watch(self, loss: torch.Tensor, step: int) -> None:
         if self._bad_step is None:
@@ -54,8 +59,13 @@ class LossGuard(pl.Callback):
         self._bad_loss = torch.where(first, loss, self._bad_loss)
 
     @staticmethod
-    def _message(trainer: pl.Trainer, step: int, loss: float) -> str:
+    def _message(trainer: pl.Trainer, step: int, loss: float, first: bool = False) -> str:
         epoch = trainer.current_epoch
+        if first:  # no update has happened yet: the learning rate cannot be the cause
+            return (f"the training loss was {loss} at the first step ({step}), before any "
+                    "update, so not because of the learning rate: the model's weights or the "
+                    "input images hold non-finite values (or the model computes them: check "
+                    "the surgery); nothing was saved")
         good = [Path(p) for cb in trainer.checkpoint_callbacks
                 for p in (getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", ""))
                 if p and Path(p).is_file()]

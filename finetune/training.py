@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -93,6 +94,8 @@ def _guarded_run(cfg: DictConfig, context: RunContext) -> float:
         artifacts.write_json(run_dir / artifacts.METRICS, {"status": "running"})
     try:
         return _run(cfg, context)
+    except NonFiniteMetrics:
+        raise  # metrics.json already says so, with every metric
     except FinetuneError as err:
         if is_main_process():
             if context.sweep_dir is None and artifacts.remove_if_unused(run_dir):
@@ -474,8 +477,10 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         log.info("input: %.1f%% of steady-state training time went to waiting for the next "
                  "batch%s", 100 * wait,
                  "; raise data.num_workers" if wait > 0.2 and not cached else "")
+    nonfinite = [f"{k}={v}" for k, v in final.items() if not math.isfinite(v)]
     metrics = {
-        "status": "complete",
+        "status": "failed" if nonfinite else "complete",
+        **({"error": [nonfinite_message(nonfinite)]} if nonfinite else {}),
         **final,
         "best/val/acc": round(accs[best_epoch], 6) if best_epoch is not None else None,
         "best/epoch": best_epoch,
@@ -499,8 +504,22 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         "metric": cfg.metric,
         **({"feature_cache": cache_report} if cache_report else {}),
     }
-    artifacts.write_json(run_dir / artifacts.METRICS, metrics)
+    artifacts.write_json(run_dir / artifacts.METRICS, metrics)  # NaN as null, status failed
+    if nonfinite:
+        raise NonFiniteMetrics(nonfinite_message(nonfinite))
     return metrics
+
+
+class NonFiniteMetrics(FinetuneError):
+    """The run trained with a finite loss to the end, but its final validation metrics are
+    NaN or infinite: metrics.json says so (status failed); never a `complete` run."""
+
+
+def nonfinite_message(found: list[str]) -> str:
+    return (f"the final validation metrics are not finite ({', '.join(found)}) although the "
+            "training loss stayed finite: the model computes NaN or infinity in eval mode "
+            "(BatchNorm statistics that overflowed, or 16-bit precision: try trainer.precision="
+            "32-true); the run dir keeps its files for a look, but the run is not complete")
 
 
 @dataclass

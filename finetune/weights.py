@@ -159,6 +159,20 @@ def check_min_loaded(report: LoadReport, model: nn.Module, head_paths: list[str]
             "architecture?")
 
 
+def check_finite(model: nn.Module, report: LoadReport) -> None:
+    """Refuse loaded tensors that hold NaN or infinity (weights or BatchNorm statistics): a
+    run from them trains to a NaN val/loss, or stops at its first step."""
+    state = model.state_dict()
+    bad = [k for k in report.loaded if state[k].is_floating_point()
+           and not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        raise FinetuneError(
+            f"weights: {len(bad)} of the {len(report.loaded)} loaded tensors hold NaN or "
+            f"infinity, e.g. {', '.join(bad[:3])} ({report.path or report.url or report.source})"
+            "; the file is damaged or comes from a run that diverged: use another, or leave "
+            "them out with weights.exclude")
+
+
 def check_require(report: LoadReport, model: nn.Module, require: list[str]) -> None:
     """Every model tensor under the `weights.require` globs must have loaded."""
     keys = list(model.state_dict())
@@ -205,6 +219,7 @@ def load_weights(model: nn.Module, cfg: Any, model_name: str, head_paths: list[s
         report.head_reset = (f"the source was trained on classes {source_classes}, this run on "
                              f"{class_names}: the head starts new")
     load_matching(model, tensors, report, cfg.on_shape_mismatch)
+    check_finite(model, report)
     log.info("%s", report.table())
     check_min_loaded(report, model, head_paths, cfg.min_loaded, list(raw))
     check_require(report, model, list(cfg.require))

@@ -23,6 +23,7 @@ from conftest import (
     SHRINK,
     problems_here,
     read_json,
+    train_here,
     write_digit_images,
 )
 from omegaconf import OmegaConf
@@ -280,3 +281,55 @@ def test_a_single_class_folder_is_refused_before_the_model_is_built(tmp_path: Pa
     for num_classes in ("head.num_classes=5", "head.num_classes=null"):  # precheck, then data
         assert problems_here(*QUICK, *SHRINK, "data=imagefolder", f"data.root={tmp_path / 'one'}",
                              "data.classes=null", num_classes) == expected
+
+
+def test_non_finite_weights_are_refused_before_training(tmp_path: Path) -> None:
+    """NaN in a BatchNorm buffer (or anywhere) of the weights gave a `complete` run with a
+    NaN val/loss; now it is one sentence at plan time, naming the tensors."""
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    state["layer1.0.bn1.running_var"][3] = float("nan")
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("inf")
+    path = tmp_path / "damaged.pth"
+    torch.save(state, path)
+    assert problems_here(*QUICK, *SHRINK, "weights.source=file", f"weights.path={path}",
+                         run_dir=tmp_path / "run") == [
+        "weights: 2 of the 120 loaded tensors hold NaN or infinity, e.g. "
+        f"layer1.0.bn1.running_var, layer2.0.conv1.weight ({path}); the file is damaged or "
+        "comes from a run that diverged: use another, or leave them out with weights.exclude"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_nan_loss_at_the_first_step_does_not_blame_the_learning_rate(tmp_path: Path) -> None:
+    module, data = _module_and_data()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         enable_checkpointing=False, callbacks=[_Diverge(step=0)])
+    with pytest.raises(NonFiniteLoss) as stopped:
+        trainer.fit(module, datamodule=data)
+    assert str(stopped.value).startswith(
+        "the training loss was nan at the first step (0), before any update, so not because "
+        "of the learning rate: the model's weights or the input images hold non-finite values")
+
+
+def test_non_finite_final_metrics_are_a_failed_run_in_valid_json(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that is finite while it trains and NaN in eval mode: metrics.json is strict
+    JSON (NaN written as null), its status says failed and why; never `complete`."""
+    import json
+
+    monkeypatch.setenv("FINETUNE_ALLOW_MODULES", "tests.user_layers")
+    run = tmp_path / "run"
+    with pytest.raises(FinetuneError) as stopped:
+        train_here(*QUICK, *SHRINK, "surgery=[{op: insert_after, path: fc, module: "
+                   "{type: tests.user_layers.NanInEval}}]", run_dir=run)
+    assert str(stopped.value).startswith("the final validation metrics are not finite "
+                                         "(val/loss=nan")
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"metrics.json holds a bare {constant}: not JSON")
+
+    metrics = json.loads((run / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["status"] == "failed" and metrics["val/loss"] is None
+    assert metrics["error"] == [str(stopped.value)] and metrics["epochs"] == 1
+    assert (run / "model.safetensors").is_file()  # kept for a look
