@@ -31,12 +31,23 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> n
     manifest, weights_file = read_manifest(run_dir)
     prep = Preprocessing(**manifest.preprocessing)
     head = manifest.head
-    parts = assemble(manifest.model_name, manifest.build_kwargs,
-                     None if head.get("type") == "none" else head["num_classes"],
-                     head["dropout"], head["hidden"], manifest.surgery, prep.crop,
-                     prep.channels)
+    try:
+        parts = assemble(manifest.model_name, manifest.build_kwargs,
+                         None if head.get("type") == "none" else head["num_classes"],
+                         head["dropout"], head["hidden"], manifest.surgery, prep.crop,
+                         prep.channels)
+    except FinetuneError:
+        raise
+    except Exception as err:  # values the gate lets through that the builders refuse
+        raise FinetuneError(f"run={run_dir}: the model its manifest describes cannot be built "
+                            f"({_first_line(err)}); the manifest was changed after the run"
+                            ) from None
     model = parts.model
-    result = model.load_state_dict(load_file(str(weights_file)), strict=False)
+    try:
+        result = model.load_state_dict(load_file(str(weights_file)), strict=False)
+    except RuntimeError as err:  # shapes that differ (strict=False still refuses those)
+        raise FinetuneError(f"run={run_dir}: its weights do not fit the architecture its "
+                            f"manifest describes ({_first_line(err)})") from None
     if result.missing_keys or result.unexpected_keys:
         raise FinetuneError(f"run={run_dir}: its weights do not fit the architecture its "
                             f"manifest describes (missing {result.missing_keys[:3]}, unexpected "
@@ -48,6 +59,11 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> n
                         ("manifest", manifest)):
         object.__setattr__(model, name, value)
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:200] or type(err).__name__
 
 
 def list_images(path: str | Path) -> list[Path]:

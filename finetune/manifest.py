@@ -17,6 +17,9 @@ from finetune import artifacts, gate, safe_files
 from finetune.errors import ConfigError, FinetuneError
 
 FORMAT = 1
+# torchvision's InterpolationMode values (checked without importing torch)
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+HEAD_FIELDS = ("type", "num_classes", "dropout", "hidden")
 PREPROCESSING_FIELDS = {"resize": int, "crop": int, "mean": list, "std": list,
                         "interpolation": str, "channels": int}
 
@@ -59,6 +62,11 @@ class Manifest:
         if not isinstance(data, dict):
             raise ConfigError([f"{where}: the manifest is not a JSON object"])
         problems = gate.manifest_model_problems(data, where)
+        head = data.get("head")
+        absent = [k for k in HEAD_FIELDS if isinstance(head, dict) and k not in head]
+        if absent:
+            problems.append(f"{where}: the manifest's head lacks {', '.join(absent)}; it was "
+                            "changed after the run")
         problems += _preprocessing_problems(data.get("preprocessing"), where)
         expected: dict[str, tuple[type, ...]] = {
             "model_sha256": (str,), "output_shape": (list,), "class_names": (list, type(None)),
@@ -77,7 +85,7 @@ class Manifest:
         model, head = data["model"], data["head"]
         return cls(model_name=model["name"], build_kwargs=model.get("build_kwargs") or {},
                    head=head, surgery=data.get("surgery") or [],
-                   output_shape=data["output_shape"], class_names=data["class_names"],
+                   output_shape=data["output_shape"], class_names=data.get("class_names"),
                    preprocessing=data["preprocessing"], model_sha256=data["model_sha256"],
                    recipe=data.get("recipe") or {}, overrides=data.get("overrides") or [],
                    freeze=data.get("freeze") or {}, resumed_from=data.get("resumed_from"),
@@ -93,6 +101,14 @@ def _preprocessing_problems(recorded: Any, where: str) -> list[str]:
            if k not in PREPROCESSING_FIELDS or not isinstance(v, PREPROCESSING_FIELDS[k])
            or isinstance(v, bool)
            or (isinstance(v, list) and not all(isinstance(x, (int, float)) for x in v))]
+    if not bad:  # the types hold: now the values
+        bad = [k for k in ("resize", "crop") if recorded[k] < 1]
+        channels = recorded.get("channels", 3)
+        bad += [] if channels in (1, 3) else ["channels"]
+        bad += [k for k in ("mean", "std") if len(recorded[k]) not in (1, channels)]
+        bad += ["std"] if "std" not in bad and not all(x > 0 for x in recorded["std"]) else []
+        bad += [] if recorded.get("interpolation", "bilinear") in INTERPOLATIONS else [
+            "interpolation"]
     return [f"{where}: the manifest's preprocessing has a bad {', '.join(map(str, bad))}; it "
             "was changed after the run"] if bad else []
 

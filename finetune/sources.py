@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from finetune import artifacts, backbones, config, safe_files
@@ -131,7 +129,7 @@ def read_torchvision(model_name: str, weights_name: str) -> tuple[dict[str, torc
             f"weights {model_name}/{entry.name}: cannot download {entry.url} ({reason}); "
             f"offline? download that file on a machine with internet and put it at {path} "
             "(torch's hub cache; set TORCH_HOME to move it)") from None
-    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as err:
+    except Exception as err:  # a damaged cached file: any type (see read_file)
         raise _unreadable(path, err) from None
     report = LoadReport(source="torchvision", path=str(path), url=entry.url,
                         sha256=sha or artifacts.file_sha256(path))
@@ -164,14 +162,17 @@ def read_file(path_str: str, source: str = "file") -> tuple[dict[str, torch.Tens
                             "dict (.pth / .pt / .pkl / .ckpt / .safetensors) or a run dir")
     report = LoadReport(source=source, path=str(path.resolve()),
                         sha256=artifacts.file_sha256(path))
+    # A damaged file makes the readers raise almost any type (IndexError, KeyError,
+    # struct.error from the legacy format's unpickler...): all mean "cannot be read". The
+    # weights-only unpickler builds tensors and plain containers only, so nothing else runs.
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path)), report
-        except (SafetensorError, OSError) as err:
+        except Exception as err:
             raise _unreadable(path, err) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+    except Exception as err:
         raise _unreadable(path, err) from None
     if _is_state_dict(obj):
         return obj, report

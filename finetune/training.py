@@ -251,6 +251,10 @@ def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None =
     if not isinstance(saved, dict) or "finetune" not in saved or "state_dict" not in saved:
         raise FinetuneError(f"resume={path}: not a checkpoint written by finetune (no "
                             "'finetune' entry); resume from a run's checkpoints/last.ckpt")
+    damaged = checkpoint_damage(saved)
+    if damaged:
+        raise FinetuneError(f"resume={path}: the checkpoint is damaged ({damaged}); resume "
+                            "from another one (checkpoints/last.ckpt of the run), or start anew")
     ours = module.state_dict()
     theirs = saved["state_dict"]
     differ = sorted(k for k in set(ours) | set(theirs)
@@ -266,6 +270,10 @@ def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None =
                             f"{', '.join(saved['finetune']['groups'])}; this config: "
                             f"{', '.join(expected)}); resume with the freeze and optim settings "
                             "it was trained with")
+    mismatch = optimizer_state_problem(saved["optimizer_states"], module, stages)
+    if mismatch:
+        raise FinetuneError(f"resume={path}: the checkpoint is damaged ({mismatch}); resume "
+                            "from another one (checkpoints/last.ckpt of the run), or start anew")
     progress = saved.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
     whole = bool(progress.get("is_last_batch", True))  # saved at the end of an epoch
     epoch, step = int(saved["epoch"]), int(saved.get("global_step", 0))
@@ -286,6 +294,91 @@ def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None =
             length, max_epochs - 1, path.parent.parent, max_epochs - length)
     return artifacts.metrics_history(path.parent.parent / artifacts.METRICS_CSV,
                                      int(saved["epoch"]))
+
+
+def checkpoint_damage(saved: dict[str, Any]) -> str | None:
+    """What is wrong with the layout of a checkpoint finetune wrote (None: nothing), checked
+    before anything of it is used: each entry a resume reads, with its type."""
+    ours = saved.get("finetune")
+    if not isinstance(ours, dict) or not _whole(ours.get("stages")) or not (
+            isinstance(ours.get("groups"), list) and all(isinstance(g, str)
+                                                         for g in ours["groups"])):
+        return "its 'finetune' entry lacks the stages count or the optimizer group names"
+    state = saved["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        return "its state_dict is not a mapping of names to tensors"
+    missing = [k for k in ("epoch", "global_step") if not _whole(saved.get(k))]
+    if missing:
+        return f"no whole-number {' or '.join(missing)}"
+    optimizers = saved.get("optimizer_states")
+    if not isinstance(optimizers, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("state"), dict)
+            and isinstance(o.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    for g in o["param_groups"]) for o in optimizers):
+        return "its optimizer_states are not optimizer state dicts"
+    if not all(isinstance(v, dict) for o in optimizers for v in o["state"].values()):
+        return "an optimizer's per-parameter state is not a mapping"
+    tensors = [*state.items(), *((f"optimizer state {k}", t) for o in optimizers
+                                 for v in o["state"].values() for k, t in v.items()
+                                 if isinstance(t, torch.Tensor))]
+    bad = [k for k, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        return f"{len(bad)} tensors hold NaN or infinity, e.g. {', '.join(bad[:3])}"
+    for key, kind in (("loops", dict), ("lr_schedulers", list), ("callbacks", dict)):
+        if key in saved and not isinstance(saved[key], kind):
+            return f"its {key} entry is a {type(saved[key]).__name__}, not a {kind.__name__}"
+    if not all(isinstance(s, dict) for s in saved.get("lr_schedulers", [])):
+        return "a learning-rate schedule's state is not a mapping"
+    node: Any = saved.get("loops", {})
+    for key in ("fit_loop", "epoch_loop.batch_progress", "current"):
+        node = node.get(key, {})
+        if not isinstance(node, dict):
+            return f"its loop state {key} is a {type(node).__name__}"
+    return None
+
+
+def optimizer_state_problem(states: list[dict[str, Any]], module: FinetuneModule,
+                            stages: int) -> str | None:
+    """Whether the saved optimizer state fits this run's optimizer: the same groups of the
+    same sizes, and per parameter the entries this optimizer keeps (found by stepping it
+    once on a probe parameter), each of the parameter's shape. Lightning would load a
+    mismatch silently and fail at the first step."""
+    from finetune.optim import torch_groups
+    from finetune.registry import make_optimizer
+
+    if len(states) != 1:
+        return f"{len(states)} optimizer states, not 1"
+    probe = nn.Parameter(torch.zeros(2))
+    probe.grad = torch.zeros(2)
+    stepped = make_optimizer(module.optim_cfg, [probe])
+    stepped.step()
+    expected = sorted(stepped.state[probe])
+    groups = torch_groups([g for g in module.groups if g.stage < stages], module.model)
+    saved_groups = states[0]["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    if [len(g["params"]) for g in saved_groups] != sizes:
+        return f"its optimizer groups hold {[len(g['params']) for g in saved_groups]} " \
+               f"parameters, this run's {sizes}"
+    shapes = {pid: p.shape for saved, ours in zip(saved_groups, groups, strict=True)
+              for pid, p in zip(saved["params"], ours["params"], strict=True)}
+    for pid, entry in states[0]["state"].items():
+        if pid not in shapes:
+            return f"optimizer state for parameter {pid!r}, which no group holds"
+        if sorted(entry) != expected:
+            return (f"the optimizer state of parameter {pid} holds {', '.join(map(str, entry))}"
+                    f", not {', '.join(expected)}")
+        wrong = [k for k, t in entry.items() if isinstance(t, torch.Tensor) and t.dim() > 0
+                 and t.shape != shapes[pid]]
+        if wrong:
+            return (f"the optimizer's {wrong[0]} of parameter {pid} has shape "
+                    f"{list(entry[wrong[0]].shape)}, the parameter {list(shapes[pid])}")
+    return None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def schedule_end(saved: dict[str, Any], next_epoch: int) -> tuple[str, int] | None:
