@@ -19,8 +19,8 @@ from typing import Any
 
 from omegaconf import OmegaConf, open_dict
 
+from finetune import artifacts, safe_files
 from finetune import config as schema
-from finetune import safe_files
 from finetune.cli import help_text, usage, wants_help
 from finetune.errors import FinetuneError, run_entry_point
 
@@ -99,8 +99,18 @@ def copy(spec: str, target: str) -> str:
         body.pop(0)  # the old header: its command named the old file
     header = [f"# Started from recipe {name} ({path.name}); edit what differs.",
               f"#   python -m finetune recipe={out}"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join([*header, *body]) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FinetuneError(f"cannot create the folder {out.parent} ({err.strerror or err}); "
+                            "choose a path you can write to") from None
+    try:
+        artifacts.write_bytes(out, ("\n".join([*header, *body]) + "\n").encode())
+    except artifacts.DiskFull:
+        raise
+    except OSError as err:
+        raise FinetuneError(f"cannot write {out} ({err.strerror or err}); choose a path you "
+                            "can write to") from None
     return f"wrote {out}; run it with: python -m finetune recipe={out}"
 
 

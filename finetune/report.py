@@ -6,7 +6,9 @@ epochs and training time; sorted by the metric. Written beside the jobs as
 leaderboard.csv, leaderboard.md and leaderboard.png (the metric against the split point,
 and against the learning rate when it was swept), and printed. Reads only what runs wrote
 (metrics.json, metrics.csv, .hydra/), so it works on a sweep that is still running or where
-jobs failed: such jobs are listed with their status (and error) and sorted last.
+jobs failed: such jobs are listed with their status (and error) and sorted last; a job dir
+that cannot be read (damaged, cut short, from someone else) is listed as `unreadable`, with
+why, and the rest are still ranked.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune import artifacts
+from finetune import artifacts, safe_files
 from finetune.cli import help_text, parse_args, usage, wants_help
 from finetune.errors import FinetuneError, run_entry_point
 
@@ -54,39 +56,70 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _overrides(job_dir: Path) -> dict[str, str]:
-    import yaml
+STATUSES = ("complete", "running", "failed", "interrupted", "pending")
 
+
+def _overrides(job_dir: Path) -> dict[str, str]:
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return {}
-    listed = yaml.safe_load(path.read_text()) or []
+    listed = safe_files.load_yaml(path, "overrides") or []
+    if not isinstance(listed, list):
+        raise FinetuneError(f"{path}: not a list of overrides")
     return dict(str(o).partition("=")[::2] for o in listed if "=" in str(o))
 
 
 def _composed(job_dir: Path) -> dict[str, Any]:
-    import yaml
-
     path = job_dir / ".hydra" / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    config = (safe_files.load_yaml(path, "config") or {}) if path.is_file() else {}
+    if not isinstance(config, dict):
+        raise FinetuneError(f"{path}: not a mapping of config keys")
+    return config
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def read_job(job_dir: Path) -> Job:
-    """A job from its dir, finished or not."""
+    """A job from its dir, finished or not. A dir that cannot be read (it may come from
+    someone else, or have been cut short by a full disk) is a job with status `unreadable`
+    and the reason as its error: listed, never stopping the leaderboard."""
+    try:
+        return _read_job(job_dir)
+    except Exception as err:  # any damage: the rest of the sweep is still reported
+        reason = str(err) if isinstance(err, FinetuneError) else f"{type(err).__name__}: {err}"
+        return Job(job_dir, "unreadable", error=" ".join(reason.split())[:300])
+
+
+def _read_job(job_dir: Path) -> Job:
     metrics_file = job_dir / artifacts.METRICS
-    metrics = artifacts.read_json(metrics_file) if metrics_file.is_file() else {}
+    metrics = (safe_files.load_json_object(metrics_file, "metrics")
+               if metrics_file.is_file() else {})
     config = _composed(job_dir)
-    freeze, optim = config.get("freeze") or {}, config.get("optim") or {}
-    job = Job(job_dir, metrics.get("status", "pending"), _overrides(job_dir))
-    job.train_from = metrics.get("train_from", freeze.get("train_from"))
+    freeze, optim = _mapping(config.get("freeze")), _mapping(config.get("optim"))
+    status = metrics.get("status", "pending")
+    if status not in STATUSES:
+        raise FinetuneError(f"{metrics_file}: status {status!r} is not one of "
+                            f"{', '.join(STATUSES)}")
+    job = Job(job_dir, status, _overrides(job_dir))
+    train_from = metrics.get("train_from", freeze.get("train_from"))
+    job.train_from = train_from if isinstance(train_from, str) or train_from is None else None
     job.lr = _number(metrics.get("lr", optim.get("lr")))
-    job.trainable_params = metrics.get("trainable_params")
-    job.metric = metrics.get("metric")
+    job.trainable_params = _whole(metrics.get("trainable_params"))
+    job.metric = metrics.get("metric") if isinstance(metrics.get("metric"), str) else None
     if job.status == "failed":
-        job.error = " ".join(" ".join(map(str, metrics.get("error", []))).split())
+        errors = metrics.get("error", [])
+        job.error = " ".join(" ".join(map(str, errors if isinstance(errors, list)
+                                          else [errors])).split())
     if job.status == "complete":
         job.values = {k: _number(metrics.get(k)) for k in METRICS}
-        job.epochs, job.train_seconds = metrics.get("epochs"), metrics.get("train_seconds")
+        job.epochs, job.train_seconds = (_whole(metrics.get("epochs")),
+                                         _number(metrics.get("train_seconds")))
     else:  # running, or stopped: what its per-epoch log holds so far
         series = artifacts.epoch_metrics(job_dir / artifacts.METRICS_CSV)
         accs = series.get("val/acc", {})
@@ -244,14 +277,13 @@ def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, A
     header, body = list(COLUMNS), rows(ranked, root, keys)
     out = out or root
     artifacts.write_csv(out / "leaderboard.csv", header, body)
-    counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "running", "failed",
-                                                            "pending")}
+    counts = {s: sum(j.status == s for j in jobs) for s in (*STATUSES, "unreadable")}
     summary = (f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
                + f"; ranked by {metric}")
     artifacts.write_bytes(out / "leaderboard.md", (
         f"# Leaderboard: {root}\n\n{summary}; swept: {', '.join(keys) or 'nothing'}\n\n"
         + markdown_table(header[:-1], [r[:-1] for r in body])
-        + "".join(f"\n- job {r[1]} failed: {r[-1]}" for r in body if r[-1])
+        + "".join(f"\n- job {r[1]} {r[2]}: {r[-1]}" for r in body if r[-1])
         + ("\n" if any(r[-1] for r in body) else "")).encode())
     plotted = plot(jobs, metric, keys, out / "leaderboard.png")
     return {"jobs": ranked, "header": header, "rows": body, "summary": summary, "metric": metric,
@@ -285,7 +317,7 @@ def print_leaderboard(result: dict[str, Any]) -> None:
     print(text_table(shown, [r[:len(shown)] for r in result["rows"]]))
     for row in result["rows"]:
         if row[-1]:
-            print(f"job {row[1]} failed: {row[-1]}")
+            print(f"job {row[1]} {row[2]}: {row[-1]}")
     print(f"{result['summary']}\nwritten: " + "  ".join(str(f) for f in result["files"]))
 
 

@@ -333,3 +333,31 @@ def test_non_finite_final_metrics_are_a_failed_run_in_valid_json(
     assert metrics["status"] == "failed" and metrics["val/loss"] is None
     assert metrics["error"] == [str(stopped.value)] and metrics["epochs"] == 1
     assert (run / "model.safetensors").is_file()  # kept for a look
+
+
+def test_a_full_disk_while_a_checkpoint_saves_ends_the_run_in_one_sentence(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while epoch 1's last.ckpt is written (the OS call raises ENOSPC, as on
+    a full device): one sentence, epoch 0's checkpoint whole and resumable, metrics.json
+    failed with the reason, no temporary file."""
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(name).name.startswith(".last.ckpt.") and last.is_file():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(artifacts.DiskFull) as stopped:
+        train_here(*QUICK, *SHRINK, "trainer.max_epochs=2", "checkpoint.keep=last", run_dir=run)
+    assert str(stopped.value).startswith(
+        f"no space left on the device while writing {last}; the previous file is intact; ")
+    monkeypatch.undo()
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    assert read_json(run / "metrics.json") == {"status": "failed",
+                                               "error": [str(stopped.value)]}
+    assert not [p for p in run.rglob(".*") if p.name != ".hydra" and ".hydra" not in p.parts
+                and p.name != ".lock"]

@@ -83,6 +83,11 @@ def test_copy_gives_a_recipe_that_runs(tmp_path: Path, recipes_cli: Cli) -> None
     assert f"python -m finetune recipe={target}" in target.read_text().splitlines()[1]
     again = recipes_cli("copy", "digits_source", str(target), cwd=tmp_path)
     assert again.returncode == 2 and "exists already" in again.stderr
+    (tmp_path / "a_file").write_text("")
+    blocked = recipes_cli("copy", "digits_source", str(tmp_path / "a_file" / "r.yaml"),
+                          cwd=tmp_path)
+    assert blocked.returncode == 2 and blocked.stderr.count("\n") == 1, blocked.stderr
+    assert f"cannot create the folder {tmp_path / 'a_file'} (" in blocked.stderr
     run = train_here(f"recipe={target}", *SHRINK, run_dir=tmp_path / "run")
     assert read_json(run / "metrics.json")["status"] == "complete"
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import read_json, run_cli
+from conftest import main_here, read_json, run_cli
 from hydra import compose, initialize_config_dir
 
 from finetune import config as schema
@@ -124,6 +124,34 @@ def test_the_leaderboard_of_a_sweep_still_running(sweep: Path, tmp_path: Path) -
     assert by_job["3"].train_from == "fc"  # from the job's composed config
     assert [j.dir.name for j in result["jobs"]][-3:] == ["3", "4", "5"]  # unscored last
     assert "6 jobs: 2 complete, 1 running, 2 failed, 1 pending" in result["summary"]
+
+
+def test_unreadable_job_dirs_are_listed_and_the_rest_ranked(sweep: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """A metrics.json cut short (a full disk), one holding a list, an overrides.yaml that is
+    an alias bomb: each is one `unreadable` row with why; the others still rank."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("*.ckpt", "feature_cache"))
+    whole = (copy / "0" / "metrics.json").read_text()
+    (copy / "0" / "metrics.json").write_text(whole[:40])
+    (copy / "1" / "metrics.json").write_text("[1, 2]")
+    (copy / "2" / ".hydra" / "overrides.yaml").write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+            for p, c in zip("abcdef", "bcdefg", strict=True)))
+    code, out, err = main_here("finetune.report", str(copy), capsys=capsys)
+    assert code == 0, err
+    by_job = {j.dir.name: j for j in report(copy)["jobs"]}
+    assert [by_job[n].status for n in "012"] == ["unreadable"] * 3
+    assert by_job["0"].error.startswith(f"metrics {copy / '0' / 'metrics.json'}: not valid "
+                                        "JSON")
+    assert by_job["1"].error.endswith("holds a JSON list, not an object; it was changed "
+                                      "after the run")
+    assert "expands to more than 100,000 values" in by_job["2"].error
+    assert f"job 0 unreadable: metrics {copy / '0' / 'metrics.json'}: not valid JSON" in out
+    ranked = [j for j in report(copy)["jobs"] if j.values.get("val/acc") is not None]
+    assert ranked and all(j.dir.name not in "012" for j in ranked)
+    assert "3 unreadable; ranked by val/acc" in out
 
 
 def test_report_of_a_folder_without_jobs_says_so(tmp_path: Path,
