@@ -339,7 +339,13 @@ class ImageDataModule(pl.LightningDataModule):
         # Its own generator: creating an iterator then draws its base seed from it, never from
         # the global stream (Lightning creates the first one at a different point of a resumed
         # run than of an uninterrupted one, which shifted dropout's draws).
+        # A training epoch whose last batch would hold one image drops it (another image each
+        # epoch: the order is shuffled): BatchNorm cannot train on one value per channel.
+        size = len(sampler) if sampler is not None else len(dataset)
+        drop_last = sampler is not None and size > self.batch_size and \
+            size % self.batch_size == 1
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                          drop_last=drop_last,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(),
                           generator=torch.Generator().manual_seed(derive(self.seed, 3)))

@@ -7,6 +7,7 @@ with every path checked (finetune.validate.assemble_checked), then the weights l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from finetune.freezing import FreezePlan, apply_freeze
 from finetune.optim import GroupPlan
 from finetune.precheck import num_classes_problem
 from finetune.provenance import LoadReport
+from finetune.ranges import range_problems
 from finetune.validate import assemble_checked, validate
 from finetune.weight_sources import source_of
 from finetune.weights import load_weights
@@ -142,6 +144,28 @@ def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],
     return f"{name} cannot take {crop} px inputs ({first}); {hint}"
 
 
+def single_value_norm_problem(model: nn.Module, fixed: list[str], batch_size: int, crop: int,
+                              channels: int) -> str | None:
+    """A batch of one image where a BatchNorm that trains sees one value per channel (a 1x1
+    map at this input size, or after a Linear layer): it cannot compute a variance, and
+    the first step would stop with a traceback."""
+    if batch_size != 1:
+        return None
+    norms = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in fixed]
+    if not norms:
+        return None
+    shapes = surgery.io_shapes(model, crop, norms, channels)
+    single = [n for n in norms if n in shapes and math.prod(shapes[n][0][2:]) == 1]
+    if not single:
+        return None
+    more = f" (and {len(single) - 1} more)" if len(single) > 1 else ""
+    return (f"data.batch_size=1: the BatchNorm layer {single[0]}{more} trains on one value per "
+            f"channel at {crop} px, which it cannot do with one image per batch; use "
+            "data.batch_size >= 2, or freeze those layers (frozen BatchNorm keeps its "
+            "statistics)")
+
+
 def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool = True,
              train_sources: bool = True) -> RunPlan:
     """Validate, read the data, build the model once, load its weights, plan the freeze and
@@ -159,8 +183,10 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
         validate(cfg)
     except ConfigError as err:
         plan.problems += err.problems
-    if any(p.startswith("model.name") for p in plan.problems):
-        return plan  # nothing below can be checked without the model
+    if any(p.startswith("model.name") for p in plan.problems) or range_problems(cfg):
+        # nothing below can be checked without the model; and a value out of its range
+        # (said with every config-level problem) would break the steps that use it
+        return plan
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if not any(p.startswith("weights.name") for p in plan.problems):
         plan.entry = pretrained_entry(cfg)
@@ -217,6 +243,11 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
         return plan
     plan.freeze, plan.groups = checked.freeze, checked.groups
     apply_freeze(model, plan.freeze)
+    problem = single_value_norm_problem(model, plan.freeze.eval_modules, cfg.data.batch_size,
+                                        plan.prep.crop, plan.prep.channels)
+    if problem:
+        plan.problems.append(problem)
+        return plan
     if plan.data is not None:
         plan.cache_cut, plan.cache_reason = cache_decision(cfg, model, plan.freeze,
                                                            len(plan.data.train_set))

@@ -75,7 +75,7 @@ RANGES: dict[str, Range] = {
     "trainer.gradient_clip_val": POSITIVE,
     "trainer.accumulate_grad_batches": AT_LEAST_1,
     "trainer.num_sanity_val_steps": AT_LEAST_0,
-    "seed": AT_LEAST_0,
+    "seed": Range(0, 2**32 - 1),  # numpy's seeds
 }
 # each item of a list
 ITEM_RANGES: dict[str, Range] = {

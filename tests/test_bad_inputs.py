@@ -3,6 +3,7 @@ a loss that becomes NaN, Ctrl-C, a full disk; and the same seed giving the same 
 
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import re
@@ -361,3 +362,26 @@ def test_a_full_disk_while_a_checkpoint_saves_ends_the_run_in_one_sentence(
                                                "error": [str(stopped.value)]}
     assert not [p for p in run.rglob(".*") if p.name != ".hydra" and ".hydra" not in p.parts
                 and p.name != ".lock"]
+
+
+def test_one_image_per_batch_where_batchnorm_sees_one_value_is_refused() -> None:
+    """Found by the property test (tests/test_property.py): resnet18 at 32 px ends in 1x1
+    maps, where a training BatchNorm cannot take a batch of one; it crashed in the first
+    step. Frozen, those layers keep their statistics, and the run is fine."""
+    assert problems_here(*QUICK, *SHRINK, "data.batch_size=1") == [
+        "data.batch_size=1: the BatchNorm layer layer4.0.bn1 (and 4 more) trains on one value "
+        "per channel at 32 px, which it cannot do with one image per batch; use "
+        "data.batch_size >= 2, or freeze those layers (frozen BatchNorm keeps its statistics)"]
+
+
+def test_a_last_batch_of_one_image_is_dropped(tmp_path: Path) -> None:
+    """33 training images in batches of 16: the epoch is 2 batches, not 2 and a batch of one
+    that BatchNorm cannot train on (it crashed in the last step of the epoch)."""
+    run = train_here(*QUICK, "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                     "checkpoint.keep=none", "data.batch_size=16", "data.train_size=33",
+                     run_dir=tmp_path / "run")
+    metrics = read_json(run / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["train_images"] == 33
+    with open(run / "metrics.csv", newline="") as handle:
+        steps = {int(row["step"]) for row in csv.DictReader(handle)}
+    assert steps == {1}  # logged after the epoch's last step: steps 0 and 1, no step 2
