@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ import torch
 from conftest import (
     QUICK,
     SHRINK,
-    cli_errors,
     main_here,
     problems_here,
     train_here,
@@ -201,7 +198,7 @@ def test_damaged_checkpoints_to_resume(run: Path, tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match=r"the optimizer's exp_avg_sq of parameter 0 has "
                                             r"shape \[1"):
         check_resumable(tmp_path / "reshaped.ckpt", module)
-    for i, blob in enumerate(passed[:2]):  # the accepted ones really resume (each trains)
+    for i, blob in enumerate(passed[:1]):  # an accepted one really resumes (it trains)
         again = tmp_path / f"again{i}"
         (again / "checkpoints").mkdir(parents=True)
         (again / "checkpoints" / "last.ckpt").write_bytes(blob)
@@ -227,14 +224,12 @@ def test_damaged_csv_lists(tmp_path: Path) -> None:
 
 def test_the_clis_say_it_in_one_line(run: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    """Through the commands: exit 2, one `error:` line, no traceback (a random-bytes .pth
-    in a real process; a cut manifest for predict; a cut resume checkpoint)."""
+    """Through the commands: one `error:` line (a random-bytes .pth; a cut resume
+    checkpoint), and for predict exit 2 and no traceback (a cut manifest). (That a refused
+    run exits 2 without a traceback in a real process: test_train_e2e, test_bad_inputs.)"""
     junk = tmp_path / "junk.pth"
     junk.write_bytes(random.Random(0).randbytes(100))
-    result = subprocess.run([sys.executable, "-m", "finetune", *QUICK[:1], "weights.source=file",
-                             f"weights.path={junk}", *SHRINK], cwd=tmp_path, text=True,
-                            capture_output=True, timeout=300)
-    errors = cli_errors(result)
+    errors = problems_here(*QUICK[:1], "weights.source=file", f"weights.path={junk}", *SHRINK)
     assert len(errors) == 1 and f"weights file {junk} cannot be read" in errors[0]
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

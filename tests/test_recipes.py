@@ -141,3 +141,16 @@ def test_path_mistakes_are_reported_together(torch_home: Path, tmp_path: Path,
     assert "unknown layer type 'Lineer'" in errors[1]
     assert "freeze.train_from='layer7'" in errors[2]
     assert "weights.require: 'head.*' matches no model tensor" in errors[3]
+
+
+@pytest.mark.parametrize("override", [
+    "data.augment=[{Resize: {size: -4}}]", "surgery=[{op: rename, path: fc, to: training}]",
+    "data.batch_size=1", "head.dropout=-0.5", "optim.groups=[{modules: fc, lr: -0.1}]"])
+def test_validate_refuses_what_used_to_crash_later(override: str) -> None:
+    """`recipes validate` said ok to these, and the run then crashed or trained uphill: it
+    is the plan, so it says what the run would say."""
+    from finetune.recipes import validate_recipe
+
+    problems, _ = validate_recipe("quickstart", ["weights.source=none", override])
+    assert len(problems) == 1 and problems[0].startswith(override.partition("=")[0].split(
+        ".")[0]), problems
