@@ -379,6 +379,7 @@ def test_a_last_batch_of_one_image_is_dropped(tmp_path: Path) -> None:
     that BatchNorm cannot train on (it crashed in the last step of the epoch)."""
     run = train_here(*QUICK, "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                      "checkpoint.keep=none", "data.batch_size=16", "data.train_size=33",
+                     "trainer.limit_val_batches=1",
                      run_dir=tmp_path / "run")
     metrics = read_json(run / "metrics.json")
     assert metrics["status"] == "complete" and metrics["train_images"] == 33
