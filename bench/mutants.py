@@ -94,8 +94,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "        if not self.needs_root:\n            return []",
      "        if True:\n            return []", "tests/test_train_e2e.py -k together"),
     ("a run refused before it trained leaves its dir", "finetune/artifacts.py",
-     "    if not run_dir.is_dir() or run_dir.is_symlink():\n        return False",
-     "    if True:\n        return False", "tests/test_use.py -k in_process"),
+     "    if not run_dir.is_dir() or run_dir.is_symlink() or not (run_dir / \".hydra\").is_dir():"
+     "\n        return False", "    if True:\n        return False",
+     "tests/test_use.py -k in_process"),
     ("a sweep job keeps checkpoints", "finetune/training.py",
      'return ("none" if sweep else "last") if keep == "auto" else keep',
      'return "last" if keep == "auto" else keep', "tests/test_train_e2e.py -k policy"),
