@@ -127,6 +127,15 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("augmentations are not tried at plan time", "finetune/data.py",
      "    if augment:\n        check_augment(", "    if False:\n        check_augment(",
      "tests/test_bad_inputs.py -k crashed_in_training"),
+    # the most-asked-for options (issue 18)
+    ("a resume takes the checkpoint's early-stopping patience", "finetune/callbacks.py",
+     "        super().load_state_dict(state_dict)\n        self.patience = patience",
+     "        super().load_state_dict(state_dict)", "tests/test_stopping.py -k resumed"),
+    ("loss.class_weights never reach the loss", "finetune/module.py",
+     "weight=self.class_weight,", "weight=None,", "tests/test_imbalance.py -k lift"),
+    ("data.sampler=balanced draws uniformly", "finetune/data.py",
+     "            weights = [1.0 / counts[label] for label in self.train_set.labels]",
+     "            weights = None", "tests/test_imbalance.py -k reaches_the_loader"),
 ]
 
 

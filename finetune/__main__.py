@@ -31,7 +31,7 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
                      "-cn", "--config-dir", "-cd", "--info", "--experimental-rerun"}
 
 # Free-form mappings of the schema: their keys are the user's, not Hydra's to know.
-FREE_FORM = ("model.kwargs.", "weights.rename.")
+FREE_FORM = ("model.kwargs", "weights.rename", "data.limit_per_class")  # mappings of any keys
 # Recipe name -> file, for the recipe(s) this process was asked to run (read by the manifest).
 RECIPE_FILES: dict[str, Path] = {}
 # Recipe name -> the run dir it reruns (`rerun=RUN_DIR`).
@@ -95,8 +95,10 @@ def prepare(argv: list[str], cwd: Path | None = None, drop: frozenset[str] = fro
     for i in overrides:
         if argv[i] in ("head=none", "head=null"):  # short for head.type=none, as in recipes
             argv[i] = "head.type=none"
-        elif argv[i].startswith(FREE_FORM):  # model.kwargs.dropout=0.2, as README writes it
-            argv[i] = f"++{argv[i]}"  # (Hydra wants + for a key its mapping does not have)
+        elif any(argv[i].startswith((f"{k}.", f"{k}=")) for k in FREE_FORM):
+            # model.kwargs.dropout=0.2 (as README writes it) or model.kwargs={dropout: 0.2}:
+            # Hydra wants ++ for a key its mapping does not have yet
+            argv[i] = f"++{argv[i]}"
         argv[i] = home_expanded(argv[i])
     problems += schema.check_overrides([argv[i] for i in overrides
                                         if argv[i].partition("=")[0].lstrip("+") != "recipe"])

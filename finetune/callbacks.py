@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import EarlyStopping
 
 
 class ThroughputMeter(pl.Callback):
@@ -130,3 +131,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         from finetune.artifacts import write_stream
 
         write_stream(Path(path), lambda handle: torch.save(checkpoint, handle))
+
+
+class StopEarly(EarlyStopping):
+    """Lightning's EarlyStopping (after each validation), with two changes: `mode=auto` is
+    min for a loss and max otherwise, and on resume the configured patience is kept (the
+    counter and best value come from the checkpoint; Lightning would restore the patience
+    too, so a larger one could never continue a run that stopped)."""
+
+    def __init__(self, monitor: str, patience: int, mode: str = "auto",
+                 min_delta: float = 0.0) -> None:
+        if mode == "auto":
+            mode = "min" if monitor.endswith("loss") else "max"
+        super().__init__(monitor=monitor, patience=patience, mode=mode, min_delta=min_delta,
+                         check_on_train_epoch_end=False, strict=True, verbose=False)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+
+    def summary(self) -> dict[str, Any] | None:
+        """What metrics.json records when the run stopped early (None: it did not)."""
+        if not self.stopped_epoch:
+            return None
+        return {"stopped_epoch": int(self.stopped_epoch), "monitor": self.monitor,
+                "mode": self.mode, "patience": int(self.patience),
+                "min_delta": float(abs(self.min_delta)), "best": round(float(self.best_score), 6)}

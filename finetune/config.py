@@ -132,6 +132,7 @@ class SchedConfig:
 @dataclass
 class LossConfig:
     label_smoothing: float = 0.0
+    class_weights: Any = None  # null | auto | a weight per class
     aux_weight: float = 0.4
 
 
@@ -153,6 +154,16 @@ class DataConfig:
     fake_classes: int = 10
     on_bad_image: str = "skip"
     max_image_pixels: int = 89_478_485
+    sampler: str = "shuffle"
+    limit_per_class: dict[Any, Any] = field(default_factory=dict)  # class -> at most N images
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str = "val/loss"
+    patience: int | None = None  # None: off
+    mode: str = "auto"
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -172,6 +183,7 @@ class TrainerConfig:
     deterministic: Any = False
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -221,9 +233,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "weights.on_shape_mismatch": ("skip", "error"),
     "optim.name": ("sgd", "adam", "adamw", "rmsprop"),  # finetune/registry.py OPTIMIZERS
     "data.on_bad_image": ("skip", "error"),
+    "data.sampler": ("shuffle", "balanced"),
     "log_level": ("info", "debug"),
     "checkpoint.keep": ("auto", "last", "best", "both", "none"),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc"),
+    "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
+    "trainer.early_stopping.mode": ("auto", "min", "max"),
 }
 
 

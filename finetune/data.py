@@ -73,15 +73,21 @@ class EpochShuffle(Sampler):
     seed of its augmentation: a resumed run, any number of workers (persistent or not), sees
     what the uninterrupted run saw. Lightning calls set_epoch before each epoch."""
 
-    def __init__(self, size: int, seed: int, epoch: int = 0) -> None:
+    def __init__(self, size: int, seed: int, epoch: int = 0,
+                 weights: list[float] | None = None) -> None:
         self.size, self.seed, self.epoch = size, seed, epoch
+        # data.sampler=balanced: each epoch draws `size` items with replacement, item i with
+        # probability proportional to weights[i] (1 / its class's count: every class as often)
+        self.weights = torch.tensor(weights, dtype=torch.double) if weights else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Any:
         generator = torch.Generator().manual_seed(derive(self.seed, self.epoch, 2))
-        order = torch.randperm(self.size, generator=generator).tolist()
+        order = (torch.multinomial(self.weights, self.size, replacement=True,
+                                   generator=generator).tolist() if self.weights is not None
+                 else torch.randperm(self.size, generator=generator).tolist())
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
         rank, world = distributed()
         if world > 1:  # DDP: every rank its own share of the same order, padded to equal size
@@ -225,6 +231,32 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
     return split.subset(np.sort(train)), split.subset(np.sort(val))
 
 
+def limit_per_class(split: Split, names: list[str], limits: dict[str, int], seed: int
+                    ) -> Split:
+    """At most limits[class] items of each class named there (a seeded random choice),
+    before the train/val split: an imbalanced subset to study, or a smaller one."""
+    limits = {str(c): n for c, n in limits.items()}
+    unknown = [c for c in limits if c not in names]
+    if unknown:
+        raise FinetuneError(f"data.limit_per_class: {', '.join(map(str, unknown))} is not a "
+                            f"class of the data ({', '.join(names[:12])})")
+    bad = [f"{c}={n}" for c, n in limits.items()
+           if isinstance(n, bool) or not isinstance(n, int) or n < 2]
+    if bad:
+        raise FinetuneError(f"data.limit_per_class: {', '.join(bad)}: each limit is a whole "
+                            "number >= 2 (one for training, one for validation)")
+    rng = np.random.default_rng(derive(seed, 4))
+    labels = np.asarray(split.labels)
+    keep = []
+    for label, name in enumerate(names):
+        index = np.flatnonzero(labels == label)
+        limit = limits.get(name)
+        if limit is not None and len(index) > limit:
+            index = np.sort(rng.choice(index, size=limit, replace=False))
+        keep.append(index)
+    return split.subset(np.sort(np.concatenate(keep)))
+
+
 def few_shot(split: Split, size: int, seed: int) -> Split:
     """`size` training items, every class in proportion (at least one each), by seed."""
     classes = len(set(split.labels))
@@ -319,10 +351,11 @@ class ImageDataModule(pl.LightningDataModule):
     """Train and val datasets already split; loaders from the data config."""
 
     def __init__(self, train: Any, val: Any, class_names: list[str], batch_size: int,
-                 num_workers: int, seed: int = 0) -> None:
+                 num_workers: int, seed: int = 0, balanced: bool = False) -> None:
         super().__init__()
         self.train_set, self.val_set, self.class_names = train, val, class_names
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.balanced = balanced  # data.sampler=balanced
         # The epoch the first train loader starts at: Lightning creates that loader's
         # iterator (workers prefetch from the sampler) before it calls set_epoch.
         self.start_epoch = 0
@@ -350,9 +383,20 @@ class ImageDataModule(pl.LightningDataModule):
                           pin_memory=torch.cuda.is_available(),
                           generator=torch.Generator().manual_seed(derive(self.seed, 3)))
 
+    def class_counts(self) -> list[int]:
+        """Training images per class, in class order."""
+        counts = [0] * len(self.class_names)
+        for label in self.train_set.labels:
+            counts[label] += 1
+        return counts
+
     def train_dataloader(self) -> DataLoader:
+        weights = None
+        if self.balanced:
+            counts = self.class_counts()
+            weights = [1.0 / counts[label] for label in self.train_set.labels]
         return self._loader(self.train_set, EpochShuffle(len(self.train_set), self.seed,
-                                                         self.start_epoch))
+                                                         self.start_epoch, weights))
 
     def val_dataloader(self) -> DataLoader:
         rank, world = distributed()
@@ -392,6 +436,8 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
         if val is not None:
             val, bad_val = drop_undecodable(val, names, policy, max_pixels)
             bad += bad_val
+    if cfg.get("limit_per_class"):
+        full = limit_per_class(full, names, dict(cfg.limit_per_class), seed)
     train = full
     if val is None:
         train, val = stratified_split(full, cfg.val_fraction, seed)
@@ -410,6 +456,7 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
         dataset(train.items, train.labels, training, bool(augment), **extra),
         dataset(val.items, val.labels, eval_transform(prep), **extra),
         names, cfg.batch_size, _workers(cfg.num_workers, in_memory), seed,
+        cfg.get("sampler", "shuffle") == "balanced",
     )
     data.bad_images = bad
     return data

@@ -45,6 +45,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    balance: dict[str, Any] = field(default_factory=dict)  # class counts, weights, sampler
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -91,7 +92,8 @@ class Manifest:
                    freeze=data.get("freeze") or {}, resumed_from=data.get("resumed_from"),
                    weights=data.get("weights") or {}, seed=data.get("seed") or 0,
                    versions=data.get("versions") or {}, config=data.get("config") or {},
-                   created=str(data.get("created", "")))
+                   created=str(data.get("created", "")),
+                   balance=data.get("balance") if isinstance(data.get("balance"), dict) else {})
 
 
 def _preprocessing_problems(recorded: Any, where: str) -> list[str]:

@@ -39,9 +39,14 @@ class FinetuneModule(pl.LightningModule):
     def __init__(self, model: nn.Module, num_classes: int, freeze: FreezePlan, optim: Any,
                  sched: Any, label_smoothing: float = 0.0, aux_weight: float = 0.4,
                  seed: int = 0, channels_last: bool = False, compile: bool = False,
-                 groups: list[GroupPlan] | None = None) -> None:
+                 groups: list[GroupPlan] | None = None,
+                 class_weights: list[float] | None = None) -> None:
         super().__init__()
         self.model = model
+        # loss.class_weights: the training loss weighs each class (not saved: the plan
+        # computes them again; validation's loss stays unweighted, comparable across runs)
+        self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32)
+                             if class_weights else None, persistent=False)
         self.freeze_plan, self.optim_cfg, self.sched_cfg = freeze, optim, sched
         # The optimizer groups of every stage, as the plan computed them (RunPlan.groups);
         # computed here only for a module made without a plan.
@@ -110,7 +115,8 @@ class FinetuneModule(pl.LightningModule):
         seed_epoch(self.seed, self.current_epoch)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits, target, weight=self.class_weight,
+                               label_smoothing=self.label_smoothing)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
                       ) -> torch.Tensor:

@@ -81,6 +81,7 @@ class RunPlan:
     groups: list[GroupPlan] = field(default_factory=list)  # every stage's, in join order
     cache_cut: cache.Cut | None = None
     cache_reason: str = "off: nothing trains"
+    class_weights: list[float] | None = None  # loss.class_weights, resolved
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -144,6 +145,32 @@ def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],
     return f"{name} cannot take {crop} px inputs ({first}); {hint}"
 
 
+def class_weights(setting: Any, counts: list[int], names: list[str]) -> list[float] | None:
+    """loss.class_weights as one weight per class: `auto` is inverse frequency in the
+    training split, N / (K x n_c) (a balanced set gets 1.0 each); a list is taken as given."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        total = sum(counts)
+        return [round(total / (len(counts) * n), 6) for n in counts]
+    weights = list(setting) if OmegaConf.is_list(setting) or isinstance(setting, list) else None
+    if weights is None or len(weights) != len(names) or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
+        raise FinetuneError(f"loss.class_weights={setting}: give auto, or one number per class "
+                            f"({len(names)}: {', '.join(names[:12])})")
+    return [float(w) for w in weights]
+
+
+def monitored_problems(cfg: DictConfig, num_classes: int) -> list[str]:
+    """Metrics a run is told to watch that it will not measure (top-5 needs > 5 classes)."""
+    watched = [("metric", cfg.metric)]
+    if cfg.trainer.early_stopping.patience is not None:
+        watched.append(("trainer.early_stopping.monitor", cfg.trainer.early_stopping.monitor))
+    return [f"{key}={name}: top-5 accuracy is not measured with {num_classes} classes (it "
+            "would always be 1); use val/acc or val/loss"
+            for key, name in watched if name == "val/acc_top5" and num_classes <= 5]
+
+
 def single_value_norm_problem(model: nn.Module, fixed: list[str], batch_size: int, crop: int,
                               channels: int) -> str | None:
     """A batch of one image where a BatchNorm that trains sees one value per channel (a 1x1
@@ -198,6 +225,9 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
                 plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed)
                 check_num_classes(cfg.head.num_classes, plan.data.class_names)
                 plan.class_names = plan.data.class_names
+                plan.problems += monitored_problems(cfg, len(plan.class_names))
+                plan.class_weights = class_weights(cfg.loss.class_weights,
+                                                   plan.data.class_counts(), plan.class_names)
             except FinetuneError as err:  # (the class count may be known from precheck)
                 plan.problems += [p for p in err.problems if p not in plan.problems]
         # the paths are still checked: against a head of the size asked for (or 2)

@@ -59,6 +59,10 @@ def config_problems(cfg: Any) -> list[str]:
             problems.append(f"freeze.unfreeze[{i}]: epoch {phase.epoch} is never reached (the "
                             f"run has {epochs} epochs, 0..{epochs - 1}); lower it or raise "
                             "trainer.max_epochs")
+    stopping = cfg.trainer.early_stopping
+    if stopping.patience is not None and cfg.trainer.limit_val_batches == 0:
+        problems.append("trainer.early_stopping needs validation, and trainer.limit_val_batches"
+                        "=0 runs none: give validation batches, or patience=null")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         problems.append("optim.nesterov=true needs optim.name=sgd with optim.momentum > 0")
     package = LOGGERS[cfg.logger.name].package

@@ -75,6 +75,8 @@ RANGES: dict[str, Range] = {
     "trainer.gradient_clip_val": POSITIVE,
     "trainer.accumulate_grad_batches": AT_LEAST_1,
     "trainer.num_sanity_val_steps": AT_LEAST_0,
+    "trainer.early_stopping.patience": AT_LEAST_1,
+    "trainer.early_stopping.min_delta": AT_LEAST_0,
     "seed": Range(0, 2**32 - 1),  # numpy's seeds
 }
 # each item of a list
@@ -83,6 +85,7 @@ ITEM_RANGES: dict[str, Range] = {
     "optim.betas": FRACTION_OPEN,
     "data.mean": Range(0, 1),
     "data.std": POSITIVE,
+    "loss.class_weights": POSITIVE,
 }
 # each field of each entry of a list of mappings
 ENTRY_RANGES: dict[str, dict[str, Range]] = {
@@ -116,7 +119,9 @@ def range_problems(cfg: Any) -> list[str]:
 
     problems = [p for key, allowed in RANGES.items() if (p := _check(key, get(key), allowed))]
     for key, allowed in ITEM_RANGES.items():
-        for i, item in enumerate(get(key) or []):
+        items = get(key)
+        for i, item in enumerate(items if OmegaConf.is_list(items) or isinstance(items, list)
+                                 else []):  # (loss.class_weights may also be `auto`)
             problems += [p for p in [_check(f"{key}[{i}]", item, allowed)] if p]
     for key, fields in ENTRY_RANGES.items():
         for i, entry in enumerate(get(key) or []):

@@ -28,7 +28,8 @@ USAGE = usage("finetune.report")
 METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc")
 ALL_LAYERS = "(all)"  # the split point of a job that trains every layer (train_from null)
 COLUMNS = ("rank", "job", "status", "overrides", "train_from", "lr", "trainable_params",
-           "best_val_acc", "val_acc", "val_loss", "epochs", "train_seconds", "error")
+           "best_val_acc", "val_acc", "val_loss", "epochs", "stopped_early_at", "train_seconds",
+           "error")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Job:
     lr: float | None = None
     trainable_params: int | None = None
     epochs: int | None = None
+    stopped_at: int | None = None  # the epoch early stopping ended the run, if it did
     train_seconds: float | None = None
     error: str = ""
     metric: str | None = None  # the metric the job was told to return
@@ -120,6 +122,7 @@ def _read_job(job_dir: Path) -> Job:
         job.values = {k: _number(metrics.get(k)) for k in METRICS}
         job.epochs, job.train_seconds = (_whole(metrics.get("epochs")),
                                          _number(metrics.get("train_seconds")))
+        job.stopped_at = _whole(_mapping(metrics.get("early_stopping")).get("stopped_epoch"))
     else:  # running, or stopped: what its per-epoch log holds so far
         series = artifacts.epoch_metrics(job_dir / artifacts.METRICS_CSV)
         accs = series.get("val/acc", {})
@@ -177,7 +180,8 @@ def rows(jobs: list[Job], root: Path, keys: list[str]) -> list[list[Any]]:
             " ".join(f"{k}={job.overrides[k]}" for k in keys if k in job.overrides),
             split_label(job.train_from), fmt(job.lr, 6), fmt(job.trainable_params),
             fmt(job.values.get("best/val/acc")), fmt(job.values.get("val/acc")),
-            fmt(job.values.get("val/loss")), fmt(job.epochs), fmt(job.train_seconds, 1),
+            fmt(job.values.get("val/loss")), fmt(job.epochs), fmt(job.stopped_at),
+            fmt(job.train_seconds, 1),
             job.error,
         ])
     return out

@@ -26,6 +26,7 @@ from finetune import artifacts, backbones, cache, plots
 from finetune.callbacks import (
     AtomicCheckpointIO,
     SaveOnInterrupt,
+    StopEarly,
     Terminated,
     ThroughputMeter,
     stop_name,
@@ -162,7 +163,8 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                  stage.epoch, stage.selector, len(stage.params), stage.name)
     module = FinetuneModule(built.model, num_classes, freeze, cfg.optim, cfg.sched,
                             cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
-                            cfg.model.channels_last, cfg.model.compile, plan.groups)
+                            cfg.model.channels_last, cfg.model.compile, plan.groups,
+                            plan.class_weights)
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs)
                if checkpoint is not None else ([], []))
@@ -469,6 +471,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
+    stopping = trainer_kwargs.pop("early_stopping")
+    if stopping["patience"] is not None:
+        callbacks.append(StopEarly(stopping["monitor"], stopping["patience"], stopping["mode"],
+                                   stopping["min_delta"]))
     loggers = make_loggers(cfg.logger.name, run_dir)
     header, rows = history
     if header and is_main_process():
@@ -494,7 +500,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
 
 def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
                    prep: backbones.Preprocessing, class_names: list[str] | None,
-                   freeze: FreezePlan | None) -> str:
+                   freeze: FreezePlan | None, balance: dict[str, Any] | None = None) -> str:
     """model.safetensors and manifest.json: what is needed to use the model. Returns the
     weights' sha256."""
     model_sha = artifacts.save_weights(built.model, run_dir / artifacts.WEIGHTS)
@@ -515,7 +521,7 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
         weights={k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}
         | {"name": getattr(source_of(cfg).entry(cfg), "name", None)},  # the entry DEFAULT is
         seed=cfg.seed, versions=artifacts.library_versions(), config=config,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), balance=balance or {},
     ).write(run_dir)
     return model_sha
 
@@ -551,7 +557,10 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
              cache_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
-    write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze)
+    weights = module.class_weight
+    write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze, {
+        "class_counts": data.class_counts(), "sampler": "balanced" if data.balanced else
+        "shuffle", "class_weights": weights.tolist() if weights is not None else None})
     series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
     plots.plot_curves(series, run_dir / artifacts.CURVES)
     if module.last_confusion is not None:
@@ -592,6 +601,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
         **parameter_counts(module.model),
+        **({"early_stopping": stopped} if (stopped := early_stop_summary(trainer)) else {}),
         "train_from": freeze.train_from,
         "lr": float(cfg.optim.lr),
         "metric": cfg.metric,
@@ -601,6 +611,12 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
     if nonfinite:
         raise NonFiniteMetrics(nonfinite_message(nonfinite))
     return metrics
+
+
+def early_stop_summary(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """How and when early stopping ended the run (None: it did not)."""
+    stopper = next((c for c in trainer.callbacks if isinstance(c, StopEarly)), None)
+    return stopper.summary() if stopper is not None else None
 
 
 class NonFiniteMetrics(FinetuneError):
@@ -680,4 +696,10 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
         "  " + "  ".join(name for name in SUMMARY_FILES if (run_dir / name.rstrip("/")).exists()
                          and (not name.endswith("/") or any((run_dir / name).iterdir()))),
     ]
+    stopped = metrics.get("early_stopping")
+    if stopped:
+        by = f" by more than {stopped['min_delta']:g}" if stopped["min_delta"] else ""
+        lines.insert(1, f"  stopped early after epoch {stopped['stopped_epoch']}: "
+                        f"{stopped['monitor']} did not improve{by} for {stopped['patience']} "
+                        f"validations (best {stopped['best']:.4f}; trainer.early_stopping)")
     print("\n".join(lines), flush=True)
