@@ -283,3 +283,15 @@ def test_every_range_is_checked_and_written_beside_its_key() -> None:
                                                      + key.split(".")[-1] + ":"))
         for name, allowed in entry_fields.items():
             assert f"{name} {allowed.text()}" in line, (key, name, line)
+
+
+def test_mappings_take_new_keys_from_the_command_line() -> None:
+    """model.kwargs={dropout: 0.2} (and data.limit_per_class={8: 18}, weights.rename={..})
+    failed with Hydra's "Key 'dropout' is not in struct"; a mapping of free keys takes them
+    whole or one at a time."""
+    from finetune.inspect import compose_with_hydra
+
+    cfg = compose_with_hydra(["recipe=quickstart", "model.kwargs={dropout: 0.2}",
+                              "data.limit_per_class={8: 18}", "weights.rename.a=b"])
+    assert cfg.model.kwargs == {"dropout": 0.2} and cfg.weights.rename == {"a": "b"}
+    assert dict(cfg.data.limit_per_class) == {8: 18}
