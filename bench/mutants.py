@@ -130,7 +130,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     # the most-asked-for options (issue 18)
     ("a resume takes the checkpoint's early-stopping patience", "finetune/callbacks.py",
      "        super().load_state_dict(state_dict)\n        self.patience = patience",
-     "        super().load_state_dict(state_dict)", "tests/test_stopping.py -k resumed"),
+     "        super().load_state_dict(state_dict)", "tests/test_stopping.py -k resumes"),
     ("loss.class_weights never reach the loss", "finetune/module.py",
      "weight=self.class_weight,", "weight=None,", "tests/test_imbalance.py -k lift"),
     ("data.sampler=balanced draws uniformly", "finetune/data.py",

@@ -18,27 +18,25 @@ STOP = ["trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=1
         "trainer.enable_progress_bar=false", "sched.epochs=6", "checkpoint.keep=last"]
 
 
-def test_it_stops_the_run_and_says_when(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run = train_here(*QUICK, *STOP, "trainer.max_epochs=6", run_dir=tmp_path / "run")
-    metrics = read_json(run / "metrics.json")
+def test_it_stops_the_run_says_when_and_resumes_consistently(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The run stops after epoch 2 and says so. Epochs 0-1, then a resume to 6: the patience
+    counter comes from the checkpoint, so it stops after epoch 2 with the same weights; with
+    patience 4 a stopped run trains on."""
+    whole = train_here(*QUICK, *STOP, "trainer.max_epochs=6", run_dir=tmp_path / "whole")
+    metrics = read_json(whole / "metrics.json")
     assert metrics["status"] == "complete" and metrics["epochs"] == 3
     assert metrics["early_stopping"] == {
         "stopped_epoch": 2, "monitor": "val/loss", "mode": "min", "patience": 2,
         "min_delta": 10.0, "best": metrics["early_stopping"]["best"]}
     assert "stopped early after epoch 2: val/loss did not improve by more than 10 for 2 " \
            "validations" in capsys.readouterr().out
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
-
-
-def test_a_resumed_run_stops_where_the_uninterrupted_one_did(tmp_path: Path) -> None:
-    """Epochs 0-1, then a resume to 6: the patience counter comes from the checkpoint, so it
-    stops after epoch 2 with the same weights; with patience 4 a stopped run trains on."""
-    whole = train_here(*QUICK, *STOP, "trainer.max_epochs=6", run_dir=tmp_path / "whole")
+    assert torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
     part = train_here(*QUICK, *STOP, "trainer.max_epochs=2", run_dir=tmp_path / "part")
     assert "early_stopping" not in read_json(part / "metrics.json")
     resumed = train_here(*QUICK, *STOP, "trainer.max_epochs=6", "resume=auto", run_dir=part)
-    a, b = read_json(whole / "metrics.json"), read_json(resumed / "metrics.json")
-    assert a["early_stopping"] == b["early_stopping"] and a["epochs"] == b["epochs"] == 3
+    again = read_json(resumed / "metrics.json")
+    assert again["early_stopping"] == metrics["early_stopping"] and again["epochs"] == 3
     wa, wb = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     longer = train_here(*QUICK, *STOP, "trainer.max_epochs=6", "resume=auto",
