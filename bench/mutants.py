@@ -136,6 +136,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("data.sampler=balanced draws uniformly", "finetune/data.py",
      "            weights = [1.0 / counts[label] for label in self.train_set.labels]",
      "            weights = None", "tests/test_imbalance.py -k reaches_the_loader"),
+    ("data.mix never mixes a training batch", "finetune/module.py",
+     "        if self.mix is not None:  # MixUp", "        if False:  # MixUp",
+     "tests/test_module.py -k mixed"),
 ]
 
 

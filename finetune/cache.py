@@ -362,7 +362,7 @@ class FeatureCache(pl.Callback):
 
 
 def decide(setting: Any, model: nn.Module, has_phases: bool, augment: bool,
-           passes: float) -> tuple[Cut | None, str]:
+           passes: float, mixes: bool = False) -> tuple[Cut | None, str]:
     """Whether this run caches: (the cut, or None; the reason, for the log and metrics.json).
 
     `passes`: how many times the training loop goes through the training set (epochs x the
@@ -374,6 +374,8 @@ def decide(setting: Any, model: nn.Module, has_phases: bool, augment: bool,
         return None, "off (freeze.cache=false)"
     if augment:
         return None, "off: data.augment is random"
+    if mixes:
+        return None, "off: data.mix mixes the images of each batch"
     if has_phases:
         return None, "off: freeze.unfreeze changes the frozen part during the run"
     if not any(not p.requires_grad for p in model.parameters()):

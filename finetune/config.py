@@ -137,6 +137,13 @@ class LossConfig:
 
 
 @dataclass
+class MixConfig:
+    mixup_alpha: float = 0.0  # 0: off
+    cutmix_alpha: float = 0.0  # 0: off
+    prob: float = 1.0  # of a batch being mixed
+
+
+@dataclass
 class DataConfig:
     name: str = "digits"
     root: str | None = None
@@ -155,6 +162,7 @@ class DataConfig:
     on_bad_image: str = "skip"
     max_image_pixels: int = 89_478_485
     sampler: str = "shuffle"
+    mix: MixConfig = field(default_factory=MixConfig)
     limit_per_class: dict[Any, Any] = field(default_factory=dict)  # class -> at most N images
 
 

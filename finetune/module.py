@@ -40,11 +40,12 @@ class FinetuneModule(pl.LightningModule):
                  sched: Any, label_smoothing: float = 0.0, aux_weight: float = 0.4,
                  seed: int = 0, channels_last: bool = False, compile: bool = False,
                  groups: list[GroupPlan] | None = None,
-                 class_weights: list[float] | None = None) -> None:
+                 class_weights: list[float] | None = None, mix: Any = None) -> None:
         super().__init__()
         self.model = model
         # loss.class_weights: the training loss weighs each class (not saved: the plan
         # computes them again; validation's loss stays unweighted, comparable across runs)
+        self.mix = mix  # data.mix: a finetune.mixing.BatchMix on each training batch, or None
         self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32)
                              if class_weights else None, persistent=False)
         self.freeze_plan, self.optim_cfg, self.sched_cfg = freeze, optim, sched
@@ -121,10 +122,13 @@ class FinetuneModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
                       ) -> torch.Tensor:
         x, y = batch
+        target = y
+        if self.mix is not None:  # MixUp / CutMix: mixed images, soft targets
+            x, target = self.mix(x, y)
         logits, aux = split_outputs(self._run(x))
-        loss = self._loss(logits, y)
+        loss = self._loss(logits, target)
         for aux_logits in aux:
-            loss = loss + self.aux_weight * self._loss(aux_logits, y)
+            loss = loss + self.aux_weight * self._loss(aux_logits, target)
         # Not on the progress bar: refreshing it every step would read the loss from the GPU
         # (a host sync per step); Lightning reads it every trainer.log_every_n_steps.
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))

@@ -22,7 +22,7 @@ from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze
 from finetune.optim import GroupPlan
-from finetune.precheck import num_classes_problem
+from finetune.precheck import mix_enabled, num_classes_problem
 from finetune.provenance import LoadReport
 from finetune.ranges import range_problems
 from finetune.validate import assemble_checked, validate
@@ -122,7 +122,7 @@ def cache_decision(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
     per_epoch = (min(1.0, float(limit)) if isinstance(limit, float)
                  else min(1.0, int(limit) * batch / max(1, train_images)))
     return cache.decide(cfg.freeze.cache, model, len(freeze.stages) > 1, bool(cfg.data.augment),
-                        per_epoch * (cfg.trainer.max_epochs or 1))
+                        per_epoch * (cfg.trainer.max_epochs or 1), mix_enabled(cfg.data))
 
 
 def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],

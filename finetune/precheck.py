@@ -17,6 +17,12 @@ from finetune.weight_sources import source_of
 BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
 
 
+def mix_enabled(data: Any) -> bool:
+    """Whether `data.mix` mixes anything (finetune/mixing.py does it)."""
+    mix = data.get("mix") if data is not None else None
+    return bool(mix) and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) and mix.prob > 0
+
+
 def num_classes_problem(configured: int | None, class_names: list[str]) -> str | None:
     """head.num_classes against the data's classes (null follows the data)."""
     if configured is None or configured == len(class_names):
@@ -72,7 +78,12 @@ def config_problems(cfg: Any) -> list[str]:
     for i, entry in enumerate(cfg.data.augment):
         name = entry if isinstance(entry, str) else OmegaConf.select(entry, "type")
         if name in BATCH_MIXES:
+            key = "mixup_alpha: 0.2" if name == "MixUp" else "cutmix_alpha: 1.0"
             problems.append(f"data.augment[{i}]: {name} mixes pairs of images and their labels "
-                            "across a batch, which a per-image augmentation cannot do; it is not "
-                            "supported yet (a batch-mix option is planned): remove it")
+                            "across a batch, which a per-image augmentation cannot do; remove "
+                            f"it and set data.mix: {{{key}}} (applied to each training batch)")
+    if mix_enabled(cfg.data) and str(cfg.freeze.cache).lower() == "true":
+        problems.append("freeze.cache=true but data.mix mixes images: the frozen layers see "
+                        "other inputs every step, so their outputs cannot be computed once; "
+                        "use freeze.cache=auto (off here) or drop data.mix")
     return problems

@@ -36,8 +36,10 @@ from finetune.errors import FinetuneError
 from finetune.freezing import FreezePlan
 from finetune.loggers import LOGGERS
 from finetune.manifest import Manifest
+from finetune.mixing import BatchMix
 from finetune.module import FinetuneModule
 from finetune.plan import Built, RunContext, RunPlan, plan_run
+from finetune.precheck import mix_enabled
 from finetune.quiet import quiet_output
 from finetune.weight_sources import source_of
 
@@ -164,7 +166,7 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     module = FinetuneModule(built.model, num_classes, freeze, cfg.optim, cfg.sched,
                             cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
                             cfg.model.channels_last, cfg.model.compile, plan.groups,
-                            plan.class_weights)
+                            plan.class_weights, batch_mix(cfg, num_classes))
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs)
                if checkpoint is not None else ([], []))
@@ -187,6 +189,17 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     print_summary(run_dir, metrics)
     value = metrics.get(cfg.metric)
     return float(value) if value is not None else float("nan")
+
+
+def batch_mix(cfg: DictConfig, num_classes: int) -> BatchMix | None:
+    """data.mix as the module's batch transform (None: off)."""
+    if not mix_enabled(cfg.data):
+        return None
+    mix = BatchMix(num_classes, cfg.data.mix.mixup_alpha, cfg.data.mix.cutmix_alpha,
+                   cfg.data.mix.prob)
+    log.info("data: %s on %.0f%% of the training batches, soft targets",
+             " or ".join(mix.describe()["mixes"]), 100 * cfg.data.mix.prob)
+    return mix
 
 
 def feature_cache(cfg: DictConfig, plan: RunPlan) -> cache.FeatureCache | str:

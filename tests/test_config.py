@@ -273,7 +273,7 @@ def test_every_range_is_checked_and_written_beside_its_key() -> None:
         if key.startswith("data."):  # the data group's keys: in each of its option files
             for option in sorted((schema.CONF_DIR / "data").glob("*.yaml")):
                 line = next(x for x in option.read_text().splitlines()
-                            if x.startswith(leaf + ":"))
+                            if x.startswith("  " * (depth - 1) + leaf + ":"))
                 assert allowed.text() in line.partition("#")[2], (option, key, line)
             continue
         line = next(x for x in lines if x.startswith("  " * depth + leaf + ":"))

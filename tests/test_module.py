@@ -17,11 +17,31 @@ from finetune.module import FinetuneModule
 warnings.filterwarnings("ignore")
 
 
-def _module(model, aux_weight: float = 0.4, train_from=None) -> FinetuneModule:
+def _module(model, aux_weight: float = 0.4, train_from=None, **kwargs) -> FinetuneModule:
     plan = plan_freeze(model, train_from)
     apply_freeze(model, plan)
     return FinetuneModule(model, 5, plan, OmegaConf.structured(OptimConfig),
-                          OmegaConf.structured(SchedConfig), aux_weight=aux_weight)
+                          OmegaConf.structured(SchedConfig), aux_weight=aux_weight, **kwargs)
+
+
+def test_the_training_loss_takes_the_mixed_batch_and_class_weights() -> None:
+    """data.mix and loss.class_weights reach the training step: the loss is the weighted
+    soft-target cross-entropy of the mixed batch, exactly."""
+    from finetune.mixing import BatchMix
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    heads.replace_heads(model, 5)
+    weights = [1.0, 2.0, 0.5, 1.0, 3.0]
+    module = _module(model, mix=BatchMix(5, mixup_alpha=0.4), class_weights=weights).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 4])
+    torch.manual_seed(1)
+    loss = module.training_step((x, y), 0)
+    torch.manual_seed(1)
+    mixed, target = BatchMix(5, mixup_alpha=0.4)(x, y)
+    expected = F.cross_entropy(model(mixed), target, weight=torch.tensor(weights))
+    assert torch.allclose(loss, expected)
+    assert not torch.allclose(loss, F.cross_entropy(model(x), y))
 
 
 def test_auxiliary_logits_add_weighted_loss() -> None:
