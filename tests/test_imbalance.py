@@ -21,7 +21,7 @@ from finetune.errors import FinetuneError
 # All ten digits, 5-9 cut to 18 images each (about 180 for 0-4): 10:1.
 IMBALANCED = [*QUICK, "data.classes=null", "head.num_classes=null", "data.batch_size=64",
               "data.limit_per_class={5: 18, 6: 18, 7: 18, 8: 18, 9: 18}",
-              "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+              "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
               "checkpoint.keep=none"]
 
 
@@ -31,12 +31,16 @@ def _balanced_accuracy(run: Path) -> float:
     return balanced_accuracy_score([r["label"] for r in rows], [r["predicted"] for r in rows])
 
 
-def test_class_weights_lift_balanced_accuracy_on_imbalanced_digits(tmp_path: Path) -> None:
-    """The same seed and budget, with and without loss.class_weights=auto: the minority
-    classes are recalled far better (here 0.62 -> 0.84; the note has the figures)."""
+def test_class_weights_and_the_sampler_lift_balanced_accuracy(tmp_path: Path) -> None:
+    """The same seed and budget (one epoch from scratch), plain, with loss.class_weights=auto
+    and with data.sampler=balanced: the minority classes are recalled far better (here 0.47
+    -> 0.78 and 0.84; docs/training.md has longer runs)."""
     plain = train_here(*IMBALANCED, run_dir=tmp_path / "plain")
     weighted = train_here(*IMBALANCED, "loss.class_weights=auto", run_dir=tmp_path / "weighted")
-    assert _balanced_accuracy(weighted) > _balanced_accuracy(plain) + 0.1
+    sampled = train_here(*IMBALANCED, "data.sampler=balanced", run_dir=tmp_path / "sampled")
+    assert _balanced_accuracy(weighted) > _balanced_accuracy(plain) + 0.15
+    assert _balanced_accuracy(sampled) > _balanced_accuracy(plain) + 0.15
+    assert read_json(sampled / "manifest.json")["balance"]["sampler"] == "balanced"
     balance = read_json(weighted / "manifest.json")["balance"]
     counts = balance["class_counts"]
     assert all(13 <= c <= 15 for c in counts[5:]) and all(c > 130 for c in counts[:5])  # 18 each
