@@ -139,6 +139,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("data.mix never mixes a training batch", "finetune/module.py",
      "        if self.mix is not None:  # MixUp", "        if False:  # MixUp",
      "tests/test_module.py -k mixed"),
+    ("every k-fold validates on the first fold", "finetune/data.py",
+     "np.zeros(len(split.labels)), split.labels))[fold]",
+     "np.zeros(len(split.labels)), split.labels))[0]", "tests/test_kfold.py -k disjoint"),
+    ("the fold table ranks by the last fold, not the mean", "finetune/report.py",
+     "        mean = sum(values) / len(values) if values else None",
+     "        mean = values[-1] if values else None", "tests/test_kfold.py -k leaderboard"),
 ]
 
 

@@ -151,6 +151,8 @@ class DataConfig:
     image_size: int | None = None
     batch_size: int = 32
     val_fraction: float = 0.2
+    folds: int | None = None  # k-fold cross-validation: K folds (null: one val_fraction split)
+    fold: int = 0  # which fold is the validation set, 0..K-1
     num_workers: Any = "auto"
     train_size: int | None = None
     channels: int = 3

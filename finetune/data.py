@@ -257,6 +257,24 @@ def limit_per_class(split: Split, names: list[str], limits: dict[str, int], seed
     return split.subset(np.sort(np.concatenate(keep)))
 
 
+def fold_split(split: Split, folds: int, fold: int, seed: int) -> tuple[Split, Split]:
+    """(train, val) of k-fold cross-validation: scikit-learn's StratifiedKFold, shuffled by
+    seed; fold `fold`'s part is the validation set. The folds are disjoint and cover the
+    data, every class in proportion in each."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if fold >= folds:
+        raise FinetuneError(f"data.fold={fold}: there are {folds} folds (data.folds), "
+                            f"numbered 0..{folds - 1}")
+    counts = np.bincount(np.asarray(split.labels))
+    if counts[counts > 0].min() < folds:
+        raise FinetuneError(f"data.folds={folds}: a class has only {counts[counts > 0].min()} "
+                            "images, fewer than the folds; use fewer folds or add images")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
+    train, val = list(splitter.split(np.zeros(len(split.labels)), split.labels))[fold]
+    return split.subset(np.sort(train)), split.subset(np.sort(val))
+
+
 def few_shot(split: Split, size: int, seed: int) -> Split:
     """`size` training items, every class in proportion (at least one each), by seed."""
     classes = len(set(split.labels))
@@ -439,7 +457,14 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModul
     if cfg.get("limit_per_class"):
         full = limit_per_class(full, names, dict(cfg.limit_per_class), seed)
     train = full
-    if val is None:
+    folds = cfg.get("folds")
+    if folds is not None:
+        if val is not None:
+            raise FinetuneError("data.folds: this data brings its own validation set (a val/ "
+                                "folder); k-fold needs one labelled set: give the folder "
+                                "without train/ and val/, or drop data.folds")
+        train, val = fold_split(full, folds, cfg.fold, seed)
+    elif val is None:
         train, val = stratified_split(full, cfg.val_fraction, seed)
     if cfg.train_size is not None and cfg.train_size < len(train.labels):
         train = few_shot(train, cfg.train_size, seed)

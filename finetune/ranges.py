@@ -64,6 +64,8 @@ RANGES: dict[str, Range] = {
     "data.image_size": Range(8),
     "data.batch_size": AT_LEAST_1,
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True),
+    "data.folds": Range(2),
+    "data.fold": AT_LEAST_0,
     "data.train_size": AT_LEAST_1,
     "data.fake_size": Range(2),
     "data.max_image_pixels": AT_LEAST_1,

@@ -284,15 +284,54 @@ def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, A
     counts = {s: sum(j.status == s for j in jobs) for s in (*STATUSES, "unreadable")}
     summary = (f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
                + f"; ranked by {metric}")
+    folds = fold_table(jobs, metric, keys)
+    if folds:
+        artifacts.write_csv(out / "leaderboard_folds.csv", folds[0], folds[1])
     artifacts.write_bytes(out / "leaderboard.md", (
         f"# Leaderboard: {root}\n\n{summary}; swept: {', '.join(keys) or 'nothing'}\n\n"
         + markdown_table(header[:-1], [r[:-1] for r in body])
         + "".join(f"\n- job {r[1]} {r[2]}: {r[-1]}" for r in body if r[-1])
-        + ("\n" if any(r[-1] for r in body) else "")).encode())
+        + ("\n" if any(r[-1] for r in body) else "")
+        + (f"\n## By configuration, across folds ({metric})\n\n" + markdown_table(*folds)
+           if folds else "")).encode())
     plotted = plot(jobs, metric, keys, out / "leaderboard.png")
     return {"jobs": ranked, "header": header, "rows": body, "summary": summary, "metric": metric,
+            "folds": folds,
             "files": [out / "leaderboard.csv", out / "leaderboard.md",
-                      *([out / "leaderboard.png"] if plotted else [])]}
+                      *([out / "leaderboard.png"] if plotted else []),
+                      *([out / "leaderboard_folds.csv"] if folds else [])]}
+
+
+FOLD_KEY = "data.fold"
+
+
+def fold_table(jobs: list[Job], metric: str, keys: list[str]
+               ) -> tuple[list[str], list[list[Any]]] | None:
+    """k-fold sweeps: one row per configuration (the swept overrides but data.fold), its
+    metric's mean and standard deviation across the folds that finished, best first; None
+    when no job is a fold."""
+    if not any(FOLD_KEY in job.overrides for job in jobs):
+        return None
+    config_keys = [k for k in keys if k != FOLD_KEY]
+    groups: dict[tuple[str, ...], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(job.overrides.get(k, "") for k in config_keys), []).append(job)
+    rows = []
+    for config, members in groups.items():
+        values = [j.values[metric] for j in members if j.values.get(metric) is not None]
+        mean = sum(values) / len(values) if values else None
+        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+               if mean is not None and len(values) > 1 else None)
+        rows.append([" ".join(f"{k}={v}" for k, v in zip(config_keys, config, strict=True)
+                              if v) or "(one configuration)", len(members), len(values),
+                     round(mean, 4) if mean is not None else "",
+                     round(std, 4) if std is not None else "",
+                     f"{mean:.4f} ± {std:.4f}" if std is not None else ""])
+    sign = 1.0 if metric.endswith("loss") else -1.0
+    rows.sort(key=lambda r: (r[3] == "", sign * r[3] if r[3] != "" else 0.0, r[0]))
+    header = ["configuration", "jobs", "folds_done", f"mean_{metric}", f"std_{metric}",
+              "mean ± std"]
+    return ["rank", *header], [[i, *r] for i, r in enumerate(rows, 1)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -322,6 +361,9 @@ def print_leaderboard(result: dict[str, Any]) -> None:
     for row in result["rows"]:
         if row[-1]:
             print(f"job {row[1]} {row[2]}: {row[-1]}")
+    if result.get("folds"):
+        print(f"\nby configuration, across folds ({result['metric']}):")
+        print(text_table(*result["folds"]))
     print(f"{result['summary']}\nwritten: " + "  ".join(str(f) for f in result["files"]))
 
 
