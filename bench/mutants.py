@@ -145,6 +145,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("the fold table ranks by the last fold, not the mean", "finetune/report.py",
      "        mean = sum(values) / len(values) if values else None",
      "        mean = values[-1] if values else None", "tests/test_kfold.py -k leaderboard"),
+    ("the EMA starts at epoch 0 whatever model.ema.start_epoch", "finetune/callbacks.py",
+     "        return step_idx is not None and self._epoch >= self.start_epoch",
+     "        return step_idx is not None", "tests/test_ema.py -k trajectory"),
+    ("validation before the first EMA update sees the untrained copy", "finetune/callbacks.py",
+     "        if self.updates():\n            super().on_validation_epoch_start(",
+     "        if True:\n            super().on_validation_epoch_start(",
+     "tests/test_ema.py -k trajectory"),
 ]
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks import EarlyStopping, WeightAveraging
+from torch.optim.swa_utils import get_ema_avg_fn
 
 
 class ThroughputMeter(pl.Callback):
@@ -158,3 +159,47 @@ class StopEarly(EarlyStopping):
         return {"stopped_epoch": int(self.stopped_epoch), "monitor": self.monitor,
                 "mode": self.mode, "patience": int(self.patience),
                 "min_delta": float(abs(self.min_delta)), "best": round(float(self.best_score), 6)}
+
+
+class EMA(WeightAveraging):
+    """An exponential moving average of the weights (`model.ema`), on Lightning's
+    WeightAveraging: after every optimizer step from epoch `start_epoch` on,
+    ema = decay x ema + (1 - decay) x weights (BatchNorm statistics too; the first update
+    copies the weights). Validation runs on the EMA weights, and at the end of training they
+    become the model's, so model.safetensors, predict and export use them. Checkpoints hold
+    both (Lightning's layout: the EMA as state_dict, the live weights as
+    current_model_state), so a resume continues both exactly. Before the first update the
+    live weights are validated and saved, not the untrained copy the average starts from."""
+
+    def __init__(self, decay: float, start_epoch: int = 0) -> None:
+        super().__init__(use_buffers=True, avg_fn=get_ema_avg_fn(decay))
+        self.decay, self.start_epoch = decay, start_epoch
+        self._epoch = 0
+
+    def updates(self) -> int:
+        return int(self._average_model.n_averaged) if self._average_model is not None else 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch = trainer.current_epoch
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and self._epoch >= self.start_epoch
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer,
+                                  pl_module: pl.LightningModule) -> None:
+        if self.updates():
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer,
+                                pl_module: pl.LightningModule) -> None:
+        if self.updates():
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.updates():
+            super().on_train_end(trainer, pl_module)
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest and metrics.json record."""
+        return {"decay": self.decay, "start_epoch": self.start_epoch, "updates": self.updates(),
+                "weights": "ema" if self.updates() else "last (no EMA update happened)"}

@@ -38,11 +38,18 @@ RECIPES_DIR = _shipped_dir("recipes")
 
 
 @dataclass
+class EmaConfig:
+    decay: float | None = None  # None: off
+    start_epoch: int = 0
+
+
+@dataclass
 class ModelConfig:
     name: str = "resnet18"
     kwargs: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False
     compile: bool = False
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass

@@ -46,6 +46,7 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     balance: dict[str, Any] = field(default_factory=dict)  # class counts, weights, sampler
+    ema: dict[str, Any] = field(default_factory=dict)  # model.ema: the saved weights are its
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -93,7 +94,8 @@ class Manifest:
                    weights=data.get("weights") or {}, seed=data.get("seed") or 0,
                    versions=data.get("versions") or {}, config=data.get("config") or {},
                    created=str(data.get("created", "")),
-                   balance=data.get("balance") if isinstance(data.get("balance"), dict) else {})
+                   balance=data.get("balance") if isinstance(data.get("balance"), dict) else {},
+                   ema=data.get("ema") if isinstance(data.get("ema"), dict) else {})
 
 
 def _preprocessing_problems(recorded: Any, where: str) -> list[str]:

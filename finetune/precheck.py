@@ -69,6 +69,11 @@ def config_problems(cfg: Any) -> list[str]:
     if stopping.patience is not None and cfg.trainer.limit_val_batches == 0:
         problems.append("trainer.early_stopping needs validation, and trainer.limit_val_batches"
                         "=0 runs none: give validation batches, or patience=null")
+    ema_start = cfg.model.ema.start_epoch
+    if cfg.model.ema.decay is not None and isinstance(ema_start, int) and ema_start >= epochs:
+        problems.append(f"model.ema.start_epoch={ema_start} is never reached (the run has "
+                        f"{epochs} epochs, 0..{epochs - 1}): the EMA would never be updated; "
+                        "lower it or raise trainer.max_epochs")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         problems.append("optim.nesterov=true needs optim.name=sgd with optim.momentum > 0")
     package = LOGGERS[cfg.logger.name].package

@@ -46,6 +46,8 @@ FRACTION_OPEN = Range(0, 1, high_open=True)  # [0, 1)
 # key -> range (null, where the key allows it, is always fine)
 RANGES: dict[str, Range] = {
     "weights.min_loaded": Range(0, 1),
+    "model.ema.decay": Range(0, 1, low_open=True, high_open=True),
+    "model.ema.start_epoch": AT_LEAST_0,
     "head.num_classes": AT_LEAST_1,
     "head.dropout": FRACTION_OPEN,
     "optim.lr": POSITIVE,

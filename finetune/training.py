@@ -24,6 +24,7 @@ from torch import nn
 
 from finetune import artifacts, backbones, cache, plots
 from finetune.callbacks import (
+    EMA,
     AtomicCheckpointIO,
     SaveOnInterrupt,
     StopEarly,
@@ -484,6 +485,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
+    if cfg.model.ema.decay is not None:
+        callbacks.append(EMA(cfg.model.ema.decay, cfg.model.ema.start_epoch))
     stopping = trainer_kwargs.pop("early_stopping")
     if stopping["patience"] is not None:
         callbacks.append(StopEarly(stopping["monitor"], stopping["patience"], stopping["mode"],
@@ -513,7 +516,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
 
 def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
                    prep: backbones.Preprocessing, class_names: list[str] | None,
-                   freeze: FreezePlan | None, balance: dict[str, Any] | None = None) -> str:
+                   freeze: FreezePlan | None, balance: dict[str, Any] | None = None,
+                   ema: dict[str, Any] | None = None) -> str:
     """model.safetensors and manifest.json: what is needed to use the model. Returns the
     weights' sha256."""
     model_sha = artifacts.save_weights(built.model, run_dir / artifacts.WEIGHTS)
@@ -534,7 +538,7 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
         weights={k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}
         | {"name": getattr(source_of(cfg).entry(cfg), "name", None)},  # the entry DEFAULT is
         seed=cfg.seed, versions=artifacts.library_versions(), config=config,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), balance=balance or {},
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), balance=balance or {}, ema=ema or {},
     ).write(run_dir)
     return model_sha
 
@@ -573,7 +577,8 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
     weights = module.class_weight
     write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze, {
         "class_counts": data.class_counts(), "sampler": "balanced" if data.balanced else
-        "shuffle", "class_weights": weights.tolist() if weights is not None else None})
+        "shuffle", "class_weights": weights.tolist() if weights is not None else None},
+        ema_summary(trainer))
     series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
     plots.plot_curves(series, run_dir / artifacts.CURVES)
     if module.last_confusion is not None:
@@ -615,6 +620,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
         **parameter_counts(module.model),
         **({"early_stopping": stopped} if (stopped := early_stop_summary(trainer)) else {}),
+        **({"ema": averaged} if (averaged := ema_summary(trainer)) else {}),
         "train_from": freeze.train_from,
         "lr": float(cfg.optim.lr),
         "metric": cfg.metric,
@@ -624,6 +630,12 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
     if nonfinite:
         raise NonFiniteMetrics(nonfinite_message(nonfinite))
     return metrics
+
+
+def ema_summary(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The EMA of the weights (model.ema), if the run kept one."""
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    return ema.summary() if ema is not None else None
 
 
 def early_stop_summary(trainer: pl.Trainer) -> dict[str, Any] | None:
