@@ -65,6 +65,13 @@ def config_problems(cfg: Any) -> list[str]:
             problems.append(f"freeze.unfreeze[{i}]: epoch {phase.epoch} is never reached (the "
                             f"run has {epochs} epochs, 0..{epochs - 1}); lower it or raise "
                             "trainer.max_epochs")
+    every, max_epochs = cfg.trainer.check_val_every_n_epoch, cfg.trainer.max_epochs
+    if isinstance(every, int) and isinstance(max_epochs, int) and 1 <= max_epochs < every \
+            and cfg.trainer.limit_val_batches != 0:
+        problems.append(f"trainer.check_val_every_n_epoch={every} but the run has {max_epochs} "
+                        "epoch(s): it would never validate (no metrics, nothing to rank); lower "
+                        "it, or set trainer.limit_val_batches=0 to train without validation on "
+                        "purpose")
     stopping = cfg.trainer.early_stopping
     if stopping.patience is not None and cfg.trainer.limit_val_batches == 0:
         problems.append("trainer.early_stopping needs validation, and trainer.limit_val_batches"

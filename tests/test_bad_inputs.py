@@ -263,10 +263,14 @@ def test_ctrl_c_during_a_write_takes_effect_once_the_file_is_whole(tmp_path: Pat
      "data.augment[0] ({'Resize': {'size': -4}}): fails on a 32 px training image: Input and "
      "output sizes should be greater than 0, but got input (H: 32, W: 32) output (H: -4, W: "
      "-4); fix its arguments or remove it"),
+    (["trainer.check_val_every_n_epoch=2"],  # found by the property test: no validation
+     "trainer.check_val_every_n_epoch=2 but the run has 1 epoch(s): it would never validate "
+     "(no metrics, nothing to rank); lower it, or set trainer.limit_val_batches=0 to train "
+     "without validation on purpose"),
     (["surgery=[{op: rename, path: fc, to: training}]"],
      "surgery[0] (rename fc): to='training' is already an attribute of ResNet of the model; "
      "choose a name it does not have"),
-], ids=["negative-resize", "rename-onto-training"])
+], ids=["negative-resize", "never-validates", "rename-onto-training"])
 def test_mistakes_that_crashed_in_training_are_refused_by_the_plan(args: list[str],
                                                                    expected: str) -> None:
     """They passed `recipes validate` and ended in a traceback in the first batch (or in

@@ -48,17 +48,17 @@ BOOLEANS = ["model.channels_last", "optim.nesterov", "trainer.deterministic",
             "checkpoint.optimizer"]
 
 
-def _field_types() -> dict[str, str]:
-    """key -> the annotation of its field in finetune/config.py (as written)."""
-    hints = typing.get_type_hints(schema.Config)
+def _field_types(node: type = schema.Config, prefix: str = "") -> dict[str, str]:
+    """key -> the annotation of its field in finetune/config.py (as written), at any depth
+    (trainer.early_stopping.patience)."""
+    hints = typing.get_type_hints(node)
     found: dict[str, str] = {}
-    for group in dataclasses.fields(schema.Config):
-        kind = hints[group.name]
+    for f in dataclasses.fields(node):
+        kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
-            for f in dataclasses.fields(kind):
-                found[f"{group.name}.{f.name}"] = str(f.type)
+            found |= _field_types(kind, f"{prefix}{f.name}.")
         else:
-            found[group.name] = str(group.type)
+            found[f"{prefix}{f.name}"] = str(f.type)
     return found
 
 
