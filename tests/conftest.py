@@ -19,6 +19,13 @@ from sklearn.datasets import load_digits
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Each pytest-xdist worker computes on one thread (and so do the processes it starts): with
+# torch's default of one thread per core, the workers' threads oversubscribe the cores and
+# spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Shrinks any recipe to a few seconds on 2 CPU cores.
 SHRINK = [
     "trainer.max_epochs=1",
