@@ -11,6 +11,8 @@ import torch
 from conftest import QUICK, problems_here, read_json, train_here
 from safetensors.torch import load_file
 
+from finetune.report import COLUMNS, report
+
 # Nothing improves by 10 (val/loss moves by far less): epoch 0 sets the best, each later
 # validation counts one; with patience 2 the run stops after epoch 2, whatever the data.
 STOP = ["trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=10",
@@ -32,6 +34,8 @@ def test_it_stops_the_run_says_when_and_resumes_consistently(
     assert "stopped early after epoch 2: val/loss did not improve by more than 10 for 2 " \
            "validations" in capsys.readouterr().out
     assert torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    row = report(tmp_path)["rows"][0]  # a sweep's leaderboard records where it stopped
+    assert row[COLUMNS.index("stopped_early_at")] == 2 and row[COLUMNS.index("epochs")] == 3
     part = train_here(*QUICK, *STOP, "trainer.max_epochs=2", run_dir=tmp_path / "part")
     assert "early_stopping" not in read_json(part / "metrics.json")
     resumed = train_here(*QUICK, *STOP, "trainer.max_epochs=6", "resume=auto", run_dir=part)
