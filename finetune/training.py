@@ -169,7 +169,8 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                             cfg.model.channels_last, cfg.model.compile, plan.groups,
                             plan.class_weights, batch_mix(cfg, num_classes))
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
-    history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs)
+    history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs,
+                               ema=cfg.model.ema.decay is not None)
                if checkpoint is not None else ([], []))
     features = feature_cache(cfg, plan)
     trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched,
@@ -247,8 +248,8 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
-def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None = None
-                    ) -> tuple[list[str], list[list[str]]]:
+def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None = None,
+                    ema: bool = False) -> tuple[list[str], list[list[str]]]:
     """The checkpoint must be of this model and this optimizer layout; then the run dir gets
     its metrics history up to the checkpoint's epoch, so curves and best epochs span both.
     Returns that history (header, rows), read now: the run dir may be the same one. Warns
@@ -267,6 +268,12 @@ def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None =
     if not isinstance(saved, dict) or "finetune" not in saved or "state_dict" not in saved:
         raise FinetuneError(f"resume={path}: not a checkpoint written by finetune (no "
                             "'finetune' entry); resume from a run's checkpoints/last.ckpt")
+    written_with_ema = "current_model_state" in saved
+    if written_with_ema and not ema:
+        raise FinetuneError(f"resume={path}: the checkpoint was written with model.ema (its "
+                            "state_dict is the EMA, the live weights are kept apart); resume "
+                            "with the same model.ema.decay, or start a new run from its EMA "
+                            f"weights (weights.source=file weights.path={path})")
     damaged = checkpoint_damage(saved)
     if damaged:
         raise FinetuneError(f"resume={path}: the checkpoint is damaged ({damaged}); resume "

@@ -97,6 +97,12 @@ def test_a_run_saves_predicts_and_resumes_with_the_ema(tmp_path: Path) -> None:
     again = load_file(resumed / "model.safetensors")
     assert all(torch.equal(saved[k], again[k]) for k in saved)
     assert read_json(resumed / "manifest.json")["ema"]["updates"] == 6
+    last = whole / "checkpoints" / "last.ckpt"  # without the EMA it would train on from it
+    assert problems_here(*args[:2], *SHRINK, "sched.epochs=3", "freeze.train_from=layer4",
+                         "trainer.max_epochs=3", f"resume={last}", run_dir=tmp_path / "x") == [
+        f"resume={last}: the checkpoint was written with model.ema (its state_dict is the EMA, "
+        "the live weights are kept apart); resume with the same model.ema.decay, or start a "
+        f"new run from its EMA weights (weights.source=file weights.path={last})"]
 
 
 def test_an_ema_that_never_starts_is_refused() -> None:
