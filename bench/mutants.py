@@ -152,6 +152,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "        if self.updates():\n            super().on_validation_epoch_start(",
      "        if True:\n            super().on_validation_epoch_start(",
      "tests/test_ema.py -k trajectory"),
+    ("multilabel predict ignores the tuned thresholds", "finetune/inference.py",
+     "    cut = torch.tensor([float((manifest.thresholds if manifest else {}).get(c, 0.5))",
+     "    cut = torch.tensor([float({}.get(c, 0.5))", "tests/test_multilabel.py -k predicts"),
+    ("the multilabel loss drops pos_weight", "finetune/module.py",
+     "                                                      pos_weight=self.class_weight)",
+     "                                                      pos_weight=None)",
+     "tests/test_module.py -k multilabel"),
 ]
 
 

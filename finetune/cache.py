@@ -228,7 +228,9 @@ class CachedFeatures(Dataset):
         row = self.features[i]
         if isinstance(row, np.ndarray):  # memory-mapped from disk
             row = torch.from_numpy(np.array(row))
-        return row, self.labels[i]
+        label = self.labels[i]  # a label set (task=multilabel) as a float tensor
+        return row, torch.tensor(label, dtype=torch.float32) if isinstance(label, tuple) \
+            else label
 
 
 def data_identity(dataset: Any) -> dict[str, Any]:
@@ -243,7 +245,8 @@ def data_identity(dataset: Any) -> dict[str, Any]:
             stat = os.stat(path)
             digest.update(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
                           .encode())
-    digest.update(json.dumps(list(map(int, dataset.labels))).encode())
+    digest.update(json.dumps([list(v) if isinstance(v, tuple) else int(v)
+                              for v in dataset.labels]).encode())
     return {"items": digest.hexdigest(), "count": len(dataset.labels),
             "transform": repr(dataset.transform)}
 

@@ -140,6 +140,7 @@ class SchedConfig:
 class LossConfig:
     label_smoothing: float = 0.0
     class_weights: Any = None  # null | auto | a weight per class
+    pos_weight: Any = None  # task=multilabel: null | auto | a weight per label
     aux_weight: float = 0.4
 
 
@@ -232,6 +233,7 @@ class Config:
     resume: str | None = None
     metric: str = "val/acc"
     log_level: str = "info"
+    task: str = "multiclass"
 
 
 # Keys whose value names an entry of an extension table (adding an entry adds the choice).
@@ -253,7 +255,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.sampler": ("shuffle", "balanced"),
     "log_level": ("info", "debug"),
     "checkpoint.keep": ("auto", "last", "best", "both", "none"),
-    "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc"),
+    "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
+    "task": ("multiclass", "multilabel"),
     "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
     "trainer.early_stopping.mode": ("auto", "min", "max"),
 }

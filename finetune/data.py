@@ -122,14 +122,23 @@ class _Images(Dataset):
     def load(self, i: int) -> Any:
         raise NotImplementedError
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, Any]:
         i, seed = key if isinstance(key, tuple) else (key, None)
         image = self.load(i)
         if seed is None or not self.random:
-            return self.transform(image), self.labels[i]
+            return self.transform(image), target(self.labels[i])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(image), self.labels[i]
+            return self.transform(image), target(self.labels[i])
+
+
+def target(label: Any) -> Any:
+    """A class index as it is; a multi-hot label set (task=multilabel) as a float tensor."""
+    return torch.tensor(label, dtype=torch.float32) if isinstance(label, tuple) else label
+
+
+def is_multilabel(labels: list[Any]) -> bool:
+    return bool(labels) and isinstance(labels[0], tuple)
 
 
 # In-memory images whose transform is deterministic are transformed once, up to this size.
@@ -158,7 +167,7 @@ class TensorImages(_Images):
         if self.ready is None:
             return super().__getitem__(key)
         i = key[0] if isinstance(key, tuple) else key
-        return self.ready[i], self.labels[i]
+        return self.ready[i], target(self.labels[i])
 
 
 class ImageFiles(_Images):
@@ -210,7 +219,8 @@ def drop_undecodable(split: Split, names: list[str], policy: str,
                             f"{'them' if len(bad) > 1 else 'it'}, or set data.on_bad_image=skip "
                             "to train without them")
     kept = split.subset(np.array([i for i, r in enumerate(reasons) if r is None], dtype=int))
-    empty = [names[c] for c in sorted(set(split.labels) - set(kept.labels))]
+    empty = [] if is_multilabel(split.labels) else [
+        names[c] for c in sorted(set(split.labels) - set(kept.labels))]
     if empty:
         raise FinetuneError(f"data: no image of class {empty[0]} can be decoded (e.g. "
                             f"{bad[0][0]}: {bad[0][1]}); fix the files or leave the class out "
@@ -221,9 +231,10 @@ def drop_undecodable(split: Split, names: list[str], policy: str,
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(train, val) with every class in the same proportion, the same for the same seed."""
     index = np.arange(len(split.labels))
-    try:
+    try:  # (label sets cannot be stratified: a seeded random split)
         train, val = train_test_split(index, test_size=fraction, random_state=seed,
-                                      stratify=split.labels)
+                                      stratify=None if is_multilabel(split.labels)
+                                      else split.labels)
     except ValueError as err:  # too few images per class for a stratified split
         raise FinetuneError(f"data: {len(index)} images in {len(set(split.labels))} classes are "
                             f"too few to hold out data.val_fraction={fraction} of every class "
@@ -261,11 +272,15 @@ def fold_split(split: Split, folds: int, fold: int, seed: int) -> tuple[Split, S
     """(train, val) of k-fold cross-validation: scikit-learn's StratifiedKFold, shuffled by
     seed; fold `fold`'s part is the validation set. The folds are disjoint and cover the
     data, every class in proportion in each."""
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     if fold >= folds:
         raise FinetuneError(f"data.fold={fold}: there are {folds} folds (data.folds), "
                             f"numbered 0..{folds - 1}")
+    if is_multilabel(split.labels):  # label sets: plain k-fold, shuffled by seed
+        parts = list(KFold(n_splits=folds, shuffle=True, random_state=seed % 2**32).split(
+            np.zeros(len(split.labels))))
+        return split.subset(np.sort(parts[fold][0])), split.subset(np.sort(parts[fold][1]))
     counts = np.bincount(np.asarray(split.labels))
     if counts[counts > 0].min() < folds:
         raise FinetuneError(f"data.folds={folds}: a class has only {counts[counts > 0].min()} "
@@ -277,6 +292,10 @@ def fold_split(split: Split, folds: int, fold: int, seed: int) -> tuple[Split, S
 
 def few_shot(split: Split, size: int, seed: int) -> Split:
     """`size` training items, every class in proportion (at least one each), by seed."""
+    if is_multilabel(split.labels):
+        kept = np.random.default_rng(derive(seed, 5)).choice(len(split.labels), size,
+                                                             replace=False)
+        return split.subset(np.sort(kept))
     classes = len(set(split.labels))
     if size < classes:
         raise FinetuneError(f"data.train_size={size}: fewer images than the {classes} classes; "
@@ -295,6 +314,41 @@ def _select_classes(names: list[str], wanted: list[Any] | None, where: str) -> l
         raise FinetuneError(f"data.classes: {', '.join(unknown)} not found in {where}; "
                             f"available: {', '.join(names)}")
     return wanted_names
+
+
+DIGIT_PROPERTIES = {"even": lambda d: d % 2 == 0, "over_4": lambda d: d > 4,
+                    "prime": lambda d: d in (2, 3, 5, 7)}
+
+
+def multilabel_digits(classes: list[Any] | None) -> tuple[Split, list[str]]:
+    """task=multilabel on the digits: each image's labels are its digit's properties (even,
+    over_4, prime: 7 is {over_4, prime}, 4 is {even}, 1 is none of them)."""
+    split, digit_names = load_digits(classes)
+    names = list(DIGIT_PROPERTIES)
+    labels = [tuple(float(test(int(digit_names[label]))) for test in DIGIT_PROPERTIES.values())
+              for label in split.labels]
+    return Split(split.items, labels), names
+
+
+def read_multilabel_csv(csv_path: Path) -> tuple[Split, list[str]]:
+    """task=multilabel: rows of path,labels with the labels separated by `;` (a row with an
+    empty labels cell has none of them)."""
+    try:
+        rows = read_csv_rows(csv_path, allow_empty_label=True)
+    except CsvProblem as err:
+        raise FinetuneError(str(err)) from None
+    sets = [[x.strip() for x in label.split(";") if x.strip()] for _, label in rows]
+    names = sorted({x for labels in sets for x in labels})
+    if len(names) < 2:
+        raise FinetuneError(f"data.root: {csv_path} names {len(names)} label(s); multi-label "
+                            "classification needs at least two (labels separated by ;)")
+    paths = [(csv_path.parent / p).resolve() for p, _ in rows]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FinetuneError(f"data.root: {len(missing)} images listed in {csv_path} do not "
+                            f"exist, e.g. {missing[0]}")
+    labels = [tuple(float(n in set(labels)) for n in names) for labels in sets]
+    return Split(paths, labels), names
 
 
 def load_digits(classes: list[Any] | None) -> tuple[Split, list[str]]:
@@ -405,7 +459,10 @@ class ImageDataModule(pl.LightningDataModule):
         """Training images per class, in class order."""
         counts = [0] * len(self.class_names)
         for label in self.train_set.labels:
-            counts[label] += 1
+            if isinstance(label, tuple):  # multilabel: positives per label
+                counts = [c + int(v) for c, v in zip(counts, label, strict=True)]
+            else:
+                counts[label] += 1
         return counts
 
     def train_dataloader(self) -> DataLoader:
@@ -440,9 +497,26 @@ def _workers(setting: Any, in_memory: bool) -> int:
     raise FinetuneError(f"data.num_workers={setting!r}: use auto or a whole number >= 0")
 
 
-def build_datamodule(cfg: Any, prep: Preprocessing, seed: int) -> ImageDataModule:
+def read_data(cfg: Any, crop: int, seed: int, task: str) -> tuple[Split, Split | None,
+                                                                  list[str]]:
+    """The data format's labelled set (and own val set), or for task=multilabel the label
+    sets of the formats that have them (csv, digits)."""
+    if task != "multilabel":
+        return FORMATS[cfg.name].read(cfg, crop, seed)
+    if cfg.name == "digits":
+        full, names = multilabel_digits(cfg.classes)
+    elif cfg.name == "csv":
+        full, names = read_multilabel_csv(check_root(cfg.root, "csv"))
+    else:
+        raise FinetuneError(f"task=multilabel reads label sets from data=csv (path,a;b;c) or "
+                            f"data=digits (even / over_4 / prime), not data={cfg.name}")
+    return full, None, names
+
+
+def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
+                     task: str = "multiclass") -> ImageDataModule:
     """The datamodule for `cfg` (the data group): split, transforms and loaders."""
-    full, val, names = FORMATS[cfg.name].read(cfg, prep.crop, seed)
+    full, val, names = read_data(cfg, prep.crop, seed, task)
     bad: list[tuple[str, str]] = []
     one_class = single_class_problem(names, cfg.get("root") or cfg.name)
     if one_class:

@@ -81,7 +81,7 @@ class CsvProblem(Exception):
     """A CSV list that cannot be read as path,label rows (the message says why)."""
 
 
-def read_csv_rows(path: Path) -> list[tuple[str, str]]:
+def read_csv_rows(path: Path, allow_empty_label: bool = False) -> list[tuple[str, str]]:
     """The (path, label) rows of a CSV list: UTF-8 (a byte-order mark is fine), an optional
     `path,label` header, `#` comment lines and blank lines skipped.
 
@@ -104,11 +104,13 @@ def read_csv_rows(path: Path) -> list[tuple[str, str]]:
     except csv.Error as err:
         raise CsvProblem(f"data.root: {path} is not a CSV list ({err}); write rows of "
                          "path,label") from None
-    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
+    if rows and [c.strip().lower() for c in rows[0][1][:2]] in (["path", "label"],
+                                                                 ["path", "labels"]):
         rows = rows[1:]
     short = [n for n, r in rows if len(r) < 2]
     no_path = [n for n, r in rows if len(r) >= 2 and not r[0].strip()]
-    no_label = [n for n, r in rows if len(r) >= 2 and not r[1].strip()]
+    no_label = [] if allow_empty_label else [n for n, r in rows
+                                             if len(r) >= 2 and not r[1].strip()]
     if not rows or short or no_path or no_label:
         found = [f"{what} on line{'s' if len(lines) > 1 else ''} "
                  f"{', '.join(map(str, lines[:5]))}{' ...' if len(lines) > 5 else ''}"

@@ -110,6 +110,11 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
             "output_shape": ["batch", *model.manifest.output_shape],
             "parity_max_abs_diff": difference, "tolerance": TOLERANCE,
             "model_sha256": model.manifest.model_sha256,
+            # how to read the outputs: softmax over classes, or (multilabel) a sigmoid per
+            # label and the thresholds tuned on the run's validation set
+            "task": model.manifest.task, "outputs": "logits",
+            **({"thresholds": model.manifest.thresholds}
+               if model.manifest.task == "multilabel" else {}),
             "torch": torch.__version__}
     artifacts.write_json(info_file, info)
     return info

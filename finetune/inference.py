@@ -87,6 +87,8 @@ class Predictions:
     classes: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)  # path, labels, probs
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # path, reason
+    # task=multilabel: labels is the predicted set, probs one per class (in class order)
+    multilabel: bool = False
 
 
 def max_pixels_of(model: nn.Module) -> int:
@@ -110,13 +112,29 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
     device = next(model.parameters()).device
     batch: list[torch.Tensor] = []
     names: list[str] = []
+    manifest = getattr(model, "manifest", None)
+    multilabel = getattr(manifest, "task", "multiclass") == "multilabel"
+    # task=multilabel: a label is predicted when its probability reaches the threshold
+    # tuned on the run's validation set (manifest.thresholds; 0.5 where none is recorded)
+    cut = torch.tensor([float((manifest.thresholds if manifest else {}).get(c, 0.5))
+                        for c in out.classes]) if multilabel else None
+    out.multilabel = multilabel
 
     def flush() -> None:
         with torch.inference_mode():
-            probs = torch.softmax(model(torch.stack(batch).to(device)), dim=1)
-            top = probs.topk(k, dim=1)
-        for path, p, i in zip(names, top.values.tolist(), top.indices.tolist(), strict=True):
-            out.rows.append({"path": path, "labels": [out.classes[j] for j in i], "probs": p})
+            logits = model(torch.stack(batch).to(device))
+            if multilabel:
+                probs = torch.sigmoid(logits).cpu()
+                for path, p in zip(names, probs, strict=True):
+                    out.rows.append({"path": path, "labels": [c for c, hit in zip(
+                        out.classes, (p >= cut).tolist(), strict=True) if hit],
+                        "probs": p.tolist()})
+            else:
+                top = torch.softmax(logits, dim=1).topk(k, dim=1)
+                for path, p, i in zip(names, top.values.tolist(), top.indices.tolist(),
+                                      strict=True):
+                    out.rows.append({"path": path, "labels": [out.classes[j] for j in i],
+                                     "probs": p})
         batch.clear()
         names.clear()
 
@@ -136,6 +154,13 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
 
 
 def write_predictions(predictions: Predictions, path: Path) -> None:
+    if predictions.multilabel:  # path, the predicted label set, a probability per label
+        artifacts.write_csv(path, ["path", "labels", *(f"prob_{c}" for c in
+                                                       predictions.classes)],
+                            [[row["path"], ";".join(row["labels"]),
+                              *(round(p, 6) for p in row["probs"])]
+                             for row in predictions.rows])
+        return
     k = len(predictions.rows[0]["labels"]) if predictions.rows else 1
     header = ["path"] + [f"{name}{i}" for i in range(1, k + 1) for name in ("label", "prob")]
     rows = [[row["path"], *[v for pair in zip(row["labels"], [round(p, 6) for p in row["probs"]],

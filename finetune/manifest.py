@@ -47,6 +47,8 @@ class Manifest:
     created: str = ""
     balance: dict[str, Any] = field(default_factory=dict)  # class counts, weights, sampler
     ema: dict[str, Any] = field(default_factory=dict)  # model.ema: the saved weights are its
+    task: str = "multiclass"  # multilabel: a sigmoid per label, decided by `thresholds`
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -79,6 +81,12 @@ class Manifest:
         problems += [f"{where}: the manifest's {key} is {type(data.get(key)).__name__}, not "
                      f"{' or '.join(t.__name__ for t in types)}; it was changed after the run"
                      for key, types in expected.items() if not isinstance(data.get(key), types)]
+        thresholds = data.get("thresholds")
+        if thresholds is not None and not (isinstance(thresholds, dict) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+                for v in thresholds.values())):
+            problems.append(f"{where}: the manifest's thresholds are not numbers in [0, 1]; it "
+                            "was changed after the run")
         if isinstance(data.get("class_names"), list) and not all(
                 isinstance(c, str) for c in data["class_names"]):
             problems.append(f"{where}: the manifest's class_names are not all names")
@@ -95,7 +103,10 @@ class Manifest:
                    versions=data.get("versions") or {}, config=data.get("config") or {},
                    created=str(data.get("created", "")),
                    balance=data.get("balance") if isinstance(data.get("balance"), dict) else {},
-                   ema=data.get("ema") if isinstance(data.get("ema"), dict) else {})
+                   ema=data.get("ema") if isinstance(data.get("ema"), dict) else {},
+                   task=data.get("task") if data.get("task") == "multilabel" else "multiclass",
+                   thresholds=data.get("thresholds") if isinstance(data.get("thresholds"),
+                                                                 dict) else {})
 
 
 def _preprocessing_problems(recorded: Any, where: str) -> list[str]:

@@ -14,6 +14,9 @@ from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
+    MultilabelAveragePrecision,
+    MultilabelExactMatch,
+    MultilabelF1Score,
 )
 
 from finetune.freeze_schedule import FreezeSchedule
@@ -40,7 +43,8 @@ class FinetuneModule(pl.LightningModule):
                  sched: Any, label_smoothing: float = 0.0, aux_weight: float = 0.4,
                  seed: int = 0, channels_last: bool = False, compile: bool = False,
                  groups: list[GroupPlan] | None = None,
-                 class_weights: list[float] | None = None, mix: Any = None) -> None:
+                 class_weights: list[float] | None = None, mix: Any = None,
+                 multilabel: bool = False) -> None:
         super().__init__()
         self.model = model
         # loss.class_weights: the training loss weighs each class (not saved: the plan
@@ -67,14 +71,22 @@ class FinetuneModule(pl.LightningModule):
         # Watching the loss for NaN/inf and, under DDP, the ranks' tensors (finetune/guards.py)
         self.loss_guard, self.rank_check = LossGuard(), RankCheck()
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
+        # task=multilabel: a sigmoid per label, BCE-with-logits (class_weights are then the
+        # labels' pos_weight); val/acc is the exact match of the label set at 0.5
+        self.multilabel = multilabel
         metrics: dict[str, Any] = {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
+        } if not multilabel else {
+            "acc": MultilabelExactMatch(num_classes),
+            "f1": MultilabelF1Score(num_classes, average="macro"),
+            "f1_micro": MultilabelF1Score(num_classes, average="micro"),
+            "mAP": MultilabelAveragePrecision(num_classes, average="macro"),
         }
-        if num_classes > 5:
+        if num_classes > 5 and not multilabel:
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.val_metrics = MetricCollection(metrics, prefix="val/")
-        self.confusion = MulticlassConfusionMatrix(num_classes)
+        self.confusion = MulticlassConfusionMatrix(num_classes) if not multilabel else None
         self.last_confusion: torch.Tensor | None = None
         self.last_predictions: list[int] = []  # argmax per validation image, in loader order
         self._val_loss, self._val_count = torch.zeros(()), 0
@@ -116,6 +128,9 @@ class FinetuneModule(pl.LightningModule):
         seed_epoch(self.seed, self.current_epoch)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, target,
+                                                      pos_weight=self.class_weight)
         return F.cross_entropy(logits, target, weight=self.class_weight,
                                label_smoothing=self.label_smoothing)
 
@@ -142,24 +157,31 @@ class FinetuneModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self._predictions.append(logits.argmax(dim=1))  # stays on device: no sync per step
-        loss = F.cross_entropy(logits, y)
+        if self.multilabel:  # probabilities per label, for the thresholds tuned at the end
+            self._predictions.append(torch.sigmoid(logits))
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            self.val_metrics.update(logits, y.long())
+        else:
+            self._predictions.append(logits.argmax(dim=1))  # on device: no sync per step
+            loss = F.cross_entropy(logits, y)
+            self.val_metrics.update(logits, y)
+            self.confusion.update(logits, y)
         self._val_loss = self._val_loss + loss.detach() * len(y)
         self._val_count += len(y)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
-        self.val_metrics.update(logits, y)
-        self.confusion.update(logits, y)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
-        self.last_confusion = self.confusion.compute().cpu()
-        self.confusion.reset()
+        if self.confusion is not None:
+            self.last_confusion = self.confusion.compute().cpu()
+            self.confusion.reset()
         if self._predictions:
             predictions = torch.cat(self._predictions)
             if self.trainer.world_size > 1:
                 # DistributedSampler (no shuffle) gave rank r the items r, r + W, ...
-                predictions = self.all_gather(predictions).t().reshape(-1)
+                gathered = self.all_gather(predictions)
+                predictions = gathered.transpose(0, 1).reshape(-1, *predictions.shape[1:])
             self.last_predictions = predictions.cpu().tolist()
         if self._trainer is not None and self._val_count and not self.trainer.sanity_checking \
                 and self.trainer.lr_scheduler_configs:

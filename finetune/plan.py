@@ -161,14 +161,29 @@ def class_weights(setting: Any, counts: list[int], names: list[str]) -> list[flo
     return [float(w) for w in weights]
 
 
+def pos_weights(setting: Any, positives: list[int], total: int, names: list[str]
+                ) -> list[float] | None:
+    """loss.pos_weight (task=multilabel) per label: `auto` is negatives / positives in the
+    training split (a label never positive gets 1.0); a list is taken as given."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        return [round((total - n) / n, 6) if n else 1.0 for n in positives]
+    return class_weights(setting, positives, names)  # a list: one number per label
+
+
 def monitored_problems(cfg: DictConfig, num_classes: int) -> list[str]:
     """Metrics a run is told to watch that it will not measure (top-5 needs > 5 classes)."""
     watched = [("metric", cfg.metric)]
     if cfg.trainer.early_stopping.patience is not None:
         watched.append(("trainer.early_stopping.monitor", cfg.trainer.early_stopping.monitor))
+    if cfg.task == "multilabel":
+        return []  # (precheck says what multilabel does not measure)
     return [f"{key}={name}: top-5 accuracy is not measured with {num_classes} classes (it "
             "would always be 1); use val/acc or val/loss"
-            for key, name in watched if name == "val/acc_top5" and num_classes <= 5]
+            for key, name in watched if name == "val/acc_top5" and num_classes <= 5] + [
+        f"{key}={name}: mean average precision is measured for task=multilabel only; use "
+        "val/acc or val/loss" for key, name in watched if name == "val/mAP"]
 
 
 def single_value_norm_problem(model: nn.Module, fixed: list[str], batch_size: int, crop: int,
@@ -222,12 +237,17 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     if cfg.head.type != "none":
         if not any(p.startswith("data.") for p in plan.problems):  # (said once: validate)
             try:
-                plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed)
+                plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed, cfg.task)
                 check_num_classes(cfg.head.num_classes, plan.data.class_names)
                 plan.class_names = plan.data.class_names
                 plan.problems += monitored_problems(cfg, len(plan.class_names))
-                plan.class_weights = class_weights(cfg.loss.class_weights,
-                                                   plan.data.class_counts(), plan.class_names)
+                counts = plan.data.class_counts()
+                if cfg.task == "multilabel":
+                    plan.class_weights = pos_weights(cfg.loss.pos_weight, counts,
+                                                     len(plan.data.train_set), plan.class_names)
+                else:
+                    plan.class_weights = class_weights(cfg.loss.class_weights, counts,
+                                                       plan.class_names)
             except FinetuneError as err:  # (the class count may be known from precheck)
                 plan.problems += [p for p in err.problems if p not in plan.problems]
         # the paths are still checked: against a head of the size asked for (or 2)

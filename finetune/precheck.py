@@ -41,6 +41,36 @@ def single_class_problem(class_names: list[str], where: str) -> str | None:
             "one of negatives) or list more in data.classes")
 
 
+def multilabel_problems(cfg: Any) -> list[str]:
+    """What task=multilabel does not take, one sentence each."""
+    problems = []
+    if cfg.loss.class_weights is not None:
+        problems.append("loss.class_weights is for one class per image; with task=multilabel "
+                        "weigh each label's positives with loss.pos_weight (auto or a list)")
+    if cfg.data.sampler == "balanced":
+        problems.append("data.sampler=balanced draws classes equally, which label sets do not "
+                        "have; with task=multilabel use loss.pos_weight=auto")
+    if cfg.data.get("limit_per_class"):
+        problems.append("data.limit_per_class counts images of one class; it does not apply to "
+                        "task=multilabel")
+    if mix_enabled(cfg.data):
+        problems.append("data.mix (MixUp / CutMix) is not supported with task=multilabel yet: "
+                        "drop it")
+    if cfg.loss.label_smoothing:
+        problems.append("loss.label_smoothing is for one class per image; it does not apply to "
+                        "task=multilabel")
+    if cfg.trainer.early_stopping.patience is not None and \
+            cfg.trainer.early_stopping.monitor == "val/acc_top5":
+        problems.append("trainer.early_stopping.monitor=val/acc_top5 is not measured with "
+                        "task=multilabel; monitor val/loss, val/acc or val/f1")
+    if cfg.metric == "val/acc_top5":
+        problems.append("metric=val/acc_top5 is not measured with task=multilabel; use val/mAP")
+    if cfg.data.name not in ("csv", "digits"):
+        problems.append(f"task=multilabel reads label sets from data=csv (path,a;b;c) or "
+                        f"data=digits (even / over_4 / prime), not data={cfg.data.name}")
+    return problems
+
+
 def config_problems(cfg: Any) -> list[str]:
     """Problems of the composed config alone: the weight source's (unless it needs the
     model: validate asks it then), the data's paths, the schedule, the optimizer, the
@@ -52,8 +82,11 @@ def config_problems(cfg: Any) -> list[str]:
     data_format = FORMATS[cfg.data.name]
     data_problems = data_format.problems(cfg.data)
     problems += data_problems
+    multilabel = cfg.get("task") == "multilabel"
+    if multilabel:
+        problems += multilabel_problems(cfg)
     if cfg.head.type != "none" and cfg.head.num_classes is not None and not data_problems \
-            and cfg.head.num_classes >= 1:
+            and cfg.head.num_classes >= 1 and not multilabel:
         names = data_format.class_names(cfg.data)
         if names is not None:
             problem = (single_class_problem(names, cfg.data.get("root") or cfg.data.name)

@@ -93,6 +93,7 @@ ITEM_RANGES: dict[str, Range] = {
     "data.mean": Range(0, 1),
     "data.std": POSITIVE,
     "loss.class_weights": POSITIVE,
+    "loss.pos_weight": POSITIVE,
 }
 # each field of each entry of a list of mappings
 ENTRY_RANGES: dict[str, dict[str, Range]] = {

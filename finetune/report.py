@@ -25,7 +25,7 @@ from finetune.errors import FinetuneError, run_entry_point
 
 ARGS: dict[str, str | None] = {"metric": "", "out": ""}
 USAGE = usage("finetune.report")
-METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc")
+METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP")
 ALL_LAYERS = "(all)"  # the split point of a job that trains every layer (train_from null)
 COLUMNS = ("rank", "job", "status", "overrides", "train_from", "lr", "trainable_params",
            "best_val_acc", "val_acc", "val_loss", "epochs", "stopped_early_at", "train_seconds",

@@ -167,7 +167,8 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     module = FinetuneModule(built.model, num_classes, freeze, cfg.optim, cfg.sched,
                             cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
                             cfg.model.channels_last, cfg.model.compile, plan.groups,
-                            plan.class_weights, batch_mix(cfg, num_classes))
+                            plan.class_weights, batch_mix(cfg, num_classes),
+                            cfg.task == "multilabel")
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs,
                                ema=cfg.model.ema.decay is not None)
@@ -524,7 +525,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
 def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
                    prep: backbones.Preprocessing, class_names: list[str] | None,
                    freeze: FreezePlan | None, balance: dict[str, Any] | None = None,
-                   ema: dict[str, Any] | None = None) -> str:
+                   ema: dict[str, Any] | None = None,
+                   thresholds: dict[str, float] | None = None) -> str:
     """model.safetensors and manifest.json: what is needed to use the model. Returns the
     weights' sha256."""
     model_sha = artifacts.save_weights(built.model, run_dir / artifacts.WEIGHTS)
@@ -546,6 +548,7 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
         | {"name": getattr(source_of(cfg).entry(cfg), "name", None)},  # the entry DEFAULT is
         seed=cfg.seed, versions=artifacts.library_versions(), config=config,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), balance=balance or {}, ema=ema or {},
+        task=cfg.task, thresholds=thresholds or {},
     ).write(run_dir)
     return model_sha
 
@@ -566,14 +569,45 @@ def save_extractor(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
     return float("nan")
 
 
-def write_val_predictions(path: Path, data: ImageDataModule, predictions: list[int]) -> None:
+def write_val_predictions(path: Path, data: ImageDataModule, predictions: list[Any],
+                          thresholds: list[float] | None = None) -> None:
     """The final validation's prediction for each image: file path (or index for in-memory
-    data), true and predicted class."""
+    data), true and predicted class (task=multilabel: the label sets, `;`-separated, the
+    prediction at the tuned thresholds)."""
     names = data.class_names
     items = getattr(data.val_set, "paths", None)
-    rows = [[str(items[i]) if items is not None else f"#{i}", names[data.val_set.labels[i]],
-             names[predicted]] for i, predicted in enumerate(predictions)]
+
+    def shown(label: Any) -> str:
+        return names[label] if not isinstance(label, tuple | list) else ";".join(
+            n for n, v in zip(names, label, strict=True) if v)
+
+    rows = [[str(items[i]) if items is not None else f"#{i}", shown(data.val_set.labels[i]),
+             shown(predicted if thresholds is None else tuple(
+                 float(p >= t) for p, t in zip(predicted, thresholds, strict=True)))]
+            for i, predicted in enumerate(predictions)]
     artifacts.write_csv(path, ["item", "label", "predicted"], rows)
+
+
+def tune_thresholds(probs: list[list[float]], labels: list[tuple[float, ...]]
+                    ) -> tuple[list[float], list[float]]:
+    """task=multilabel: per label, the decision threshold (0.05, 0.10 ... 0.95) with the best
+    F1 on the final validation (ties: the one nearest 0.5), and that F1."""
+    import numpy as np
+
+    p, y = np.asarray(probs), np.asarray(labels) > 0.5
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    thresholds, scores = [], []
+    for k in range(p.shape[1]):
+        f1 = []
+        for t in grid:
+            predicted = p[:, k] >= t
+            tp = float(np.sum(predicted & y[:, k]))
+            denominator = float(np.sum(predicted) + np.sum(y[:, k]))
+            f1.append(2 * tp / denominator if denominator else 1.0)
+        best = max(range(len(grid)), key=lambda i: (f1[i], -abs(grid[i] - 0.5)))
+        thresholds.append(float(grid[best]))
+        scores.append(round(f1[best], 6))
+    return thresholds, scores
 
 
 def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
@@ -582,16 +616,25 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              cache_report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
     weights = module.class_weight
+    thresholds, multilabel_info = None, {}
+    if module.multilabel and module.last_predictions:
+        thresholds, label_f1 = tune_thresholds(  # (the images validated: limit_val_batches)
+            module.last_predictions, data.val_set.labels[:len(module.last_predictions)])
+        multilabel_info = {"thresholds": dict(zip(data.class_names, thresholds, strict=True)),
+                           "val/f1_per_label": dict(zip(data.class_names, label_f1,
+                                                        strict=True))}
     write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze, {
         "class_counts": data.class_counts(), "sampler": "balanced" if data.balanced else
-        "shuffle", "class_weights": weights.tolist() if weights is not None else None},
-        ema_summary(trainer))
+        "shuffle", "class_weights" if not module.multilabel else "pos_weight":
+        weights.tolist() if weights is not None else None},
+        ema_summary(trainer), multilabel_info.get("thresholds"))
     series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
     plots.plot_curves(series, run_dir / artifacts.CURVES)
     if module.last_confusion is not None:
         plots.plot_confusion(module.last_confusion.tolist(), data.class_names,
                              run_dir / artifacts.CONFUSION)
-    write_val_predictions(run_dir / artifacts.VAL_PREDICTIONS, data, module.last_predictions)
+    write_val_predictions(run_dir / artifacts.VAL_PREDICTIONS, data, module.last_predictions,
+                          thresholds)
     final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
              if k.startswith("val/")}
     accs = series.get(MONITOR, {})
@@ -628,6 +671,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **parameter_counts(module.model),
         **({"early_stopping": stopped} if (stopped := early_stop_summary(trainer)) else {}),
         **({"ema": averaged} if (averaged := ema_summary(trainer)) else {}),
+        **({"task": "multilabel", **multilabel_info} if module.multilabel else {}),
         "train_from": freeze.train_from,
         "lr": float(cfg.optim.lr),
         "metric": cfg.metric,

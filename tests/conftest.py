@@ -45,7 +45,7 @@ SLOW_FIRST = ["test_sharing.py", "test_train_e2e.py", "test_bad_inputs.py", "tes
               "test_bench.py", "test_sweeps.py", "test_recipes.py", "test_heads.py",
               "test_freeze_training.py", "test_config.py", "test_resume.py", "test_gate.py",
               "test_cache.py", "test_fuzz.py", "test_imbalance.py", "test_stopping.py",
-              "test_mixing.py", "test_kfold.py", "test_ema.py",
+              "test_mixing.py", "test_kfold.py", "test_ema.py", "test_multilabel.py",
               "test_property.py", "test_ddp.py"]
 
 

@@ -68,3 +68,20 @@ def test_train_mode_keeps_frozen_batchnorm_in_eval() -> None:
     module.train()  # what Lightning does after every validation
     assert not model.bn1.training and not model.layer2[1].bn2.training
     assert model.layer3[0].bn1.training and model.fc.training
+
+
+def test_the_multilabel_loss_is_bce_with_the_labels_pos_weight() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    heads.replace_heads(model, 5)
+    weights = [1.0, 2.0, 0.5, 1.0, 3.0]
+    module = _module(model, class_weights=weights, multilabel=True).train()
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]],
+                     dtype=torch.float32)
+    torch.manual_seed(1)
+    loss = module.training_step((x, y), 0)
+    torch.manual_seed(1)
+    expected = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=torch.tensor(weights))
+    assert torch.allclose(loss, expected)
+    assert not torch.allclose(loss, F.binary_cross_entropy_with_logits(model(x), y))
