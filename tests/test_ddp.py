@@ -50,3 +50,22 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
     assert len(items) == len(set(items)) == 16
     log = (run / "__main__.log").read_text()
     assert "unfreeze at epoch 1: train_from: layer3" in log
+
+
+def test_multilabel_under_ddp_validates_every_image_once(tmp_path: Path) -> None:
+    """The label sets' probabilities are gathered across ranks (a 2-D gather): the
+    thresholds are tuned on every validation image, once each."""
+    run = tmp_path / "run"
+    result = run_cli(
+        "recipe=digits_multilabel", "data.classes=[1,4,7,8]", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "data.batch_size=8", "trainer.strategy=ddp",
+        "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    metrics = read_json(run / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["world_size"] == 2
+    assert metrics["ddp"]["trained_tensors_identical_across_ranks"]
+    with open(run / "val_predictions.csv", newline="") as handle:
+        items = [row["item"] for row in csv.DictReader(handle)]
+    assert len(items) == len(set(items)) == metrics["val_images"]
+    assert set(read_json(run / "manifest.json")["thresholds"]) == {"even", "over_4", "prime"}
