@@ -92,12 +92,14 @@ class Predictions:
 
 
 def max_pixels_of(model: nn.Module) -> int:
-    """The image size limit the run trained with (data.max_image_pixels), else Pillow's."""
+    """The image size limit the run trained with (data.max_image_pixels), at most Pillow's
+    default: a run dir may come from someone else, and may lower the guard against
+    decompression bombs but not lift it (a higher limit is the user's: max_pixels=N)."""
     manifest = getattr(model, "manifest", None)
     data = (manifest.config.get("data") if manifest is not None else None) or {}
     value = data.get("max_image_pixels") if isinstance(data, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 \
-        else DEFAULT_MAX_PIXELS
+    return min(value, DEFAULT_MAX_PIXELS) if isinstance(value, int) and not isinstance(
+        value, bool) and value >= 1 else DEFAULT_MAX_PIXELS
 
 
 def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_size: int = 64,

@@ -123,3 +123,23 @@ def test_the_digit_folder_reads_in_every_mode(tmp_path: Path) -> None:
     got = [np.asarray(open_rgb(next((tmp_path / m / "4").glob("*.png"))))
            for m in ("L", "RGB", "RGBA")]
     assert np.array_equal(got[0], got[1]) and np.array_equal(got[1], got[2])
+
+
+def test_a_received_run_dir_cannot_lift_the_pixel_guard_for_predict() -> None:
+    """predict takes the run's data.max_image_pixels, but at most Pillow's default: a run
+    dir from someone else could otherwise switch the decompression-bomb guard off."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from finetune.inference import max_pixels_of
+
+    def model_with(limit: object) -> nn.Module:
+        model = nn.Identity()
+        object.__setattr__(model, "manifest", SimpleNamespace(
+            config={"data": {"max_image_pixels": limit}}))
+        return model
+
+    assert max_pixels_of(model_with(1000)) == 1000
+    assert max_pixels_of(model_with(10**12)) == DEFAULT_MAX_PIXELS
+    assert max_pixels_of(model_with("lots")) == DEFAULT_MAX_PIXELS
