@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
 from finetune.backbones import Preprocessing
-from finetune.data_formats import FORMATS, CsvProblem, read_csv_rows
+from finetune.data_formats import FORMATS, CsvProblem, label_sets_problem, read_csv_rows
 from finetune.errors import FinetuneError
 from finetune.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
 from finetune.precheck import single_class_problem
@@ -342,13 +342,18 @@ def read_multilabel_csv(csv_path: Path) -> tuple[Split, list[str]]:
     if len(names) < 2:
         raise FinetuneError(f"data.root: {csv_path} names {len(names)} label(s); multi-label "
                             "classification needs at least two (labels separated by ;)")
-    paths = [(csv_path.parent / p).resolve() for p, _ in rows]
+    labels = [tuple(float(n in set(labels)) for n in names) for labels in sets]
+    return Split(listed_images(csv_path, [p for p, _ in rows]), labels), names
+
+
+def listed_images(csv_path: Path, listed: list[str]) -> list[Path]:
+    """The images a CSV list names, relative to it; all must exist."""
+    paths = [(csv_path.parent / p).resolve() for p in listed]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FinetuneError(f"data.root: {len(missing)} images listed in {csv_path} do not "
                             f"exist, e.g. {missing[0]}")
-    labels = [tuple(float(n in set(labels)) for n in names) for labels in sets]
-    return Split(paths, labels), names
+    return paths
 
 
 def load_digits(classes: list[Any] | None) -> tuple[Split, list[str]]:
@@ -402,12 +407,8 @@ def read_csv_list(csv_path: Path, classes: list[Any] | None) -> tuple[Split, lis
     names = _select_classes(sorted({r[1] for r in rows}), classes, str(csv_path))
     label_of = {n: i for i, n in enumerate(names)}
     kept = [r for r in rows if r[1] in label_of]
-    paths = [(csv_path.parent / r[0]).resolve() for r in kept]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FinetuneError(f"data.root: {len(missing)} images listed in {csv_path} do not "
-                            f"exist, e.g. {missing[0]}")
-    return Split(paths, [label_of[r[1]] for r in kept]), names
+    return (Split(listed_images(csv_path, [r[0] for r in kept]),
+                  [label_of[r[1]] for r in kept]), names)
 
 
 def fake_data(size: int, num_classes: int, image_size: int, seed: int) -> tuple[Split,
@@ -501,15 +502,13 @@ def read_data(cfg: Any, crop: int, seed: int, task: str) -> tuple[Split, Split |
                                                                   list[str]]:
     """The data format's labelled set (and own val set), or for task=multilabel the label
     sets of the formats that have them (csv, digits)."""
+    data_format = FORMATS[cfg.name]
     if task != "multilabel":
-        return FORMATS[cfg.name].read(cfg, crop, seed)
-    if cfg.name == "digits":
-        full, names = multilabel_digits(cfg.classes)
-    elif cfg.name == "csv":
-        full, names = read_multilabel_csv(check_root(cfg.root, "csv"))
-    else:
-        raise FinetuneError(f"task=multilabel reads label sets from data=csv (path,a;b;c) or "
-                            f"data=digits (even / over_4 / prime), not data={cfg.name}")
+        return data_format.read(cfg, crop, seed)
+    problem = label_sets_problem(cfg.name)
+    if problem:
+        raise FinetuneError(problem)
+    full, names = data_format.read_label_sets(cfg)
     return full, None, names
 
 

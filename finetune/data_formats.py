@@ -21,6 +21,7 @@ class DataFormat:
 
     name = ""
     needs_root = False  # data.root names a file or folder that must exist
+    label_sets = ""  # task=multilabel: how its label sets are given ("" = it has none)
 
     def problems(self, cfg: Any) -> list[str]:
         """What the data group lacks for this format (checked before anything is read)."""
@@ -43,6 +44,19 @@ class DataFormat:
         torch), for the early checks; None: not known before `read`."""
         return [str(c) for c in cfg.classes] if cfg.get("classes") else None
 
+    def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
+        """task=multilabel: (the labelled set, multi-hot tuples as labels; label names)."""
+        raise NotImplementedError(self.name)
+
+
+def label_sets_problem(name: str) -> str | None:
+    """Why data=`name` cannot feed task=multilabel (None: it can)."""
+    if FORMATS[name].label_sets:
+        return None
+    able = " or ".join(f"data={f.name} ({f.label_sets})"
+                       for f in sorted(FORMATS.values(), key=lambda f: f.name) if f.label_sets)
+    return f"task=multilabel reads label sets from {able}, not data={name}"
+
 
 class Digits(DataFormat):
     """scikit-learn's 1,797 8x8 digits, in memory."""
@@ -52,11 +66,18 @@ class Digits(DataFormat):
     def class_names(self, cfg: Any) -> list[str] | None:
         return super().class_names(cfg) or [str(d) for d in range(10)]
 
+    label_sets = "even / over_4 / prime"  # each image's digit's properties
+
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
         from finetune.data import load_digits
 
         full, names = load_digits(cfg.classes)
         return full, None, names
+
+    def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
+        from finetune.data import multilabel_digits
+
+        return multilabel_digits(cfg.classes)
 
 
 class Fake(DataFormat):
@@ -138,11 +159,18 @@ class Csv(DataFormat):
         except CsvProblem:
             return None  # reading the data says what is wrong, with the rest
 
+    label_sets = "path,a;b;c"  # the second column: labels separated by ;
+
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
         from finetune.data import check_root, read_csv_list
 
         full, names = read_csv_list(check_root(cfg.root, self.name), cfg.classes)
         return full, None, names
+
+    def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
+        from finetune.data import check_root, read_multilabel_csv
+
+        return read_multilabel_csv(check_root(cfg.root, self.name))
 
 
 class ImageFolder(DataFormat):

@@ -145,7 +145,8 @@ def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],
     return f"{name} cannot take {crop} px inputs ({first}); {hint}"
 
 
-def class_weights(setting: Any, counts: list[int], names: list[str]) -> list[float] | None:
+def class_weights(setting: Any, counts: list[int], names: list[str],
+                  key: str = "loss.class_weights") -> list[float] | None:
     """loss.class_weights as one weight per class: `auto` is inverse frequency in the
     training split, N / (K x n_c) (a balanced set gets 1.0 each); a list is taken as given."""
     if setting is None:
@@ -156,7 +157,7 @@ def class_weights(setting: Any, counts: list[int], names: list[str]) -> list[flo
     weights = list(setting) if OmegaConf.is_list(setting) or isinstance(setting, list) else None
     if weights is None or len(weights) != len(names) or not all(
             isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
-        raise FinetuneError(f"loss.class_weights={setting}: give auto, or one number per class "
+        raise FinetuneError(f"{key}={setting}: give auto, or one number per class "
                             f"({len(names)}: {', '.join(names[:12])})")
     return [float(w) for w in weights]
 
@@ -169,16 +170,16 @@ def pos_weights(setting: Any, positives: list[int], total: int, names: list[str]
         return None
     if setting == "auto":
         return [round((total - n) / n, 6) if n else 1.0 for n in positives]
-    return class_weights(setting, positives, names)  # a list: one number per label
+    return class_weights(setting, positives, names, "loss.pos_weight")  # one per label
 
 
 def monitored_problems(cfg: DictConfig, num_classes: int) -> list[str]:
     """Metrics a run is told to watch that it will not measure (top-5 needs > 5 classes)."""
+    if cfg.task == "multilabel":
+        return []  # (precheck says what multilabel does not measure)
     watched = [("metric", cfg.metric)]
     if cfg.trainer.early_stopping.patience is not None:
         watched.append(("trainer.early_stopping.monitor", cfg.trainer.early_stopping.monitor))
-    if cfg.task == "multilabel":
-        return []  # (precheck says what multilabel does not measure)
     return [f"{key}={name}: top-5 accuracy is not measured with {num_classes} classes (it "
             "would always be 1); use val/acc or val/loss"
             for key, name in watched if name == "val/acc_top5" and num_classes <= 5] + [

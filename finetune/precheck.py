@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune.data_formats import FORMATS
+from finetune.data_formats import FORMATS, label_sets_problem
 from finetune.loggers import LOGGERS
 from finetune.ranges import range_problems
 from finetune.weight_sources import source_of
@@ -65,10 +65,8 @@ def multilabel_problems(cfg: Any) -> list[str]:
                         "task=multilabel; monitor val/loss, val/acc or val/f1")
     if cfg.metric == "val/acc_top5":
         problems.append("metric=val/acc_top5 is not measured with task=multilabel; use val/mAP")
-    if cfg.data.name not in ("csv", "digits"):
-        problems.append(f"task=multilabel reads label sets from data=csv (path,a;b;c) or "
-                        f"data=digits (even / over_4 / prime), not data={cfg.data.name}")
-    return problems
+    problem = label_sets_problem(cfg.data.name)
+    return problems + ([problem] if problem else [])
 
 
 def config_problems(cfg: Any) -> list[str]:
