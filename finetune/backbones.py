@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -99,16 +100,21 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def preprocessing(weights: WeightsEnum | None, image_size: int | None,
+def preprocessing(weights: WeightsEnum | dict[str, Any] | None, image_size: int | None,
                   mean: list[float] | None = None, std: list[float] | None = None,
-                  channels: int = 3) -> Preprocessing:
+                  channels: int = 3, interpolation: str | None = None,
+                  crop_pct: float | None = None) -> Preprocessing:
     """The weights' own eval preprocessing, scaled to `image_size` and overridden where given.
 
+    `weights` is a torchvision weights entry or a timm pretrained config (a dict: its
+    input_size, crop_pct, interpolation, mean and std, through timm.data.resolve_data_config).
     With `channels=1` the weights' per-channel statistics are averaged to one.
     """
     if weights is None:
         size = image_size or 224
         prep = Preprocessing(size, size, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    elif isinstance(weights, dict):
+        prep = timm_preprocessing(weights, image_size)
     else:
         preset = weights.transforms()
         crop, resize = int(preset.crop_size[0]), int(preset.resize_size[0])
@@ -116,8 +122,45 @@ def preprocessing(weights: WeightsEnum | None, image_size: int | None,
         prep = Preprocessing(resize=round(size * resize / crop), crop=size,
                              mean=list(preset.mean), std=list(preset.std),
                              interpolation=preset.interpolation.value)
-    if channels == 1:
+    if crop_pct is not None:
+        prep.resize = math.floor(prep.crop / crop_pct)
+    if interpolation is not None:
+        prep.interpolation = interpolation
+    if channels == 1 and len(prep.mean) == 3:
         prep.mean, prep.std = [sum(prep.mean) / 3], [sum(prep.std) / 3]
     prep.channels = channels
     prep.mean, prep.std = list(mean or prep.mean), list(std or prep.std)
     return prep
+
+
+# timm's interpolation names -> torchvision's InterpolationMode values ("random" trains
+# with a random one: evaluation uses bilinear, as timm's eval transform does)
+_TIMM_INTERPOLATION = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest",
+                       "lanczos": "lanczos", "box": "box", "hamming": "hamming",
+                       "random": "bilinear"}
+
+
+def timm_preprocessing(pretrained_cfg: dict[str, Any], image_size: int | None) -> Preprocessing:
+    """The eval preprocessing of a timm pretrained config, as timm resolves it
+    (resolve_data_config: input size, crop_pct, interpolation, mean, std), scaled to
+    `image_size` with the same crop_pct. The config may come from a received folder's
+    config.json: its values are checked."""
+    from timm.data import resolve_data_config
+
+    where = f"the pretrained config of {pretrained_cfg.get('architecture') or 'these weights'}"
+    try:
+        data = resolve_data_config({}, pretrained_cfg=dict(pretrained_cfg))
+        size = [int(v) for v in data["input_size"]]
+        crop_pct = float(data.get("crop_pct") or 0.875)
+        mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+        mode = _TIMM_INTERPOLATION[str(data.get("interpolation") or "bilinear")]
+    except (KeyError, TypeError, ValueError) as err:
+        raise FinetuneError(f"{where} cannot be used for preprocessing ({err}); set "
+                            "data.image_size, data.mean and data.std yourself") from None
+    if len(size) != 3 or min(size) < 1 or not 0 < crop_pct <= 1 or not std or \
+            min(std) <= 0 or len(mean) != len(std):
+        raise FinetuneError(f"{where} has an input_size, crop_pct, mean or std that cannot "
+                            f"be right ({size}, {crop_pct}, {mean}, {std})")
+    crop = image_size or size[-1]
+    return Preprocessing(resize=math.floor(crop / crop_pct), crop=crop, mean=mean, std=std,
+                         interpolation=mode)

@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from finetune import backbones, heads, surgery
+from finetune import surgery
 from finetune.errors import ConfigError, FinetuneError
+from finetune.model_sources import BUILDER_LOADS, MODEL_SOURCES, builder_loads_problem
 
 
 @dataclass
@@ -22,8 +23,10 @@ class Assembled:
 
 def assemble(model_name: str, build_kwargs: dict[str, Any], num_classes: int | None,
              dropout: float, hidden: list[int], ops: list[Any], input_size: int,
-             channels: int = 3, problems: list[str] | None = None) -> Assembled | None:
-    """Build the torchvision architecture, replace its classifier (unless `num_classes` is
+             channels: int = 3, problems: list[str] | None = None,
+             source: str = "torchvision") -> Assembled | None:
+    """Build the architecture (`source`: a model source of finetune.model_sources), replace
+    its classifier (unless `num_classes` is
     None: no head), then run the surgery ops; head paths follow the surgery's moves.
 
     Without `problems`, any problem raises (all of them, ConfigError). With it, problems are
@@ -35,9 +38,13 @@ def assemble(model_name: str, build_kwargs: dict[str, Any], num_classes: int | N
     start = len(found)
     model, head_paths = None, []
     try:
-        model = backbones.build(model_name, build_kwargs)
+        maker = MODEL_SOURCES[source]
+        loads = sorted(set(build_kwargs) & set(BUILDER_LOADS))
+        if loads:  # weights come from weights.source: checked and reported
+            raise FinetuneError(builder_loads_problem(loads[0], "model.kwargs"))
+        model = maker.build(model_name, build_kwargs)
         if num_classes is not None:
-            head_paths = heads.replace_heads(model, num_classes, dropout, hidden)
+            head_paths = maker.replace_heads(model, num_classes, dropout, hidden)
     except FinetuneError as err:
         found.extend(err.problems)
     operated = (surgery.apply_surgery(model, ops, input_size, channels, found)

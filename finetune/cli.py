@@ -25,8 +25,10 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "finetune.inspect": (
         "everything a run would do, without training",
         "python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] [--splits] "
-        "[--json] [--depth N] [--allow-module PREFIX]",
-        ["python -m finetune.inspect recipe=resnet50_9cls --splits"]),
+        "[--json] [--list] [--depth N] [--allow-module PREFIX]",
+        ["python -m finetune.inspect recipe=resnet50_9cls --splits",
+         "python -m finetune.inspect model.source=timm model.name='convnext*'   (list models "
+         "and their pretrained tags)"]),
     "finetune.recipes": (
         "find, read, adapt and check recipes",
         "python -m finetune.recipes list [--json] | show NAME [--resolved] [key=value ...] | "

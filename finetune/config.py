@@ -21,6 +21,7 @@ from finetune.bn_policies import BN_POLICIES
 from finetune.data_formats import FORMATS
 from finetune.errors import ConfigError, did_you_mean
 from finetune.loggers import LOGGERS
+from finetune.model_sources import MODEL_SOURCES
 from finetune.schedules import SCHEDULES
 from finetune.weight_sources import SOURCES
 
@@ -45,6 +46,7 @@ class EmaConfig:
 
 @dataclass
 class ModelConfig:
+    source: str = "torchvision"
     name: str = "resnet18"
     kwargs: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = False
@@ -61,6 +63,9 @@ class WeightsConfig:
     sha256: str | None = None
     recipe: str | None = None
     recipe_overrides: list[str] = field(default_factory=list)
+    repo: str | None = None  # hf_hub: org/name
+    revision: str | None = None  # timm / hf_hub: a branch, tag or commit (null: main)
+    file: str | None = None  # hf_hub: the weights file in the repo (null: model.safetensors)
     strip_prefix: str = "auto"
     rename: dict[str, str] = field(default_factory=dict)
     exclude: list[str] = field(default_factory=list)
@@ -164,6 +169,8 @@ class DataConfig:
     num_workers: Any = "auto"
     train_size: int | None = None
     channels: int = 3
+    interpolation: str | None = None  # null: the weights' (timm's bicubic, torchvision's)
+    crop_pct: float | None = None  # null: the weights' crop / resize ratio
     mean: list[float] | None = None
     std: list[float] | None = None
     augment: list[Any] = field(default_factory=list)
@@ -239,6 +246,7 @@ class Config:
 # Keys whose value names an entry of an extension table (adding an entry adds the choice).
 TABLES: dict[str, dict[str, Any]] = {
     "weights.source": SOURCES,  # finetune/weight_sources.py
+    "model.source": MODEL_SOURCES,  # finetune/model_sources.py
     "data.name": FORMATS,  # finetune/data_formats.py
     "sched.name": SCHEDULES,  # finetune/schedules.py
     "freeze.bn": BN_POLICIES,  # finetune/bn_policies.py
@@ -249,6 +257,7 @@ TABLES: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "head.type": ("classifier", "none"),
     "data.channels": (1, 3),
+    "data.interpolation": (None, "nearest", "bilinear", "bicubic", "lanczos"),
     "weights.on_shape_mismatch": ("skip", "error"),
     "optim.name": ("sgd", "adam", "adamw", "rmsprop"),  # finetune/registry.py OPTIMIZERS
     "data.on_bad_image": ("skip", "error"),

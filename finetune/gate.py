@@ -26,6 +26,7 @@ from typing import Any
 
 from finetune import allowlist
 from finetune import config as schema
+from finetune.model_sources import BUILDER_LOADS, builder_loads_problem
 
 # Keys a received file may not set: the person at the command line must. Each with why.
 CLI_ONLY = {
@@ -240,9 +241,9 @@ def _check_schema_value(key: str, value: Any, where: str, probe: Any) -> list[st
     if key in CLI_ONLY and value is not None:
         return [f"{where}: {key} cannot be set in a received recipe or run dir ({CLI_ONLY[key]}); "
                 "set it on the command line if you mean it"]
-    if key == "model.kwargs" and isinstance(value, dict) and "weights" in value:
-        return [f"{where}: model.kwargs.weights: torchvision would load weights by itself, "
-                "unchecked and unreported; use weights.source=torchvision weights.name=NAME"]
+    if key == "model.kwargs" and isinstance(value, dict) and set(value) & set(BUILDER_LOADS):
+        return [f"{where}: " + builder_loads_problem(sorted(set(value) & set(BUILDER_LOADS))[0],
+                                                     "model.kwargs")]
     problems = allowlist.import_problems(schema.nest(key, value), where)
     problems += interpolation_problems(value, where, key)
     if problems:
@@ -355,7 +356,8 @@ def manifest_model_problems(manifest: dict[str, Any], where: str) -> list[str]:
         return [f"{where}: the manifest has no model and head description; it was changed "
                 "after the run"]
     body: dict[str, Any] = {
-        "model": {"name": model.get("name"), "kwargs": model.get("build_kwargs") or {}},
+        "model": {"name": model.get("name"), "kwargs": model.get("build_kwargs") or {},
+                  "source": model.get("source") or "torchvision"},
         "head": {k: head[k] for k in ("type", "num_classes", "dropout", "hidden") if k in head},
         "surgery": manifest.get("surgery") or [],
     }

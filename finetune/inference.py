@@ -35,7 +35,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> n
         parts = assemble(manifest.model_name, manifest.build_kwargs,
                          None if head.get("type") == "none" else head["num_classes"],
                          head["dropout"], head["hidden"], manifest.surgery, prep.crop,
-                         prep.channels)
+                         prep.channels, source=manifest.model_source)
     except FinetuneError:
         raise
     except Exception as err:  # values the gate lets through that the builders refuse

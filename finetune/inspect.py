@@ -1,4 +1,5 @@
 """`python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] [--splits] [--json]`
+(or `model.source=timm model.name='convnext*'` / `--list`: the models that match)
 
 Everything a run would do, without training: the resolved config, the module tree after
 surgery (parameters, trainable / frozen, BatchNorm mode), the weight load, the optimizer's
@@ -20,7 +21,8 @@ from finetune.allowlist import take_allow_flags
 from finetune.cli import help_text, usage, wants_help
 from finetune.errors import ConfigError, FinetuneError, run_entry_point
 
-FLAGS = ("--keys", "--splits", "--json")
+FLAGS = ("--keys", "--splits", "--json", "--list")
+GLOB = frozenset("*?[")
 USAGE = usage("finetune.inspect")
 
 
@@ -78,14 +80,28 @@ def module_rows(model: Any, eval_modules: set[str], depth: int,
     return rows
 
 
+def split_points(model: Any) -> list[str]:
+    """The candidate `freeze.train_from` values: each top-level child; for a timm model, the
+    layers of its own grouping (group_matcher: its stem, every block or stage, the head)."""
+    from finetune.optim import timm_layers
+
+    grouped = timm_layers(model)
+    modules = dict(model.named_modules())
+    if grouped is not None:
+        points = [u for u in grouped[0] if u in modules and u]
+        if len(points) > 1:
+            return points
+    return [name for name, _ in model.named_children()]
+
+
 def split_rows(model: Any) -> list[dict[str, Any]]:
-    """Each top-level child as a candidate `freeze.train_from`, with what would train."""
+    """Each candidate `freeze.train_from` (split_points), with what would train."""
     from finetune.freezing import plan_freeze
 
     sizes = dict(model.named_parameters())
     total = sum(p.numel() for p in sizes.values())
     rows = []
-    for index, (name, _) in enumerate(model.named_children()):
+    for index, name in enumerate(split_points(model)):
         try:
             plan = plan_freeze(model, name)
         except FinetuneError:
@@ -192,13 +208,44 @@ def render(plan: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def model_listing(source: str, pattern: str | None) -> str:
+    """The models of a source whose name matches `pattern` (a glob), one per line; for timm
+    with its pretrained tags (weights.name)."""
+    from finetune.model_sources import MODEL_SOURCES
+
+    if source not in MODEL_SOURCES:
+        raise FinetuneError(f"model.source={source!r} is not one of "
+                            f"{', '.join(MODEL_SOURCES)}")
+    maker = MODEL_SOURCES[source]
+    missing = maker.available()
+    if missing:
+        raise FinetuneError(missing)
+    names = maker.names(pattern)
+    if not names:
+        raise FinetuneError(f"no {source} model matches model.name={pattern!r}; try a wider "
+                            "pattern, e.g. 'convnext*'")
+    tags: dict[str, list[str]] = {}
+    if source == "timm":
+        import timm
+
+        for full in timm.list_pretrained(f"{pattern}.*" if pattern else ""):
+            arch, _, tag = full.partition(".")
+            tags.setdefault(arch, []).append(tag)
+    lines = [f"{n:<40} {', '.join(tags[n])}" if tags.get(n) else n for n in names]
+    head = f"{len(names)} {source} models" + (f" matching {pattern}" if pattern else "")
+    more = " (name, then its pretrained tags for weights.name)" if source == "timm" else ""
+    return "\n".join([head + more, *lines])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if wants_help(args):
         print(help_text("finetune.inspect", "Prints the plan: data, model, weights (the load "
                         "report), what trains from which epoch, the optimizer groups and the "
                         "feature-cache decision. --json: the same as data; --keys: every "
-                        "state-dict key and its fate; --splits: every split point."))
+                        "state-dict key and its fate; --splits: every split point; --list, or a "
+                        "glob in model.name (model.source=timm model.name='convnext*'): the "
+                        "models that match, with timm's pretrained tags."))
         return
     try:
         args = take_allow_flags(args)
@@ -220,6 +267,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"finetune.inspect: error: unknown option {unknown[0]}; {USAGE}", file=sys.stderr)
         raise SystemExit(2)
     overrides = [a for a in args if a not in FLAGS]
+    settings = dict(a.partition("=")[::2] for a in overrides if "=" in a)
+    name = settings.get("model.name", "").strip("'\"")
+    if "--list" in flags or GLOB & set(name):
+        try:
+            print(model_listing(settings.get("model.source", "torchvision"), name or None))
+        except FinetuneError as err:
+            report(err)
+            raise SystemExit(2) from None
+        return
     try:
         cfg, recipe = compose_config(overrides)
         plan = inspect_plan(cfg, recipe, depth, "--keys" in flags, "--splits" in flags)

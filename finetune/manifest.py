@@ -49,12 +49,13 @@ class Manifest:
     ema: dict[str, Any] = field(default_factory=dict)  # model.ema: the saved weights are its
     task: str = "multiclass"  # multilabel: a sigmoid per label, decided by `thresholds`
     thresholds: dict[str, float] = field(default_factory=dict)
+    model_source: str = "torchvision"  # finetune.model_sources: torchvision | timm
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         return {"format": FORMAT, "recipe": data.pop("recipe"),
                 "overrides": data.pop("overrides"),
-                "model": {"name": data.pop("model_name"),
+                "model": {"name": data.pop("model_name"), "source": data.pop("model_source"),
                           "build_kwargs": data.pop("build_kwargs")}, **data}
 
     def write(self, run_dir: Path) -> None:
@@ -94,6 +95,7 @@ class Manifest:
             raise ConfigError(problems)
         model, head = data["model"], data["head"]
         return cls(model_name=model["name"], build_kwargs=model.get("build_kwargs") or {},
+                   model_source=model.get("source") or "torchvision",
                    head=head, surgery=data.get("surgery") or [],
                    output_shape=data["output_shape"], class_names=data.get("class_names"),
                    preprocessing=data["preprocessing"], model_sha256=data["model_sha256"],

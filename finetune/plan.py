@@ -21,6 +21,7 @@ from finetune import backbones, cache, surgery
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze
+from finetune.model_sources import model_source_of
 from finetune.optim import GroupPlan
 from finetune.precheck import mix_enabled, num_classes_problem
 from finetune.provenance import LoadReport
@@ -72,7 +73,7 @@ class RunPlan:
 
     cfg: DictConfig
     context: RunContext
-    entry: WeightsEnum | None = None
+    entry: WeightsEnum | dict[str, Any] | None = None  # torchvision's, or timm's config
     prep: backbones.Preprocessing | None = None
     data: ImageDataModule | None = None
     class_names: list[str] | None = None
@@ -91,8 +92,9 @@ class RunPlan:
             raise ConfigError(list(dict.fromkeys(self.problems)))
 
 
-def pretrained_entry(cfg: DictConfig) -> WeightsEnum | None:
-    """The torchvision weights entry a run loads, or None for another source."""
+def pretrained_entry(cfg: DictConfig) -> WeightsEnum | dict[str, Any] | None:
+    """The pretrained entry a run loads: a torchvision weights entry, a timm pretrained
+    config, or None for a source without one."""
     return source_of(cfg).entry(cfg)
 
 
@@ -105,7 +107,8 @@ def preprocessing_for(cfg: DictConfig) -> backbones.Preprocessing:
     """
     entry = source_of(cfg).preprocessing_entry(cfg)
     return backbones.preprocessing(entry, cfg.data.image_size, cfg.data.mean, cfg.data.std,
-                                   cfg.data.channels)
+                                   cfg.data.channels, cfg.data.interpolation,
+                                   cfg.data.crop_pct)
 
 
 def check_num_classes(configured: int | None, class_names: list[str]) -> int:
@@ -130,17 +133,7 @@ def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],
     """One sentence for a model that cannot run on the run's input size, saying which size
     or key to use."""
     name = cfg.model.name
-    if name.startswith("vit_"):
-        size = build_kwargs.get("image_size", 224)
-        hint = (f"a ViT takes exactly its image_size ({size} px here): set data.image_size="
-                f"{size}, or, without pretrained weights, model.kwargs.image_size={crop}")
-    elif name.startswith("maxvit"):
-        size = build_kwargs.get("input_size", [224, 224])
-        hint = f"maxvit takes exactly its input_size ({size}): set data.image_size={size[0]}"
-    elif name in ("inception_v3", "googlenet"):
-        hint = "raise data.image_size (inception_v3 takes at least 75 px, 299 with aux_logits)"
-    else:
-        hint = "raise data.image_size"
+    hint = model_source_of(cfg).size_hint(name, build_kwargs, crop)
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return f"{name} cannot take {crop} px inputs ({first}); {hint}"
 
@@ -231,9 +224,13 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
         # (said with every config-level problem) would break the steps that use it
         return plan
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    if not any(p.startswith("weights.name") for p in plan.problems):
-        plan.entry = pretrained_entry(cfg)
-    plan.prep = preprocessing_for(cfg)
+    try:
+        if not any(p.startswith("weights") for p in plan.problems):
+            plan.entry = pretrained_entry(cfg)
+        plan.prep = preprocessing_for(cfg)
+    except FinetuneError as err:  # e.g. a received folder's config.json
+        plan.problems += err.problems
+        return plan
     classes_for_checks: list[str] | None = None
     if cfg.head.type != "none":
         if not any(p.startswith("data.") for p in plan.problems):  # (said once: validate)

@@ -38,6 +38,7 @@ from finetune.freezing import FreezePlan
 from finetune.loggers import LOGGERS
 from finetune.manifest import Manifest
 from finetune.mixing import BatchMix
+from finetune.model_sources import model_source_of
 from finetune.module import FinetuneModule
 from finetune.plan import Built, RunContext, RunPlan, plan_run
 from finetune.precheck import mix_enabled
@@ -522,6 +523,14 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     return trainer, meter
 
 
+def entry_name(entry: Any) -> str | None:
+    """The name of a pretrained entry: torchvision's enum member, or timm's arch.tag."""
+    if isinstance(entry, dict):
+        arch, tag = entry.get("architecture"), entry.get("tag")
+        return f"{arch}.{tag}" if arch and tag else arch
+    return getattr(entry, "name", None)
+
+
 def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
                    prep: backbones.Preprocessing, class_names: list[str] | None,
                    freeze: FreezePlan | None, balance: dict[str, Any] | None = None,
@@ -534,7 +543,8 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(surgery_ops, list) and isinstance(config, dict)
     Manifest(
-        model_name=cfg.model.name, build_kwargs=built.build_kwargs,
+        model_name=cfg.model.name, model_source=model_source_of(cfg).name,
+        build_kwargs=built.build_kwargs,
         head={"type": cfg.head.type, "num_classes": len(class_names) if class_names else None,
               "dropout": cfg.head.dropout, "hidden": list(cfg.head.hidden),
               "paths": built.head_paths},
@@ -544,8 +554,9 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
         freeze={"train_from": freeze.train_from if freeze else None, "bn": cfg.freeze.bn,
                 "stages": [s.to_dict() for s in freeze.stages] if freeze else []},
         resumed_from=str(cfg.resume) if cfg.resume else None,
-        weights={k: getattr(built.report, k) for k in ("source", "path", "url", "sha256")}
-        | {"name": getattr(source_of(cfg).entry(cfg), "name", None)},  # the entry DEFAULT is
+        weights={k: getattr(built.report, k) for k in ("source", "path", "url", "sha256",
+                                                        "hub")}
+        | {"name": entry_name(source_of(cfg).entry(cfg))},  # the entry DEFAULT is
         seed=cfg.seed, versions=artifacts.library_versions(), config=config,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), balance=balance or {}, ema=ema or {},
         task=cfg.task, thresholds=thresholds or {},

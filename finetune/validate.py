@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from torchvision.models import WeightsEnum
 
-from finetune import backbones, cache
+from finetune import cache
 from finetune.builder import Assembled, assemble
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, plan_freeze
+from finetune.model_sources import model_source_of
 from finetune.optim import GroupPlan, plan_groups
 from finetune.precheck import config_problems
 from finetune.weight_sources import source_of
@@ -35,7 +35,7 @@ def _collector() -> tuple[list[str], Callable[[Callable[[], Any]], Any]]:
 def validate(cfg: DictConfig) -> None:
     """Config-level problems: names, sources, paths on disk. Nothing is built."""
     problems, attempt = _collector()
-    attempt(lambda: backbones.check_name(cfg.model.name))
+    problems += model_source_of(cfg).problems(cfg.model.name)
     if not problems and source_of(cfg).needs_model:  # its entry is looked up by model name
         problems += source_of(cfg).problems(cfg)
     problems += config_problems(cfg)
@@ -77,7 +77,7 @@ class Checked:
     groups: list[GroupPlan] = field(default_factory=list)
 
 
-def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: WeightsEnum | None,
+def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Any,
                      input_size: int, channels: int = 3) -> Checked:
     """builder.assemble (backbone -> head -> surgery, every op checked) with the config's
     builder arguments, then the freeze plan, optimizer groups and weights.require on the
@@ -85,13 +85,13 @@ def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Weig
     problems, attempt = _collector()
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     assert isinstance(user_kwargs, dict)
-    kwargs = {**(backbones.pretrained_kwargs(cfg.model.name, entry) if entry else {}),
-              **user_kwargs}
+    kwargs = {**model_source_of(cfg).pretrained_kwargs(cfg.model.name, entry, input_size,
+                                                        channels), **user_kwargs}
     ops = OmegaConf.to_container(cfg.surgery, resolve=True)
     assert isinstance(ops, list)
     assembled = assemble(cfg.model.name, kwargs, len(class_names) if class_names is not None
                          else None, cfg.head.dropout, list(cfg.head.hidden), ops, input_size,
-                         channels, problems)
+                         channels, problems, model_source_of(cfg).name)
     if assembled is None:
         return Checked(None, None, problems, kwargs)
     model = assembled.model
