@@ -17,6 +17,7 @@ class LoadReport:
     sha256: str | None = None
     container: str | None = None  # the key a state dict was found under, e.g. state_dict
     run: dict[str, Any] | None = None  # the run dir a run / recipe source came from
+    hub: dict[str, Any] | None = None  # a Hub repo's: repo, revision, commit, file
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -46,7 +47,7 @@ class LoadReport:
         shapes = [f"{s['key']} {s['checkpoint_shape']}->{s['model_shape']}"
                   for s in self.shape_skipped]
         adapted = [f"{a['key']} {a['checkpoint_shape']}->{a['model_shape']}"
-                   for a in self.adapted]
+                   + (f" ({a['how']})" if a.get("how") else "") for a in self.adapted]
         renamed = [f"{old}->{new}" for old, new in self.renamed.items()]
         rows = [("loaded", self.loaded), ("adapted", adapted), ("renamed", renamed),
                 ("shape-skipped", shapes), ("missing (new)", self.missing),

@@ -38,6 +38,12 @@ LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero",
                           "lightning.pytorch.utilities.rank_zero")
 
 
+# huggingface_hub's warning on each failed request ("... thrown while requesting HEAD ..."):
+# when the file cannot be had, finetune's own sentence names the repo, the file and where to
+# place it; when a retry succeeds there is nothing to say.
+ERROR_ONLY_LOGGERS = ("huggingface_hub.utils._http",)
+
+
 @contextlib.contextmanager
 def quiet_output(level: str = "info") -> Iterator[None]:
     """Filter the third-party noise for the duration of a run (`level`: info | debug)."""
@@ -45,14 +51,17 @@ def quiet_output(level: str = "info") -> Iterator[None]:
         yield
         return
     loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
-    levels = [logger.level for logger in loggers]
+    hub = [logging.getLogger(name) for name in ERROR_ONLY_LOGGERS]
+    levels = [logger.level for logger in loggers + hub]
     with warnings.catch_warnings():
         for pattern, _why in FILTERED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
         for logger in loggers:
             logger.setLevel(logging.WARNING)
+        for logger in hub:
+            logger.setLevel(logging.ERROR)
         try:
             yield
         finally:
-            for logger, old in zip(loggers, levels, strict=True):
+            for logger, old in zip(loggers + hub, levels, strict=True):
                 logger.setLevel(old)

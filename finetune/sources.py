@@ -187,6 +187,38 @@ def read_file(path_str: str, source: str = "file") -> tuple[dict[str, torch.Tens
                         f"{keys}")
 
 
+def read_hub(repo: str, revision: str | None, filename: str | None, source: str,
+             what: str, pin: str | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """A weights file of a Hugging Face Hub repo, through huggingface_hub's cache (offline:
+    the cache alone). The report names the repo, the commit and the file's sha256."""
+    from finetune import hub
+
+    path, name = hub.weights_file(repo, revision, filename, what)
+    hub.check_blob(path, what)
+    tensors, report = read_file(str(path), source=source)
+    pin = (pin or "").lower() or None
+    if pin and not (report.sha256 or "").startswith(pin):
+        raise FinetuneError(f"{what}: {name} of {repo} has sha256 {report.sha256}, not "
+                            f"weights.sha256={pin}; fix the pin if the file changed on purpose")
+    commit = hub.commit_of(path)
+    report.hub = {"repo": repo, "revision": revision or "main", "commit": commit, "file": name}
+    report.url = f"https://huggingface.co/{repo}/resolve/{commit or revision or 'main'}/{name}"
+    return tensors, report
+
+
+def read_local_dir(path_str: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """A folder holding config.json and model.safetensors (or pytorch_model.bin), as timm's
+    `local-dir:` reads it."""
+    from finetune import hub
+
+    found = hub.local_dir_weights(Path(path_str).expanduser())
+    if found is None:
+        raise FinetuneError(f"weights.path={path_str!r}: no model.safetensors or "
+                            "pytorch_model.bin in it; a local_dir source is a folder as "
+                            "timm saves one (config.json + model.safetensors)")
+    return read_file(str(found), source="local_dir")
+
+
 def read_url(url: str, sha256: str | None) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Download once into finetune's cache, stored under the file's sha256 (so no URL can
     stand in for another file, or for torchvision's), checked against the pin, and load it."""

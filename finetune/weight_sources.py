@@ -10,6 +10,7 @@ choices are checked from this table at compose time; reading imports what it nee
 
 from __future__ import annotations
 
+import importlib.util
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,10 @@ class File(WeightSource):
         return []
 
     def preprocessing_entry(self, cfg: Any) -> Any:
-        # a .pth from torchvision expects the architecture's usual preprocessing
-        from finetune import backbones
+        # a .pth of a known architecture expects its usual weights' preprocessing
+        from finetune.model_sources import model_source_of
 
-        return backbones.weights_enum(cfg.model.name, "DEFAULT")
+        return model_source_of(cfg).default_entry(cfg.model.name)
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
         from finetune.sources import read_file, read_run
@@ -218,8 +219,214 @@ class Recipe(WeightSource):
         return f"recipe:{cfg.weights.recipe}"
 
 
+class Timm(WeightSource):
+    """A timm model's pretrained tag (`weights.name`: e.g. fb_in22k_ft_in1k, or DEFAULT),
+    read from its Hub repo through huggingface_hub's cache."""
+
+    name = "timm"
+    needs_model = True  # its entry is looked up by model name
+
+    def problems(self, cfg: Any) -> list[str]:
+        from finetune.model_sources import MODEL_SOURCES, model_source_of
+
+        if model_source_of(cfg).name != "timm":
+            return ["weights.source=timm needs model.source=timm (a timm architecture); for "
+                    "torchvision models use weights.source=torchvision"]
+        missing = MODEL_SOURCES["timm"].available()
+        if missing:
+            return [missing]
+        try:
+            entry = self.entry(cfg)
+        except FinetuneError as err:
+            return err.problems
+        if not entry.get("hf_hub_id"):
+            url = entry.get("url")
+            more = (f"; use weights.source=url weights.url={url}" if url else "")
+            return [f"weights: timm has no Hub weights for {cfg.model.name} tag "
+                    f"{cfg.weights.name}{more}"]
+        return []
+
+    def entry(self, cfg: Any) -> dict[str, Any]:
+        from finetune.model_sources import timm_pretrained_cfg, timm_tags
+
+        try:
+            found = timm_pretrained_cfg(cfg.model.name, cfg.weights.name)
+        except RuntimeError:  # timm: "Invalid pretrained tag"
+            found = None
+        if found is None:
+            tags = timm_tags(cfg.model.name)
+            listed = ", ".join(tags) if tags else "none: timm has no pretrained weights for it"
+            raise FinetuneError(f"weights.name={cfg.weights.name!r} is not a pretrained tag of "
+                                f"timm's {cfg.model.name}; its tags: {listed} (or DEFAULT)")
+        return found
+
+    def _where(self, cfg: Any) -> tuple[str, str | None]:
+        entry = self.entry(cfg)
+        return entry["hf_hub_id"], entry.get("hf_hub_filename")
+
+    def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        from finetune.model_sources import timm_pretrained_cfg
+        from finetune.sources import read_hub
+
+        entry = timm_pretrained_cfg(model_name, weights.name) or {}
+        tensors, report = read_hub(entry["hf_hub_id"], weights.revision,
+                                   entry.get("hf_hub_filename"), "timm",
+                                   f"weights {model_name}.{entry.get('tag')}", weights.sha256)
+        report.hub = {**(report.hub or {}), "tag": entry.get("tag")}
+        return tensors, report
+
+    def unreachable(self, cfg: Any) -> str | None:
+        repo, filename = self._where(cfg)
+        return _hub_unreachable(repo, filename, cfg.weights.revision)
+
+    def effects(self, cfg: Any) -> list[str]:
+        repo, filename = self._where(cfg)
+        return _hub_effects(repo, filename, cfg.weights.revision)
+
+    def label(self, cfg: Any) -> str:
+        return f"timm:{cfg.weights.name}"
+
+
+class HfHub(WeightSource):
+    """A weights file of any Hugging Face Hub repo (`weights.repo`, `weights.revision`,
+    `weights.file`), through huggingface_hub's cache; a timm repo's config.json sets the
+    preprocessing."""
+
+    name = "hf_hub"
+
+    def problems(self, cfg: Any) -> list[str]:
+        from finetune import hub
+
+        if importlib.util.find_spec("huggingface_hub") is None:
+            return ["weights.source=hf_hub needs the huggingface_hub package: pip install "
+                    "'finetune[timm]'"]
+        if not cfg.weights.repo:
+            return ["weights.source=hf_hub needs weights.repo=ORG/NAME, e.g. "
+                    "timm/convnext_tiny.fb_in1k"]
+        return [p for p in (hub.repo_problem(cfg.weights.repo),
+                            hub.file_problem(cfg.weights.file)) if p]
+
+    def entry(self, cfg: Any) -> dict[str, Any] | None:
+        from finetune import hub
+
+        if cfg.model.get("source") != "timm":
+            return None
+        try:
+            path = hub.fetch(cfg.weights.repo, hub.CONFIG_FILE, cfg.weights.revision,
+                             f"weights.repo={cfg.weights.repo}")
+        except FinetuneError:  # no config.json (or offline): the architecture's own
+            return _timm_default(cfg)
+        return hub.config_cfg(hub.read_config(path, f"weights.repo={cfg.weights.repo}")) \
+            or _timm_default(cfg)
+
+    def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        from finetune.sources import read_hub
+
+        return read_hub(weights.repo, weights.revision, weights.file, "hf_hub",
+                        f"weights.repo={weights.repo}", weights.sha256)
+
+    def unreachable(self, cfg: Any) -> str | None:
+        return _hub_unreachable(cfg.weights.repo, cfg.weights.file, cfg.weights.revision)
+
+    def effects(self, cfg: Any) -> list[str]:
+        return _hub_effects(cfg.weights.repo, cfg.weights.file, cfg.weights.revision)
+
+    def label(self, cfg: Any) -> str:
+        return f"hf_hub:{cfg.weights.repo}"
+
+
+class LocalDir(WeightSource):
+    """A folder with config.json and model.safetensors, as timm saves one (`local-dir:`)."""
+
+    name = "local_dir"
+
+    def problems(self, cfg: Any) -> list[str]:
+        from finetune.hub import local_dir_weights
+
+        path = cfg.weights.path
+        if not path:
+            return ["weights.source=local_dir needs weights.path=FOLDER (config.json + "
+                    "model.safetensors)"]
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            return [f"weights.path={path!r}: no such folder"]
+        if local_dir_weights(folder) is None:
+            return [f"weights.path={path!r}: no model.safetensors or pytorch_model.bin in it"]
+        return self._config_problems(cfg)
+
+    def _config(self, cfg: Any) -> dict[str, Any] | None:
+        from finetune import hub
+
+        path = Path(cfg.weights.path).expanduser() / hub.CONFIG_FILE
+        return hub.read_config(path, f"weights.path={cfg.weights.path}") if path.is_file() \
+            else None
+
+    def _config_problems(self, cfg: Any) -> list[str]:
+        try:
+            data = self._config(cfg)
+        except FinetuneError as err:
+            return err.problems
+        arch = (data or {}).get("architecture")
+        if isinstance(arch, str) and cfg.model.get("source") == "timm" and \
+                arch.split(".")[0] != str(cfg.model.name).split(".")[0]:
+            return [f"weights.path={cfg.weights.path!r}: its config.json is for {arch}, "
+                    f"model.name={cfg.model.name}; set model.name={arch.split('.')[0]}"]
+        return []
+
+    def entry(self, cfg: Any) -> dict[str, Any] | None:
+        from finetune import hub
+
+        if cfg.model.get("source") != "timm":
+            return None
+        data = self._config(cfg)
+        return (hub.config_cfg(data) if data else None) or _timm_default(cfg)
+
+    def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        from finetune.sources import read_local_dir
+
+        return read_local_dir(weights.path)
+
+    def effects(self, cfg: Any) -> list[str]:
+        return [f"reads weights and config.json from {cfg.weights.path}"]
+
+
+def _timm_default(cfg: Any) -> dict[str, Any] | None:
+    from finetune.model_sources import timm_pretrained_cfg
+
+    try:
+        return timm_pretrained_cfg(cfg.model.name)
+    except RuntimeError:
+        return None
+
+
+def _hub_unreachable(repo: str, filename: str | None, revision: str | None) -> str | None:
+    from finetune import hub
+
+    names = [filename] if filename else list(hub.WEIGHT_FILES)
+    if any(hub.cached(repo, n, revision) for n in names):
+        return None
+    fix = (f"download it on a machine with internet (huggingface-cli download {repo} "
+           f"{names[0]}) and place it at {hub.place_hint(repo, names[0], revision)}")
+    if hub.offline():
+        return (f"weights: {names[0]} of {repo} is not in the Hugging Face cache and "
+                f"HF_HUB_OFFLINE is set; {fix}")
+    return _head_problem(f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/"
+                         f"{names[0]}", f"place it at {hub.place_hint(repo, names[0], revision)}"
+                         f" (huggingface-cli download {repo} {names[0]})")
+
+
+def _hub_effects(repo: str, filename: str | None, revision: str | None) -> list[str]:
+    from finetune import hub
+
+    names = [filename] if filename else list(hub.WEIGHT_FILES)
+    found = next((p for p in (hub.cached(repo, n, revision) for n in names) if p), None)
+    at = f" at {revision}" if revision else " (its main branch: pin weights.revision)"
+    return [f"reads {found} (Hugging Face cache)" if found else
+            f"downloads {names[0]} of {repo}{at} into {hub.cache_dir()} (the Hugging Face cache)"]
+
+
 SOURCES: dict[str, WeightSource] = {s.name: s for s in (
-    NoWeights(), Torchvision(), File(), Url(), Run(), Recipe())}
+    NoWeights(), Torchvision(), File(), Url(), Run(), Recipe(), Timm(), HfHub(), LocalDir())}
 
 
 def source_of(cfg: Any) -> WeightSource:
