@@ -101,14 +101,33 @@ def before(model: nn.Module, start: str) -> set[str]:
     return {n for n in names[1:cut] if not start.startswith(f"{n}.")}
 
 
-def _state(model: nn.Module, region: set[str], bn: str) -> tuple[list[str], list[str]]:
-    """(trainable parameters, BatchNorm modules kept in eval) for a frozen region."""
+def held_before(model: nn.Module, start: str) -> set[str]:
+    """Ancestors of `start` whose own parameters are frozen with the prefix: those with a
+    child before the branch that leads to `start`. A module's own parameters come before its
+    children (a ViT's class token and position embedding, on the model or its encoder,
+    are used before the blocks): `train_from: blocks.6` freezes them, `train_from:
+    patch_embed` (the first child) does not."""
+    held = set()
+    parts = start.split(".")
+    for depth in range(len(parts)):
+        ancestor = ".".join(parts[:depth])
+        children = [n for n, _ in model.get_submodule(ancestor).named_children()]
+        if children.index(parts[depth]) > 0:
+            held.add(ancestor)
+    return held
+
+
+def _state(model: nn.Module, region: set[str], bn: str, held: set[str] | None = None
+           ) -> tuple[list[str], list[str]]:
+    """(trainable parameters, BatchNorm modules kept in eval) for a frozen region, and the
+    ancestors of the split point whose own parameters are frozen (`held`)."""
     policy = BN_POLICIES[bn]
     trainable = []
     bn_modules = {n for n, m in model.named_modules() if isinstance(m, BATCHNORM)}
     for name, _ in model.named_parameters():
         holder = owner(name)
-        frozen = inside(holder, region) and not (policy.trains_affine and holder in bn_modules)
+        frozen = (inside(holder, region) or holder in (held or ())) and not (
+            policy.trains_affine and holder in bn_modules)
         if not frozen:
             trainable.append(name)
     eval_modules = [n for n in sorted(bn_modules, key=_order(model))
@@ -134,9 +153,10 @@ def plan_freeze(model: nn.Module, train_from: Any = None, bn: str = "frozen",
         raise FinetuneError(f"freeze.bn={bn!r} is not one of {', '.join(BN_POLICIES)}")
     start = resolve_train_from(model, train_from)
     region = before(model, start) if start is not None else set()
+    held = held_before(model, start) if start is not None else set()
     if as_list(modules):
         region |= set(select_modules(model, modules, "freeze.modules"))
-    trainable, eval_modules = _state(model, region, bn)
+    trainable, eval_modules = _state(model, region, bn, held)
     all_params = [n for n, _ in model.named_parameters()]
     first = Stage(0, start or "all", trainable, trainable, eval_modules,
                   warmup_epochs=0, selector=f"train_from: {start}" if start else "all")
@@ -174,12 +194,14 @@ def plan_freeze(model: nn.Module, train_from: Any = None, bn: str = "frozen",
             path = resolve_train_from(model, phase_from, f"{key}.train_from")
             assert path is not None
             region &= before(model, path)
+            held &= held_before(model, path)
             selector, default_name = f"train_from: {path}", path
         else:
             chosen = select_modules(model, phase_modules, f"{key}.modules")
             region = {n for n in region if not inside(n, chosen)}
+            held = {n for n in held if not inside(n, chosen)}
             selector = default_name = describe(phase_modules)
-        trainable, eval_modules = _state(model, region, bn)
+        trainable, eval_modules = _state(model, region, bn, held)
         previous = set(stages[-1].trainable)
         new = [n for n in trainable if n not in previous]
         if not new:

@@ -88,6 +88,49 @@ def layer_units(model: nn.Module) -> list[str]:
     return units
 
 
+def layer_map(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """The layers of `optim.layer_decay` front to back, and each parameter's layer. A timm
+    model groups its own parameters (`group_matcher`: stem, each block, the head last), as
+    timm's param_groups_layer_decay does; any other model uses `layer_units`."""
+    grouped = timm_layers(model)
+    if grouped is not None:
+        return grouped
+    units = layer_units(model)
+    return units, {name: unit_of(name, units) for name, _ in model.named_parameters()}
+
+
+def timm_layers(model: nn.Module) -> tuple[list[str], dict[str, str]] | None:
+    """timm's own layer grouping, each layer named by the module path its parameters share
+    (blocks.3; `stem` for the parameters before the blocks); None without one."""
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None or not callable(matcher):
+        return None
+    try:
+        from timm.models import group_parameters
+
+        groups = group_parameters(model, matcher(coarse=False))
+    except Exception:  # a model whose matcher does not fit it after surgery
+        return None
+    units, mapping = [], {}
+    for index in sorted(groups):
+        names = groups[index]
+        # named by where it starts: the parameters under its first one's top-level module
+        # (blocks.5 for [blocks.5.*, norm.*], which timm groups together)
+        top = owner(names[0]).split(".")[0]
+        owners = [owner(n).split(".") for n in names if owner(n).split(".")[0] == top]
+        shared = []
+        for parts in zip(*owners, strict=False):
+            if len(set(parts)) != 1:
+                break
+            shared.append(parts[0])
+        label = ".".join(shared) or ("stem" if index == 0 else f"layer{index}")
+        while label in units:
+            label = f"{label}+"
+        units.append(label)
+        mapping.update(dict.fromkeys(names, label))
+    return units, mapping
+
+
 def unit_of(param: str, units: list[str]) -> str:
     """The layer holding a parameter: the longest unit its module path starts with."""
     holder = owner(param)
@@ -138,7 +181,7 @@ def stage_groups(model: nn.Module, cfg: Any, plan: FreezePlan, index: int,
     """The groups of the parameters that join at stage `index`, named (names in `taken`
     get the stage's epoch appended, and are added to it)."""
     stage: Stage = plan.stages[index]
-    units = layer_units(model) if cfg.get("layer_decay") else []
+    units, unit_map = layer_map(model) if cfg.get("layer_decay") else ([], {})
     no_decay = [str(t) for t in cfg.get("no_decay") or []]
     buckets: dict[tuple[str, str, bool], dict[str, Any]] = {}
     for name in stage.params:
@@ -152,7 +195,7 @@ def stage_groups(model: nn.Module, cfg: Any, plan: FreezePlan, index: int,
             lr = (stage.lr if stage.lr is not None else cfg.lr * (stage.lr_mult or 1.0)) \
                 if index > 0 else cfg.lr
             wd = cfg.weight_decay
-        unit = unit_of(name, units) if units else ""
+        unit = unit_map[name] if units else ""
         if units:
             lr *= cfg.layer_decay ** (len(units) - 1 - units.index(unit))
         plain = wd > 0 and is_no_decay(model, name, no_decay)

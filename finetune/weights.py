@@ -91,15 +91,76 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return tiled * (weight.shape[1] / in_channels)
 
 
-def _first_conv_key(target: dict[str, torch.Tensor]) -> str | None:
+def _first_conv_key(model: nn.Module, target: dict[str, torch.Tensor]) -> str | None:
+    """The input conv's kernel: the one a timm model's pretrained config names, else the
+    first 4-D weight."""
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    if isinstance(named, str) and f"{named}.weight" in target:
+        return f"{named}.weight"
     return next((k for k, v in target.items() if v.dim() == 4 and k.endswith("weight")), None)
+
+
+POS_EMBED_NAMES = ("pos_embed", "pos_embedding")  # timm's ViTs, torchvision's encoder
+
+
+def prefix_tokens(model: nn.Module, key: str, old: int, new: int) -> int | None:
+    """How many tokens (class, distillation, register) lead a position embedding of `old`
+    tokens in the checkpoint and `new` in the model, the rest a square grid in both: the
+    model's own count where it says (timm's num_prefix_tokens, no_embed_class), else the
+    fewest that make both grids square. None: not a square grid."""
+    holder = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
+    declared = getattr(holder, "num_prefix_tokens", None)
+    if isinstance(declared, int):
+        counts = [0 if getattr(holder, "no_embed_class", False) else declared]
+    else:
+        counts = list(range(0, 9))
+    for count in counts:
+        a, b = old - count, new - count
+        if a > 0 and b > 0 and math.isqrt(a) ** 2 == a and math.isqrt(b) ** 2 == b:
+            return count
+    return None
+
+
+def resample_pos_embed(posemb: torch.Tensor, new_tokens: int, prefix: int) -> torch.Tensor:
+    """A position embedding [1, prefix + h*w, dim] for another square grid, as timm's
+    resample_abs_pos_embed does it: the prefix tokens kept, the grid resized bicubically
+    (antialiased), in float32."""
+    old_side = math.isqrt(posemb.shape[1] - prefix)
+    new_side = math.isqrt(new_tokens - prefix)
+    head, grid = posemb[:, :prefix], posemb[:, prefix:]
+    dim = grid.shape[-1]
+    grid = grid.float().reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(new_side, new_side), mode="bicubic",
+                                           antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)
+    return torch.cat([head, grid], dim=1)
+
+
+def _adapt(model: nn.Module, key: str, source: torch.Tensor, value: torch.Tensor,
+           first_conv: str | None) -> tuple[torch.Tensor, str] | None:
+    """A checkpoint tensor reshaped for the model where the meaning allows: the input conv
+    for other input channels, a ViT's position embedding for another image size."""
+    if (key == first_conv and source.dim() == 4 and source.shape[0] == value.shape[0]
+            and source.shape[2:] == value.shape[2:]):
+        how = "summed" if value.shape[1] == 1 else "repeated and scaled"
+        return (adapt_input_conv(source, value.shape[1]),
+                f"input channels {source.shape[1]} -> {value.shape[1]} ({how})")
+    if (key.rpartition(".")[2] in POS_EMBED_NAMES and source.dim() == value.dim() == 3
+            and source.shape[0] == value.shape[0] == 1 and source.shape[2] == value.shape[2]):
+        prefix = prefix_tokens(model, key, source.shape[1], value.shape[1])
+        if prefix is not None:
+            old, new = (math.isqrt(n - prefix) for n in (source.shape[1], value.shape[1]))
+            return (resample_pos_embed(source, value.shape[1], prefix),
+                    f"position embedding resampled {old}x{old} -> {new}x{new} (bicubic)")
+    return None
 
 
 def load_matching(model: nn.Module, tensors: dict[str, torch.Tensor], report: LoadReport,
                   on_shape_mismatch: str = "skip") -> LoadReport:
-    """Copy every tensor whose name and shape match the model; record everything else."""
+    """Copy every tensor whose name and shape match the model, adapt the input conv and a
+    ViT's position embedding where only their size differs; record everything else."""
     target = model.state_dict()
-    first_conv = _first_conv_key(target)
+    first_conv = _first_conv_key(model, target)
     matched: OrderedDict[str, torch.Tensor] = OrderedDict()
     # Modules read their version from the state dict's metadata (mnasnet refuses to load
     # without it); keep the checkpoint's, or the model's own when a filtered dict lost it.
@@ -111,15 +172,16 @@ def load_matching(model: nn.Module, tensors: dict[str, torch.Tensor], report: Lo
                 report.missing.append(key)
             continue
         source = tensors[key]
+        adapted = None if source.shape == value.shape else _adapt(model, key, source, value,
+                                                                  first_conv)
         if source.shape == value.shape:
             matched[key] = source
             report.loaded.append(key)
-        elif (key == first_conv and source.dim() == 4
-              and source.shape[0] == value.shape[0] and source.shape[2:] == value.shape[2:]):
-            matched[key] = adapt_input_conv(source, value.shape[1])
+        elif adapted is not None:
+            matched[key] = adapted[0]
             report.loaded.append(key)
             report.adapted.append({"key": key, "checkpoint_shape": list(source.shape),
-                                   "model_shape": list(value.shape)})
+                                   "model_shape": list(value.shape), "how": adapted[1]})
         else:
             report.shape_skipped.append({"key": key, "checkpoint_shape": list(source.shape),
                                          "model_shape": list(value.shape)})
