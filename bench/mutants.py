@@ -159,6 +159,28 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "                                                      pos_weight=self.class_weight)",
      "                                                      pos_weight=None)",
      "tests/test_module.py -k multilabel"),
+    ("a ViT's position embedding is skipped, not resampled", "finetune/weights.py",
+     "        if prefix is not None:\n            old, new =",
+     "        if False:\n            old, new =",
+     "tests/test_timm.py -k 'position_embedding'"),
+    ("the tokens before a ViT's blocks train when the blocks are frozen", "finetune/freezing.py",
+     "        if children.index(parts[depth]) > 0:\n            held.add(ancestor)",
+     "        if False:\n            held.add(ancestor)",
+     "tests/test_timm.py -k tokens_before"),
+    ("a replaced blob in the Hub cache is read", "finetune/sources.py",
+     "    hub.check_blob(path, what)\n", "", "tests/test_timm.py -k replaced_blob"),
+    ("model.kwargs that make a builder load weights reach the builder",
+     "finetune/builder.py",
+     "        if loads:  # weights come from weights.source: checked and reported\n",
+     "        if False:\n",
+     "tests/test_timm.py -k refused_together"),
+    ("layer decay ignores timm's grouping", "finetune/optim.py",
+     "    grouped = timm_layers(model)\n    if grouped is not None:\n        return grouped\n",
+     "", "tests/test_timm.py -k layer_decay"),
+    ("timm weights keep torchvision's preprocessing", "finetune/backbones.py",
+     "        prep = timm_preprocessing(weights, image_size)",
+     "        prep = Preprocessing(image_size or 224, image_size or 224, list(IMAGENET_MEAN), "
+     "list(IMAGENET_STD))", "tests/test_timm.py -k hub_cache"),
 ]
 
 

@@ -207,3 +207,93 @@ def torch_home_vgg(torch_home: Path) -> Path:
 
 # The quickstart without its recipe source, for tests about something else.
 QUICK = ["recipe=quickstart", "weights.source=none"]
+
+
+def write_hub_repo(hf_home: Path, repo: str, files: dict[str, object],
+                   revision: str = "main", commit: str | None = None) -> Path:
+    """A Hugging Face Hub repo in huggingface_hub's own cache layout under `hf_home`:
+    hub/models--org--name/snapshots/<commit>/<file> and refs/<revision> naming the commit.
+    `files` maps names to a state dict (written as safetensors) or a JSON-able dict."""
+    from safetensors.torch import save_file
+
+    commit = commit or hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    blobs = folder / "blobs"
+    blobs.mkdir(exist_ok=True)
+    for name, content in files.items():
+        assert isinstance(content, dict)
+        if name.endswith(".safetensors"):  # an LFS file: blobs/<sha256>, linked from snapshots
+            staged = blobs / "incoming"
+            save_file({k: v.contiguous() for k, v in content.items()}, staged)
+            blob = blobs / hashlib.sha256(staged.read_bytes()).hexdigest()
+            staged.replace(blob)
+            (snapshot / name).unlink(missing_ok=True)
+            (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+        else:
+            (snapshot / name).write_text(json.dumps(content))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def timm_state(name: str, seed: int = 1, **kwargs: object) -> dict[str, torch.Tensor]:
+    """Random weights (no accuracy) of a timm architecture, as its Hub file holds them."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).state_dict()
+
+
+def write_timm_weights(hf_home: Path, name: str, tag: str, seed: int = 1
+                       ) -> tuple[Path, dict[str, torch.Tensor]]:
+    """timm's pretrained file for NAME.TAG (random weights) where timm's Hub repo caches it."""
+    state = timm_state(name, seed)
+    snapshot = write_hub_repo(hf_home, f"timm/{name}.{tag}", {"model.safetensors": state})
+    return snapshot / "model.safetensors", state
+
+
+def use_hub_cache(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HF_HOME = `home`, HF_HUB_OFFLINE=1: the Hub is never asked, only that cache read."""
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return home
+
+
+def hub_cache(tmp_path_factory: pytest.TempPathFactory, name: str,
+              weights: list[tuple[str, str]]) -> Path:
+    home = tmp_path_factory.mktemp(name)
+    for arch, tag in weights:
+        write_timm_weights(home, arch, tag)
+    return home
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face cache with timm's test_vit / test_resnet / test_convnext weights
+    (r160_in1k, random) in the Hub's layout."""
+    return hub_cache(tmp_path_factory, "hf_home", [(n, "r160_in1k") for n in (
+        "test_vit", "test_resnet", "test_convnext")])
+
+
+@pytest.fixture
+def offline_hub(hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return use_hub_cache(hf_home, monkeypatch)
+
+
+# timm weights the shipped recipes name (random, in the Hub cache's layout)
+RECIPE_TIMM_WEIGHTS = [("convnext_tiny", "fb_in22k_ft_in1k"),
+                       ("vit_small_patch16_224", "augreg_in21k_ft_in1k")]
+
+
+@pytest.fixture(scope="session")
+def recipes_hub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return hub_cache(tmp_path_factory, "recipes_hf", RECIPE_TIMM_WEIGHTS)
+
+
+@pytest.fixture
+def recipes_hub(recipes_hub_home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HF_HOME with the shipped recipes' timm weights, HF_HUB_OFFLINE=1."""
+    return use_hub_cache(recipes_hub_home, monkeypatch)

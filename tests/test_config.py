@@ -108,7 +108,9 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
         ["finetune.report", str(tmp_path / "sweep")],
         # refused before torch is imported, and nothing left behind
         ["finetune", "recipe=quickstart", "data=imagefolder", "data.root=nowhere"],
-        ["finetune", "recipe=quickstart", "head.num_classes=3"]]
+        ["finetune", "recipe=quickstart", "head.num_classes=3"],
+        ["finetune", "weights.source=local_dir", "weights.path=nowhere"],
+        ["finetune", "weights.source=hf_hub", "weights.repo=../up"]]
     code = (f"import json, runpy, sys\nresults = []\nfor call in {calls!r}:\n"
             "    sys.argv = [call[0], *call[1:]]\n"
             "    try:\n        runpy.run_module(call[0], run_name='__main__')\n        rc = 0\n"
@@ -119,11 +121,15 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
                             text=True, timeout=120)
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULTS"))
     for call, rc, torch_loaded in json.loads(line.split(" ", 1)[1]):
-        expected = 2 if "data.root=nowhere" in call or "head.num_classes=3" in call else 0
+        expected = 2 if any(a in call for a in ("data.root=nowhere", "head.num_classes=3",
+                                                "weights.path=nowhere",
+                                                "weights.repo=../up")) else 0
         assert rc == expected and not torch_loaded, (call, rc, torch_loaded,
                                                      result.stderr[-2000:])
     assert "finetune: error: data.root='nowhere': no such path" in result.stderr
     assert "finetune: error: head.num_classes=3 but the data has 5 classes" in result.stderr
+    assert "finetune: error: weights.path='nowhere': no such folder" in result.stderr
+    assert "finetune: error: weights.repo='../up' is not a Hugging Face repo id" in result.stderr
     assert not (tmp_path / "outputs").exists(), "a refused run leaves no run dir"
     for command in COMMANDS:
         assert f"{command}: " in result.stdout and "usage: python -m " in result.stdout
@@ -201,11 +207,11 @@ def _plan_problems(*overrides: str) -> list[str]:
 
 def test_plan_time_corrections_are_one_sentence_each() -> None:
     """Things that used to crash later, or train wrong, are refused when the run is planned."""
-    assert _plan_problems("model.name=vit_b_16") == [
+    assert _plan_problems("model.name=vit_b_16", "model.kwargs.image_size=224") == [
         "vit_b_16 cannot take 32 px inputs (Wrong image height! Expected 224 but got 32!); a "
-        "ViT takes exactly its image_size (224 px here): set data.image_size=224, or, without "
-        "pretrained weights, model.kwargs.image_size=32"]
-    assert _plan_problems("model.name=vit_b_16", "model.kwargs.image_size=32") == []
+        "ViT takes exactly its image_size (224 px here): set data.image_size=224, or "
+        "model.kwargs.image_size=32"]
+    assert _plan_problems("model.name=vit_b_16") == []  # built for the run's image size
     assert _plan_problems("data.augment=[MixUp]")[0].startswith(
         "data.augment[0]: MixUp mixes pairs of images and their labels across a batch")
     wrong_head = "surgery=[{op: replace, path: fc, with: {type: Linear, out_features: 3}}]"

@@ -91,7 +91,7 @@ def attacks(tmp: Path) -> dict[str, tuple[Path, str]]:
                          "may interpolate only schema keys"),
         "torchvision_by_itself": (_write(tmp / "kwargs_weights.yaml",
                                          "model:\n  kwargs:\n    weights: IMAGENET1K_V1\n"),
-                                  "torchvision would load weights by itself"),
+                                  "the builder would load weights by itself"),
         "launcher_setup": (_write(tmp / "launcher.yaml", (
             "defaults:\n  - override /hydra/launcher: slurm\n"
             f"hydra:\n  launcher:\n    setup: ['touch {out / 'slurm'}']\n")),

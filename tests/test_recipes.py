@@ -12,16 +12,25 @@ import torchvision
 from finetune import config as schema
 from finetune.inspect import compose_config, inspect_plan, render
 from finetune.plan import plan_run
-from tests.conftest import main_here, problems_here, read_json, run_cli, train_here
+from tests.conftest import (
+    main_here,
+    problems_here,
+    read_json,
+    run_cli,
+    train_here,
+)
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=64"]
 # Recipes that read an image folder inspect on the digits instead.
 RECIPE_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9,
-                    "resnet18_gradual": DIGITS_1_9}
+                    "resnet18_gradual": DIGITS_1_9, "convnext_tiny_9cls": DIGITS_1_9,
+                    "vit_small_lora_ready": DIGITS_1_9}
 
 
 @pytest.fixture
-def offline_home(torch_home_vgg: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def offline_home(torch_home_vgg: Path, recipes_hub: Path, monkeypatch: pytest.MonkeyPatch
+                 ) -> Path:
+    """torch's and the Hugging Face cache with every shipped recipe's weights (random)."""
     monkeypatch.setenv("TORCH_HOME", str(torch_home_vgg))
     return torch_home_vgg
 

@@ -17,10 +17,12 @@ from tests.conftest import SHRINK, cli_errors, main_here, read_json, run_cli, tr
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=32"]
 # Shipped recipes that read an image folder run on the digits in tests.
 RUN_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9,
-                 "resnet18_gradual": DIGITS_1_9, "vgg16_relu5_3": ["data.image_size=64"]}
+                 "resnet18_gradual": DIGITS_1_9, "vgg16_relu5_3": ["data.image_size=64"],
+                 "convnext_tiny_9cls": DIGITS_1_9, "vit_small_lora_ready": DIGITS_1_9}
 # After SHRINK: runs long enough to reach every unfreeze phase (one batch an epoch).
-LONGER = {"resnet18_gradual": ["trainer.max_epochs=5", "trainer.limit_train_batches=1",
-                               "trainer.limit_val_batches=1"]}
+ONE_BATCH = ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
+LONGER = {"resnet18_gradual": ["trainer.max_epochs=5", *ONE_BATCH],
+          "vit_small_lora_ready": ["trainer.max_epochs=5", *ONE_BATCH]}
 SHRUNK_SOURCE = "weights.recipe_overrides=[" + ",".join(f'"{o}"' for o in SHRINK) + "]"
 
 
@@ -158,8 +160,8 @@ def _overrides(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n != "vgg16_relu5_3"])
-def test_every_shipped_recipe_validates(name: str, torch_home: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_shipped_recipe_validates(name: str, torch_home: Path, recipes_hub: Path,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """(vgg16_relu5_3 is validated beside its run, in test_recipes.py: its 528 MB weights
     file is written once, there.)"""
     from finetune.recipes import validate_recipe
@@ -171,8 +173,8 @@ def test_every_shipped_recipe_validates(name: str, torch_home: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n not in RUN_ELSEWHERE])
-def test_every_shipped_recipe_runs(name: str, torch_home: Path, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch,
+def test_every_shipped_recipe_runs(name: str, torch_home: Path, recipes_hub: Path,
+                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     with caplog.at_level(logging.INFO, logger="finetune"):

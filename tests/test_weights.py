@@ -288,7 +288,8 @@ def test_one_channel_first_conv_is_adapted_and_keeps_outputs(tmp_path: Path) -> 
             "stride": 2, "padding": 3, "bias": False}}], 32, channels=1).model
     report = load_weights(gray_model, _cfg(source="file", path=str(path)), "resnet18", ["fc"])
     assert report.adapted == [{"key": "conv1.weight", "checkpoint_shape": [64, 3, 7, 7],
-                               "model_shape": [64, 1, 7, 7]}]
+                               "model_shape": [64, 1, 7, 7],
+                               "how": "input channels 3 -> 1 (summed)"}]
     assert report.missing == [] and report.shape_skipped == []
     gray = torch.rand(2, 1, 48, 48)
     with torch.inference_mode():
