@@ -164,6 +164,7 @@ class DataConfig:
     image_size: int | None = None
     batch_size: int = 32
     val_fraction: float = 0.2
+    test_fraction: float | None = None  # a stratified test split held out first (null: none)
     folds: int | None = None  # k-fold cross-validation: K folds (null: one val_fraction split)
     fold: int = 0  # which fold is the validation set, 0..K-1
     num_workers: Any = "auto"
@@ -223,6 +224,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    checkpoint: str = "last"  # weights the test split evaluates: last (model.safetensors) | best
+    report: bool = True  # write report.html at the end of the run
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
@@ -236,6 +243,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     resume: str | None = None
     metric: str = "val/acc"
@@ -266,6 +274,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checkpoint.keep": ("auto", "last", "best", "both", "none"),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
     "task": ("multiclass", "multilabel"),
+    "eval.checkpoint": ("last", "best"),
     "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
     "trainer.early_stopping.mode": ("auto", "min", "max"),
 }

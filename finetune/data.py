@@ -16,7 +16,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import InterpolationMode, v2
 
 from finetune.backbones import Preprocessing
-from finetune.data_formats import FORMATS, CsvProblem, label_sets_problem, read_csv_rows
+from finetune.data_formats import (
+    FORMATS,
+    CsvProblem,
+    label_sets_problem,
+    read_csv_rows,
+    read_csv_table,
+)
 from finetune.errors import FinetuneError
 from finetune.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
 from finetune.precheck import single_class_problem
@@ -204,7 +210,8 @@ def _decode_problem(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | N
 
 
 def drop_undecodable(split: Split, names: list[str], policy: str,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Split, list[tuple[str, str]]]:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, every_class: bool = True
+                     ) -> tuple[Split, list[tuple[str, str]]]:
     """Decode every image once (threads; PIL releases the GIL): those that fail (or are
     over `max_pixels`) are skipped and returned (path, reason), or refused with `policy`
     error."""
@@ -219,7 +226,7 @@ def drop_undecodable(split: Split, names: list[str], policy: str,
                             f"{'them' if len(bad) > 1 else 'it'}, or set data.on_bad_image=skip "
                             "to train without them")
     kept = split.subset(np.array([i for i, r in enumerate(reasons) if r is None], dtype=int))
-    empty = [] if is_multilabel(split.labels) else [
+    empty = [] if is_multilabel(split.labels) or not every_class else [
         names[c] for c in sorted(set(split.labels) - set(kept.labels))]
     if empty:
         raise FinetuneError(f"data: no image of class {empty[0]} can be decoded (e.g. "
@@ -228,8 +235,10 @@ def drop_undecodable(split: Split, names: list[str], policy: str,
     return kept, bad
 
 
-def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """(train, val) with every class in the same proportion, the same for the same seed."""
+def stratified_split(split: Split, fraction: float, seed: int, key: str = "data.val_fraction"
+                     ) -> tuple[Split, Split]:
+    """(kept, held out) with every class in the same proportion, the same for the same
+    seed."""
     index = np.arange(len(split.labels))
     try:  # (label sets cannot be stratified: a seeded random split)
         train, val = train_test_split(index, test_size=fraction, random_state=seed,
@@ -237,8 +246,9 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
                                       else split.labels)
     except ValueError as err:  # too few images per class for a stratified split
         raise FinetuneError(f"data: {len(index)} images in {len(set(split.labels))} classes are "
-                            f"too few to hold out data.val_fraction={fraction} of every class "
-                            f"({err}); add images, or give train/ and val/ folders") from None
+                            f"too few to hold out {key}={fraction} of every class "
+                            f"({err}); add images, or give train/, val/ and test/ folders"
+                            ) from None
     return split.subset(np.sort(train)), split.subset(np.sort(val))
 
 
@@ -379,15 +389,33 @@ def check_root(root: str | None, kind: str) -> Path:
     return path
 
 
-def scan_folder(folder: Path, classes: list[Any] | None) -> tuple[Split, list[str]]:
-    """folder/<class>/<image>: one subfolder per class, sorted by name."""
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def scan_folder(folder: Path, classes: list[Any] | None, skip: tuple[str, ...] = (),
+                subset: bool = False) -> tuple[Split, list[str]]:
+    """folder/<class>/<image>: one subfolder per class, sorted by name (`skip`: folder names
+    that are not classes). With `subset` (a val/ or test/ folder), `classes` are the run's
+    classes and the folder may hold some of them only; a class folder not among them is
+    refused."""
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                        and p.name not in skip)
     if not class_dirs:
         raise FinetuneError(f"data.root: {folder} has no class subfolders; expected "
-                            f"{folder}/<class>/<image>.png (or train/ and val/ inside it)")
-    names = _select_classes([p.name for p in class_dirs], classes, str(folder))
+                            f"{folder}/<class>/<image>.png (or train/, val/ and test/ inside "
+                            "it)")
+    if subset:
+        assert classes is not None
+        names = [str(c) for c in classes]
+        unknown = [p.name for p in class_dirs if p.name not in names]
+        if unknown:
+            raise FinetuneError(f"data.root: {folder} has class folders the training data "
+                                f"has not ({', '.join(unknown[:5])}); every class of a split "
+                                f"must be a training class ({', '.join(names[:12])})")
+    else:
+        names = _select_classes([p.name for p in class_dirs], classes, str(folder))
     paths, labels = [], []
+    present = {p.name for p in class_dirs}
     for label, name in enumerate(names):
+        if subset and name not in present:
+            continue
         files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in
                        IMAGE_SUFFIXES)
         if not files:
@@ -398,17 +426,34 @@ def scan_folder(folder: Path, classes: list[Any] | None) -> tuple[Split, list[st
     return Split(paths, labels), names
 
 
-def read_csv_list(csv_path: Path, classes: list[Any] | None) -> tuple[Split, list[str]]:
-    """Rows of `path,label`; paths relative to the CSV; an optional header is skipped."""
+def read_csv_list(csv_path: Path, classes: list[Any] | None
+                  ) -> tuple[Split, Split | None, list[str], Split | None]:
+    """Rows of `path,label[,split]`; paths relative to the CSV; an optional header is
+    skipped. (the training rows, the val rows or None, class names, the test rows or None)."""
     try:
-        rows = read_csv_rows(csv_path)
+        rows = read_csv_table(csv_path)
     except CsvProblem as err:
         raise FinetuneError(str(err)) from None
-    names = _select_classes(sorted({r[1] for r in rows}), classes, str(csv_path))
+    names = _select_classes(sorted({r[1] for r in rows if r[2] in ("", "train")}), classes,
+                            str(csv_path))
     label_of = {n: i for i, n in enumerate(names)}
-    kept = [r for r in rows if r[1] in label_of]
-    return (Split(listed_images(csv_path, [r[0] for r in kept]),
-                  [label_of[r[1]] for r in kept]), names)
+    unknown = sorted({r[1] for r in rows if r[2] in ("val", "test") and r[1] not in label_of
+                      and classes is None})
+    if unknown:
+        raise FinetuneError(f"data.root: {csv_path} has val/test rows of classes no training "
+                            f"row has ({', '.join(unknown[:5])}); every class of a split must "
+                            "be a training class")
+
+    def part(*splits: str) -> Split | None:
+        kept = [r for r in rows if r[2] in splits and r[1] in label_of]
+        if not kept and "train" not in splits:
+            return None
+        return Split(listed_images(csv_path, [r[0] for r in kept]),
+                     [label_of[r[1]] for r in kept])
+
+    train = part("", "train")
+    assert train is not None
+    return train, part("val"), names, part("test")
 
 
 def fake_data(size: int, num_classes: int, image_size: int, seed: int) -> tuple[Split,
@@ -424,9 +469,14 @@ class ImageDataModule(pl.LightningDataModule):
     """Train and val datasets already split; loaders from the data config."""
 
     def __init__(self, train: Any, val: Any, class_names: list[str], batch_size: int,
-                 num_workers: int, seed: int = 0, balanced: bool = False) -> None:
+                 num_workers: int, seed: int = 0, balanced: bool = False,
+                 test: Any = None) -> None:
         super().__init__()
         self.train_set, self.val_set, self.class_names = train, val, class_names
+        self.test_set = test  # the held-out test split (eval transform), or None
+        # the splits before transforms, and how to make an eval-transform dataset of one
+        self.splits: dict[str, Split] = {}
+        self.make_eval: Any = None
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.balanced = balanced  # data.sampler=balanced
         # The epoch the first train loader starts at: Lightning creates that loader's
@@ -455,6 +505,17 @@ class ImageDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(),
                           generator=torch.Generator().manual_seed(derive(self.seed, 3)))
+
+    def eval_dataset(self, split: str) -> Any:
+        """A split (train, val, test, or all of them) with the deterministic eval transform:
+        what evaluation reads (images, also after a feature cache replaced the loaders')."""
+        parts = [self.splits[name] for name in (("train", "val", "test") if split == "all"
+                                                 else (split,)) if name in self.splits]
+        if not parts:
+            raise FinetuneError(f"split={split}: this data has no such split")
+        items = (torch.cat([p.items for p in parts]) if isinstance(parts[0].items, torch.Tensor)
+                 else [x for p in parts for x in p.items])
+        return self.make_eval(Split(items, [y for p in parts for y in p.labels]))
 
     def class_counts(self) -> list[int]:
         """Training images per class, in class order."""
@@ -498,10 +559,9 @@ def _workers(setting: Any, in_memory: bool) -> int:
     raise FinetuneError(f"data.num_workers={setting!r}: use auto or a whole number >= 0")
 
 
-def read_data(cfg: Any, crop: int, seed: int, task: str) -> tuple[Split, Split | None,
-                                                                  list[str]]:
-    """The data format's labelled set (and own val set), or for task=multilabel the label
-    sets of the formats that have them (csv, digits)."""
+def read_data(cfg: Any, crop: int, seed: int, task: str) -> tuple[Any, ...]:
+    """The data format's labelled set (and own val set, class names, own test set), or for
+    task=multilabel the label sets of the formats that have them (csv, digits)."""
     data_format = FORMATS[cfg.name]
     if task != "multilabel":
         return data_format.read(cfg, crop, seed)
@@ -509,13 +569,14 @@ def read_data(cfg: Any, crop: int, seed: int, task: str) -> tuple[Split, Split |
     if problem:
         raise FinetuneError(problem)
     full, names = data_format.read_label_sets(cfg)
-    return full, None, names
+    return full, None, names, None
 
 
 def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
                      task: str = "multiclass") -> ImageDataModule:
     """The datamodule for `cfg` (the data group): split, transforms and loaders."""
-    full, val, names = read_data(cfg, prep.crop, seed, task)
+    full, val, names, *rest = read_data(cfg, prep.crop, seed, task)
+    test: Split | None = rest[0] if rest else None
     bad: list[tuple[str, str]] = []
     one_class = single_class_problem(names, cfg.get("root") or cfg.name)
     if one_class:
@@ -524,11 +585,21 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     max_pixels = cfg.get("max_image_pixels", DEFAULT_MAX_PIXELS)
     if not isinstance(full.items, torch.Tensor):  # files: every one must decode
         full, bad = drop_undecodable(full, names, policy, max_pixels)
-        if val is not None:
-            val, bad_val = drop_undecodable(val, names, policy, max_pixels)
-            bad += bad_val
+        for name, part in (("val", val), ("test", test)):
+            if part is not None:
+                kept, dropped = drop_undecodable(part, names, policy, max_pixels,
+                                                 every_class=False)
+                bad += dropped
+                val, test = (kept, test) if name == "val" else (val, kept)
     if cfg.get("limit_per_class"):
         full = limit_per_class(full, names, dict(cfg.limit_per_class), seed)
+    fraction = cfg.get("test_fraction")
+    if fraction:
+        if test is not None:
+            raise FinetuneError(f"data.test_fraction={fraction}: this data brings its own "
+                                "test split (a test/ folder or split column); drop one of them")
+        full, test = stratified_split(full, fraction, derive(seed, 6) % 2**32,
+                                      "data.test_fraction")
     train = full
     folds = cfg.get("folds")
     if folds is not None:
@@ -550,11 +621,16 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     if augment:
         check_augment(training, prep, augment,
                       open_rgb(train.items[0], max_pixels) if not in_memory else train.items[0])
+    def make_eval(part: Split) -> Any:
+        return dataset(part.items, part.labels, eval_transform(prep), **extra)
+
     data = ImageDataModule(
         dataset(train.items, train.labels, training, bool(augment), **extra),
-        dataset(val.items, val.labels, eval_transform(prep), **extra),
-        names, cfg.batch_size, _workers(cfg.num_workers, in_memory), seed,
+        make_eval(val), names, cfg.batch_size, _workers(cfg.num_workers, in_memory), seed,
         cfg.get("sampler", "shuffle") == "balanced",
+        make_eval(test) if test is not None and test.labels else None,
     )
+    data.splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+    data.make_eval = make_eval
     data.bad_images = bad
     return data

@@ -35,8 +35,9 @@ class DataFormat:
             return [f"data.root={root!r}: no such path (relative paths start at {Path.cwd()})"]
         return []
 
-    def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
-        """(labelled set, its own validation set or None, class names) as data.Split."""
+    def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, ...]:
+        """(labelled set, its own validation set or None, class names) as data.Split; a
+        format whose data brings its own test split returns it fourth (or None)."""
         raise NotImplementedError(self.name)
 
     def class_names(self, cfg: Any) -> list[str] | None:
@@ -102,9 +103,20 @@ class CsvProblem(Exception):
     """A CSV list that cannot be read as path,label rows (the message says why)."""
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
 def read_csv_rows(path: Path, allow_empty_label: bool = False) -> list[tuple[str, str]]:
-    """The (path, label) rows of a CSV list: UTF-8 (a byte-order mark is fine), an optional
-    `path,label` header, `#` comment lines and blank lines skipped.
+    """The (path, label) rows of a CSV list (see read_csv_table)."""
+    return [(p, label) for p, label, _ in read_csv_table(path, allow_empty_label)]
+
+
+def read_csv_table(path: Path, allow_empty_label: bool = False
+                   ) -> list[tuple[str, str, str]]:
+    """The (path, label, split) rows of a CSV list: UTF-8 (a byte-order mark is fine), an
+    optional `path,label[,split]` header, `#` comment lines and blank lines skipped; the
+    optional third column says train, val or test (empty: train, or held out by
+    data.val_fraction).
 
     Raises:
         CsvProblem: not UTF-8 text, not CSV, no rows, or rows without a path or a label;
@@ -128,19 +140,24 @@ def read_csv_rows(path: Path, allow_empty_label: bool = False) -> list[tuple[str
     if rows and [c.strip().lower() for c in rows[0][1][:2]] in (["path", "label"],
                                                                  ["path", "labels"]):
         rows = rows[1:]
+    bad_split = [n for n, r in rows if len(r) >= 3 and r[2].strip().lower() not in
+                 ("", *SPLIT_NAMES)]
     short = [n for n, r in rows if len(r) < 2]
     no_path = [n for n, r in rows if len(r) >= 2 and not r[0].strip()]
     no_label = [] if allow_empty_label else [n for n, r in rows
                                              if len(r) >= 2 and not r[1].strip()]
-    if not rows or short or no_path or no_label:
+    if not rows or short or no_path or no_label or bad_split:
         found = [f"{what} on line{'s' if len(lines) > 1 else ''} "
                  f"{', '.join(map(str, lines[:5]))}{' ...' if len(lines) > 5 else ''}"
                  for what, lines in (("fewer than two fields", short), ("no path", no_path),
-                                     ("an empty label", no_label)) if lines]
+                                     ("an empty label", no_label),
+                                     ("a split other than train, val or test", bad_split))
+                 if lines]
         raise CsvProblem(f"data.root: {path} needs rows of path,label; "
                          + ("; ".join(found) if found else "it has none")
                          + " (fix or remove those rows)" * bool(found))
-    return [(r[0].strip(), r[1].strip()) for _, r in rows]
+    return [(r[0].strip(), r[1].strip(), r[2].strip().lower() if len(r) >= 3 else "")
+            for _, r in rows]
 
 
 class Csv(DataFormat):
@@ -154,18 +171,18 @@ class Csv(DataFormat):
         path = Path(str(cfg.root)).expanduser()
         if given or self.problems(cfg) or not path.is_file():
             return given
-        try:
-            return sorted({label for _, label in read_csv_rows(path)})
+        try:  # the training rows' classes (a split column's val / test rows are not)
+            return sorted({label for _, label, split in read_csv_table(path)
+                           if split in ("", "train")})
         except CsvProblem:
             return None  # reading the data says what is wrong, with the rest
 
     label_sets = "path,a;b;c"  # the second column: labels separated by ;
 
-    def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
+    def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, ...]:
         from finetune.data import check_root, read_csv_list
 
-        full, names = read_csv_list(check_root(cfg.root, self.name), cfg.classes)
-        return full, None, names
+        return read_csv_list(check_root(cfg.root, self.name), cfg.classes)
 
     def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
         from finetune.data import check_root, read_multilabel_csv
@@ -173,8 +190,16 @@ class Csv(DataFormat):
         return read_multilabel_csv(check_root(cfg.root, self.name))
 
 
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of an image folder: train/, val/, test/ at its top (their names are
+    never classes); without train/, the class folders are the top's other folders."""
+    return {name: root / name for name in SPLIT_NAMES if (root / name).is_dir()}
+
+
 class ImageFolder(DataFormat):
-    """root/<class>/<image>, or root/train/<class>/... and root/val/<class>/..."""
+    """root/<class>/<image>, or root/train/<class>/... with val/ and test/ beside it (each
+    optional: without val/, data.val_fraction of train/ validates); a test/ beside the class
+    folders is the test split."""
 
     name = "imagefolder"
     needs_root = True
@@ -184,23 +209,22 @@ class ImageFolder(DataFormat):
         if given or self.problems(cfg):
             return given
         root = Path(str(cfg.root)).expanduser()
-        folder = root / "train" if (root / "train").is_dir() and (root / "val").is_dir() \
-            else root
-        if not folder.is_dir():
+        if not root.is_dir():
             return None
-        return sorted(p.name for p in folder.iterdir()
-                      if p.is_dir() and not p.name.startswith(".")) or None
+        folder = split_folders(root).get("train", root)
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not
+                      p.name.startswith(".") and p.name not in SPLIT_NAMES) or None
 
-    def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
+    def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, ...]:
         from finetune.data import check_root, scan_folder
 
         root = check_root(cfg.root, self.name)
-        if (root / "train").is_dir() and (root / "val").is_dir():
-            full, names = scan_folder(root / "train", cfg.classes)
-            val, _ = scan_folder(root / "val", names)
-            return full, val, names
-        full, names = scan_folder(root, cfg.classes)
-        return full, None, names
+        splits = split_folders(root)
+        full, names = scan_folder(splits.get("train", root), cfg.classes,
+                                  skip=SPLIT_NAMES)
+        val = scan_folder(splits["val"], names, subset=True)[0] if "val" in splits else None
+        test = scan_folder(splits["test"], names, subset=True)[0] if "test" in splits else None
+        return full, val, names, test
 
 
 FORMATS: dict[str, DataFormat] = {f.name: f for f in (Digits(), ImageFolder(), Csv(), Fake())}

@@ -67,6 +67,7 @@ RANGES: dict[str, Range] = {
     "data.batch_size": AT_LEAST_1,
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True),
     "data.crop_pct": Range(0, 1, low_open=True),
+    "data.test_fraction": Range(0, 1, low_open=True, high_open=True),
     "data.folds": Range(2),
     "data.fold": AT_LEAST_0,
     "data.train_size": AT_LEAST_1,

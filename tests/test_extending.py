@@ -116,7 +116,7 @@ def test_every_format_knows_its_classes_without_reading_images(tmp_path: Path) -
     assert FORMATS["imagefolder"].class_names(folder) == scan_folder(
         tmp_path / "folder" / "train", None)[1] == ["3", "7"]
     assert FORMATS["csv"].class_names(listed) == read_csv_list(tmp_path / "list.csv",
-                                                               None)[1] == ["3", "7"]
+                                                               None)[2] == ["3", "7"]
     assert FORMATS["digits"].class_names(OmegaConf.create({"classes": None})) == [
         str(d) for d in range(10)]
     assert FORMATS["imagefolder"].class_names(
