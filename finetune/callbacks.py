@@ -203,3 +203,26 @@ class EMA(WeightAveraging):
         """What the manifest and metrics.json record."""
         return {"decay": self.decay, "start_epoch": self.start_epoch, "updates": self.updates(),
                 "weights": "ema" if self.updates() else "last (no EMA update happened)"}
+
+
+class BestWeights(pl.Callback):
+    """eval.checkpoint=best: a copy (on the CPU) of the weights at the validation with the
+    best `monitor` (lower is better for a loss), for the test split's evaluation."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.state: dict[str, torch.Tensor] | None = None
+        self.epoch: int | None = None
+        self.value: float | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        lower = self.monitor.endswith("loss")
+        if value != value or (self.value is not None and (
+                value >= self.value if lower else value <= self.value)):
+            return
+        self.value, self.epoch = value, trainer.current_epoch
+        self.state = {k: v.detach().cpu().clone()
+                      for k, v in pl_module.model.state_dict().items()}

@@ -37,9 +37,18 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
          "python -m finetune.recipes copy resnet50_9cls my_recipe.yaml",
          "python -m finetune.recipes validate my_recipe.yaml"]),
     "finetune.report": (
-        "the leaderboard of a sweep (table, CSV, Markdown, plot)",
-        "python -m finetune.report DIR [metric=val/acc] [out=DIR]",
-        ["python -m finetune.report outputs/sweeps/digits_transfer_splits/RUN"]),
+        "the leaderboard of a sweep (table, CSV, Markdown, plot, report.html), or a run's "
+        "report.html",
+        "python -m finetune.report SWEEP_OR_RUN_DIR [metric=val/acc] [out=DIR]",
+        ["python -m finetune.report outputs/sweeps/digits_transfer_splits/RUN",
+         "python -m finetune.report outputs/quickstart/RUN   (rebuild its report.html)"]),
+    "finetune.evaluate": (
+        "a finished run on labelled data: per class, calibrated (eval.json)",
+        "python -m finetune.evaluate run=RUN_DIR [data=NAME data.root=PATH ...] "
+        "[split=auto|test|val|train|all] [calibrate=true] [output=DIR] [batch_size=64]",
+        ["python -m finetune.evaluate run=outputs/quickstart/RUN",
+         "python -m finetune.evaluate run=RUN data=imagefolder data.root=new_images/",
+         "python -m finetune.evaluate run=RUN calibrate=true   (fit a temperature on val)"]),
     "finetune.predict": (
         "classify images with a finished run",
         "python -m finetune.predict run=RUN_DIR input=FILE_OR_DIR [output=predictions.csv] "

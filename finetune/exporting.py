@@ -71,12 +71,29 @@ def _onnx(model: nn.Module, path: Path) -> Any | None:
     return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
 
 
+class Calibrated(nn.Module):
+    """The run's model with its logits divided by the fitted temperature; the run's
+    attributes (class names, preprocessing, manifest) kept."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+        for name in ("class_names", "transform", "preprocessing", "manifest"):
+            object.__setattr__(self, name, getattr(model, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
 def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> dict[str, Any]:
     """Export and check parity; returns what the JSON beside the file says."""
     if fmt not in SUFFIX:
         raise FinetuneError(f"format={fmt!r}: choose torchscript or onnx; "
                             f"{usage('finetune.export')}")
     model = load_run(run_dir, device="cpu")
+    temperature = model.manifest.temperature
+    if temperature != 1.0:  # calibrated (evaluate calibrate=true): the graph divides by it
+        model = Calibrated(model, temperature)
     target = Path(output) if output else Path(run_dir) / f"model{SUFFIX[fmt]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     info_file = target.with_name(f"{target.name}.json")
@@ -112,7 +129,10 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
             "model_sha256": model.manifest.model_sha256,
             # how to read the outputs: softmax over classes, or (multilabel) a sigmoid per
             # label and the thresholds tuned on the run's validation set
-            "task": model.manifest.task, "outputs": "logits",
+            "task": model.manifest.task,
+            "outputs": "logits" if temperature == 1.0 else
+            f"logits / temperature ({temperature:g}, calibrated: softmax gives calibrated "
+            "probabilities)", "temperature": temperature,
             **({"thresholds": model.manifest.thresholds}
                if model.manifest.task == "multilabel" else {}),
             "torch": torch.__version__}

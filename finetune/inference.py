@@ -132,7 +132,8 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
                         out.classes, (p >= cut).tolist(), strict=True) if hit],
                         "probs": p.tolist()})
             else:
-                top = torch.softmax(logits, dim=1).topk(k, dim=1)
+                temperature = manifest.temperature if manifest is not None else 1.0
+                top = torch.softmax(logits / temperature, dim=1).topk(k, dim=1)
                 for path, p, i in zip(names, top.values.tolist(), top.indices.tolist(),
                                       strict=True):
                     out.rows.append({"path": path, "labels": [out.classes[j] for j in i],

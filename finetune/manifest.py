@@ -9,6 +9,7 @@ weights file against the recorded sha256; each problem is one sentence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ class Manifest:
     task: str = "multiclass"  # multilabel: a sigmoid per label, decided by `thresholds`
     thresholds: dict[str, float] = field(default_factory=dict)
     model_source: str = "torchvision"  # finetune.model_sources: torchvision | timm
+    temperature: float = 1.0  # softmax(logits / temperature): set by evaluate calibrate=true
+    calibration: dict[str, Any] = field(default_factory=dict)  # how the temperature was fit
+    optimizer: dict[str, Any] = field(default_factory=dict)  # name and the planned groups
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -88,6 +92,11 @@ class Manifest:
                 for v in thresholds.values())):
             problems.append(f"{where}: the manifest's thresholds are not numbers in [0, 1]; it "
                             "was changed after the run")
+        temperature = data.get("temperature", 1.0)
+        if not (isinstance(temperature, int | float) and not isinstance(temperature, bool)
+                and math.isfinite(temperature) and 0.01 <= temperature <= 100):
+            problems.append(f"{where}: the manifest's temperature is not a number in [0.01, "
+                            "100]; it was changed after the run")
         if isinstance(data.get("class_names"), list) and not all(
                 isinstance(c, str) for c in data["class_names"]):
             problems.append(f"{where}: the manifest's class_names are not all names")
@@ -108,6 +117,11 @@ class Manifest:
                    ema=data.get("ema") if isinstance(data.get("ema"), dict) else {},
                    task=data.get("task") if data.get("task") == "multilabel" else "multiclass",
                    thresholds=data.get("thresholds") if isinstance(data.get("thresholds"),
+                                                                 dict) else {},
+                   temperature=float(data.get("temperature", 1.0)),
+                   calibration=data.get("calibration") if isinstance(
+                       data.get("calibration"), dict) else {},
+                   optimizer=data.get("optimizer") if isinstance(data.get("optimizer"),
                                                                  dict) else {})
 
 

@@ -1,4 +1,4 @@
-"""Pictures of a run: learning curves and the validation confusion matrix."""
+"""Pictures of a run: learning curves, the validation confusion matrix, reliability."""
 
 from __future__ import annotations
 
@@ -62,4 +62,26 @@ def plot_confusion(matrix: list[list[int]], class_names: list[str], path: Path) 
                 color = "white" if count > peak / 2 else "black"
                 ax.text(j, i, str(count), ha="center", va="center", color=color,
                         fontsize=max(6, 12 - int(math.log2(n + 1))))
+    save_png(fig, path)
+
+
+def plot_reliability(bins: list[dict], path: Path, title: str = "") -> None:
+    """reliability.png: accuracy against confidence per bin (the diagonal is perfect
+    calibration), the bars' gap to it is what the ECE averages; image counts below."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})
+    shown = [b for b in bins if b.get("count")]
+    centers = [(b["low"] + b["high"]) / 2 for b in bins]
+    width = (bins[0]["high"] - bins[0]["low"]) if bins else 0.1
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    ax.bar([(b["low"] + b["high"]) / 2 for b in shown], [b["accuracy"] for b in shown],
+           width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy")
+    ax.scatter([b["confidence"] for b in shown], [b["accuracy"] for b in shown], s=10,
+               color="black", zorder=3, label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), ylabel="accuracy",
+           title=f"reliability{f': {title}' if title else ''}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_n.bar(centers, [b.get("count") or 0 for b in bins], width=width * 0.95, color="gray")
+    ax_n.set(xlabel="confidence", ylabel="images")
     save_png(fig, path)

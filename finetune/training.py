@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import signal
@@ -26,6 +27,7 @@ from finetune import artifacts, backbones, cache, plots
 from finetune.callbacks import (
     EMA,
     AtomicCheckpointIO,
+    BestWeights,
     SaveOnInterrupt,
     StopEarly,
     Terminated,
@@ -176,7 +178,9 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                if checkpoint is not None else ([], []))
     features = feature_cache(cfg, plan)
     trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched,
-                                  sweep=context.sweep_dir is not None)
+                                  sweep=context.sweep_dir is not None,
+                                  best_weights=data.test_set is not None
+                                  and cfg.eval.checkpoint == "best")
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
     except RuntimeError as err:
@@ -189,7 +193,9 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     artifacts.link_if_identical(run_dir / artifacts.CHECKPOINTS / "best.ckpt",
                                 run_dir / artifacts.CHECKPOINTS / artifacts.LAST_CHECKPOINT)
     metrics = save_run(run_dir, cfg, context, built, freeze, data, prep, module, trainer, meter,
-                       cache_info(features))
+                       cache_info(features), plan.groups)
+    if cfg.eval.report:
+        write_report(run_dir)
     print_summary(run_dir, metrics)
     value = metrics.get(cfg.metric)
     return float(value) if value is not None else float("nan")
@@ -467,8 +473,8 @@ def checkpoints_kept(keep: str, sweep: bool) -> str:
 def make_trainer(cfg: DictConfig, run_dir: Path,
                  history: tuple[list[str], list[list[str]]] = ([], []),
                  features: cache.FeatureCache | str | None = None,
-                 launched: float | None = None, sweep: bool = False
-                 ) -> tuple[pl.Trainer, ThroughputMeter]:
+                 launched: float | None = None, sweep: bool = False,
+                 best_weights: bool = False) -> tuple[pl.Trainer, ThroughputMeter]:
     """The Lightning Trainer with our checkpoints, loggers and meter. `history`: a resumed
     run's earlier metrics (header, rows), which metrics.csv starts with; `features`: the
     feature cache callback, when the run caches; `launched`: when the command started."""
@@ -496,6 +502,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     assert isinstance(trainer_kwargs, dict)
     if cfg.model.ema.decay is not None:
         callbacks.append(EMA(cfg.model.ema.decay, cfg.model.ema.start_epoch))
+    if best_weights:
+        callbacks.append(BestWeights(cfg.metric))
     stopping = trainer_kwargs.pop("early_stopping")
     if stopping["patience"] is not None:
         callbacks.append(StopEarly(stopping["monitor"], stopping["patience"], stopping["mode"],
@@ -523,6 +531,15 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     return trainer, meter
 
 
+def optimizer_summary(cfg: DictConfig, model: nn.Module, groups: list[Any]) -> dict[str, Any]:
+    """The optimizer and its planned groups (every stage's), for the manifest and report."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    return {"name": cfg.optim.name, "groups": [
+        {"name": g.name, "join_epoch": g.join_epoch, "lr": g.lr, "weight_decay": g.weight_decay,
+         "tensors": len(g.params), "parameters": sum(sizes.get(n, 0) for n in g.params)}
+        for g in groups]}
+
+
 def entry_name(entry: Any) -> str | None:
     """The name of a pretrained entry: torchvision's enum member, or timm's arch.tag."""
     if isinstance(entry, dict):
@@ -535,7 +552,8 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
                    prep: backbones.Preprocessing, class_names: list[str] | None,
                    freeze: FreezePlan | None, balance: dict[str, Any] | None = None,
                    ema: dict[str, Any] | None = None,
-                   thresholds: dict[str, float] | None = None) -> str:
+                   thresholds: dict[str, float] | None = None,
+                   optimizer: dict[str, Any] | None = None) -> str:
     """model.safetensors and manifest.json: what is needed to use the model. Returns the
     weights' sha256."""
     model_sha = artifacts.save_weights(built.model, run_dir / artifacts.WEIGHTS)
@@ -559,7 +577,7 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
         | {"name": entry_name(source_of(cfg).entry(cfg))},  # the entry DEFAULT is
         seed=cfg.seed, versions=artifacts.library_versions(), config=config,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), balance=balance or {}, ema=ema or {},
-        task=cfg.task, thresholds=thresholds or {},
+        task=cfg.task, thresholds=thresholds or {}, optimizer=optimizer or {},
     ).write(run_dir)
     return model_sha
 
@@ -621,11 +639,58 @@ def tune_thresholds(probs: list[list[float]], labels: list[tuple[float, ...]]
     return thresholds, scores
 
 
+def write_report(run_dir: Path) -> None:
+    """report.html; a report that cannot be built is a warning, never a failed run."""
+    from finetune import html_report
+
+    try:
+        html_report.write_run_report(run_dir)
+    except Exception as err:  # the run and its artifacts are complete without it
+        log.warning("report: %s could not be built (%s); python -m finetune.report %s "
+                    "rebuilds it", artifacts.REPORT, err, run_dir)
+
+
+def evaluate_splits(run_dir: Path, cfg: DictConfig, model: nn.Module, data: ImageDataModule,
+                    trainer: pl.Trainer) -> dict[str, Any]:
+    """A one-class-per-image run's validation and test splits evaluated (evaluation.py):
+    evaluation.json, reliability.png (test_reliability.png), test_predictions.csv; returns
+    the test figures for metrics.json (test/acc, test/macro/f1, test/ece, ...)."""
+    from finetune import evaluation, html_report
+
+    names = data.class_names
+    # images through the eval transform, from the splits (a feature cache has replaced the
+    # loaders' datasets with the frozen prefix's outputs)
+    results: dict[str, Any] = {
+        "val": evaluation.evaluate(model, data.eval_dataset("val"), names)[0]}
+    flat: dict[str, Any] = {}
+    if "test" in data.splits and data.test_set is not None:
+        best = next((c for c in trainer.callbacks if isinstance(c, BestWeights)), None)
+        tested, which = model, "last"
+        if best is not None and best.state is not None:
+            tested = copy.deepcopy(model)
+            tested.load_state_dict(best.state)
+            which = f"best (epoch {best.epoch}, {cfg.metric} {best.value:.4f})"
+        result, outputs = evaluation.evaluate(tested, data.eval_dataset("test"), names)
+        result["checkpoint"] = which
+        results["test"] = result
+        artifacts.write_csv(run_dir / artifacts.TEST_PREDICTIONS, evaluation.PREDICTION_HEADER,
+                            evaluation.predictions_rows(outputs, names))
+        flat = {**evaluation.flat(result, "test"), "test/checkpoint": which}
+    for split, result in results.items() if cfg.eval.report else ():  # the report's diagrams
+        png = run_dir / (artifacts.RELIABILITY if split == "val" else f"{split}_reliability.png")
+        plots.plot_reliability(result["reliability"], png, f"{split} split")
+        result["reliability_png"] = html_report.png_uri(png)
+    artifacts.write_json(run_dir / artifacts.EVALUATION, results)
+    return flat
+
+
 def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
-             cache_report: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Weights, manifest, plots, then metrics.json last: its status says the run is complete."""
+             cache_report: dict[str, Any] | None = None, groups: list[Any] | None = None
+             ) -> dict[str, Any]:
+    """Weights, manifest, plots, the evaluation of val and test, then metrics.json last: its
+    status says the run is complete."""
     weights = module.class_weight
     thresholds, multilabel_info = None, {}
     if module.multilabel and module.last_predictions:
@@ -638,7 +703,10 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         "class_counts": data.class_counts(), "sampler": "balanced" if data.balanced else
         "shuffle", "class_weights" if not module.multilabel else "pos_weight":
         weights.tolist() if weights is not None else None},
-        ema_summary(trainer), multilabel_info.get("thresholds"))
+        ema_summary(trainer), multilabel_info.get("thresholds"),
+        optimizer_summary(cfg, built.model, groups or []))
+    tested = {} if module.multilabel else evaluate_splits(run_dir, cfg, built.model, data,
+                                                          trainer)
     series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
     plots.plot_curves(series, run_dir / artifacts.CURVES)
     if module.last_confusion is not None:
@@ -668,6 +736,8 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         "epochs": trainer.current_epoch,
         "train_images": len(data.train_set),
         "val_images": len(data.val_set),
+        **({"test_images": len(data.test_set)} if data.test_set is not None else {}),
+        **tested,
         "bad_images": len(data.bad_images),
         "train_seconds": round(meter.fit_seconds, 3),
         # all ranks together (rank zero's rate x the number of ranks)
@@ -769,7 +839,7 @@ def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
 
 
 SUMMARY_FILES = ("model.safetensors", "metrics.json", "load_report.json", "manifest.json",
-                 "curves.png", "confusion_matrix.png", "checkpoints/")
+                 "curves.png", "confusion_matrix.png", "report.html", "checkpoints/")
 
 
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -783,6 +853,10 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
         "  " + "  ".join(name for name in SUMMARY_FILES if (run_dir / name.rstrip("/")).exists()
                          and (not name.endswith("/") or any((run_dir / name).iterdir()))),
     ]
+    if "test/acc" in metrics:
+        lines.insert(1, f"  test ({metrics['test/images']} images, {metrics['test/checkpoint']} "
+                        f"weights): acc {metrics['test/acc']:.4f}, macro F1 "
+                        f"{metrics['test/macro/f1']:.4f}, ECE {metrics['test/ece']:.4f}")
     stopped = metrics.get("early_stopping")
     if stopped:
         by = f" by more than {stopped['min_delta']:g}" if stopped["min_delta"] else ""
