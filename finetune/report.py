@@ -1,4 +1,5 @@
-"""`python -m finetune.report DIR [metric=val/acc]`: the leaderboard of a sweep.
+"""`python -m finetune.report DIR [metric=val/acc]`: the leaderboard of a sweep (and its
+report.html), or, for a run dir, its report.html rebuilt.
 
 One row per job found under DIR (a Hydra sweep dir, or any folder of run dirs): its swept
 overrides, split point, trainable parameters, best and final validation accuracy, loss,
@@ -295,11 +296,35 @@ def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, A
         + (f"\n## By configuration, across folds ({metric})\n\n" + markdown_table(*folds)
            if folds else "")).encode())
     plotted = plot(jobs, metric, keys, out / "leaderboard.png")
+    page = sweep_page(root, out, ranked, header, body, out / "leaderboard.png" if plotted
+                      else None)
     return {"jobs": ranked, "header": header, "rows": body, "summary": summary, "metric": metric,
             "folds": folds,
             "files": [out / "leaderboard.csv", out / "leaderboard.md",
                       *([out / "leaderboard.png"] if plotted else []),
-                      *([out / "leaderboard_folds.csv"] if folds else [])]}
+                      *([out / "leaderboard_folds.csv"] if folds else []), page]}
+
+
+def sweep_page(root: Path, out: Path, jobs: list[Job], header: list[str], body: list[list[Any]],
+               plot_file: Path | None) -> Path:
+    """report.html of the sweep, linking each job's page (built first where a finished job
+    has none)."""
+    from finetune import html_report
+
+    for job in jobs:
+        if job.status == "complete" and (job.dir / artifacts.MANIFEST).is_file() and \
+                not (job.dir / artifacts.REPORT).is_file():
+            html_report.write_run_report(job.dir)
+    page = out / artifacts.REPORT
+    text = html_report.sweep_report(root, [dict(zip(header, r, strict=True)) for r in body],
+                                    [c for c in header if c != "error"], plot_file)
+    artifacts.write_bytes(page, text.encode())
+    return page
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run dir (its manifest.json), not a sweep of them."""
+    return (path / artifacts.MANIFEST).is_file()
 
 
 FOLD_KEY = "data.fold"
@@ -343,9 +368,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         positional = [a for a in args if "=" not in a]
         if len(positional) != 1:
-            raise FinetuneError(f"give one sweep dir; {USAGE}")
+            raise FinetuneError(f"give one sweep dir or run dir; {USAGE}")
         options = parse_args([a for a in args if "=" in a], ARGS, USAGE)
-        result = report(Path(positional[0]).expanduser(), options["metric"],
+        target = Path(positional[0]).expanduser()
+        if is_run_dir(target):  # one run: its page
+            from finetune import html_report
+
+            print(f"finetune.report: {html_report.write_run_report(target)}")
+            return
+        result = report(target, options["metric"],
                         Path(options["out"]).expanduser() if options["out"] else None)
     except FinetuneError as err:
         for line in err.problems:
