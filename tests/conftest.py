@@ -34,6 +34,7 @@ SHRINK = [
     "trainer.enable_progress_bar=false",
     "data.batch_size=16",
     "checkpoint.keep=none",  # model.safetensors only (a test about checkpoints says so)
+    "eval.report=false",  # no report.html (tests/test_report_html.py builds and opens them)
 ]
 
 
@@ -42,11 +43,12 @@ SHRINK = [
 # (--no-loadscope-reorder): the slow ones start first and the quick ones fill the tail, so
 # neither worker idles at the end. Files not listed run after these, in their usual order.
 SLOW_FIRST = ["test_sharing.py", "test_train_e2e.py", "test_bad_inputs.py", "test_use.py",
-              "test_bench.py", "test_sweeps.py", "test_recipes.py", "test_heads.py",
+              "test_bench.py", "test_sweeps.py", "test_recipes.py", "test_timm.py",
+              "test_heads.py", "test_evaluation.py",
               "test_freeze_training.py", "test_config.py", "test_resume.py", "test_gate.py",
               "test_cache.py", "test_fuzz.py", "test_imbalance.py", "test_stopping.py",
               "test_mixing.py", "test_kfold.py", "test_ema.py", "test_multilabel.py",
-              "test_property.py", "test_ddp.py"]
+              "test_property.py", "test_ddp.py", "test_report_html.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -125,15 +127,16 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def write_digit_images(root: Path, classes: list[int], per_class: int, mode: str = "L"
-                       ) -> dict[int, list[Path]]:
-    """Real PNGs of scikit-learn's digits: root/<digit>/<i>.png, 8x8 upscaled to 16x16."""
+def write_digit_images(root: Path, classes: list[int], per_class: int, mode: str = "L",
+                       start: int = 0) -> dict[int, list[Path]]:
+    """Real PNGs of scikit-learn's digits: root/<digit>/<i>.png, 8x8 upscaled to 16x16
+    (`start`: skip that many images of each digit, for disjoint splits)."""
     digits = load_digits()
     written: dict[int, list[Path]] = {}
     for digit in classes:
         folder = root / str(digit)
         folder.mkdir(parents=True, exist_ok=True)
-        index = np.flatnonzero(digits.target == digit)[:per_class]
+        index = np.flatnonzero(digits.target == digit)[start:start + per_class]
         for i in index:
             pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
             image = Image.fromarray(pixels, mode="L").resize((16, 16), Image.NEAREST)

@@ -169,7 +169,7 @@ def test_report_of_a_folder_without_jobs_says_so(tmp_path: Path,
     report_main(["--help"])
     shown = capsys.readouterr().out
     assert shown.startswith("finetune.report: the leaderboard of a sweep")
-    assert "usage: python -m finetune.report DIR [metric=val/acc] [out=DIR]" in shown
+    assert "usage: python -m finetune.report SWEEP_OR_RUN_DIR [metric=val/acc] [out=DIR]" in shown
 
 
 def _compose(*overrides: str):
