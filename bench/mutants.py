@@ -183,6 +183,28 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "        prep = timm_preprocessing(weights, image_size)",
      "        prep = Preprocessing(image_size or 224, image_size or 224, list(IMAGENET_MEAN), "
      "list(IMAGENET_STD))", "tests/test_timm.py -k hub_cache"),
+    ("report.html puts a run dir's text in unescaped", "finetune/html_report.py",
+     '    return html.escape("" if value is None else str(value), quote=True)',
+     '    return "" if value is None else str(value)',
+     "tests/test_report_html.py -k hostile"),
+    ("report.html uses any thumbnail URI", "finetune/html_report.py",
+     "    if not uri or not _PNG_URI.fullmatch(uri):", "    if not uri:",
+     "tests/test_report_html.py -k hostile"),
+    ("predict ignores the fitted temperature", "finetune/inference.py",
+     "                top = torch.softmax(logits / temperature, dim=1).topk(k, dim=1)",
+     "                top = torch.softmax(logits, dim=1).topk(k, dim=1)",
+     "tests/test_evaluation.py -k calibrates"),
+    ("eval.checkpoint=best evaluates the last weights", "finetune/training.py",
+     "        if best is not None and best.state is not None:",
+     "        if False:", "tests/test_evaluation.py -k best_weights"),
+    ("a test/ folder is ignored", "finetune/data_formats.py",
+     '        test = scan_folder(splits["test"], names, subset=True)[0] if "test" in splits '
+     "else None",
+     "        test = None", "tests/test_evaluation.py -k image_folder_with"),
+    ("the ECE uses 10 bins, not 15", "finetune/evaluation.py",
+     '    ece = float(MulticlassCalibrationError(k, n_bins=bins, norm="l1")(probs, labels))',
+     '    ece = float(MulticlassCalibrationError(k, n_bins=10, norm="l1")(probs, labels))',
+     "tests/test_evaluation.py -k ece"),
 ]
 
 

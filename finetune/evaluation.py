@@ -150,7 +150,8 @@ def reliability(confidence: torch.Tensor, correct: torch.Tensor, bins: int = BIN
     """Per equal-width confidence bin: its range, image count, mean confidence and accuracy
     (empty bins: count 0). Bins as torchmetrics' calibration error cuts them."""
     edges = torch.linspace(0, 1, bins + 1, dtype=confidence.dtype)
-    index = torch.bucketize(confidence, edges) - 1
+    # [low, high) as torchmetrics bins them (a confidence of exactly 1 in the last bin)
+    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(max=bins - 1)
     rows = []
     for b in range(bins):
         inside = index == b

@@ -652,16 +652,18 @@ def write_report(run_dir: Path) -> None:
 
 def evaluate_splits(run_dir: Path, cfg: DictConfig, model: nn.Module, data: ImageDataModule,
                     trainer: pl.Trainer) -> dict[str, Any]:
-    """A one-class-per-image run's validation and test splits evaluated (evaluation.py):
-    evaluation.json, reliability.png (test_reliability.png), test_predictions.csv; returns
-    the test figures for metrics.json (test/acc, test/macro/f1, test/ece, ...)."""
+    """A one-class-per-image run's validation split (for the report) and test split evaluated
+    (evaluation.py): evaluation.json, reliability.png (test_reliability.png),
+    test_predictions.csv; returns the test figures for metrics.json (test/acc, ...)."""
     from finetune import evaluation, html_report
 
     names = data.class_names
     # images through the eval transform, from the splits (a feature cache has replaced the
-    # loaders' datasets with the frozen prefix's outputs)
+    # loaders' datasets with the frozen prefix's outputs); the validation split for the
+    # report (eval.report), the test split whenever there is one
     results: dict[str, Any] = {
-        "val": evaluation.evaluate(model, data.eval_dataset("val"), names)[0]}
+        "val": evaluation.evaluate(model, data.eval_dataset("val"), names)[0]
+    } if cfg.eval.report else {}
     flat: dict[str, Any] = {}
     if "test" in data.splits and data.test_set is not None:
         best = next((c for c in trainer.callbacks if isinstance(c, BestWeights)), None)
@@ -705,8 +707,8 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         weights.tolist() if weights is not None else None},
         ema_summary(trainer), multilabel_info.get("thresholds"),
         optimizer_summary(cfg, built.model, groups or []))
-    tested = {} if module.multilabel else evaluate_splits(run_dir, cfg, built.model, data,
-                                                          trainer)
+    tested = {} if module.multilabel or not (cfg.eval.report or data.test_set is not None) \
+        else evaluate_splits(run_dir, cfg, built.model, data, trainer)
     series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
     plots.plot_curves(series, run_dir / artifacts.CURVES)
     if module.last_confusion is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -293,7 +294,20 @@ RECIPE_TIMM_WEIGHTS = [("convnext_tiny", "fb_in22k_ft_in1k"),
 
 @pytest.fixture(scope="session")
 def recipes_hub_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return hub_cache(tmp_path_factory, "recipes_hf", RECIPE_TIMM_WEIGHTS)
+    """Written once for the session's xdist workers (they share the base temp dir's parent;
+    a file lock makes the second wait for the first): 200 MB of random weights."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    home = shared / "recipes_hf"
+    with FileLock(str(shared / "recipes_hf.lock")):
+        if not (home / "complete").is_file():
+            shutil.rmtree(home, ignore_errors=True)
+            for arch, tag in RECIPE_TIMM_WEIGHTS:
+                write_timm_weights(home, arch, tag)
+            (home / "complete").write_text("")
+    return home
 
 
 @pytest.fixture

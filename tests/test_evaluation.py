@@ -61,8 +61,14 @@ def test_figures_equal_scikit_learns() -> None:
 def test_ece_is_the_weighted_gap_of_the_reliability_bins() -> None:
     """ECE (15 bins) = sum over bins of (share of images) x |accuracy - confidence|, with the
     bins' accuracy and confidence from scikit-learn's calibration_curve on correctness."""
-    out = _outputs(1)
+    base = _outputs(1)
+    # over- and underconfident rows mixed: the bins' gaps differ in sign, so the binning
+    # matters (a model off the same way in every bin has the same ECE at any bin count)
+    scale = torch.exp(1.5 * torch.randn(len(base.labels), 1,
+                                        generator=torch.Generator().manual_seed(0)))
+    out = Outputs(base.logits * scale, base.labels, base.items)
     result = metrics(out, CLASSES)
+    assert result["ece"] != pytest.approx(metrics(out, CLASSES, bins=10)["ece"], abs=1e-4)
     probs = torch.softmax(out.logits, 1).numpy()
     confidence, correct = probs.max(1), (probs.argmax(1) == out.labels.numpy())
     accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=15,
