@@ -26,7 +26,7 @@ COMMAND = "finetune.evaluate"
 ARGS: dict[str, str | None] = {"run": None, "split": "auto", "calibrate": "false",
                                "output": "", "batch_size": "64"}
 SPLITS = ("auto", "test", "val", "train", "all")
-EVAL = "eval.json"
+EVAL = "eval.json"  # (html_report.EVAL_FILE: the run's page shows it)
 EVAL_PREDICTIONS = "eval_predictions.csv"
 
 

@@ -27,6 +27,7 @@ from finetune import artifacts, safe_files
 from finetune.errors import FinetuneError
 
 REPORT = artifacts.REPORT
+EVAL_FILE = "eval.json"  # what `python -m finetune.evaluate` writes into a run dir
 MAX_IMAGE_BYTES = 16 << 20  # a plot of a run; anything larger is not one
 _PNG_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/]+={0,2}")
 SECTIONS = ("summary", "recipe", "weights", "freeze", "curves", "confusion", "per-class",
@@ -182,6 +183,9 @@ def run_report(run_dir: Path) -> str:
     manifest = _read(run_dir / artifacts.MANIFEST, "manifest")
     load = _read(run_dir / artifacts.LOAD_REPORT, "load report")
     evaluation = _read(run_dir / artifacts.EVALUATION, "evaluation")
+    evaluated = _read(run_dir / EVAL_FILE, "evaluation")  # finetune.evaluate's, if any
+    if isinstance(evaluated.get("split"), str):
+        evaluation[f"finetune.evaluate: {evaluated['split']}"] = evaluated
     recipe = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else {}
     title = f"{recipe.get('name') or run_dir.name}: {metrics.get('status', 'unknown')}"
     shown = [k for k in ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc",

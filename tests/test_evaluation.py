@@ -258,6 +258,8 @@ def test_evaluate_calibrates_and_predict_and_export_apply_it(
     got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
     assert torch.allclose(got, expected, atol=1e-4)
     assert "temperature" in out
+    page = (run / "report.html").read_text()  # rebuilt with what evaluate found
+    assert "finetune.evaluate: test (" in page and f"temperature {t:.4f}" in page
 
 
 def test_evaluate_other_data_by_class_name(tested_run: Path, tmp_path: Path,
