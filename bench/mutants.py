@@ -205,6 +205,15 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      '    ece = float(MulticlassCalibrationError(k, n_bins=bins, norm="l1")(probs, labels))',
      '    ece = float(MulticlassCalibrationError(k, n_bins=10, norm="l1")(probs, labels))',
      "tests/test_evaluation.py -k ece"),
+    ("the decoded-image cache key ignores a file's modification time", "finetune/decoded.py",
+     '        digest.update(f"{path}\\0{stat.st_size}\\0{stat.st_mtime_ns}\\n".encode())',
+     '        digest.update(f"{path}\\0{stat.st_size}\\n".encode())',
+     "tests/test_decoded.py -k key_follows"),
+    ("a decoded array is read without its record's sha256", "finetune/decoded.py",
+     '    if entry.get("shape") != [count, *shape] or entry.get("sha256") != '
+     'artifacts.file_sha256(',
+     '    if entry.get("shape") != [count, *shape] or False and artifacts.file_sha256(',
+     "tests/test_decoded.py -k key_follows"),
 ]
 
 

@@ -248,7 +248,7 @@ def data_identity(dataset: Any) -> dict[str, Any]:
     digest.update(json.dumps([list(v) if isinstance(v, tuple) else int(v)
                               for v in dataset.labels]).encode())
     return {"items": digest.hexdigest(), "count": len(dataset.labels),
-            "transform": repr(dataset.transform)}
+            "transform": repr(getattr(dataset, "described", dataset.transform))}
 
 
 def prefix_identity(prefix: fx.GraphModule) -> dict[str, Any]:

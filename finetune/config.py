@@ -179,6 +179,7 @@ class DataConfig:
     fake_classes: int = 10
     on_bad_image: str = "skip"
     max_image_pixels: int = 89_478_485
+    decode_cache: Any = "auto"  # auto | true | false: image files decoded once (decoded.py)
     sampler: str = "shuffle"
     mix: MixConfig = field(default_factory=MixConfig)
     limit_per_class: dict[Any, Any] = field(default_factory=dict)  # class -> at most N images

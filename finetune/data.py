@@ -177,14 +177,27 @@ class TensorImages(_Images):
 
 
 class ImageFiles(_Images):
-    """Images read from files; grayscale, palette and RGBA become RGB."""
+    """Images read from files; grayscale, palette and RGBA become RGB. With `decoded` (the
+    decoded-image cache: the array and each path's row) items come from the array, already
+    through the transform's deterministic first steps, and only the rest is applied."""
 
     def __init__(self, paths: list[Path], labels: list[int], transform: Any,
-                 random: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 random: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 decoded: tuple[Any, dict[Path, int], int] | None = None) -> None:
         super().__init__(transform, random)
         self.paths, self.labels, self.max_pixels = paths, labels, max_pixels
+        self.described = transform  # what the items are (the feature cache's key)
+        self.rows = None
+        if decoded is not None:
+            from finetune.decoded import Rows
+
+            array, index, skip = decoded
+            self.rows = Rows(array, [index[p] for p in paths])
+            self.transform = v2.Compose(list(transform.transforms[skip:]))
 
     def load(self, i: int) -> Any:
+        if self.rows is not None:
+            return self.rows(i)
         return open_rgb(self.paths[i], self.max_pixels)
 
 
@@ -573,8 +586,9 @@ def read_data(cfg: Any, crop: int, seed: int, task: str) -> tuple[Any, ...]:
 
 
 def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
-                     task: str = "multiclass") -> ImageDataModule:
-    """The datamodule for `cfg` (the data group): split, transforms and loaders."""
+                     task: str = "multiclass", epochs: int = 1) -> ImageDataModule:
+    """The datamodule for `cfg` (the data group): split, transforms and loaders. `epochs`:
+    how often the run reads the training set (data.decode_cache=auto caches when > 1)."""
     full, val, names, *rest = read_data(cfg, prep.crop, seed, task)
     test: Split | None = rest[0] if rest else None
     bad: list[tuple[str, str]] = []
@@ -613,7 +627,17 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     if cfg.train_size is not None and cfg.train_size < len(train.labels):
         train = few_shot(train, cfg.train_size, seed)
     in_memory = isinstance(full.items, torch.Tensor)
-    extra = {} if in_memory else {"max_pixels": max_pixels}
+    extra: dict[str, Any] = {} if in_memory else {"max_pixels": max_pixels}
+    if not in_memory:
+        from finetune import decoded
+
+        every = list(dict.fromkeys([*train.items, *val.items,
+                                    *(test.items if test is not None else [])]))
+        if decoded.wanted(cfg.get("decode_cache", "false"), len(every), prep, epochs):
+            first = v2.Compose(_resize_crop(prep))
+            array = decoded.decoded(every, prep, first, max_pixels)
+            extra["decoded"] = (array, {p: i for i, p in enumerate(every)},
+                                len(first.transforms))
     dataset = TensorImages if in_memory else ImageFiles
     augment = OmegaConf.to_container(cfg.augment) if OmegaConf.is_config(cfg.augment) \
         else list(cfg.augment)
@@ -626,7 +650,9 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
 
     data = ImageDataModule(
         dataset(train.items, train.labels, training, bool(augment), **extra),
-        make_eval(val), names, cfg.batch_size, _workers(cfg.num_workers, in_memory), seed,
+        # (decoded images are an array in memory too: read in the training process on CPU)
+        make_eval(val), names, cfg.batch_size,
+        _workers(cfg.num_workers, in_memory or "decoded" in extra), seed,
         cfg.get("sampler", "shuffle") == "balanced",
         make_eval(test) if test is not None and test.labels else None,
     )

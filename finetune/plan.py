@@ -235,7 +235,8 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     if cfg.head.type != "none":
         if not any(p.startswith("data.") for p in plan.problems):  # (said once: validate)
             try:
-                plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed, cfg.task)
+                plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed, cfg.task,
+                                             epochs=cfg.trainer.max_epochs or 1)
                 check_num_classes(cfg.head.num_classes, plan.data.class_names)
                 plan.class_names = plan.data.class_names
                 plan.problems += monitored_problems(cfg, len(plan.class_names))
