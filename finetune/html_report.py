@@ -43,7 +43,7 @@ code,pre{background:#f6f8fa;border-radius:3px}pre{padding:.6em;overflow:auto;max
 img.plot{max-width:100%;border:1px solid #eee}.muted{color:#777}
 .wrong{display:inline-block;margin:.4em;text-align:center;font-size:12px;vertical-align:top}
 .wrong img{width:96px;height:96px;image-rendering:pixelated;border:2px solid #c33;display:block}
-.bad{color:#b00}.ok{color:#070}
+.bad{color:#b00}.ok{color:#070}section{overflow-x:auto}
 """
 
 
