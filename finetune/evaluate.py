@@ -79,14 +79,16 @@ def choose_split(split: str, data: Any, own: bool) -> str:
     return "val" if own else "all"
 
 
-def calibrate_on_val(model: Any, recorded: dict[str, Any] | None, batch_size: int
-                     ) -> dict[str, Any]:
-    """Fit the temperature on the run's own validation split (as the run split it)."""
+def calibrate_on_val(model: Any, recorded: dict[str, Any] | None, batch_size: int,
+                     own: Any = None) -> dict[str, Any]:
+    """Fit the temperature on the run's own validation split (as the run split it); `own`:
+    the run's own datamodule when it is already built."""
     from finetune.data import build_datamodule
     from finetune.evaluation import collect, fit_temperature, item_names
 
     manifest = model.manifest
-    own = build_datamodule(data_config(recorded, []), model.preprocessing, manifest.seed)
+    if own is None:
+        own = build_datamodule(data_config(recorded, []), model.preprocessing, manifest.seed)
     outputs = collect(model, own.eval_dataset("val"), batch_size,
                       item_names(own.val_set), label_map(own.class_names, model.class_names))
     temperature = fit_temperature(outputs.logits, outputs.labels)
@@ -116,7 +118,8 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
     data = build_datamodule(data_cfg, model.preprocessing, manifest.seed)
     chosen = choose_split(split, data, not overrides)
     mapping = label_map(data.class_names, model.class_names)
-    calibration = calibrate_on_val(model, recorded, batch_size) if calibrate else None
+    calibration = calibrate_on_val(model, recorded, batch_size,
+                                   None if overrides else data) if calibrate else None
     temperature = calibration["temperature"] if calibration else manifest.temperature
     dataset = data.eval_dataset(chosen)
     result, outputs = evaluation.evaluate(model, dataset, model.class_names, temperature,

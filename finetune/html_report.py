@@ -30,8 +30,6 @@ REPORT = artifacts.REPORT
 EVAL_FILE = "eval.json"  # what `python -m finetune.evaluate` writes into a run dir
 MAX_IMAGE_BYTES = 16 << 20  # a plot of a run; anything larger is not one
 _PNG_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/]+={0,2}")
-SECTIONS = ("summary", "recipe", "weights", "freeze", "curves", "confusion", "per-class",
-            "calibration", "wrong")
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;
 padding:0 1em}h1{font-size:1.5em}
