@@ -231,6 +231,26 @@ class EvalConfig:
 
 
 @dataclass
+class PrunerConfig:
+    name: str = "none"  # none | median | halving (finetune/study.py PRUNERS)
+    warmup_epochs: int = 1  # median: epochs every trial runs before it can be pruned
+    startup_trials: int = 2  # median: trials that finish before any is pruned
+    min_epochs: int = 1  # halving: epochs before the first rung
+    reduction_factor: int = 3  # halving: 1 in this many trials goes on at each rung
+
+
+@dataclass
+class SweepConfig:
+    """The shared Optuna study of `sweep=optuna` (finetune/study.py)."""
+
+    storage: str | None = None  # null: SQLite in the sweep dir; an SQLAlchemy URL
+    study_name: str | None = None  # null: "finetune" (the sweep dir's own study)
+    heartbeat: int = 30  # seconds between a running trial's heartbeats
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    trial: int | None = None  # the trial a job runs: set by the sweeper, never by a recipe
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
@@ -245,6 +265,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     resume: str | None = None
     metric: str = "val/acc"
@@ -276,6 +297,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
     "task": ("multiclass", "multilabel"),
     "eval.checkpoint": ("last", "best"),
+    "sweep.pruner.name": ("none", "median", "halving"),
     "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
     "trainer.early_stopping.mode": ("auto", "min", "max"),
 }

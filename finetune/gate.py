@@ -32,11 +32,14 @@ from finetune.model_sources import BUILDER_LOADS, builder_loads_problem
 CLI_ONLY = {
     "freeze.cache_dir": "it names a folder outside the run dir where features are written and "
                         "that later runs read back",
+    "sweep.storage": "it names the database a sweep connects to and writes its trials in "
+                     "(an SQLite URL is a file anywhere)",
+    "sweep.trial": "the sweeper sets it for each job",
 }
 # Top-level keys of a recipe file that are not schema keys.
 RECIPE_EXTRAS = ("defaults", "extends", "description", "hydra")
 # Options a recipe's defaults list may pick, per group (finetune's own groups are files).
-HYDRA_GROUP_OPTIONS = {"hydra/sweeper": ("basic", "optuna")}
+HYDRA_GROUP_OPTIONS = {"hydra/sweeper": ("basic", "finetune_optuna")}
 # Interpolations a value may hold: a reference to a schema key, nothing that calls a resolver
 # (`${oc.env:SECRET}` would copy the environment into a shared run dir).
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w]*(?:\.[\w]+)*)\}")
@@ -100,7 +103,8 @@ HYDRA_KEYS: dict[str, Callable[[Any], str | None]] = {
     "hydra.sweeper.n_trials": _positive_int,
     "hydra.sweeper.n_jobs": _positive_int,
     "hydra.sweeper.direction": _direction,
-    "hydra.sweeper.study_name": _name,
+    "hydra.sweeper.sampler.name": lambda v: None if v in ("tpe", "random", "grid")
+    else "tpe, random or grid",
     "hydra.sweeper.sampler.seed": _int_or_reference,
     "hydra.launcher.n_jobs": _positive_int,
     "hydra.launcher.timeout_min": _positive_int,
@@ -112,6 +116,7 @@ HYDRA_KEYS: dict[str, Callable[[Any], str | None]] = {
     "hydra.launcher.partition": _name,
 }
 SWEEP_PARAMS = "hydra.sweeper.params"
+ENQUEUE = "hydra.sweeper.enqueue"  # trials to run first: a list of {schema key: plain value}
 
 
 def interpolation_problems(node: Any, where: str, path: str = "") -> list[str]:
@@ -197,12 +202,15 @@ def hydra_problems(hydra: Any, where: str) -> list[str]:
         if path == SWEEP_PARAMS:
             problems.extend(sweep_params_problems(node, where))
             return
+        if path == ENQUEUE:
+            problems.extend(enqueue_problems(node, where))
+            return
         if path in HYDRA_KEYS:
             why = HYDRA_KEYS[path](node)
             if why:
                 problems.append(f"{where}: {path}={node!r}: must be {why}")
             return
-        inner = [k for k in (*HYDRA_KEYS, SWEEP_PARAMS) if k.startswith(f"{path}.")]
+        inner = [k for k in (*HYDRA_KEYS, SWEEP_PARAMS, ENQUEUE) if k.startswith(f"{path}.")]
         if isinstance(node, dict) and inner:
             for key, value in node.items():
                 walk(value, f"{path}.{key}")
@@ -232,6 +240,24 @@ def sweep_params_problems(params: Any, where: str) -> list[str]:
             else str(value)
         problems += override_problems(f"{key}={text}", f"{where}: {SWEEP_PARAMS}.{key}",
                                       sweep=True)
+    return problems
+
+
+def enqueue_problems(entries: Any, where: str) -> list[str]:
+    """hydra.sweeper.enqueue from a recipe: trials, each a mapping of schema keys to plain
+    values (checked as the overrides they become)."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return [f"{where}: {ENQUEUE} must be a list of trials, each a mapping of schema keys to "
+                "values, e.g. [{optim.lr: 0.01, freeze.train_from: layer4}]"]
+    problems = []
+    for i, entry in enumerate(entries):
+        for key, value in entry.items():
+            if not isinstance(value, (str, int, float, bool)) and value is not None:
+                problems.append(f"{where}: {ENQUEUE}[{i}].{key}: give one plain value")
+                continue
+            text = "null" if value is None else str(value).lower() \
+                if isinstance(value, bool) else str(value)
+            problems += override_problems(f"{key}={text}", f"{where}: {ENQUEUE}[{i}].{key}")
     return problems
 
 

@@ -86,6 +86,12 @@ RANGES: dict[str, Range] = {
     "trainer.num_sanity_val_steps": AT_LEAST_0,
     "trainer.early_stopping.patience": AT_LEAST_1,
     "trainer.early_stopping.min_delta": AT_LEAST_0,
+    "sweep.heartbeat": AT_LEAST_1,
+    "sweep.pruner.warmup_epochs": AT_LEAST_0,
+    "sweep.pruner.startup_trials": AT_LEAST_0,
+    "sweep.pruner.min_epochs": AT_LEAST_1,
+    "sweep.pruner.reduction_factor": Range(2),
+    "sweep.trial": AT_LEAST_0,
     "seed": Range(0, 2**32 - 1),  # numpy's seeds
 }
 # each item of a list

@@ -23,6 +23,7 @@ from typing import Any
 from finetune import artifacts, safe_files
 from finetune.cli import help_text, parse_args, usage, wants_help
 from finetune.errors import FinetuneError, run_entry_point
+from finetune.study import TRIALS_FILE, read_trials
 
 ARGS: dict[str, str | None] = {"metric": "", "out": ""}
 USAGE = usage("finetune.report")
@@ -124,6 +125,9 @@ def _read_job(job_dir: Path) -> Job:
         job.epochs, job.train_seconds = (_whole(metrics.get("epochs")),
                                          _number(metrics.get("train_seconds")))
         job.stopped_at = _whole(_mapping(metrics.get("early_stopping")).get("stopped_epoch"))
+        pruned = _whole(_mapping(metrics.get("pruned")).get("epoch"))
+        if pruned is not None:  # the study's pruner ended it: ranked, shown as pruned
+            job.status, job.stopped_at = "pruned", pruned
     else:  # running, or stopped: what its per-epoch log holds so far
         series = artifacts.epoch_metrics(job_dir / artifacts.METRICS_CSV)
         accs = series.get("val/acc", {})
@@ -149,11 +153,50 @@ def find_jobs(root: Path) -> list[Job]:
     return [read_job(d) for d in sorted(dirs, key=order)]
 
 
+HIDDEN_KEYS = ("sweep.trial",)  # set by the sweeper: the job dir's name already says it
+
+
+def with_study(jobs: list[Job], trials: dict[int, dict[str, Any]], root: Path, metric: str
+               ) -> list[Job]:
+    """The jobs as the study sweep's trials.json sees them: a trial the study marked failed
+    (its process stopped beating) or pruned says so, and a trial run elsewhere (another
+    machine's sweep dir) is a row of its own from what the study holds."""
+    if not trials:
+        return jobs
+    by_number = {int(j.dir.name): j for j in jobs if j.dir.parent == root and j.dir.name.isdigit()}
+    params = {str(k) for t in trials.values() for k in _mapping(t.get("params"))}
+    fixed = {k: v for k, v in (jobs[0].overrides.items() if jobs else ()) if k not in params}
+    for number, trial in sorted(trials.items()):
+        job = by_number.get(number)
+        state = trial["state"]
+        if job is None:
+            where = _mapping(trial.get("job"))
+            job = Job(root / str(number), {"complete": "complete", "pruned": "pruned",
+                                           "fail": "failed", "running": "running"}.get(
+                                               state, "pending"),
+                      {**fixed, **{str(k): str(v)
+                                   for k, v in _mapping(trial.get("params")).items()}},
+                      error=f"ran on {where.get('host')} in {where.get('dir')}"
+                      if where.get("host") else "not run in this sweep dir")
+            value = _number(trial.get("value"))
+            if value is not None:
+                job.values[metric] = value
+            job.stopped_at = _whole(trial.get("pruned_epoch"))
+            jobs.append(job)
+        elif state == "fail" and job.status in ("running", "pending"):
+            job.status = "failed"
+            job.error = ("its process stopped (no heartbeat): the study marked the trial "
+                         "failed")
+        elif state == "pruned" and job.status == "complete":
+            job.status = "pruned"
+    return jobs
+
+
 def swept_keys(jobs: list[Job]) -> list[str]:
     """Override keys whose values differ between jobs (what the sweep varied)."""
     keys: list[str] = []
     for job in jobs:
-        keys += [k for k in job.overrides if k not in keys]
+        keys += [k for k in job.overrides if k not in keys and k not in HIDDEN_KEYS]
     return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
 
 
@@ -179,7 +222,8 @@ def rows(jobs: list[Job], root: Path, keys: list[str]) -> list[list[Any]]:
         out.append([
             i, str(job.dir.relative_to(root)) or ".", job.status,
             " ".join(f"{k}={job.overrides[k]}" for k in keys if k in job.overrides),
-            split_label(job.train_from), fmt(job.lr, 6), fmt(job.trainable_params),
+            split_label(job.train_from), "" if job.lr is None else float(f"{job.lr:.4g}"),
+            fmt(job.trainable_params),
             fmt(job.values.get("best/val/acc")), fmt(job.values.get("val/acc")),
             fmt(job.values.get("val/loss")), fmt(job.epochs), fmt(job.stopped_at),
             fmt(job.train_seconds, 1),
@@ -277,12 +321,14 @@ def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, A
     metric = metric or default_metric(jobs)
     if metric not in METRICS:
         raise FinetuneError(f"metric={metric}: not one of {', '.join(METRICS)}")
+    jobs = with_study(jobs, read_trials(root / TRIALS_FILE), root, metric)
     keys = swept_keys(jobs)
     ranked = rank(jobs, metric)
     header, body = list(COLUMNS), rows(ranked, root, keys)
     out = out or root
     artifacts.write_csv(out / "leaderboard.csv", header, body)
-    counts = {s: sum(j.status == s for j in jobs) for s in (*STATUSES, "unreadable")}
+    counts = {s: sum(j.status == s for j in jobs)
+              for s in (*STATUSES, "pruned", "unreadable")}
     summary = (f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
                + f"; ranked by {metric}")
     folds = fold_table(jobs, metric, keys)

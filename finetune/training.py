@@ -23,11 +23,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
 
-from finetune import artifacts, backbones, cache, plots
+from finetune import artifacts, backbones, cache, plots, study
 from finetune.callbacks import (
     EMA,
     AtomicCheckpointIO,
     BestWeights,
+    PruneTrial,
     SaveOnInterrupt,
     StopEarly,
     Terminated,
@@ -177,10 +178,12 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                                ema=cfg.model.ema.decay is not None)
                if checkpoint is not None else ([], []))
     features = feature_cache(cfg, plan)
+    pruning = study.pruning_callback(cfg, context.sweep_dir, run_dir)  # a study's trial
     trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched,
                                   sweep=context.sweep_dir is not None,
                                   best_weights=data.test_set is not None
-                                  and cfg.eval.checkpoint == "best")
+                                  and cfg.eval.checkpoint == "best",
+                                  extra=[pruning] if pruning is not None else [])
     try:
         trainer.fit(module, datamodule=data, ckpt_path=checkpoint, weights_only=True)
     except RuntimeError as err:
@@ -474,7 +477,8 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
                  history: tuple[list[str], list[list[str]]] = ([], []),
                  features: cache.FeatureCache | str | None = None,
                  launched: float | None = None, sweep: bool = False,
-                 best_weights: bool = False) -> tuple[pl.Trainer, ThroughputMeter]:
+                 best_weights: bool = False, extra: list[pl.Callback] | None = None
+                 ) -> tuple[pl.Trainer, ThroughputMeter]:
     """The Lightning Trainer with our checkpoints, loggers and meter. `history`: a resumed
     run's earlier metrics (header, rows), which metrics.csv starts with; `features`: the
     feature cache callback, when the run caches; `launched`: when the command started."""
@@ -504,6 +508,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
         callbacks.append(EMA(cfg.model.ema.decay, cfg.model.ema.start_epoch))
     if best_weights:
         callbacks.append(BestWeights(cfg.metric))
+    callbacks += extra or []
     stopping = trainer_kwargs.pop("early_stopping")
     if stopping["patience"] is not None:
         callbacks.append(StopEarly(stopping["monitor"], stopping["patience"], stopping["mode"],
@@ -753,6 +758,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
         **parameter_counts(module.model),
         **({"early_stopping": stopped} if (stopped := early_stop_summary(trainer)) else {}),
+        **({"pruned": pruned} if (pruned := pruned_summary(trainer)) else {}),
         **({"ema": averaged} if (averaged := ema_summary(trainer)) else {}),
         **({"task": "multilabel", **multilabel_info} if module.multilabel else {}),
         "train_from": freeze.train_from,
@@ -776,6 +782,12 @@ def early_stop_summary(trainer: pl.Trainer) -> dict[str, Any] | None:
     """How and when early stopping ended the run (None: it did not)."""
     stopper = next((c for c in trainer.callbacks if isinstance(c, StopEarly)), None)
     return stopper.summary() if stopper is not None else None
+
+
+def pruned_summary(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """When the study's pruner ended this trial's training (None: it did not)."""
+    pruner = next((c for c in trainer.callbacks if isinstance(c, PruneTrial)), None)
+    return pruner.summary() if pruner is not None else None
 
 
 class NonFiniteMetrics(FinetuneError):
@@ -865,4 +877,8 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
         lines.insert(1, f"  stopped early after epoch {stopped['stopped_epoch']}: "
                         f"{stopped['monitor']} did not improve{by} for {stopped['patience']} "
                         f"validations (best {stopped['best']:.4f}; trainer.early_stopping)")
+    pruned = metrics.get("pruned")
+    if pruned:
+        lines.insert(1, f"  pruned after epoch {pruned['epoch']} of {pruned['of']}: the study's "
+                        f"pruner ({pruned['metric']} {pruned['value']}) ended this trial")
     print("\n".join(lines), flush=True)

@@ -180,15 +180,18 @@ def _schema_leaves(node: object, prefix: str = "") -> dict[str, object]:
 def test_conf_documents_every_schema_key_with_its_default() -> None:
     leaves = _schema_leaves(schema.Config())
     main = _documented(schema.CONF_DIR / "config.yaml")
+    # data and logger are groups whose options hold their keys; sweep's options are
+    # @package _global_ searches, and its keys (sweep.*) are in conf/config.yaml
+    option_groups = [g for g in schema.GROUPS if g != "sweep"]
     for key, default in leaves.items():
         group = key.split(".")[0]
-        if group in schema.GROUPS:
+        if group in option_groups:
             continue
         assert key in main, f"{key} is not in conf/config.yaml"
         value, comment = main[key]
         assert comment, f"{key} has no comment in conf/config.yaml"
         assert yaml.safe_load(value) == default, f"{key}: conf says {value}, schema {default}"
-    for group in schema.GROUPS:
+    for group in option_groups:
         for option in sorted((schema.CONF_DIR / group).glob("*.yaml")):
             documented = _documented(option)
             for key in (k for k in leaves if k.startswith(f"{group}.")):

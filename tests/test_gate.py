@@ -167,7 +167,8 @@ def test_shipped_recipes_and_searches_pass_the_gate() -> None:
 
     for name, path in schema.shipped_recipes().items():
         assert gate.recipe_problems(safe_files.load_yaml(path), name) == []
-    optuna = {"defaults": [{"override /hydra/sweeper": "optuna"}, {"sweep": "splits"}],
+    optuna = {"defaults": [{"override /hydra/sweeper": "finetune_optuna"},
+                           {"sweep": "splits"}],
               "hydra": {"sweeper": {"direction": "maximize", "n_trials": 5,
                                     "sampler": {"seed": "${seed}"}, "params": {
                                         "optim.lr": "tag(log, interval(1e-4, 1e-2))",

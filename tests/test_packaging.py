@@ -26,6 +26,13 @@ def test_wheel_runs_quickstart_from_any_directory(tmp_path: Path) -> None:
                            capture_output=True, text=True, check=True)
     assert where.stdout.split() == [str(target / "finetune" / "conf"),
                                     str(target / "finetune" / "recipes")]
+    # sweep=optuna's sweeper ships where Hydra discovers plugins, and composes from the wheel
+    assert (target / "hydra_plugins" / "finetune_optuna" / "optuna_sweeper.py").is_file()
+    plugin = subprocess.run([sys.executable, "-m", "finetune", "sweep=optuna", "--cfg", "hydra",
+                             "-p", "hydra.sweeper._target_"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert plugin.stdout.strip() == \
+        "hydra_plugins.finetune_optuna.optuna_sweeper.FinetuneOptunaSweeper", plugin.stderr
     result = subprocess.run([sys.executable, "-m", "finetune", *QUICK, *SHRINK],
                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

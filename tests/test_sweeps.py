@@ -24,7 +24,7 @@ from finetune.report import report
 TINY = ["recipe=base", "data=fake", "data.fake_size=80", "data.fake_classes=4",
         "data.batch_size=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1"]
-HAS_OPTUNA = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+HAS_OPTUNA = importlib.util.find_spec("optuna") is not None
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_a_recipe_carries_its_search() -> None:
         "optim.lr": "3.0e-4,1.0e-3,3.0e-3"}
 
 
-@pytest.mark.skipif(not HAS_OPTUNA, reason="hydra-optuna-sweeper not installed (finetune[optuna])")
+@pytest.mark.skipif(not HAS_OPTUNA, reason="optuna not installed (finetune[optuna])")
 def test_optuna_direction_is_checked_against_the_metric() -> None:
     cfg = _compose("recipe=digits_transfer", "sweep=optuna")
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.metric == "val/acc"
@@ -197,19 +197,6 @@ def test_optuna_direction_is_checked_against_the_metric() -> None:
         "hydra.sweeper.direction=maximize but the jobs return metric=val/loss, which is better "
         "lower; set hydra.sweeper.direction=minimize (or pick another metric)")
     assert sweeper_problem(_compose("recipe=digits_transfer").hydra, "val/loss") is None
-
-
-@pytest.mark.skipif(not HAS_OPTUNA, reason="hydra-optuna-sweeper not installed (finetune[optuna])")
-def test_optuna_runs_trials_and_reports_the_best(tmp_path: Path) -> None:
-    result = run_cli("-m", *TINY, "sweep=optuna", "hydra.sweeper.n_trials=2",
-                     "freeze.train_from=choice(layer4,fc)",
-                     "hydra.sweep.dir=search", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p for p in (tmp_path / "search").iterdir() if p.name.isdigit())
-    assert len(jobs) == 2
-    accs = [read_json(j / "metrics.json")["val/acc"] for j in jobs]
-    best = (tmp_path / "search" / "optimization_results.yaml").read_text()
-    assert f"best_value: {max(accs)}" in best
 
 
 @pytest.mark.parametrize(("launcher", "plugin", "fields"), [
@@ -231,7 +218,7 @@ def test_a_recipe_cannot_reach_past_its_search(tmp_path: Path) -> None:
     """A shared recipe may carry a search, not code: Hydra keys that import or run something
     are refused before anything starts."""
     evil = tmp_path / "evil.yaml"
-    evil.write_text("defaults:\n  - override /hydra/sweeper: optuna\n"
+    evil.write_text("defaults:\n  - override /hydra/sweeper: finetune_optuna\n"
                     "  - override /hydra/callbacks: log_job_return\n"
                     "hydra:\n  sweeper:\n    sampler:\n      _target_: os.system\n"
                     "    params:\n      optim.lr: 0.1,0.2\n"
