@@ -251,14 +251,86 @@ def data_identity(dataset: Any) -> dict[str, Any]:
             "transform": repr(getattr(dataset, "described", dataset.transform))}
 
 
-def prefix_identity(prefix: fx.GraphModule) -> dict[str, Any]:
-    """The prefix's code, modules and every tensor it holds."""
+def tensor_digests(module: nn.Module) -> dict[str, str]:
+    """The sha256 of every tensor of a module's state, by name."""
+    return {name: hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1)
+                                 .view(torch.uint8).numpy().tobytes()).hexdigest()
+            for name, tensor in module.state_dict().items()}
+
+
+def prefix_identity(prefix: fx.GraphModule, digests: dict[str, str] | None = None
+                    ) -> dict[str, Any]:
+    """The prefix's code, modules and every tensor it holds (`digests`: the tensors'
+    sha256 by name, computed once for the prefixes cut from one model)."""
+    digests = tensor_digests(prefix) if digests is None else digests
     digest = hashlib.sha256()
-    for name, tensor in sorted(prefix.state_dict().items()):
+    for name in sorted(prefix.state_dict()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                      .numpy().tobytes())
+        digest.update(digests[name].encode())
     return {"code": prefix.code, "modules": repr(prefix), "tensors": digest.hexdigest()}
+
+
+# -- nested cuts: a shallower split's features as the start of a deeper split's --------------
+
+SPLITS_ENV = "FINETUNE_SWEEP_SPLITS"  # the split points a sweep tries (set at its start)
+
+
+def bottlenecks(prefix: fx.GraphModule) -> list[str]:
+    """The prefix's nodes (by name, in order, ending with its output) whose value alone
+    carries everything the rest of the prefix needs: where it can be cut again."""
+    nodes = [n for n in prefix.graph.nodes if n.op not in ("output", "get_attr")]
+    found = []
+    for i, node in enumerate(nodes):
+        if node.op == "placeholder":
+            continue
+        before = set(nodes[:i])
+        if not any(n in before for later in nodes[i + 1:] for n in later.all_input_nodes):
+            found.append(node.name)
+    return found
+
+
+def segment(prefix: fx.GraphModule, start: str | None, end: str) -> fx.GraphModule:
+    """The part of the prefix from node `start`'s value (None: the input) to node `end`'s."""
+    graph, env, started, last = fx.Graph(), {}, start is None, None
+    for node in prefix.graph.nodes:
+        if node.op == "output":
+            break
+        if not started:
+            if node.op == "get_attr":
+                env[node] = graph.node_copy(node, lambda n: env[n])
+            elif node.name == start:
+                env[node], started = graph.placeholder("features"), True
+            continue
+        env[node] = last = graph.node_copy(node, lambda n: env[n])
+        if node.name == end:
+            break
+    graph.output(last)
+    module = fx.GraphModule(prefix, graph, "Prefix")
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def split_bottleneck(prefix: fx.GraphModule, points: list[str], split: str) -> str | None:
+    """The cut a job with `freeze.train_from=split` would have, if it is inside this prefix:
+    the last bottleneck before the first node of `split`'s modules."""
+    names = [n.name for n in prefix.graph.nodes]
+    first = next((i for i, n in enumerate(prefix.graph.nodes) if n.op == "call_module" and (
+        str(n.target) == split or str(n.target).startswith(f"{split}."))), None)
+    if first is None:
+        return None
+    before = [p for p in points if names.index(p) < first]
+    return before[-1] if before else None
+
+
+def swept_splits() -> list[str]:
+    """The split points of the sweep this job is part of (none outside a sweep)."""
+    try:
+        splits = json.loads(os.environ.get(SPLITS_ENV, "[]"))
+    except ValueError:
+        return []
+    return [s for s in splits if isinstance(s, str) and s not in ("null", "None")] \
+        if isinstance(splits, list) else []
 
 
 class FeatureCache(pl.Callback):
@@ -266,9 +338,26 @@ class FeatureCache(pl.Callback):
     suffix on them. `directory`: where features are kept for reuse (None: memory only);
     `write`: whether this process writes them there (rank zero)."""
 
-    def __init__(self, cut: Cut, directory: Path | None = None, write: bool = True) -> None:
+    def __init__(self, cut: Cut, directory: Path | None = None, write: bool = True,
+                 splits: list[str] | None = None) -> None:
         self.cut, self.directory, self.write = cut, directory, write
         self.info: dict[str, Any] = {}
+        # where the prefix can be cut again (its own end last); features are looked up at
+        # each, deepest first, and stored at those of the sweep's other split points
+        self.points = bottlenecks(cut.prefix) if cut is not None else []
+        self.splits = swept_splits() if splits is None else splits
+
+    def keep_also(self, prefix: fx.GraphModule) -> list[str]:
+        """The bottlenecks that are the cuts of the sweep's other split points (stored on the
+        way, for their jobs to start from), in order; only where features are kept."""
+        if self.directory is None:
+            return []
+        found = {split_bottleneck(prefix, self.points, s) for s in self.splits}
+        return [p for p in self.points if p in found]
+
+    def _where(self, point: str) -> str:
+        node = next(n for n in self.cut.prefix.graph.nodes if n.name == point)
+        return str(node.target) if node.op == "call_module" else node.name
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before configure_optimizers, which builds the train loader (to count steps); the
@@ -279,18 +368,39 @@ class FeatureCache(pl.Callback):
         started = time.perf_counter()
         device = trainer.strategy.root_device
         pl_module.to(device)
-        key = self._key(trainer, data, device)
-        status, sets = "computed", {}
+        prefix, end = self.cut.prefix, self.points[-1]
+        digests = tensor_digests(prefix)
+        keys = {p: self._key(trainer, data, device, segment(prefix, None, p), digests)
+                for p in self.points}
+        key = keys[end]
+        start, stored = None, {}
+        for point in reversed(self.points):  # the deepest cut whose features are stored
+            found = {split: self._read(keys[point], split) for split in ("train", "val")}
+            if all(v is not None for v in found.values()):
+                start, stored = point, found
+                break
+        status = "reused" if start == end else "computed"
+        wanted = [end] + [p for p in self.keep_also(prefix) if p != end and (
+            start is None or self.points.index(p) > self.points.index(start))]
+        sets = {}
         for split in ("train", "val"):
             dataset = getattr(data, f"{split}_set")
-            stored = self._read(key, split)
-            if stored is None:
-                with trainer.precision_plugin.forward_context():
-                    stored = self._compute(dataset, pl_module, device, data.num_workers)
-                stored = self._keep(stored, key, split)
+            if start == end:
+                features = stored[split]
             else:
-                status = "reused"
-            sets[split] = CachedFeatures(stored, dataset)
+                with trainer.precision_plugin.forward_context():
+                    computed = self.compute(
+                        dataset if start is None else stored[split], device, start, wanted,
+                        max(64, getattr(data, "batch_size", 64)), data.num_workers,
+                        getattr(pl_module, "channels_last", False))
+                for point in wanted[1:]:
+                    self._keep(computed[point], keys[point], split)
+                features = self._keep(computed[end], key, split)
+            sets[split] = CachedFeatures(features, dataset)
+        if start is not None and start != end:
+            self.info["from"] = f"the stored output of {self._where(start)}"
+        self.info["stored"] = [self._where(p) for p in wanted] \
+            if self.directory and start != end else []
         data.train_set, data.val_set = sets["train"], sets["val"]
         data.num_workers = 0  # indexing memory: workers would only add copies
         pl_module.use_features(self.cut.suffix)
@@ -301,31 +411,47 @@ class FeatureCache(pl.Callback):
                           "megabytes": round(size / 2**20, 2), "seconds": round(seconds, 3),
                           "key": key[:16], "path": str(self.directory) if self.directory
                           else None})
-        log.info("feature cache: %s %s of %s per image (%d + %d images, %.1f MB) in %.1f s%s; "
+        log.info("feature cache: %s %s of %s per image (%d + %d images, %.1f MB) in %.1f s%s%s; "
                  "epochs train only what comes after", status, shape, self.cut.boundary,
                  len(sets["train"]), len(sets["val"]), size / 2**20, seconds,
+                 f" from {self.info['from']}" if "from" in self.info else "",
                  f", kept in {self.directory}" if self.directory else "")
 
-    def _key(self, trainer: pl.Trainer, data: Any, device: torch.device) -> str:
-        described = {"prefix": prefix_identity(self.cut.prefix),
+    def _key(self, trainer: pl.Trainer, data: Any, device: torch.device,
+             prefix: fx.GraphModule, digests: dict[str, str]) -> str:
+        described = {"prefix": prefix_identity(prefix, digests),
                      "train": data_identity(data.train_set), "val": data_identity(data.val_set),
                      "precision": str(trainer.precision), "device": device.type,
                      "torch": torch.__version__}
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
     @torch.no_grad()
-    def _compute(self, dataset: Any, pl_module: Any, device: torch.device,
-                 num_workers: int) -> torch.Tensor:
-        loader = DataLoader(dataset, batch_size=max(64, getattr(
-            pl_module.trainer.datamodule, "batch_size", 64)), num_workers=num_workers,
-            pin_memory=device.type == "cuda")
-        chunks = []
-        for images, _ in loader:
-            images = images.to(device, non_blocking=True)
-            if getattr(pl_module, "channels_last", False):
-                images = images.contiguous(memory_format=torch.channels_last)
-            chunks.append(self.cut.prefix(images).float().cpu())
-        return torch.cat(chunks).contiguous()
+    def compute(self, source: Any, device: torch.device, start: str | None, wanted: list[str],
+                batch_size: int, num_workers: int = 0, channels_last: bool = False
+                ) -> dict[str, torch.Tensor]:
+        """The features at each `wanted` bottleneck, from the images of a dataset (`start`
+        None) or from stored features at `start`, in batches of the same size either way."""
+        if start is None:
+            batches = (images for images, _ in DataLoader(
+                source, batch_size=batch_size, num_workers=num_workers,
+                pin_memory=device.type == "cuda"))
+        else:
+            batches = (torch.as_tensor(np.array(source[i:i + batch_size]))
+                       for i in range(0, len(source), batch_size))
+        ends = sorted(wanted, key=self.points.index)
+        stages, begin = [], start
+        for point in ends:
+            stages.append((point, segment(self.cut.prefix, begin, point)))
+            begin = point
+        chunks: dict[str, list[torch.Tensor]] = {p: [] for p in ends}
+        for x in batches:
+            x = x.to(device, non_blocking=True)
+            if start is None and channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for point, stage in stages:
+                x = stage(x)
+                chunks[point].append(x.float().cpu())
+        return {p: torch.cat(c).contiguous() for p, c in chunks.items()}
 
     def _file(self, key: str, split: str) -> Path | None:
         return self.directory / f"{key[:32]}-{split}.npy" if self.directory else None

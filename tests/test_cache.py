@@ -190,3 +190,69 @@ def test_the_key_changes_with_the_frozen_weights() -> None:
     a, b = prefix_identity(first.prefix), prefix_identity(second.prefix)
     assert a["code"] == b["code"] and a["modules"] == b["modules"]
     assert a != b
+
+
+# -- nested cuts: a sweep's split points share their frozen layers' work ---------------------
+
+
+def test_a_prefix_cuts_again_where_one_value_carries_the_rest() -> None:
+    """The points where the prefix of `train_from=fc` can be cut again, and that running it
+    in segments between them computes what it computes, bit for bit."""
+    from finetune.cache import bottlenecks, segment
+
+    prefix = cut_model(_resnet("fc").eval()).prefix
+    points = bottlenecks(prefix)
+    assert points[-1] == "flatten" and {"maxpool", "layer1_1", "layer2_1", "layer3_1",
+                                        "layer4_1", "avgpool"} <= set(points)
+    assert "bn1" in points and points.index("layer2_1") < points.index("layer3_1")
+    x = torch.randn(3, 3, 32, 32)
+    whole = prefix(x)
+    first, rest = segment(prefix, None, "layer2_1"), segment(prefix, "layer2_1", "flatten")
+    assert torch.equal(rest(first(x)), whole)
+    assert not any(n.op == "call_module" and str(n.target).startswith(("conv1", "layer1"))
+                   for n in rest.graph.nodes)  # the rest starts at layer3
+
+
+def test_a_shallower_split_is_keyed_as_the_start_of_a_deeper_one() -> None:
+    """Job train_from=layer3 caches the output of layer2; job train_from=fc finds it under
+    the same key (same code, modules, tensors) and computes only layer3 onwards."""
+    from finetune.cache import (
+        FeatureCache,
+        bottlenecks,
+        prefix_identity,
+        segment,
+        split_bottleneck,
+    )
+
+    shallow, deep = cut_model(_resnet("layer3")), cut_model(_resnet("fc"))
+    own = segment(shallow.prefix, None, bottlenecks(shallow.prefix)[-1])
+    inside = segment(deep.prefix, None, "layer2_1")
+    assert prefix_identity(own) == prefix_identity(inside)
+    points = bottlenecks(deep.prefix)
+    assert split_bottleneck(deep.prefix, points, "layer3") == "layer2_1"
+    assert split_bottleneck(deep.prefix, points, "layer1") == "maxpool"
+    assert split_bottleneck(deep.prefix, points, "fc") is None  # not inside this prefix
+    cache = FeatureCache(deep, Path("unused"), splits=["layer2", "layer3", "layer4", "fc"])
+    assert cache.keep_also(deep.prefix) == ["layer1_1", "layer2_1", "layer3_1"]
+    assert FeatureCache(deep, None, splits=["layer3"]).keep_also(deep.prefix) == []
+
+
+def test_features_from_a_stored_cut_equal_those_from_the_images() -> None:
+    from finetune.cache import FeatureCache
+
+    """Bit for bit: a deeper job that starts from a shallower job's stored features trains on
+    exactly what it would have computed from the images."""
+    deep = cut_model(_resnet("fc").eval())
+    split, _ = fake_data(70, CLASSES, 32, seed=0)
+    images = TensorImages(split.items, split.labels, eval_transform(preprocessing(None, 32)))
+    cache = FeatureCache(deep)
+    cpu = torch.device("cpu")
+    direct = cache.compute(images, cpu, None, ["layer2_1", "flatten"], batch_size=64)
+    assert direct["layer2_1"].shape == (70, 128, 4, 4)
+    resumed = cache.compute(direct["layer2_1"], cpu, "layer2_1", ["flatten"], batch_size=64)
+    assert torch.equal(resumed["flatten"], direct["flatten"])
+    with torch.no_grad():
+        whole = torch.cat([deep.prefix(torch.stack([images[i][0] for i in range(b, min(b + 64,
+                                                                                      70))]))
+                           for b in (0, 64)])
+    assert torch.equal(direct["flatten"], whole)

@@ -35,7 +35,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("sweep")
     result = run_cli("-m", "recipe=digits_transfer_splits", "weights.source=none", *TINY[1:],
                      "head.num_classes=null", "data.train_size=null", "seed=0",
-                     "freeze.train_from=layer4,fc,layer9", "optim.lr=0.01,0.03",
+                     "freeze.train_from=fc,layer4,layer9", "optim.lr=0.01,0.03",
                      "hydra.sweep.dir=sweep", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     (cwd / "sweep" / "command.out").write_text(result.stdout)
@@ -59,16 +59,19 @@ def test_every_job_has_its_dir_and_a_failed_job_does_not_stop_the_sweep(sweep: P
     metrics = [read_json(j / "metrics.json") for j in jobs]
     splits = [m.get("train_from") for m in metrics]
     assert [m["status"] for m in metrics] == ["complete"] * 4 + ["failed"] * 2
-    assert splits[:4] == ["layer4", "layer4", "fc", "fc"]
+    assert splits[:4] == ["fc", "fc", "layer4", "layer4"]
     assert [m["lr"] for m in metrics[:4]] == [0.01, 0.03, 0.01, 0.03]
     assert all((j / "model.safetensors").is_file() for j in jobs[:4])
     assert not list(sweep.rglob("*.ckpt")), "a sweep job keeps its weights, not checkpoints"
     assert "freeze.train_from='layer9' matches no module" in metrics[4]["error"][0]
-    # The cache: the second job of each split point reads what the first computed.
+    # The cache: the first job (fc) computes its frozen prefix once and keeps, on the way,
+    # the output of layer3 (the cut of the sweep's other split point, layer4): every other
+    # job reads what it needs.
     caches = [m["feature_cache"] for m in metrics[:4]]
-    assert [c["status"] for c in caches] == ["computed", "reused", "computed", "reused"]
+    assert [c["status"] for c in caches] == ["computed", "reused", "reused", "reused"]
     assert caches[0]["key"] == caches[1]["key"] != caches[2]["key"] == caches[3]["key"]
-    assert len(list((sweep / "feature_cache").glob("*.npy"))) == 4  # 2 prefixes x train, val
+    assert caches[0]["stored"] == ["flatten", "layer3.1"] and caches[2]["stored"] == []
+    assert len(list((sweep / "feature_cache").glob("*.npy"))) == 4  # 2 cuts x train, val
 
 
 def test_the_leaderboard_ranks_every_job(sweep: Path) -> None:
@@ -121,7 +124,7 @@ def test_the_leaderboard_of_a_sweep_still_running(sweep: Path, tmp_path: Path) -
     epoch0 = next(float(r["val/acc"]) for r in first_epoch if r.get("val/acc"))
     assert by_job["1"].values["val/acc"] == pytest.approx(epoch0)
     assert by_job["3"].status == "pending" and by_job["3"].values == {}
-    assert by_job["3"].train_from == "fc"  # from the job's composed config
+    assert by_job["3"].train_from == "layer4"  # from the job's composed config
     assert [j.dir.name for j in result["jobs"]][-3:] == ["3", "4", "5"]  # unscored last
     assert "6 jobs: 2 complete, 1 running, 2 failed, 1 pending" in result["summary"]
 
@@ -250,3 +253,22 @@ def test_ranking_follows_the_metric_direction(tmp_path: Path) -> None:
     jobs[0].values["val/loss"] = 0.1  # now the lowest loss, still the lowest accuracy
     assert next(j.dir.name for j in rank(jobs, "val/loss")) == "0"
     assert next(j.dir.name for j in rank(jobs, "val/acc")) == "1"
+
+
+def test_the_jobs_learn_the_sweeps_split_points() -> None:
+    """What the feature caches of a sweep's jobs keep for each other: the command line's
+    split points when it gives them (as the sweepers run them), else the search's."""
+    from omegaconf import OmegaConf
+
+    from finetune.sweep_callback import swept_split_points
+
+    def of(task: list[str], params: dict) -> list[str]:
+        return swept_split_points(OmegaConf.create(
+            {"hydra": {"overrides": {"task": task}, "sweeper": {"params": params}}}))
+
+    search = {"freeze.train_from": "null,layer1,fc", "seed": "0,1"}
+    assert of(["recipe=x", "freeze.train_from=fc,layer4"], search) == ["fc", "layer4"]
+    assert of(["recipe=x"], search) == ["null", "layer1", "fc"]
+    assert of(["freeze.train_from=choice(layer2,layer3)"], {}) == ["layer2", "layer3"]
+    assert of(["freeze.train_from=layer3"], {}) == ["layer3"]
+    assert of(["optim.lr=0.1,0.2"], {}) == []
