@@ -152,6 +152,10 @@ class StudySweeper:
         assert self.config is not None
         cfg = self.config
         problems = studies.sweep_problems(cfg.sweep, cfg.hydra.sweeper)
+        from finetune.__main__ import sweeper_problem
+
+        direction = sweeper_problem(cfg.hydra, str(cfg.metric))  # before a trial is claimed
+        problems += [direction] if direction else []
         if self.n_trials < 1 or self.n_jobs < 1:
             problems.append("hydra.sweeper.n_trials and n_jobs must be 1 or more")
         space = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))

@@ -256,3 +256,38 @@ def test_features_from_a_stored_cut_equal_those_from_the_images() -> None:
                                                                                       70))]))
                            for b in (0, 64)])
     assert torch.equal(direct["flatten"], whole)
+
+
+def _fit_split(train_from: str, directory: Path, splits: list[str]) -> FeatureCache:
+    """One job of a split sweep, in this process: a real Trainer, the cache kept in
+    `directory`, the sweep's split points `splits`."""
+    model = _resnet(train_from)
+    split, names = fake_data(48, CLASSES, 32, seed=0)
+    transform = eval_transform(preprocessing(None, 32))
+    data = ImageDataModule(TensorImages(split.items[:32], split.labels[:32], transform),
+                           TensorImages(split.items[32:], split.labels[32:], transform),
+                           names, batch_size=16, num_workers=0)
+    module = FinetuneModule(model, CLASSES, plan_freeze(model, train_from),
+                            OmegaConf.structured(OptimConfig),
+                            OmegaConf.structured(SchedConfig()))
+    callback = FeatureCache(cut_model(model), directory, splits=splits)
+    pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[callback]).fit(module, datamodule=data)
+    return callback
+
+
+def test_a_deeper_job_starts_from_a_shallower_jobs_features(tmp_path: Path) -> None:
+    """layer3's job keeps the output of layer2; fc's job then computes only layer3 onwards
+    (from the stored output), and what it trains on equals the images' features."""
+    shallow = _fit_split("layer3", tmp_path / "features", [])
+    assert shallow.info["status"] == "computed" and "from" not in shallow.info
+    deep = _fit_split("fc", tmp_path / "features", [])
+    assert deep.info["from"] == "the stored output of layer2.1"
+    assert deep.info["stored"] == ["flatten"]
+    alone = _fit_split("fc", tmp_path / "other", [])  # the same job, from the images
+    assert "from" not in alone.info and alone.info["key"] == deep.info["key"]
+    stored = sorted((tmp_path / "features").glob("*-train.npy"))
+    import numpy as np
+    assert any(np.array_equal(np.load(f), np.load(next((tmp_path / "other").glob(
+        "*-train.npy")))) for f in stored)

@@ -258,3 +258,20 @@ def test_trials_json_from_someone_else_is_only_data(tmp_path: Path) -> None:
     assert list(studies.read_trials(tmp_path / studies.TRIALS_FILE)) == [0]
     (tmp_path / studies.TRIALS_FILE).write_text("{not json")
     assert studies.read_trials(tmp_path / studies.TRIALS_FILE) == {}
+
+
+def test_wrong_settings_stop_the_sweep_before_any_trial(tmp_path: Path) -> None:
+    """Every problem at once, one sentence each, exit 2, and no study created."""
+    process = start(tmp_path, *TINY, "metric=val/loss", "sweep.storage=sqlite:///x.db",
+                    "hydra.sweep.dir=search")
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("finetune: error: ")]
+    assert errors == [
+        "finetune: error: sweep.storage=sqlite:///x.db needs sweep.study_name: the name every "
+        "process of the sweep shares (a new name starts a new study, an existing one resumes "
+        "it)",
+        "finetune: error: hydra.sweeper.direction=maximize but the jobs return metric=val/loss, "
+        "which is better lower; set hydra.sweeper.direction=minimize (or pick another metric)"]
+    assert "Traceback" not in out
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "search" / "study.db").exists()
