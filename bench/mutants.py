@@ -238,6 +238,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a sweep's other split points are not kept on the way", "finetune/cache.py",
      "        found = {split_bottleneck(prefix, self.points, s) for s in self.splits}",
      "        found = set()", "tests/test_sweeps.py -k every_job"),
+    ("a job the launcher cannot start stops the whole sweep process", "finetune/study_sweeper.py",
+     "        except Exception as err:  # the launcher lost the jobs (a worker process died)",
+     "        except ZeroDivisionError as err:", "tests/test_study.py -k sweep_dirs"),
+    ("the search's entry for a key beats the command line's", "finetune/study_sweeper.py",
+     "        space.distributions.pop(key, None)  # one: the command line's the search's\n",
+     "", "tests/test_study.py -k grammar"),
 ]
 
 

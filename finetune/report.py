@@ -185,8 +185,8 @@ def with_study(jobs: list[Job], trials: dict[int, dict[str, Any]], root: Path, m
             jobs.append(job)
         elif state == "fail" and job.status in ("running", "pending"):
             job.status = "failed"
-            job.error = ("its process stopped (no heartbeat): the study marked the trial "
-                         "failed")
+            job.error = ("its process stopped (no heartbeat, or the launcher lost it): the "
+                         "study marked the trial failed")
         elif state == "pruned" and job.status == "complete":
             job.status = "pruned"
     return jobs

@@ -86,10 +86,14 @@ def search_space(arguments: list[str]) -> Space:
     )
 
     space = Space()
+    fixed: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(arguments):
-        key = override.get_key_element()
+        key = override.get_key_element()  # a later override of a key replaces an earlier
+        space.distributions.pop(key, None)  # one: the command line's the search's
+        space.decoded.pop(key, None)
+        fixed.pop(key, None)
         if not override.is_sweep_override():
-            space.fixed.append(str(override.input_line))
+            fixed[key] = str(override.input_line)
             continue
         value = override.value()
         if isinstance(value, IntervalSweep):
@@ -111,6 +115,7 @@ def search_space(arguments: list[str]) -> Space:
         decoded = list(override.sweep_iterator(transformer=Transformer.identity))
         space.distributions[key] = CategoricalDistribution(encoded)
         space.decoded[key] = decoded
+    space.fixed = list(fixed.values())
     return space
 
 
@@ -236,7 +241,15 @@ class StudySweeper:
                     returns += list(self.launcher.launch(overrides[start:end],
                                                          initial_job_idx=numbers[start]))
                     start = end
-        except BaseException:
+        except Exception as err:  # the launcher lost the jobs (a worker process died)
+            lost = numbers[len(returns):]
+            print(f"finetune: error: trial(s) {', '.join(map(str, lost))} failed in the "
+                  f"launcher ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
+                  "the study goes on", file=sys.stderr, flush=True)
+            for number in lost:
+                study.tell(number, state=TrialState.FAIL)
+            numbers, ids = numbers[:len(returns)], ids[:len(returns)]
+        except BaseException:  # Ctrl-C, SIGTERM, a stop before the first job
             for number in numbers[len(returns):]:
                 study.tell(number, state=TrialState.FAIL)
             raise

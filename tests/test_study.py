@@ -55,23 +55,34 @@ def load(url: str, name: str = studies.DEFAULT_NAME) -> optuna.Study:
 
 def test_two_processes_share_the_sweep_dirs_study(tmp_path: Path) -> None:
     """Default storage (SQLite in the sweep dir): two processes on one sweep dir run
-    disjoint trials whose total is n_trials, each in the dir of its number."""
+    disjoint trials whose total is n_trials, each in the dir of its number. Trial 4's job
+    dir cannot be made (a file is in the way; a joblib worker that died raises the same way
+    from the launcher): the process that claimed it says so in one line, marks it failed and
+    goes on."""
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "4").write_text("in the way")
     args = [*TINY, "hydra.sweeper.n_trials=5", "hydra.sweep.dir=search"]
     first, second = start(tmp_path, *args), start(tmp_path, *args)
-    ran = [trials_run(finish(first)), trials_run(finish(second))]
+    outs = [finish(first), finish(second)]
+    ran = [trials_run(out) for out in outs]
     assert not set(ran[0]) & set(ran[1]), ran
     assert sorted(ran[0] + ran[1]) == [0, 1, 2, 3, 4]
+    lost = [out for out in outs if "trial(s) 4 failed in the launcher" in out]
+    assert len(lost) == 1 and re.search(r"finetune: error: trial\(s\) 4 failed in the "
+                                        r"launcher \(FileExistsError: .*\); the study goes "
+                                        r"on", lost[0])
     sweep = tmp_path / "search"
     trials = load(f"sqlite:///{sweep / 'study.db'}").get_trials()
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 5
-    for trial in trials:
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4 + ["FAIL"]
+    for trial in trials[:4]:
         job = sweep / str(trial.number)
         assert f"sweep.trial={trial.number}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert read_json(job / "metrics.json")["val/acc"] == pytest.approx(trial.value)
         assert trial.user_attrs[studies.JOB]["dir"] == str(job.resolve())
+    assert (sweep / "4").read_text() == "in the way"
     record = read_json(sweep / studies.TRIALS_FILE)
     assert record["n_trials"] == 5 and len(record["trials"]) == 5
-    best = max(trials, key=lambda t: t.value)
+    best = max(trials[:4], key=lambda t: t.value)
     assert f"best_value: {best.value}" in (sweep / "optimization_results.yaml").read_text()
 
 
@@ -214,6 +225,12 @@ def test_the_search_space_reads_hydras_grammar() -> None:
         "seed=3", "freeze.train_from=null", "optim.lr=0.001", "data.batch_size=32"]
     assert space.enqueued({"freeze.train_from": None, "model.kwargs.dropout": 0.2}, 0) == {
         "freeze.train_from": "null", "model.kwargs.dropout": "0.2"}
+    # the command line replaces the search's entry for a key (as Hydra's sweepers do)
+    narrowed = search_space(["freeze.train_from=null,layer4,fc", "optim.lr=0.1,0.2",
+                             "freeze.train_from=fc", "optim.lr=choice(0.3,0.4)"])
+    assert narrowed.fixed == ["freeze.train_from=fc"]
+    assert list(narrowed.distributions) == ["optim.lr"]
+    assert narrowed.distributions["optim.lr"].choices == ("0.3", "0.4")
     with pytest.raises(Exception, match=r"enqueue\[0\].seed: not a key the search varies"):
         space.enqueued({"seed": 1}, 0)
     with pytest.raises(Exception, match=r"not one of its choices \(None, layer4, fc\)"):
