@@ -292,7 +292,9 @@ def claim(study: Any, storage: Any) -> int | None:
                                                                            frozen.number)
                 try:
                     if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                        return frozen.number
+                        if storage.get_heartbeat_interval():  # from the first moment: a
+                            storage.record_heartbeat(trial_id)  # trial without one is never
+                        return frozen.number  # found stale if this process dies now
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue
             return None
