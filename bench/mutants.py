@@ -244,6 +244,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("the search's entry for a key beats the command line's", "finetune/study_sweeper.py",
      "        space.distributions.pop(key, None)  # one: the command line's the search's\n",
      "", "tests/test_study.py -k grammar"),
+    ("a claimed trial has no heartbeat until its job starts", "finetune/study.py",
+     "                        if storage.get_heartbeat_interval():  # from the first moment: a",
+     "                        if False:", "tests/test_study.py -k died_at_once"),
 ]
 
 

@@ -295,3 +295,16 @@ def test_wrong_settings_stop_the_sweep_before_any_trial(tmp_path: Path) -> None:
         "which is better lower; set hydra.sweeper.direction=minimize (or pick another metric)"]
     assert "Traceback" not in out
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "search" / "study.db").exists()
+
+
+def test_a_trial_claimed_by_a_process_that_died_at_once_is_found_stale(tmp_path: Path) -> None:
+    """Optuna finds a running trial stale only by its heartbeat: a claim records the first,
+    so a process that dies between the claim and its job still leaves a trial others fail."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = studies.open_storage(url, heartbeat=1)
+    study, _ = studies.open_study(storage, "stale", "maximize", 2, [])
+    assert studies.claim(study, storage) == 0  # ... and this process "dies" here
+    time.sleep(studies.GRACE * 1 + 0.5)
+    studies.fail_stale(optuna.load_study(study_name="stale", storage=studies.open_storage(
+        url, heartbeat=1)))
+    assert [t.state.name for t in load(url, "stale").trials] == ["FAIL", "WAITING"]
