@@ -369,12 +369,14 @@ class FeatureCache(pl.Callback):
         device = trainer.strategy.root_device
         pl_module.to(device)
         prefix, end = self.cut.prefix, self.points[-1]
-        digests = tensor_digests(prefix)
-        keys = {p: self._key(trainer, data, device, segment(prefix, None, p), digests)
-                for p in self.points}
+        digests = tensor_digests(prefix)  # each tensor and each split's images hashed once
+        images = {"train": data_identity(data.train_set), "val": data_identity(data.val_set)}
+        points = self.points if self.directory else [end]  # memory only: nothing to find
+        keys = {p: self._key(trainer, images, device, segment(prefix, None, p), digests)
+                for p in points}
         key = keys[end]
         start, stored = None, {}
-        for point in reversed(self.points):  # the deepest cut whose features are stored
+        for point in reversed(points):  # the deepest cut whose features are stored
             found = {split: self._read(keys[point], split) for split in ("train", "val")}
             if all(v is not None for v in found.values()):
                 start, stored = point, found
@@ -417,10 +419,9 @@ class FeatureCache(pl.Callback):
                  f" from {self.info['from']}" if "from" in self.info else "",
                  f", kept in {self.directory}" if self.directory else "")
 
-    def _key(self, trainer: pl.Trainer, data: Any, device: torch.device,
+    def _key(self, trainer: pl.Trainer, images: dict[str, Any], device: torch.device,
              prefix: fx.GraphModule, digests: dict[str, str]) -> str:
-        described = {"prefix": prefix_identity(prefix, digests),
-                     "train": data_identity(data.train_set), "val": data_identity(data.val_set),
+        described = {"prefix": prefix_identity(prefix, digests), **images,
                      "precision": str(trainer.precision), "device": device.type,
                      "torch": torch.__version__}
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
