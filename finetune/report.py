@@ -176,7 +176,7 @@ def with_study(jobs: list[Job], trials: dict[int, dict[str, Any]], root: Path, m
                                                state, "pending"),
                       {**fixed, **{str(k): str(v)
                                    for k, v in _mapping(trial.get("params")).items()}},
-                      error=f"ran on {where.get('host')} in {where.get('dir')}"
+                      error=f"on {where.get('host')} in {where.get('dir')}"
                       if where.get("host") else "not run in this sweep dir")
             value = _number(trial.get("value"))
             if value is not None:

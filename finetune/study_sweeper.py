@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +207,7 @@ class StudySweeper:
                     numbers.append(number)
                 if not numbers:
                     break
-                returns += self._run(study, storage, space, grid, numbers)
+                returns += self._run(study, storage, space, grid, numbers, sweep_dir)
         finally:
             studies.write_trials(study, studies.shown(url), sweep_dir)
             studies.write_best(study, sweep_dir)
@@ -216,7 +217,7 @@ class StudySweeper:
         return returns
 
     def _run(self, study: Any, storage: Any, space: Space, grid: dict[str, list[Any]] | None,
-             numbers: list[int]) -> list[Any]:
+             numbers: list[int], sweep_dir: Path) -> list[Any]:
         """Suggest the claimed trials' values, run them as jobs (the job dir is the trial's
         number), tell the study how each ended."""
         from optuna.trial import TrialState
@@ -227,6 +228,8 @@ class StudySweeper:
             trial = studies.trial_of(study, storage, number)
             for key, distribution in space.distributions.items():
                 suggest(trial, key, distribution)  # the fixed value, if enqueued
+            trial.set_user_attr(studies.JOB, {"host": socket.gethostname(), "dir": str(
+                (sweep_dir / str(number)).resolve())})  # where it runs, for the others
             overrides.append((*space.overrides(dict(trial.params)), f"sweep.trial={number}"))
         ids = [storage.get_trial_id_from_study_id_trial_number(
             storage.get_study_id_from_name(study.study_name), n) for n in numbers]
