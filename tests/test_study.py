@@ -184,7 +184,7 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     refuses 0) is stopped before its last epoch, finishes as a run, and the leaderboard and
     the sweep's page say pruned with the epoch it reached; the one that learns runs on."""
     result = finish(start(
-        tmp_path, "recipe=quickstart", "weights.source=none", "trainer.max_epochs=3",
+        tmp_path, "recipe=quickstart", "weights.source=none", "trainer.max_epochs=4",
         "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
         "trainer.enable_progress_bar=false",
         "eval.report=false", "sweep=optuna", "hydra.sweeper.n_trials=2",
@@ -194,20 +194,20 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     sweep = tmp_path / "search"
     learns, stuck = load(f"sqlite:///{sweep / 'study.db'}").trials
     assert learns.params["optim.lr"] == "0.01" and stuck.params["optim.lr"] == "1e-12"
-    assert learns.state.name == "COMPLETE" and len(learns.intermediate_values) == 3
+    assert learns.state.name == "COMPLETE" and len(learns.intermediate_values) == 4
     assert stuck.state.name == "PRUNED"
     epoch = stuck.user_attrs[studies.PRUNED]
-    assert 1 <= epoch < 3 and len(stuck.intermediate_values) == epoch
+    assert 1 <= epoch < 4 and len(stuck.intermediate_values) == epoch
     metrics = read_json(sweep / "1" / "metrics.json")
     assert metrics["status"] == "complete" and metrics["epochs"] == epoch
-    assert metrics["pruned"] == {"epoch": epoch, "of": 3, "metric": "val/acc",
+    assert metrics["pruned"] == {"epoch": epoch, "of": 4, "metric": "val/acc",
                                  "value": pytest.approx(stuck.intermediate_values[epoch - 1],
                                                         abs=1e-6)}
     assert (sweep / "1" / "model.safetensors").is_file()
-    assert f"pruned after epoch {epoch} of 3" in result
+    assert f"pruned after epoch {epoch} of 4" in result
     rows = {r[1]: r for r in report(sweep)["rows"]}
     assert rows["1"][2] == "pruned" and rows["1"][11] == epoch
-    assert rows["0"][2] == "complete" and rows["0"][10] == 3
+    assert rows["0"][2] == "complete" and rows["0"][10] == 4
     assert "1 complete, 1 pruned" in report(sweep)["summary"]
     page = (sweep / "report.html").read_text()  # the sweep's page says so too
     assert "<td>pruned</td>" in page
