@@ -184,30 +184,32 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     refuses 0) is stopped before its last epoch, finishes as a run, and the leaderboard and
     the sweep's page say pruned with the epoch it reached; the one that learns runs on."""
     result = finish(start(
-        tmp_path, "recipe=quickstart", "weights.source=none", "trainer.max_epochs=4",
-        "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-        "trainer.enable_progress_bar=false",
+        tmp_path, "recipe=quickstart", "weights.source=none", "trainer.max_epochs=3",
+        "trainer.limit_val_batches=2", "sched.name=none", "trainer.enable_progress_bar=false",
         "eval.report=false", "sweep=optuna", "hydra.sweeper.n_trials=2",
-        "optim.lr=choice(0.01,1e-12)", "hydra.sweeper.enqueue=[{optim.lr:0.01},{optim.lr:1e-12}]",
+        "optim.lr=choice(0.003,1e-12)",
+        "hydra.sweeper.enqueue=[{optim.lr:0.003},{optim.lr:1e-12}]",
         "sweep.pruner.name=median", "sweep.pruner.startup_trials=1",
-        "sweep.pruner.warmup_epochs=0", "hydra.sweep.dir=search"))
+        "sweep.pruner.warmup_epochs=1", "hydra.sweep.dir=search"))
     sweep = tmp_path / "search"
     learns, stuck = load(f"sqlite:///{sweep / 'study.db'}").trials
-    assert learns.params["optim.lr"] == "0.01" and stuck.params["optim.lr"] == "1e-12"
-    assert learns.state.name == "COMPLETE" and len(learns.intermediate_values) == 4
+    assert learns.params["optim.lr"] == "0.003" and stuck.params["optim.lr"] == "1e-12"
+    assert learns.state.name == "COMPLETE" and len(learns.intermediate_values) == 3
     assert stuck.state.name == "PRUNED"
+    # after the warm-up epoch, the first epoch it may be pruned at (a constant lr: the one
+    # that learns is far ahead by then, about 0.68 against 0.23 here)
     epoch = stuck.user_attrs[studies.PRUNED]
-    assert 1 <= epoch < 4 and len(stuck.intermediate_values) == epoch
+    assert epoch == 2 and len(stuck.intermediate_values) == epoch
     metrics = read_json(sweep / "1" / "metrics.json")
     assert metrics["status"] == "complete" and metrics["epochs"] == epoch
-    assert metrics["pruned"] == {"epoch": epoch, "of": 4, "metric": "val/acc",
+    assert metrics["pruned"] == {"epoch": epoch, "of": 3, "metric": "val/acc",
                                  "value": pytest.approx(stuck.intermediate_values[epoch - 1],
                                                         abs=1e-6)}
     assert (sweep / "1" / "model.safetensors").is_file()
-    assert f"pruned after epoch {epoch} of 4" in result
+    assert f"pruned after epoch {epoch} of 3" in result
     rows = {r[1]: r for r in report(sweep)["rows"]}
     assert rows["1"][2] == "pruned" and rows["1"][11] == epoch
-    assert rows["0"][2] == "complete" and rows["0"][10] == 4
+    assert rows["0"][2] == "complete" and rows["0"][10] == 3
     assert "1 complete, 1 pruned" in report(sweep)["summary"]
     page = (sweep / "report.html").read_text()  # the sweep's page says so too
     assert "<td>pruned</td>" in page
