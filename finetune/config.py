@@ -23,6 +23,7 @@ from finetune.errors import ConfigError, did_you_mean
 from finetune.loggers import LOGGERS
 from finetune.model_sources import MODEL_SOURCES
 from finetune.schedules import SCHEDULES
+from finetune.study import PRUNERS
 from finetune.weight_sources import SOURCES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -297,7 +298,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
     "task": ("multiclass", "multilabel"),
     "eval.checkpoint": ("last", "best"),
-    "sweep.pruner.name": ("none", "median", "halving"),
+    "sweep.pruner.name": PRUNERS,  # finetune/study.py
     "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
     "trainer.early_stopping.mode": ("auto", "min", "max"),
 }

@@ -27,6 +27,7 @@ from typing import Any
 from finetune import allowlist
 from finetune import config as schema
 from finetune.model_sources import BUILDER_LOADS, builder_loads_problem
+from finetune.study import SAMPLERS
 
 # Keys a received file may not set: the person at the command line must. Each with why.
 CLI_ONLY = {
@@ -103,8 +104,8 @@ HYDRA_KEYS: dict[str, Callable[[Any], str | None]] = {
     "hydra.sweeper.n_trials": _positive_int,
     "hydra.sweeper.n_jobs": _positive_int,
     "hydra.sweeper.direction": _direction,
-    "hydra.sweeper.sampler.name": lambda v: None if v in ("tpe", "random", "grid")
-    else "tpe, random or grid",
+    "hydra.sweeper.sampler.name": lambda v: None if v in SAMPLERS
+    else f"{', '.join(SAMPLERS[:-1])} or {SAMPLERS[-1]}",
     "hydra.sweeper.sampler.seed": _int_or_reference,
     "hydra.launcher.n_jobs": _positive_int,
     "hydra.launcher.timeout_min": _positive_int,

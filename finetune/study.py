@@ -136,7 +136,13 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
             return storage
         except Exception as err:  # two processes creating Optuna's tables in a new database
             if attempt == 4 or not _creation_race(err):
-                raise
+                from finetune.errors import FinetuneError
+
+                reason = " ".join(str(getattr(err, "orig", None) or err).split())[:300]
+                raise FinetuneError(f"sweep.storage={shown(url)}: the study's database cannot "
+                                    f"be opened ({type(err).__name__}: {reason}); check the "
+                                    "URL, that the server runs and that you may connect"
+                                    ) from None
             log.debug("study: %s while creating the storage's tables; again", err)
             time.sleep(0.5 + attempt)
     raise AssertionError("unreachable")
@@ -168,7 +174,9 @@ def _creation_race(err: Exception) -> bool:
     """An error of CREATE TABLE / TYPE that another process's same statement caused."""
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-    return isinstance(err, IntegrityError | ProgrammingError | OperationalError)
+    if isinstance(err, OperationalError):  # SQLite says so; a refused connection is no race
+        return "already exists" in str(err)
+    return isinstance(err, IntegrityError | ProgrammingError)
 
 
 def make_pruner(pruner: Any) -> Any:

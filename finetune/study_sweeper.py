@@ -50,6 +50,27 @@ class Space:
                 out.append(f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}")
         return [*self.fixed, *out]
 
+    def outside(self, params: dict[str, Any]) -> list[str]:
+        """The values of a claimed trial that are not in the search: a study's database is
+        shared (or came with a sweep dir), and an enqueued trial's fixed values go to the jobs'
+        command lines as they are. A choice must be one of the choices, a number a number in
+        its interval."""
+        from optuna.distributions import CategoricalDistribution
+
+        found = []
+        for key, value in params.items():
+            distribution = self.distributions.get(key)
+            if isinstance(distribution, CategoricalDistribution):
+                ok = value in distribution.choices
+            elif distribution is not None:
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and \
+                    distribution.low <= value <= distribution.high
+            else:
+                ok = False
+            if not ok:
+                found.append(f"{key}={value!r}")
+        return found
+
     def grid(self) -> dict[str, list[Any]] | None:
         """The choices of every key (GridSampler's space), None if a key is continuous."""
         from optuna.distributions import CategoricalDistribution
@@ -184,9 +205,9 @@ class StudySweeper:
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         url = studies.storage_url(cfg.sweep.storage, sweep_dir)
-        storage = studies.open_storage(url, int(cfg.sweep.heartbeat))
         name = cfg.sweep.study_name or studies.DEFAULT_NAME
         try:
+            storage = studies.open_storage(url, int(cfg.sweep.heartbeat))
             study, how = studies.open_study(storage, name, self.direction, n_trials, enqueue)
         except FinetuneError as err:
             for line in err.problems:
@@ -222,15 +243,29 @@ class StudySweeper:
         number), tell the study how each ended."""
         from optuna.trial import TrialState
 
-        overrides = []
+        overrides, kept = [], []
         for number in numbers:
             study.sampler = studies.make_sampler(self.sampler_name, self.seed, number, grid)
             trial = studies.trial_of(study, storage, number)
-            for key, distribution in space.distributions.items():
-                suggest(trial, key, distribution)  # the fixed value, if enqueued
+            try:
+                for key, distribution in space.distributions.items():
+                    suggest(trial, key, distribution)  # the fixed value, if enqueued
+                outside = space.outside(dict(trial.params))
+            except (ValueError, TypeError) as err:  # Optuna refuses a fixed value it cannot
+                outside = [f"{key}: {err}"]  # take (a choice not among the choices)
+            if outside:  # never passed on to a job's command line
+                print(f"finetune: error: trial {number} holds values outside the search "
+                      f"({', '.join(outside)}); it fails without running", file=sys.stderr,
+                      flush=True)
+                study.tell(number, state=TrialState.FAIL)
+                continue
             trial.set_user_attr(studies.JOB, {"host": socket.gethostname(), "dir": str(
                 (sweep_dir / str(number)).resolve())})  # where it runs, for the others
             overrides.append((*space.overrides(dict(trial.params)), f"sweep.trial={number}"))
+            kept.append(number)
+        numbers = kept
+        if not numbers:
+            return []
         ids = [storage.get_trial_id_from_study_id_trial_number(
             storage.get_study_id_from_name(study.study_name), n) for n in numbers]
         returns: list[Any] = []

@@ -231,6 +231,9 @@ def test_the_search_space_reads_hydras_grammar() -> None:
         "seed=3", "freeze.train_from=null", "optim.lr=0.001", "data.batch_size=32"]
     assert space.enqueued({"freeze.train_from": None, "model.kwargs.dropout": 0.2}, 0) == {
         "freeze.train_from": "null", "model.kwargs.dropout": "0.2"}
+    assert space.outside({"freeze.train_from": "null", "optim.lr": 5.0,
+                          "data.batch_size": 32}) == ["optim.lr=5.0"]
+    assert space.outside({"freeze.train_from": "layer2"}) == ["freeze.train_from='layer2'"]
     # the command line replaces the search's entry for a key (as Hydra's sweepers do)
     narrowed = search_space(["freeze.train_from=null,layer4,fc", "optim.lr=0.1,0.2",
                              "freeze.train_from=fc", "optim.lr=choice(0.3,0.4)"])
@@ -314,3 +317,34 @@ def test_a_trial_claimed_by_a_process_that_died_at_once_is_found_stale(tmp_path:
     studies.fail_stale(optuna.load_study(study_name="stale", storage=studies.open_storage(
         url, heartbeat=1)))
     assert [t.state.name for t in load(url, "stale").trials] == ["FAIL", "WAITING"]
+
+
+def test_a_planted_trial_never_reaches_a_jobs_command_line(tmp_path: Path) -> None:
+    """A study's database is shared, or comes with a sweep dir: a waiting trial enqueued
+    there with values outside the search (an interpolation that would copy the environment
+    into the run dir) is failed without running, one line said; the next trial runs."""
+    url = f"sqlite:///{tmp_path / 's' / 'study.db'}"
+    (tmp_path / "s").mkdir()
+    study = optuna.create_study(study_name=studies.DEFAULT_NAME, storage=url,
+                                direction="maximize")
+    study.enqueue_trial({"freeze.train_from": "${oc.env:HOME}"})
+    study.enqueue_trial({})
+    study.set_user_attr(studies.BUDGET, 2)
+    study.set_user_attr(studies.READY, True)
+    out = finish(start(tmp_path, *TINY, "hydra.sweeper.n_trials=2", "hydra.sweep.dir=s"))
+    assert "finetune: error: trial 0 holds values outside the search (freeze.train_from: " \
+        "'${oc.env:HOME}' not in ('layer4', 'fc').); it fails without running" in out
+    assert [t.state.name for t in load(url).trials] == ["FAIL", "COMPLETE"]
+    assert trials_run(out) == [1] and not (tmp_path / "s" / "0").exists()
+
+
+def test_a_database_that_cannot_be_opened_is_one_sentence() -> None:
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError) as refused:
+        studies.open_storage("postgresql://nobody@localhost:1/none")
+    assert refused.value.problems[0].startswith(
+        "sweep.storage=postgresql://nobody@localhost:1/none: the study's database cannot be "
+        "opened (OperationalError: ")
+    assert refused.value.problems[0].endswith(
+        "check the URL, that the server runs and that you may connect")
