@@ -39,7 +39,8 @@ def write_images(root: Path, count: int, side: int, suffix: str) -> list[Path]:
 
 def rate(paths: list[Path], size: int, workers: int, batch: int) -> float:
     from finetune.backbones import preprocessing
-    from finetune.data import EpochShuffle, ImageFiles, train_transform
+    from finetune.data import EpochShuffle, ImageFiles
+    from finetune.transforms import train_transform
 
     prep = preprocessing(None, size)
     dataset = ImageFiles(paths, [0] * len(paths),

@@ -46,8 +46,8 @@ def loader_rate(root: Path, size: int, setting: str, epochs: int = 2) -> float:
     import time
 
     from finetune.data import build_datamodule
-    from finetune.inspect import compose_config
     from finetune.plan import preprocessing_for
+    from finetune.prepare import compose_config
 
     cfg, _ = compose_config(["weights.source=none", "data=imagefolder", f"data.root={root}",
                              f"data.image_size={size}", "data.batch_size=32",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from finetune.extensions import Table
+
 
 @dataclass(frozen=True)
 class BNPolicy:
@@ -20,10 +22,10 @@ class BNPolicy:
     help: str
 
 
-BN_POLICIES: dict[str, BNPolicy] = {p.name: p for p in (
+BN_POLICIES = Table("freeze.bn", "finetune.bn_policies", "BatchNorm policy")
+BN_POLICIES.add(
     BNPolicy("frozen", False, True, "frozen BatchNorm is fully frozen: eval mode, no updates"),
     BNPolicy("train", False, False, "frozen BatchNorm keeps updating its running statistics "
                                     "(train mode); weight and bias stay frozen"),
     BNPolicy("affine", True, True, "frozen BatchNorm trains its weight and bias; its running "
-                                   "statistics stay fixed"),
-)}
+                                   "statistics stay fixed"),)

@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune import safe_files
 from finetune.artifacts import file_sha256, write_json, write_stream
-from finetune.config import cache_dir
 from finetune.errors import FinetuneError
+from finetune.locations import cache_dir
 
 log = logging.getLogger("finetune")
 

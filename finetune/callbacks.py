@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,6 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, WeightAveraging
 from torch.optim.swa_utils import get_ema_avg_fn
-
-from finetune import study
 
 log = logging.getLogger("finetune")
 
@@ -234,38 +231,3 @@ class BestWeights(pl.Callback):
                       for k, v in pl_module.model.state_dict().items()}
 
 
-class PruneTrial(pl.Callback):
-    """Reports `monitor` to the trial after each validation (step = the epoch) and, when the
-    study's pruner says so, ends training there: the run finishes as usual, `pruned` holds
-    the epochs it trained, and the trial is marked so for the sweeper to tell PRUNED."""
-
-    def __init__(self, open_trial: Any, monitor: str, max_epochs: int) -> None:
-        self.open_trial, self.monitor, self.max_epochs = open_trial, monitor, max_epochs
-        self.trial: Any = None
-        self.pruned: dict[str, Any] | None = None
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        prune = False
-        epoch = trainer.current_epoch
-        if trainer.is_global_zero:
-            value = trainer.callback_metrics.get(self.monitor)
-            if value is not None and math.isfinite(float(value)):
-                if self.trial is None:
-                    self.trial = self.open_trial()
-                self.trial.report(float(value), step=epoch)
-                prune = epoch + 1 < self.max_epochs and self.trial.should_prune()
-                if prune:
-                    self.trial.set_user_attr(study.PRUNED, epoch + 1)
-        prune = bool(trainer.strategy.broadcast(prune))
-        if prune:
-            self.pruned = {"epoch": epoch + 1, "of": self.max_epochs, "metric": self.monitor,
-                           "value": round(float(trainer.callback_metrics[self.monitor]), 6)
-                           if self.monitor in trainer.callback_metrics else None}
-            log.info("study: trial pruned after epoch %d of %d (%s below what the pruner "
-                     "keeps)", epoch + 1, self.max_epochs, self.monitor)
-            trainer.should_stop = True
-
-    def summary(self) -> dict[str, Any] | None:
-        return self.pruned

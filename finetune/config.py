@@ -5,11 +5,8 @@ Nothing here imports torch: `--help` and `--cfg job` stay fast.
 
 from __future__ import annotations
 
-import os
-import re
 import secrets
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -17,26 +14,10 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune import allowlist
-from finetune.bn_policies import BN_POLICIES
-from finetune.data_formats import FORMATS
-from finetune.errors import ConfigError, did_you_mean
-from finetune.loggers import LOGGERS
-from finetune.model_sources import MODEL_SOURCES
-from finetune.schedules import SCHEDULES
+from finetune.errors import did_you_mean
+from finetune.extensions import TABLES
+from finetune.locations import CONF_DIR
 from finetune.study import PRUNERS
-from finetune.weight_sources import SOURCES
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def _shipped_dir(name: str) -> Path:
-    """conf/ or recipes/: inside the package when installed from a wheel, else the repo top."""
-    inside = PACKAGE_DIR / name
-    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
-
-
-CONF_DIR = _shipped_dir("conf")
-RECIPES_DIR = _shipped_dir("recipes")
 
 
 @dataclass
@@ -274,15 +255,11 @@ class Config:
     task: str = "multiclass"
 
 
-# Keys whose value names an entry of an extension table (adding an entry adds the choice).
-TABLES: dict[str, dict[str, Any]] = {
-    "weights.source": SOURCES,  # finetune/weight_sources.py
-    "model.source": MODEL_SOURCES,  # finetune/model_sources.py
-    "data.name": FORMATS,  # finetune/data_formats.py
-    "sched.name": SCHEDULES,  # finetune/schedules.py
-    "freeze.bn": BN_POLICIES,  # finetune/bn_policies.py
-    "logger.name": LOGGERS,  # finetune/loggers.py
-}
+# Keys whose value names an entry of an extension table (finetune/extensions.py): adding an
+# entry adds the choice. Each table module makes its table and registers it in TABLES;
+# finetune.plugins.load() imports them all (and the installed plugins) before a choice is checked.
+TABLE_KEYS = ("weights.source", "model.source", "data.name", "sched.name", "freeze.bn",
+              "logger.name")
 
 # Keys whose value is one of a closed set; checked at compose time with nearest matches.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -306,7 +283,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def choices_of(path: str) -> tuple[Any, ...] | None:
     """The values `path` may take, read from its table now (None: any value of its type)."""
-    if path in TABLES:
+    if path in TABLE_KEYS:
+        if path not in TABLES:  # a programming error: the caller skipped finetune.plugins.load
+            raise RuntimeError(f"the table of {path} is not loaded; call "
+                               "finetune.plugins.load() before checking a choice")
         return tuple(TABLES[path])
     return CHOICES.get(path)
 
@@ -335,148 +315,6 @@ def register_schema() -> None:
 def register_base_recipe() -> None:
     """`recipe=base` (the default): conf/config.yaml alone, with no recipe on top."""
     ConfigStore.instance().store(group="recipe", name=BASE_RECIPE, node={}, package="_global_")
-
-
-RECIPES_ENV = "FINETUNE_RECIPES"
-HOME_ENV = "FINETUNE_HOME"
-
-
-def finetune_home() -> Path:
-    """finetune's own cache: $FINETUNE_HOME, else $XDG_CACHE_HOME/finetune, else
-    ~/.cache/finetune. Recipe sources, URL downloads and trusted_weights.txt live here,
-    where no recipe or received run dir can plant a file."""
-    home = os.environ.get(HOME_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "finetune")
-    return Path(home).expanduser()
-
-
-def cache_dir(name: str) -> Path:
-    """A folder of finetune's own cache (finetune_home), made private to this user."""
-    folder = finetune_home() / name
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return folder
-
-
-def recipe_dirs() -> list[Path]:
-    """Where recipe names are looked up: the folders in $FINETUNE_RECIPES (separated by
-    os.pathsep, first wins), then the shipped recipes/."""
-    extra = [Path(p).expanduser() for p in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if p]
-    return [*extra, RECIPES_DIR]
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """Name -> file for every recipe that `recipe=NAME` finds (user folders first)."""
-    found: dict[str, Path] = {}
-    for folder in reversed(recipe_dirs()):
-        found.update({p.stem: p for p in sorted(folder.glob("*.yaml"))})
-    return dict(sorted(found.items()))
-
-
-# A recipe's name becomes part of its run dir's path: letters, digits, '_', '-', '.', and it
-# may not start with a dot (a file `...yaml` would be named `..`).
-RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
-
-
-def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
-    """Map `recipe=VALUE` (a shipped name or a path to a YAML file) to (name, file).
-
-    Raises:
-        ConfigError: when VALUE is neither, naming the closest shipped recipes.
-    """
-    shipped = shipped_recipes()
-    looks_like_path = value.endswith((".yaml", ".yml")) or "/" in value or "\\" in value
-    if not looks_like_path and value in shipped:
-        return value, shipped[value]
-    if looks_like_path:
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = (cwd or Path.cwd()) / path
-        if path.is_file():
-            if not RECIPE_NAME.fullmatch(path.stem):
-                raise ConfigError([f"recipe={value}: a recipe's file name may hold only letters, "
-                                   "digits, '_', '-', '+' and '.', and not start with a dot (it "
-                                   "names the run dir); rename the file"])
-            return path.stem, path.resolve()
-        raise ConfigError(
-            [f"recipe={value}: no such file ({path}); check the path, or use a shipped name: "
-             f"{', '.join(shipped)}"]
-        )
-    raise ConfigError([f"recipe={value}: no such recipe{did_you_mean(value, shipped)}; "
-                       f"recipes are found in {', '.join(map(str, recipe_dirs()))} (add folders "
-                       f"with ${RECIPES_ENV}), or pass a path to a .yaml file"])
-
-
-def load_recipe(path: Path, chain: tuple[Path, ...] = (), drop: frozenset[str] = frozenset()
-                ) -> Any:
-    """Read a recipe file as plain data (no resolvers run, no code imported), through the gate.
-
-    The file is read bounded and safely (finetune.safe_files) and must pass finetune.gate;
-    `extends: BASE` (a recipe name, or a path relative to this file) starts from BASE, which
-    passes the same gate, and overrides only what this file sets; chains work, cycles and
-    missing bases fail. `description:` is the one-line summary `finetune.recipes list` shows.
-
-    Args:
-        drop: dotted keys left out (validate's second look past values it already refused).
-
-    Raises:
-        ConfigError: every problem the gate found in this file (or its first broken base).
-    """
-    from finetune import gate, safe_files
-
-    body = safe_files.load_yaml(path, "recipe")
-    for key in drop:
-        _drop_key(body, key.split("."))
-    problems = gate.recipe_problems(body, str(path))
-    if problems:
-        raise ConfigError(problems)
-    node = OmegaConf.create(body or {})
-    node.pop("description", None)
-    if node.get("head", "") in ("none", None):  # `head: none` is short for head.type: none
-        node.head = {"type": "none"}
-    base = node.pop("extends", None)
-    if base is not None:
-        node = _extend(path, str(base), node, chain, drop)
-    return node
-
-
-def _drop_key(node: Any, parts: list[str]) -> None:
-    for part in parts[:-1]:
-        node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        node.pop(parts[-1], None)
-
-
-def _extend(path: Path, base: str, node: Any, chain: tuple[Path, ...],
-            drop: frozenset[str] = frozenset()) -> Any:
-    """`node` on top of the recipe it extends: mappings merge, lists and values replace, and
-    the defaults lists join (this file's entries win for the same group)."""
-    try:
-        _, base_path = resolve_recipe(base, cwd=path.parent)
-    except ConfigError as err:
-        raise ConfigError([f"{path}: extends: {base}: {err.problems[0]}"]) from None
-    here = (*chain, path.resolve())
-    if base_path.resolve() in here:
-        cycle = " -> ".join(p.name for p in (*here, base_path))
-        raise ConfigError([f"{path}: extends makes a cycle ({cycle}); remove one of them"])
-    parent = load_recipe(base_path, here, drop)
-    defaults: dict[str, Any] = {}
-    for entry in [*parent.get("defaults", []), *node.get("defaults", [])]:
-        key = next(iter(entry)) if OmegaConf.is_dict(entry) else str(entry)
-        defaults[key] = entry
-    merged = OmegaConf.merge(parent, node)
-    if defaults:
-        merged.defaults = list(defaults.values())
-    return merged
-
-
-def register_recipe(name: str, path: Path, drop: frozenset[str] = frozenset()) -> None:
-    """Make `recipe=name` select the file, merged at the top level like `# @package _global_`."""
-    register_recipe_node(name, load_recipe(path, drop=drop))
-
-
-def register_recipe_node(name: str, node: Any) -> None:
-    """Make `recipe=name` select `node` (a mapping of keys), merged at the top level."""
-    ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from finetune.csv_lists import SPLIT_NAMES, CsvProblem, read_csv_table
+from finetune.extensions import Table
+
 
 class DataFormat:
     """A kind of labelled image data named by `data=` (`data.name`)."""
@@ -70,13 +73,13 @@ class Digits(DataFormat):
     label_sets = "even / over_4 / prime"  # each image's digit's properties
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
-        from finetune.data import load_digits
+        from finetune.data_readers import load_digits
 
         full, names = load_digits(cfg.classes)
         return full, None, names
 
     def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
-        from finetune.data import multilabel_digits
+        from finetune.data_readers import multilabel_digits
 
         return multilabel_digits(cfg.classes)
 
@@ -90,74 +93,10 @@ class Fake(DataFormat):
         return [str(i) for i in range(cfg.fake_classes)]
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
-        from finetune.data import fake_data
+        from finetune.data_readers import fake_data
 
         full, names = fake_data(cfg.fake_size, cfg.fake_classes, crop, seed)
         return full, None, names
-
-
-MAX_CSV_BYTES = 1 << 30
-
-
-class CsvProblem(Exception):
-    """A CSV list that cannot be read as path,label rows (the message says why)."""
-
-
-SPLIT_NAMES = ("train", "val", "test")
-
-
-def read_csv_rows(path: Path, allow_empty_label: bool = False) -> list[tuple[str, str]]:
-    """The (path, label) rows of a CSV list (see read_csv_table)."""
-    return [(p, label) for p, label, _ in read_csv_table(path, allow_empty_label)]
-
-
-def read_csv_table(path: Path, allow_empty_label: bool = False
-                   ) -> list[tuple[str, str, str]]:
-    """The (path, label, split) rows of a CSV list: UTF-8 (a byte-order mark is fine), an
-    optional `path,label[,split]` header, `#` comment lines and blank lines skipped; the
-    optional third column says train, val or test (empty: train, or held out by
-    data.val_fraction).
-
-    Raises:
-        CsvProblem: not UTF-8 text, not CSV, no rows, or rows without a path or a label;
-            every bad row counted in one sentence.
-    """
-    import csv
-    import io
-
-    from finetune.safe_files import UnsafeFile, read_text
-
-    try:
-        text = read_text(path, MAX_CSV_BYTES, "data.root:")
-    except UnsafeFile as err:
-        raise CsvProblem(str(err)) from None
-    try:
-        rows = [(reader.line_num, r) for reader in [csv.reader(io.StringIO(text, newline=""))]
-                for r in reader if r and not r[0].lstrip().startswith("#")]
-    except csv.Error as err:
-        raise CsvProblem(f"data.root: {path} is not a CSV list ({err}); write rows of "
-                         "path,label") from None
-    if rows and [c.strip().lower() for c in rows[0][1][:2]] in (["path", "label"],
-                                                                 ["path", "labels"]):
-        rows = rows[1:]
-    bad_split = [n for n, r in rows if len(r) >= 3 and r[2].strip().lower() not in
-                 ("", *SPLIT_NAMES)]
-    short = [n for n, r in rows if len(r) < 2]
-    no_path = [n for n, r in rows if len(r) >= 2 and not r[0].strip()]
-    no_label = [] if allow_empty_label else [n for n, r in rows
-                                             if len(r) >= 2 and not r[1].strip()]
-    if not rows or short or no_path or no_label or bad_split:
-        found = [f"{what} on line{'s' if len(lines) > 1 else ''} "
-                 f"{', '.join(map(str, lines[:5]))}{' ...' if len(lines) > 5 else ''}"
-                 for what, lines in (("fewer than two fields", short), ("no path", no_path),
-                                     ("an empty label", no_label),
-                                     ("a split other than train, val or test", bad_split))
-                 if lines]
-        raise CsvProblem(f"data.root: {path} needs rows of path,label; "
-                         + ("; ".join(found) if found else "it has none")
-                         + " (fix or remove those rows)" * bool(found))
-    return [(r[0].strip(), r[1].strip(), r[2].strip().lower() if len(r) >= 3 else "")
-            for _, r in rows]
 
 
 class Csv(DataFormat):
@@ -180,12 +119,12 @@ class Csv(DataFormat):
     label_sets = "path,a;b;c"  # the second column: labels separated by ;
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, ...]:
-        from finetune.data import check_root, read_csv_list
+        from finetune.data_readers import check_root, read_csv_list
 
         return read_csv_list(check_root(cfg.root, self.name), cfg.classes)
 
     def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
-        from finetune.data import check_root, read_multilabel_csv
+        from finetune.data_readers import check_root, read_multilabel_csv
 
         return read_multilabel_csv(check_root(cfg.root, self.name))
 
@@ -216,7 +155,7 @@ class ImageFolder(DataFormat):
                       p.name.startswith(".") and p.name not in SPLIT_NAMES) or None
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, ...]:
-        from finetune.data import check_root, scan_folder
+        from finetune.data_readers import check_root, scan_folder
 
         root = check_root(cfg.root, self.name)
         splits = split_folders(root)
@@ -227,4 +166,5 @@ class ImageFolder(DataFormat):
         return full, val, names, test
 
 
-FORMATS: dict[str, DataFormat] = {f.name: f for f in (Digits(), ImageFolder(), Csv(), Fake())}
+FORMATS = Table("data.name", "finetune.data_formats", "data format")
+FORMATS.add(Digits(), ImageFolder(), Csv(), Fake())

@@ -40,7 +40,7 @@ AUTO_LIMIT_BYTES = 4 << 30  # `auto` caches a data set up to this size once deco
 
 
 def cache_folder() -> Path:
-    from finetune.config import cache_dir
+    from finetune.locations import cache_dir
 
     return cache_dir("decoded")
 

@@ -47,3 +47,9 @@ def run_entry_point(main: Callable[[], Any]) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise SystemExit(0) from None
+
+
+def print_problems(err: FinetuneError) -> None:
+    """Each problem as `finetune: error: ...` on stderr, one line each."""
+    for line in err.problems:
+        print(f"finetune: error: {line}", file=sys.stderr)

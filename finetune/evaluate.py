@@ -38,7 +38,7 @@ def data_config(recorded: dict[str, Any] | None, overrides: list[str]) -> Any:
     from finetune import gate
 
     if overrides:
-        from finetune.inspect import compose_config
+        from finetune.prepare import compose_config
 
         cfg, _ = compose_config(overrides)
         return cfg.data

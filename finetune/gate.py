@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from finetune import allowlist
+from finetune import allowlist, locations
 from finetune import config as schema
 from finetune.model_sources import BUILDER_LOADS, builder_loads_problem
 from finetune.study import SAMPLERS
@@ -187,7 +187,7 @@ def defaults_problems(defaults: Any, where: str) -> list[str]:
 
 def _options(group: str) -> tuple[str, ...]:
     """The shipped options of a config group (its YAML files under conf/)."""
-    found = tuple(sorted(p.stem for p in (schema.CONF_DIR / group).glob("*.yaml")))
+    found = tuple(sorted(p.stem for p in (locations.CONF_DIR / group).glob("*.yaml")))
     return ("basic", *found) if group == "hydra/launcher" else found
 
 

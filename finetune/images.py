@@ -101,3 +101,6 @@ def too_large(width: int, height: int, max_pixels: int) -> str:
     return (f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
             "(data.max_image_pixels; a guard against decompression bombs); raise it to read "
             "this image, or shrink the file")
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}

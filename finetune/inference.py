@@ -16,18 +16,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune import artifacts
+from finetune import artifacts, plugins
 from finetune.backbones import Preprocessing
 from finetune.builder import assemble
-from finetune.data import IMAGE_SUFFIXES, eval_transform
 from finetune.errors import FinetuneError
-from finetune.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
+from finetune.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageProblem, open_rgb
 from finetune.manifest import read_manifest
+from finetune.transforms import eval_transform
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """The fine-tuned model of a run dir, in eval mode, with `class_names`, `transform` (the
     eval preprocessing), `preprocessing` and `manifest` attached."""
+    plugins.load()  # a run dir may name an installed extension (a model source)
     manifest, weights_file = read_manifest(run_dir)
     prep = Preprocessing(**manifest.preprocessing)
     head = manifest.head

@@ -12,43 +12,16 @@ import json
 import sys
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from finetune import config as schema
-from finetune.__main__ import RECIPE_FILES, prepare, report
 from finetune.allowlist import take_allow_flags
 from finetune.cli import help_text, usage, wants_help
-from finetune.errors import ConfigError, FinetuneError, run_entry_point
+from finetune.errors import FinetuneError, print_problems, run_entry_point
+from finetune.prepare import RECIPE_FILES, compose_config
 
 FLAGS = ("--keys", "--splits", "--json", "--list")
 GLOB = frozenset("*?[")
 USAGE = usage("finetune.inspect")
-
-
-def compose_with_hydra(overrides: list[str], drop: frozenset[str] = frozenset()) -> DictConfig:
-    """The config a run with these overrides would get, Hydra's own part included (checked
-    as a run checks it: the gate, the schema). `drop`: keys left at their defaults."""
-    from hydra.errors import HydraException
-
-    args = prepare(overrides, drop=drop)
-    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="inspect"):
-        try:
-            return compose("config", overrides=args, return_hydra_config=True)
-        except HydraException as err:  # e.g. an Optuna setting without sweep=optuna
-            cause = err.__cause__ or err
-            raise ConfigError([f"the config does not compose: "
-                               f"{' '.join(str(cause).split())}"]) from None
-
-
-def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
-    """The config a run with these overrides would get (checked as a run checks it), and the
-    name of the recipe chosen."""
-    cfg = compose_with_hydra(overrides)
-    recipe = cfg.hydra.runtime.choices.recipe
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, recipe
 
 
 def module_rows(model: Any, eval_modules: set[str], depth: int,
@@ -250,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = take_allow_flags(args)
     except FinetuneError as err:
-        report(err)
+        print_problems(err)
         raise SystemExit(2) from None
     depth = 2
     if "--depth" in args:
@@ -273,14 +246,14 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(model_listing(settings.get("model.source", "torchvision"), name or None))
         except FinetuneError as err:
-            report(err)
+            print_problems(err)
             raise SystemExit(2) from None
         return
     try:
         cfg, recipe = compose_config(overrides)
         plan = inspect_plan(cfg, recipe, depth, "--keys" in flags, "--splits" in flags)
     except FinetuneError as err:
-        report(err)
+        print_problems(err)
         raise SystemExit(2) from None
     print(json.dumps(plan, indent=2, default=str) if "--json" in flags else render(plan))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finetune.extensions import Table
+
 
 class RunLogger:
     name = ""
@@ -46,4 +48,5 @@ class MLflow(RunLogger):
                              tracking_uri=(run_dir / "mlruns").as_uri())]
 
 
-LOGGERS: dict[str, RunLogger] = {g.name: g for g in (CsvOnly(), TensorBoard(), MLflow())}
+LOGGERS = Table("logger.name", "finetune.loggers", "logger")
+LOGGERS.add(CsvOnly(), TensorBoard(), MLflow())

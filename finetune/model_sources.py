@@ -17,6 +17,7 @@ import importlib.util
 from typing import Any
 
 from finetune.errors import FinetuneError, did_you_mean
+from finetune.extensions import Table
 
 # Builder arguments that would make a builder load weights by itself, unchecked and
 # unreported (and for timm, read files or fetch from the Hub): refused from every source.
@@ -200,7 +201,8 @@ class Timm(ModelSource):
                 "takes one")
 
 
-MODEL_SOURCES: dict[str, ModelSource] = {s.name: s for s in (Torchvision(), Timm())}
+MODEL_SOURCES = Table("model.source", "finetune.model_sources", "model source")
+MODEL_SOURCES.add(Torchvision(), Timm())
 
 
 def model_source_of(cfg: Any) -> ModelSource:

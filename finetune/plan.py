@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from finetune import backbones, cache, surgery
+from finetune import backbones, cache, plugins, surgery
 from finetune.data import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.freezing import FreezePlan, apply_freeze
@@ -214,6 +214,7 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     """
     from finetune.sources import SourceNotTrained
 
+    plugins.load()  # a sweep's worker process or finetune.train: the tables it may name
     plan = RunPlan(cfg, context or RunContext())
     try:
         validate(cfg)

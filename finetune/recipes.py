@@ -19,8 +19,7 @@ from typing import Any
 
 from omegaconf import OmegaConf, open_dict
 
-from finetune import artifacts, safe_files
-from finetune import config as schema
+from finetune import artifacts, locations, safe_files
 from finetune.cli import help_text, usage, wants_help
 from finetune.errors import FinetuneError, run_entry_point
 
@@ -48,7 +47,7 @@ def description(path: Path) -> str:
 
 def summary(name: str, path: Path) -> dict[str, Any]:
     """One row of `list`: what the recipe trains, from the config it composes to."""
-    from finetune.inspect import compose_config
+    from finetune.prepare import compose_config
 
     row: dict[str, Any] = {"name": name, "file": str(path), "description": description(path)}
     try:
@@ -65,7 +64,7 @@ def summary(name: str, path: Path) -> dict[str, Any]:
 
 
 def list_recipes(as_json: bool) -> str:
-    rows = [summary(name, path) for name, path in schema.shipped_recipes().items()]
+    rows = [summary(name, path) for name, path in locations.shipped_recipes().items()]
     if as_json:
         return json.dumps(rows, indent=2)
     lines = [f"{'recipe':<22} {'model':<16} {'weights':<28} {'data':<12} {'classes':<16} what"]
@@ -80,17 +79,17 @@ def list_recipes(as_json: bool) -> str:
 
 def show(spec: str, resolved: bool, overrides: list[str]) -> str:
     """The recipe file, or (`--resolved`) the config a run of it records."""
-    _, path = schema.resolve_recipe(spec)
+    _, path = locations.resolve_recipe(spec)
     if not resolved:
         return path.read_text()
-    from finetune.inspect import compose_config
+    from finetune.prepare import compose_config
 
     cfg, _ = compose_config([f"recipe={path}", *overrides])
     return OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True))
 
 
 def copy(spec: str, target: str) -> str:
-    name, path = schema.resolve_recipe(spec)
+    name, path = locations.resolve_recipe(spec)
     out = Path(target).expanduser()
     if out.exists():
         raise FinetuneError(f"{out} exists already; choose another path or delete it first")
@@ -152,8 +151,8 @@ CHOICE_PROBLEM = re.compile(r": ([A-Za-z_][\w.]*)=.* is not one of ")
 def validate_recipe(spec: str, overrides: list[str]) -> tuple[list[str], list[str]]:
     """(every problem a run would stop on before training, what the run would do to this
     machine). No problems: the recipe is ready. The recipe passes the same gate a run uses."""
-    from finetune.inspect import compose_with_hydra
     from finetune.plan import plan_run
+    from finetune.prepare import compose_with_hydra
 
     args = [f"recipe={spec}", *overrides]
     first: list[str] = []

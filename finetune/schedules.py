@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from finetune.extensions import Table
+
 ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4  # as torch.optim.lr_scheduler.OneCycleLR
 
 
@@ -85,5 +87,6 @@ class OneCycle(LRShape):
         return cos_between(1.0, final, min(1.0, (step - up) / max(1.0, total - 1 - up)))
 
 
-SCHEDULES: dict[str, LRShape] = {s.name: s for s in (Constant(), Cosine(), Step(), OneCycle(),
-                                                      Plateau())}
+SCHEDULES = Table("sched.name", "finetune.schedules", "learning-rate schedule")
+SCHEDULES.add(Constant(), Cosine(), Step(), OneCycle(),
+                                                      Plateau())

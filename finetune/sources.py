@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors.torch import load_file
 
-from finetune import artifacts, backbones, config, safe_files
+from finetune import artifacts, backbones, locations, safe_files
 from finetune.errors import ConfigError, FinetuneError
 from finetune.manifest import read_manifest
 from finetune.provenance import LoadReport
@@ -43,12 +43,12 @@ def hub_path(url: str) -> Path:
 def sources_dir() -> Path:
     """Where recipe sources are trained and reused: finetune's own cache, never a folder a
     recipe or a received run dir could fill."""
-    return config.cache_dir("sources")
+    return locations.cache_dir("sources")
 
 
 def downloads_dir() -> Path:
     """`weights.source: url` downloads, each stored under its own sha256."""
-    return config.cache_dir("downloads")
+    return locations.cache_dir("downloads")
 
 
 def _download_suffix(url: str) -> str:
@@ -82,7 +82,7 @@ def trusted_hashes() -> set[str]:
     """sha256s of files the user vouches for though their name says otherwise (weights they
     made and placed under torchvision's name themselves): one per line in
     $FINETUNE_HOME/trusted_weights.txt, a file only the user writes."""
-    path = config.finetune_home() / TRUSTED_WEIGHTS
+    path = locations.finetune_home() / TRUSTED_WEIGHTS
     if not path.is_file():
         return set()
     text = safe_files.read_text(path, safe_files.MAX_YAML_BYTES, "trusted weights list")
@@ -97,7 +97,7 @@ def _verify_named_hash(path: Path, prefix: str, what: str) -> str:
                             f"the {prefix[:16]}... its name promises; it is corrupt or was "
                             "replaced: delete it and run again to download the real one (if "
                             "you made it yourself, add its sha256 to "
-                            f"{config.finetune_home() / TRUSTED_WEIGHTS})")
+                            f"{locations.finetune_home() / TRUSTED_WEIGHTS})")
     return actual
 
 
@@ -286,7 +286,7 @@ def read_recipe(spec: str, overrides: list[str], train: bool = True
                 for p in gate.override_problems(entry, f"weights.recipe_overrides[{i}]")]
     if problems:
         raise ConfigError(problems)
-    name, path = config.resolve_recipe(spec)
+    name, path = locations.resolve_recipe(spec)
     chain = [p for p in os.environ.get(_CHAIN_ENV, "").split(os.pathsep) if p]
     if str(path) in chain:
         raise FinetuneError(f"weights.recipe={spec}: recipes take weights from each other in a "
@@ -353,13 +353,3 @@ def _source_verified(run_dir: Path, key: str) -> bool:
     return ok
 
 
-def read_source(cfg: Any, model_name: str, train_sources: bool = True
-                ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """The tensors `cfg` (the weights group) names, read by its source (weight_sources.py).
-
-    Args:
-        train_sources: whether a recipe source without a run may be trained now.
-    """
-    from finetune.weight_sources import SOURCES
-
-    return SOURCES[cfg.source].read(cfg, model_name, train_sources)

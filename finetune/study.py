@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
 import time
 from pathlib import Path
@@ -406,30 +405,6 @@ def write_best(study: Any, sweep_dir: Path) -> Path | None:
 
 
 # -- the job's side ---------------------------------------------------------------------------
-
-
-def job_trial(cfg: Any, sweep_dir: Path, run_dir: Path) -> Any:
-    """The trial this job runs (`sweep.trial`), opened from the study's storage, with the
-    job's host and run dir recorded on it."""
-    import optuna
-
-    storage = open_storage(storage_url(cfg.sweep.storage, sweep_dir))
-    study = optuna.load_study(storage=storage, study_name=cfg.sweep.study_name or DEFAULT_NAME,
-                              sampler=optuna.samplers.RandomSampler(),
-                              pruner=make_pruner(cfg.sweep.pruner))
-    trial = trial_of(study, storage, int(cfg.sweep.trial))
-    trial.set_user_attr(JOB, {"host": socket.gethostname(), "dir": str(run_dir.resolve())})
-    return trial
-
-
-def pruning_callback(cfg: Any, sweep_dir: Path | None, run_dir: Path) -> Any | None:
-    """The Lightning callback that reports to this job's trial (None: not a study's job)."""
-    if cfg.sweep.trial is None or sweep_dir is None:
-        return None
-    from finetune.callbacks import PruneTrial
-
-    return PruneTrial(lambda: job_trial(cfg, sweep_dir, run_dir), monitored(cfg.metric),
-                      int(cfg.trainer.max_epochs))
 
 
 def monitored(metric: str) -> str:

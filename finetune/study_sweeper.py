@@ -179,7 +179,7 @@ class StudySweeper:
         assert self.config is not None
         cfg = self.config
         problems = studies.sweep_problems(cfg.sweep, cfg.hydra.sweeper)
-        from finetune.__main__ import sweeper_problem
+        from finetune.prepare import sweeper_problem
 
         direction = sweeper_problem(cfg.hydra, str(cfg.metric))  # before a trial is claimed
         problems += [direction] if direction else []

@@ -23,12 +23,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
 
-from finetune import artifacts, backbones, cache, plots, study
+from finetune import artifacts, backbones, cache, plots
 from finetune.callbacks import (
     EMA,
     AtomicCheckpointIO,
     BestWeights,
-    PruneTrial,
     SaveOnInterrupt,
     StopEarly,
     Terminated,
@@ -45,6 +44,7 @@ from finetune.model_sources import model_source_of
 from finetune.module import FinetuneModule
 from finetune.plan import Built, RunContext, RunPlan, plan_run
 from finetune.precheck import mix_enabled
+from finetune.pruning import PruneTrial, pruning_callback
 from finetune.quiet import quiet_output
 from finetune.weight_sources import source_of
 
@@ -178,7 +178,7 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                                ema=cfg.model.ema.decay is not None)
                if checkpoint is not None else ([], []))
     features = feature_cache(cfg, plan)
-    pruning = study.pruning_callback(cfg, context.sweep_dir, run_dir)  # a study's trial
+    pruning = pruning_callback(cfg, context.sweep_dir, run_dir)  # a study's trial
     trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched,
                                   sweep=context.sweep_dir is not None,
                                   best_weights=data.test_set is not None
@@ -824,14 +824,13 @@ def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
     from omegaconf import open_dict
 
     launched = time.time()
-    from finetune import __main__ as cli
-    from finetune import config as schema
+    from finetune import locations, prepare
 
     extra = [f"hydra.run.dir={Path(run_dir).expanduser().resolve()}"] if run_dir else []
-    args = cli.prepare([f"recipe={recipe}", *overrides, *extra])
+    args = prepare.prepare([f"recipe={recipe}", *overrides, *extra])
     # as Hydra records a command line's task overrides (recipe= among them, hydra.* apart)
     overrides_given = [a for a in args if not a.startswith("hydra.")]
-    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3", job_name="finetune"):
+    with initialize_config_dir(str(locations.CONF_DIR), version_base="1.3", job_name="finetune"):
         full = compose("config", overrides=args, return_hydra_config=True)
     directory = Path(str(full.hydra.run.dir)).expanduser().resolve()
     name = str(full.hydra.runtime.choices.recipe)
@@ -846,8 +845,8 @@ def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
     artifacts.write_bytes(directory / ".hydra" / "hydra.yaml", OmegaConf.to_yaml(
         OmegaConf.create({"hydra": OmegaConf.to_container(full.hydra, resolve=False)}))
         .encode())
-    context = RunContext(run_dir=directory, recipe=cli.recipe_record(
-        name, cli.RECIPE_FILES, cli.RERUN_OF), overrides=overrides_given, launched=launched)
+    context = RunContext(run_dir=directory, recipe=prepare.recipe_record(
+        name, prepare.RECIPE_FILES, prepare.RERUN_OF), overrides=overrides_given, launched=launched)
     value = run(cfg, context)
     return RunResult(directory, artifacts.read_json(directory / artifacts.METRICS), value)
 

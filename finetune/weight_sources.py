@@ -13,9 +13,15 @@ from __future__ import annotations
 import importlib.util
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune.errors import FinetuneError
+from finetune.extensions import Table
+
+if TYPE_CHECKING:
+    import torch
+
+    from finetune.provenance import LoadReport
 
 
 class WeightSource:
@@ -191,7 +197,7 @@ class Recipe(WeightSource):
     name = "recipe"
 
     def problems(self, cfg: Any) -> list[str]:
-        from finetune.config import resolve_recipe
+        from finetune.locations import resolve_recipe
 
         if not cfg.weights.recipe:
             return ["weights.source=recipe needs weights.recipe=NAME_OR_PATH"]
@@ -425,8 +431,9 @@ def _hub_effects(repo: str, filename: str | None, revision: str | None) -> list[
             f"downloads {names[0]} of {repo}{at} into {hub.cache_dir()} (the Hugging Face cache)"]
 
 
-SOURCES: dict[str, WeightSource] = {s.name: s for s in (
-    NoWeights(), Torchvision(), File(), Url(), Run(), Recipe(), Timm(), HfHub(), LocalDir())}
+SOURCES = Table("weights.source", "finetune.weight_sources", "weight source")
+SOURCES.add(NoWeights(), Torchvision(), File(), Url(), Run(), Recipe(), Timm(), HfHub(),
+            LocalDir())
 
 
 def source_of(cfg: Any) -> WeightSource:
@@ -441,3 +448,13 @@ def _head_problem(url: str, where: str) -> str | None:
     except OSError as err:
         return (f"weights: {url} is not cached and cannot be reached "
                 f"({getattr(err, 'reason', err)}); download it elsewhere and {where}")
+
+
+def read_source(cfg: Any, model_name: str, train_sources: bool = True
+                ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The tensors `cfg` (the weights group) names, read by its source (this table).
+
+    Args:
+        train_sources: whether a recipe source without a run may be trained now.
+    """
+    return SOURCES[cfg.source].read(cfg, model_name, train_sources)

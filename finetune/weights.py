@@ -20,7 +20,7 @@ from torch import nn
 
 from finetune.errors import FinetuneError
 from finetune.provenance import LoadReport
-from finetune.sources import read_source
+from finetune.weight_sources import read_source
 
 log = logging.getLogger("finetune")
 

@@ -34,11 +34,13 @@ from finetune import artifacts, heads
 from finetune.backbones import preprocessing
 from finetune.callbacks import AtomicCheckpointIO
 from finetune.config import DataConfig, OptimConfig, SchedConfig
-from finetune.data import ImageDataModule, TensorImages, build_datamodule, eval_transform, fake_data
+from finetune.data import ImageDataModule, TensorImages, build_datamodule
+from finetune.data_readers import fake_data
 from finetune.errors import FinetuneError
 from finetune.freezing import apply_freeze, plan_freeze
 from finetune.guards import NonFiniteLoss
 from finetune.module import FinetuneModule
+from finetune.transforms import eval_transform
 
 warnings.filterwarnings("ignore")
 CLASSES = 4
@@ -220,7 +222,7 @@ def test_a_traceback_only_when_asked(tmp_path: Path) -> None:
 def test_two_runs_never_share_a_run_dir(tmp_path: Path) -> None:
     """Run dirs started in the same second differ by a suffix; and a dir another live run
     holds is refused in one sentence, leaving that run's files alone."""
-    from finetune.inspect import compose_with_hydra
+    from finetune.prepare import compose_with_hydra
 
     dirs = {str(compose_with_hydra(["recipe=quickstart"]).hydra.run.dir) for _ in range(2)}
     assert len(dirs) == 2 and all(d.startswith("outputs/quickstart/") for d in dirs)

@@ -16,10 +16,12 @@ from finetune import heads
 from finetune.backbones import preprocessing
 from finetune.cache import Cut, FeatureCache, config_conflicts, cut_model, decide
 from finetune.config import OptimConfig, SchedConfig
-from finetune.data import ImageDataModule, TensorImages, eval_transform, fake_data
+from finetune.data import ImageDataModule, TensorImages
+from finetune.data_readers import fake_data
 from finetune.errors import FinetuneError
 from finetune.freezing import apply_freeze, plan_freeze
 from finetune.module import FinetuneModule
+from finetune.transforms import eval_transform
 
 warnings.filterwarnings("ignore")
 CLASSES = 4

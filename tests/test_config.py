@@ -14,20 +14,20 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from finetune import config as schema
-from finetune import gate, safe_files
-from finetune.__main__ import prepare
+from finetune import gate, locations, safe_files
+from finetune.prepare import prepare
 from tests.conftest import cli_errors, run_cli
 
 
 def compose_cfg(*overrides: str, cwd: Path | None = None):
     args = prepare(list(overrides), cwd)
-    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(locations.CONF_DIR), version_base="1.3"):
         return compose("config", overrides=args)
 
 
-@pytest.mark.parametrize("name", sorted(schema.shipped_recipes()))
+@pytest.mark.parametrize("name", sorted(locations.shipped_recipes()))
 def test_every_shipped_recipe_composes_cleanly(name: str) -> None:
-    path = schema.shipped_recipes()[name]
+    path = locations.shipped_recipes()[name]
     assert gate.recipe_problems(safe_files.load_yaml(path), str(path)) == []
     assert path.read_text().startswith("#"), "a recipe opens with a comment giving its command"
     assert f"recipe={name}" in path.read_text().split("@package")[0]
@@ -179,7 +179,7 @@ def _schema_leaves(node: object, prefix: str = "") -> dict[str, object]:
 
 def test_conf_documents_every_schema_key_with_its_default() -> None:
     leaves = _schema_leaves(schema.Config())
-    main = _documented(schema.CONF_DIR / "config.yaml")
+    main = _documented(locations.CONF_DIR / "config.yaml")
     # data and logger are groups whose options hold their keys; sweep's options are
     # @package _global_ searches, and its keys (sweep.*) are in conf/config.yaml
     option_groups = [g for g in schema.GROUPS if g != "sweep"]
@@ -192,7 +192,7 @@ def test_conf_documents_every_schema_key_with_its_default() -> None:
         assert comment, f"{key} has no comment in conf/config.yaml"
         assert yaml.safe_load(value) == default, f"{key}: conf says {value}, schema {default}"
     for group in option_groups:
-        for option in sorted((schema.CONF_DIR / group).glob("*.yaml")):
+        for option in sorted((locations.CONF_DIR / group).glob("*.yaml")):
             documented = _documented(option)
             for key in (k for k in leaves if k.startswith(f"{group}.")):
                 short = key.split(".", 1)[1]
@@ -201,8 +201,8 @@ def test_conf_documents_every_schema_key_with_its_default() -> None:
 
 
 def _plan_problems(*overrides: str) -> list[str]:
-    from finetune.inspect import compose_config
     from finetune.plan import plan_run
+    from finetune.prepare import compose_config
 
     cfg, _ = compose_config(["recipe=quickstart", "weights.source=none", *overrides])
     return plan_run(cfg, load=False).problems
@@ -276,11 +276,11 @@ def test_every_range_is_checked_and_written_beside_its_key() -> None:
         assert any(p.startswith(start) for p in problems), (start, problems)
     assert any(p.startswith("trainer.limit_train_batches=1.5: a fraction of the batches must "
                             "be in (0, 1]") for p in problems)
-    lines = (schema.CONF_DIR / "config.yaml").read_text().splitlines()
+    lines = (locations.CONF_DIR / "config.yaml").read_text().splitlines()
     for key, allowed in {**RANGES, **ITEM_RANGES}.items():
         leaf, depth = key.split(".")[-1], key.count(".")
         if key.startswith("data."):  # the data group's keys: in each of its option files
-            for option in sorted((schema.CONF_DIR / "data").glob("*.yaml")):
+            for option in sorted((locations.CONF_DIR / "data").glob("*.yaml")):
                 line = next(x for x in option.read_text().splitlines()
                             if x.startswith("  " * (depth - 1) + leaf + ":"))
                 assert allowed.text() in line.partition("#")[2], (option, key, line)
@@ -298,7 +298,7 @@ def test_mappings_take_new_keys_from_the_command_line() -> None:
     """model.kwargs={dropout: 0.2} (and data.limit_per_class={8: 18}, weights.rename={..})
     failed with Hydra's "Key 'dropout' is not in struct"; a mapping of free keys takes them
     whole or one at a time."""
-    from finetune.inspect import compose_with_hydra
+    from finetune.prepare import compose_with_hydra
 
     cfg = compose_with_hydra(["recipe=quickstart", "model.kwargs={dropout: 0.2}",
                               "data.limit_per_class={8: 18}", "weights.rename.a=b"])

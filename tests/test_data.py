@@ -10,9 +10,10 @@ from omegaconf import OmegaConf
 
 from finetune.backbones import Preprocessing
 from finetune.config import DataConfig
-from finetune.data import build_datamodule, train_transform
+from finetune.data import build_datamodule
 from finetune.data_formats import FORMATS
 from finetune.errors import FinetuneError
+from finetune.transforms import train_transform
 from tests.conftest import write_digit_images
 
 PREP = Preprocessing(resize=32, crop=32, mean=[0.5] * 3, std=[0.25] * 3)
@@ -125,8 +126,8 @@ def test_augmentations_by_torchvision_name() -> None:
 def test_shipped_imagefolder_augmentations_build(digits_folder: Path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from finetune.__main__ import prepare
-    from finetune.config import CONF_DIR
+    from finetune.locations import CONF_DIR
+    from finetune.prepare import prepare
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=prepare(["data=imagefolder",

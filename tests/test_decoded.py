@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from finetune.data import build_datamodule
-from finetune.inspect import compose_config
 from finetune.plan import preprocessing_for
+from finetune.prepare import compose_config
 from tests.conftest import write_digit_images
 
 AUGMENT = "data.augment=[{RandomResizedCrop: {scale: [0.5, 1.0]}}, RandomHorizontalFlip]"

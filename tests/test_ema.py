@@ -16,9 +16,11 @@ from finetune import heads
 from finetune.backbones import preprocessing
 from finetune.callbacks import EMA
 from finetune.config import OptimConfig, SchedConfig
-from finetune.data import ImageDataModule, TensorImages, eval_transform, fake_data
+from finetune.data import ImageDataModule, TensorImages
+from finetune.data_readers import fake_data
 from finetune.freezing import apply_freeze, plan_freeze
 from finetune.module import FinetuneModule
+from finetune.transforms import eval_transform
 
 
 class Trajectory(pl.Callback):

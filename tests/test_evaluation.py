@@ -103,7 +103,7 @@ import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from finetune.data import build_datamodule  # noqa: E402
-from finetune.inspect import compose_config  # noqa: E402
+from finetune.prepare import compose_config  # noqa: E402
 from tests.conftest import (  # noqa: E402
     main_here,
     problems_here,

@@ -142,7 +142,7 @@ def test_everything_frozen_fails_unless_a_phase_starts_at_once() -> None:
 
 def test_config_level_schedule_mistakes_are_reported_together() -> None:
     from finetune.errors import ConfigError
-    from finetune.inspect import compose_config
+    from finetune.prepare import compose_config
     from finetune.validate import validate
 
     cfg, _ = compose_config(["recipe=quickstart", "trainer.max_epochs=3",

@@ -27,11 +27,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 import finetune
-from finetune.data_formats import CsvProblem, read_csv_rows
+from finetune.csv_lists import CsvProblem, read_csv_rows
 from finetune.errors import FinetuneError
-from finetune.inspect import compose_with_hydra
 from finetune.module import FinetuneModule
 from finetune.plan import plan_run
+from finetune.prepare import compose_with_hydra
 from finetune.sources import read_file
 from finetune.training import check_resumable
 

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from finetune import gate, safe_files
-from finetune.__main__ import prepare
 from finetune.errors import ConfigError, FinetuneError
+from finetune.prepare import prepare
 from finetune.recipes import validate_recipe
 from tests.conftest import cli_errors, run_cli
 
@@ -163,9 +163,9 @@ def test_a_source_recipes_overrides_are_checked_where_they_become_argv(tmp_path:
 
 def test_shipped_recipes_and_searches_pass_the_gate() -> None:
     """The gate allows what the project ships: a split sweep and an Optuna search."""
-    from finetune import config as schema
+    from finetune import locations
 
-    for name, path in schema.shipped_recipes().items():
+    for name, path in locations.shipped_recipes().items():
         assert gate.recipe_problems(safe_files.load_yaml(path), name) == []
     optuna = {"defaults": [{"override /hydra/sweeper": "finetune_optuna"},
                            {"sweep": "splits"}],
@@ -344,7 +344,7 @@ def test_property_whatever_passes_the_gate_runs_nothing(data: st.DataObject, mar
     from hydra.core.utils import configure_log
     from omegaconf import OmegaConf
 
-    from finetune.inspect import compose_with_hydra
+    from finetune.prepare import compose_with_hydra
 
     work = tmp_path_factory.mktemp("work")
     outside = work.parent / f"{work.name}_outside"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from conftest import QUICK, SHRINK, problems_here, read_json, train_here, write_digit_images
 
-from finetune.data import Split, fold_split
+from finetune.data_splits import Split, fold_split
 from finetune.errors import FinetuneError
-from finetune.inspect import compose_with_hydra
+from finetune.prepare import compose_with_hydra
 from finetune.report import report
 
 

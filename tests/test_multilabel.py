@@ -19,7 +19,8 @@ from conftest import (
 )
 
 import finetune
-from finetune.data import Split, fold_split, read_multilabel_csv
+from finetune.data_readers import read_multilabel_csv
+from finetune.data_splits import Split, fold_split
 from finetune.errors import FinetuneError
 from finetune.export import export
 from finetune.training import tune_thresholds

@@ -124,7 +124,7 @@ def _value(key: str) -> st.SearchStrategy:
     return st.sampled_from([*schema.choices_of(key), "nonsense"])
 
 
-CHOICE_KEYS = [k for k in [*schema.TABLES, *schema.CHOICES]
+CHOICE_KEYS = [k for k in [*schema.TABLE_KEYS, *schema.CHOICES]
                if k not in ("data.name", "weights.source")]  # those need paths: tested apart
 KEYS = sorted({*RANGES, *ITEM_RANGES, *BOOLEANS, *CHOICE_KEYS})
 

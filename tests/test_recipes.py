@@ -9,9 +9,10 @@ import pytest
 import torch
 import torchvision
 
-from finetune import config as schema
-from finetune.inspect import compose_config, inspect_plan, render
+from finetune import locations
+from finetune.inspect import inspect_plan, render
 from finetune.plan import plan_run
+from finetune.prepare import compose_config
 from tests.conftest import (
     main_here,
     problems_here,
@@ -35,7 +36,7 @@ def offline_home(torch_home_vgg: Path, recipes_hub: Path, monkeypatch: pytest.Mo
     return torch_home_vgg
 
 
-@pytest.mark.parametrize("name", sorted(schema.shipped_recipes()))
+@pytest.mark.parametrize("name", sorted(locations.shipped_recipes()))
 def test_inspect_runs_on_every_shipped_recipe(name: str, offline_home: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

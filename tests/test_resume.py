@@ -154,15 +154,15 @@ def test_rerun_reads_the_config_of_a_run_that_never_finished(runs: dict[str, Pat
     """A stopped run has no manifest yet: rerun=DIR takes Hydra's .hydra/config.yaml."""
     from hydra import compose, initialize_config_dir
 
-    from finetune import config as schema
-    from finetune.__main__ import prepare
+    from finetune import locations
+    from finetune.prepare import prepare
 
     stopped = tmp_path / "stopped"
     (stopped / ".hydra").mkdir(parents=True)
     for name in ("config.yaml", "hydra.yaml"):
         (stopped / ".hydra" / name).write_bytes((runs["whole"] / ".hydra" / name).read_bytes())
     args = prepare([f"rerun={stopped}", f"resume={runs['whole']}", "trainer.max_epochs=6"])
-    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(locations.CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=args)
     assert cfg.freeze.unfreeze[0].train_from == "layer4" and cfg.sched.epochs == 4
     assert cfg.trainer.max_epochs == 6 and cfg.resume == str(runs["whole"])

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torchvision
 
-from finetune.__main__ import prepare
 from finetune.allowlist import ALLOW_ENV, take_allow_flags
 from finetune.errors import ConfigError, FinetuneError
+from finetune.prepare import prepare
 from finetune.surgery import apply_surgery
 
 ALIASES = ["logging.os.system", "builtins.exec", "subprocess.call", "os.system",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import config as schema
+from finetune import locations
 from tests.conftest import SHRINK, cli_errors, main_here, read_json, run_cli, train_here
 
 DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_size=32"]
@@ -56,7 +56,7 @@ def test_list_shows_every_recipe_and_user_folders(tmp_path: Path, recipes_cli: C
     result = recipes_cli("list", "--json", cwd=tmp_path, env={"FINETUNE_RECIPES": str(mine)})
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)}
-    shipped = {p.stem for p in schema.RECIPES_DIR.glob("*.yaml")}
+    shipped = {p.stem for p in locations.RECIPES_DIR.glob("*.yaml")}
     assert shipped | {"team_recipe"} == set(rows)
     assert rows["resnet50_9cls"]["model"] == "resnet50"
     assert rows["resnet50_9cls"]["weights"] == "torchvision:IMAGENET1K_V2"
@@ -75,7 +75,7 @@ def test_show_resolved_equals_what_the_run_records(tmp_path: Path, recipes_cli: 
     assert shown.returncode == 0, shown.stderr
     assert yaml.safe_load(shown.stdout) == recorded
     raw = recipes_cli("show", "digits_source", cwd=tmp_path)
-    assert raw.stdout == (schema.RECIPES_DIR / "digits_source.yaml").read_text()
+    assert raw.stdout == (locations.RECIPES_DIR / "digits_source.yaml").read_text()
 
 
 def test_copy_gives_a_recipe_that_runs(tmp_path: Path, recipes_cli: Cli) -> None:
@@ -140,7 +140,7 @@ def test_validate_reports_three_mistakes_at_once(torch_home: Path, tmp_path: Pat
     assert "freeze.train_from='layer9'" in errors[2]
 
 
-SHIPPED = sorted(p.stem for p in schema.RECIPES_DIR.glob("*.yaml"))
+SHIPPED = sorted(p.stem for p in locations.RECIPES_DIR.glob("*.yaml"))
 # Recipes another test already runs end to end, with checks specific to them.
 RUN_ELSEWHERE = {
     "quickstart": "test_train_e2e.py::test_quickstart_writes_every_artifact",
@@ -154,7 +154,7 @@ RUN_ELSEWHERE = {
 
 def _overrides(name: str) -> list[str]:
     overrides = [*RUN_OVERRIDES.get(name, []), *SHRINK, *LONGER.get(name, [])]
-    if "weights:\n  source: recipe" in (schema.RECIPES_DIR / f"{name}.yaml").read_text():
+    if "weights:\n  source: recipe" in (locations.RECIPES_DIR / f"{name}.yaml").read_text():
         overrides.append(SHRUNK_SOURCE)
     return overrides
 

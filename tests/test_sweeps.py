@@ -15,9 +15,9 @@ import pytest
 from conftest import main_here, read_json, run_cli
 from hydra import compose, initialize_config_dir
 
-from finetune import config as schema
-from finetune.__main__ import prepare, sweeper_problem
+from finetune import locations
 from finetune.errors import ConfigError
+from finetune.prepare import prepare, sweeper_problem
 from finetune.report import main as report_main
 from finetune.report import report
 
@@ -176,7 +176,7 @@ def test_report_of_a_folder_without_jobs_says_so(tmp_path: Path,
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(str(schema.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(str(locations.CONF_DIR), version_base="1.3"):
         return compose("config", overrides=prepare(list(overrides)), return_hydra_config=True)
 
 

@@ -20,10 +20,11 @@ from timm.optim import param_groups_layer_decay
 
 from finetune.builder import assemble
 from finetune.errors import FinetuneError
-from finetune.inspect import compose_config, model_listing, split_points
+from finetune.inspect import model_listing, split_points
 from finetune.model_sources import MODEL_SOURCES, classifier_paths
 from finetune.optim import layer_map
 from finetune.plan import plan_run
+from finetune.prepare import compose_config
 from finetune.provenance import LoadReport
 from finetune.weights import adapt_input_conv, load_matching, resample_pos_embed
 from tests.conftest import (

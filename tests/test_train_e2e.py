@@ -275,8 +275,8 @@ def test_missing_logger_package_says_how_to_install(tmp_path: Path) -> None:
 def test_a_home_path_works_as_in_a_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          ) -> None:
     """`data.root=~/photos`: Hydra's grammar alone stops at the `~`; the home is expanded."""
-    from finetune.inspect import compose_config
     from finetune.plan import plan_run
+    from finetune.prepare import compose_config
     from tests.conftest import write_digit_images
 
     monkeypatch.setenv("HOME", str(tmp_path))
