@@ -32,8 +32,8 @@ from finetune.errors import FinetuneError
 from finetune.module import FinetuneModule
 from finetune.plan import plan_run
 from finetune.prepare import compose_with_hydra
+from finetune.resume import check_resumable
 from finetune.sources import read_file
-from finetune.training import check_resumable
 
 PER_KIND = 120
 RUN = [*QUICK, *SHRINK, "model.name=squeezenet1_1", "checkpoint.keep=last"]  # 9 MB last.ckpt

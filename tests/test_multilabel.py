@@ -23,7 +23,7 @@ from finetune.data_readers import read_multilabel_csv
 from finetune.data_splits import Split, fold_split
 from finetune.errors import FinetuneError
 from finetune.export import export
-from finetune.training import tune_thresholds
+from finetune.save import tune_thresholds
 
 PROPERTIES = {d: [n for n, hit in (("even", d % 2 == 0), ("over_4", d > 4),
                                    ("prime", d in (2, 3, 5, 7))) if hit] for d in range(10)}

@@ -115,7 +115,7 @@ def test_resume_problems_are_one_line(runs: dict[str, Path], tmp_path: Path,
     from finetune.freezing import plan_freeze
     from finetune.heads import replace_heads
     from finetune.module import FinetuneModule
-    from finetune.training import check_resumable, resume_checkpoint
+    from finetune.resume import check_resumable, resume_checkpoint
 
     with pytest.raises(FinetuneError, match=r"resume=nowhere/last\.ckpt: no such file or run dir"):
         resume_checkpoint("nowhere/last.ckpt", tmp_path)
@@ -179,7 +179,7 @@ def test_resume_says_where_it_stands_and_when_the_schedule_has_ended(
     from finetune.freezing import plan_freeze
     from finetune.heads import replace_heads
     from finetune.module import FinetuneModule
-    from finetune.training import check_resumable
+    from finetune.resume import check_resumable
 
     config = OmegaConf.load(runs["whole"] / ".hydra" / "config.yaml")
     model = torchvision.models.resnet18()

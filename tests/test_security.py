@@ -113,7 +113,7 @@ def test_your_own_layers_need_the_command_line_flag(own_module: str, tmp_path: P
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     """resume= reads checkpoints weights-only: a crafted pickle cannot run (the marker must
     not exist afterwards)."""
-    from finetune.training import check_resumable
+    from finetune.resume import check_resumable
 
     marker = tmp_path / "pwned"
 
