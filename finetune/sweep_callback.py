@@ -54,7 +54,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from finetune.errors import FinetuneError
-        from finetune.report import print_leaderboard, report
+        from finetune.leaderboard import print_leaderboard, report
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:

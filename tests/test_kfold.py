@@ -14,7 +14,7 @@ from conftest import QUICK, SHRINK, problems_here, read_json, train_here, write_
 from finetune.data_splits import Split, fold_split
 from finetune.errors import FinetuneError
 from finetune.prepare import compose_with_hydra
-from finetune.report import report
+from finetune.leaderboard import report
 
 
 def test_folds_are_disjoint_stratified_seeded_and_cover_the_data() -> None:

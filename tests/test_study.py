@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from finetune import gate
 from finetune import study as studies
-from finetune.report import report
+from finetune.leaderboard import report
 from finetune.study_sweeper import search_space
 
 TINY = ["recipe=base", "data=fake", "data.fake_size=40", "data.fake_classes=4",

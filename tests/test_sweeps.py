@@ -19,7 +19,7 @@ from finetune import locations
 from finetune.errors import ConfigError
 from finetune.prepare import prepare, sweeper_problem
 from finetune.report import main as report_main
-from finetune.report import report
+from finetune.leaderboard import report
 
 TINY = ["recipe=base", "data=fake", "data.fake_size=80", "data.fake_classes=4",
         "data.batch_size=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
@@ -243,7 +243,7 @@ def test_a_recipe_cannot_reach_past_its_search(tmp_path: Path) -> None:
 
 def test_ranking_follows_the_metric_direction(tmp_path: Path) -> None:
     """Accuracy: highest first; loss: lowest first; jobs without the metric last."""
-    from finetune.report import Job, rank
+    from finetune.leaderboard import Job, rank
 
     jobs = [Job(tmp_path / str(i), "complete", values={"val/acc": acc, "val/loss": loss})
             for i, (acc, loss) in enumerate([(0.5, 0.9), (0.9, 0.2), (0.7, 0.4)])]
