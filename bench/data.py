@@ -38,9 +38,9 @@ def write_images(root: Path, count: int, side: int, suffix: str) -> list[Path]:
 
 
 def rate(paths: list[Path], size: int, workers: int, batch: int) -> float:
-    from finetune.backbones import preprocessing
-    from finetune.data import EpochShuffle, ImageFiles
-    from finetune.transforms import train_transform
+    from finetune.data.datamodule import EpochShuffle, ImageFiles
+    from finetune.data.transforms import train_transform
+    from finetune.models.backbones import preprocessing
 
     prep = preprocessing(None, size)
     dataset = ImageFiles(paths, [0] * len(paths),
@@ -72,7 +72,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     workers = a.workers if a.workers is not None else sorted(
         {0, 1, 2, max(1, cores // 2), max(1, cores - 1)})
-    from finetune.data import _workers
+    from finetune.data.datamodule import _workers
 
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-data-"))

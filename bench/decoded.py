@@ -45,9 +45,9 @@ def loader_rate(root: Path, size: int, setting: str, epochs: int = 2) -> float:
     the epoch after the first."""
     import time
 
-    from finetune.data import build_datamodule
-    from finetune.plan import preprocessing_for
-    from finetune.prepare import compose_config
+    from finetune.compose.prepare import compose_config
+    from finetune.data.datamodule import build_datamodule
+    from finetune.training.plan import preprocessing_for
 
     cfg, _ = compose_config(["weights.source=none", "data=imagefolder", f"data.root={root}",
                              f"data.image_size={size}", "data.batch_size=32",

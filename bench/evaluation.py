@@ -47,7 +47,7 @@ def digit_folder(root: Path, per_class: int) -> Path:
 
 
 def calibrate(run_dir: str) -> dict:
-    from finetune.evaluate import evaluate_run
+    from finetune.commands.evaluate import evaluate_run
 
     result, _ = evaluate_run(run_dir, calibrate=True)
     return result

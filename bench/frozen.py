@@ -28,7 +28,7 @@ from _common import median, report
 def one_setting(model_name: str, train_from: str | None, size: int, batch: int, steps: int,
                 device: str) -> tuple[float, float]:
     """(seconds per step, memory in MB) with everything before `train_from` frozen."""
-    from finetune.freezing import apply_freeze, plan_freeze
+    from finetune.training.freezing import apply_freeze, plan_freeze
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name, num_classes=10).to(device).train()

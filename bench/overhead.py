@@ -70,9 +70,9 @@ def the_data(a: argparse.Namespace, fake_size: int) -> tuple[torch.Tensor, torch
     """The framework's own train split of its fake data, through its own transform."""
     from omegaconf import OmegaConf
 
-    from finetune.backbones import preprocessing, weights_enum
-    from finetune.config import DataConfig
-    from finetune.data import build_datamodule
+    from finetune.compose.schema import DataConfig
+    from finetune.data.datamodule import build_datamodule
+    from finetune.models.backbones import preprocessing, weights_enum
 
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig),
                           {"name": "fake", "fake_size": fake_size, "fake_classes": CLASSES,
@@ -86,7 +86,7 @@ def the_data(a: argparse.Namespace, fake_size: int) -> tuple[torch.Tensor, torch
 def plain_loop(a: argparse.Namespace, init: Path, x_all: torch.Tensor, y_all: torch.Tensor
                ) -> tuple[float, list[float]]:
     """What a person writes by hand. Returns (steady images/s, loss per step)."""
-    from finetune.data import EpochShuffle
+    from finetune.data.datamodule import EpochShuffle
 
     device = torch.device(a.device)
     model = torchvision.models.get_model(a.model, num_classes=CLASSES)

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
     from torch import nn
 
-    from finetune.inference import Predictions
-    from finetune.training import RunResult
+    from finetune.rundir.inference import Predictions
+    from finetune.training.run import RunResult
 
 __version__ = "0.1.0"
 
@@ -27,7 +27,7 @@ def train(recipe: str | Path = "base", overrides: Sequence[str] = (),
     """Run a recipe (a shipped name or a path) with `key=value` overrides in this process, as
     `python -m finetune recipe=RECIPE OVERRIDES...` does; returns the run dir, its metrics and
     the monitored metric. `run_dir` replaces the timestamped outputs/<recipe>/<time> dir."""
-    from finetune.training import train_in_process
+    from finetune.training.run import train_in_process
 
     return train_in_process(recipe, overrides, run_dir)
 
@@ -35,7 +35,7 @@ def train(recipe: str | Path = "base", overrides: Sequence[str] = (),
 def load(run_dir: str | Path, device: Any = None) -> nn.Module:
     """The fine-tuned model of a run dir, in eval mode, with `class_names` and `transform`
     (its eval preprocessing) attached. Only tensors are read (safetensors)."""
-    from finetune.inference import load_run
+    from finetune.rundir.inference import load_run
 
     return load_run(run_dir, device)
 
@@ -46,14 +46,10 @@ def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64
     paths) from a model `load` returned, or from a run dir."""
     from torch import nn
 
-    from finetune.inference import list_images, load_run, predict_images
+    from finetune.rundir.inference import list_images, load_run, predict_images
 
     model = model_or_run if isinstance(model_or_run, nn.Module) else load_run(model_or_run)
     paths = ([Path(p) for p in images] if isinstance(images, list | tuple)
              else list_images(images))
     return predict_images(model, paths, topk, batch_size)
 
-
-# `import finetune.predict` (the CLI module) rebinds `finetune.predict` to that module, which
-# forwards calls here: `finetune.predict(...)` is the function whatever was imported.
-_predict_function = predict

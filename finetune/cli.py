@@ -1,8 +1,9 @@
 """One convention for every command: `key=value` arguments, `--help` (or `-h`) prints the
 usage with examples and exits 0 without importing torch, a mistake is one line and exit 2.
 
-The usage texts live here, so `python -m finetune --help` lists every command the same way
-each command describes itself. This module imports nothing heavy.
+The usage texts live here, so `finetune --help` lists every command the same way each command
+describes itself (`finetune COMMAND ...`, or `python -m finetune COMMAND ...`; `train` is the
+default command). This module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -13,51 +14,51 @@ HELP_FLAGS = ("-h", "--help")
 
 # command, what it does (one line), usage, examples
 COMMANDS: dict[str, tuple[str, str, list[str]]] = {
-    "finetune": (
+    "train": (
         "train a recipe (CPU, GPU, DDP), or sweep it with -m",
-        "python -m finetune recipe=NAME_OR_PATH [key=value ...] [--allow-module PREFIX]",
-        ["python -m finetune recipe=quickstart",
-         "python -m finetune recipe=resnet50_9cls data.root=~/photos trainer.max_epochs=5",
-         "python -m finetune rerun=outputs/quickstart/RUN   (the same run again; with "
+        "finetune [train] recipe=NAME_OR_PATH [key=value ...] [--allow-module PREFIX]",
+        ["finetune recipe=quickstart",
+         "finetune recipe=resnet50_9cls data.root=~/photos trainer.max_epochs=5",
+         "finetune rerun=outputs/quickstart/RUN   (the same run again; with "
          "resume=RUN_DIR it continues)",
-         "python -m finetune -m recipe=digits_transfer_splits   (a sweep: one job per split)",
-         "python -m finetune recipe=NAME --cfg job   (print the composed config)"]),
-    "finetune.inspect": (
+         "finetune -m recipe=digits_transfer_splits   (a sweep: one job per split)",
+         "finetune recipe=NAME --cfg job   (print the composed config)"]),
+    "inspect": (
         "everything a run would do, without training",
-        "python -m finetune.inspect recipe=NAME_OR_PATH [key=value ...] [--keys] [--splits] "
+        "finetune inspect recipe=NAME_OR_PATH [key=value ...] [--keys] [--splits] "
         "[--json] [--list] [--depth N] [--allow-module PREFIX]",
-        ["python -m finetune.inspect recipe=resnet50_9cls --splits",
-         "python -m finetune.inspect model.source=timm model.name='convnext*'   (list models "
+        ["finetune inspect recipe=resnet50_9cls --splits",
+         "finetune inspect model.source=timm model.name='convnext*'   (list models "
          "and their pretrained tags)"]),
-    "finetune.recipes": (
+    "recipes": (
         "find, read, adapt and check recipes",
-        "python -m finetune.recipes list [--json] | show NAME [--resolved] [key=value ...] | "
+        "finetune recipes list [--json] | show NAME [--resolved] [key=value ...] | "
         "copy NAME PATH | validate NAME_OR_PATH [key=value ...]",
-        ["python -m finetune.recipes list",
-         "python -m finetune.recipes copy resnet50_9cls my_recipe.yaml",
-         "python -m finetune.recipes validate my_recipe.yaml"]),
-    "finetune.report": (
+        ["finetune recipes list",
+         "finetune recipes copy resnet50_9cls my_recipe.yaml",
+         "finetune recipes validate my_recipe.yaml"]),
+    "report": (
         "the leaderboard of a sweep (table, CSV, Markdown, plot, report.html), or a run's "
         "report.html",
-        "python -m finetune.report SWEEP_OR_RUN_DIR [metric=val/acc] [out=DIR]",
-        ["python -m finetune.report outputs/sweeps/digits_transfer_splits/RUN",
-         "python -m finetune.report outputs/quickstart/RUN   (rebuild its report.html)"]),
-    "finetune.evaluate": (
+        "finetune report SWEEP_OR_RUN_DIR [metric=val/acc] [out=DIR]",
+        ["finetune report outputs/sweeps/digits_transfer_splits/RUN",
+         "finetune report outputs/quickstart/RUN   (rebuild its report.html)"]),
+    "evaluate": (
         "a finished run on labelled data: per class, calibrated (eval.json)",
-        "python -m finetune.evaluate run=RUN_DIR [data=NAME data.root=PATH ...] "
+        "finetune evaluate run=RUN_DIR [data=NAME data.root=PATH ...] "
         "[split=auto|test|val|train|all] [calibrate=true] [output=DIR] [batch_size=64]",
-        ["python -m finetune.evaluate run=outputs/quickstart/RUN",
-         "python -m finetune.evaluate run=RUN data=imagefolder data.root=new_images/",
-         "python -m finetune.evaluate run=RUN calibrate=true   (fit a temperature on val)"]),
-    "finetune.predict": (
+        ["finetune evaluate run=outputs/quickstart/RUN",
+         "finetune evaluate run=RUN data=imagefolder data.root=new_images/",
+         "finetune evaluate run=RUN calibrate=true   (fit a temperature on val)"]),
+    "predict": (
         "classify images with a finished run",
-        "python -m finetune.predict run=RUN_DIR input=FILE_OR_DIR [output=predictions.csv] "
+        "finetune predict run=RUN_DIR input=FILE_OR_DIR [output=predictions.csv] "
         "[topk=3] [batch_size=64] [max_pixels=N]",
-        ["python -m finetune.predict run=outputs/quickstart/RUN input=images/"]),
-    "finetune.export": (
+        ["finetune predict run=outputs/quickstart/RUN input=images/"]),
+    "export": (
         "TorchScript or ONNX, parity-checked against the run's model",
-        "python -m finetune.export run=RUN_DIR format=torchscript|onnx [output=PATH]",
-        ["python -m finetune.export run=outputs/quickstart/RUN format=onnx"]),
+        "finetune export run=RUN_DIR format=torchscript|onnx [output=PATH]",
+        ["finetune export run=outputs/quickstart/RUN format=onnx"]),
 }
 
 
@@ -70,9 +71,9 @@ def help_text(command: str, details: str = "") -> str:
     """What `--help` prints: what the command does, its usage, examples, then the other
     commands."""
     what, line, examples = COMMANDS[command]
-    others = "\n".join(f"  python -m {name:<18} {COMMANDS[name][0]}"
+    others = "\n".join(f"  finetune {name:<9} {COMMANDS[name][0]}"
                        for name in COMMANDS if name != command)
-    parts = [f"{command}: {what}", "", f"usage: {line}", "", "examples:",
+    parts = [f"finetune {command}: {what}", "", f"usage: {line}", "", "examples:",
              *(f"  {e}" for e in examples), "", "other commands:", others]
     if details:
         parts += ["", details.rstrip()]

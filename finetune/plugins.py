@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune import bn_policies, data_formats, loggers, model_sources, schedules, weight_sources
+from finetune.data import formats as data_formats
 from finetune.errors import ConfigError
 from finetune.extensions import TABLES, load_plugins
+from finetune.models import sources as model_sources
+from finetune.training import bn_policies, loggers, schedules
+from finetune.weights import sources as weight_sources
 
 # The modules that own a table (imported above for the tables they fill).
 TABLE_MODULES = (weight_sources, model_sources, data_formats, schedules, bn_policies, loggers)
@@ -36,7 +39,7 @@ def load() -> None:
 
 def listing() -> list[dict[str, Any]]:
     """Each table's key, entry point group and entries, the plugins' marked with their source
-    (`python -m finetune.inspect --plugins`)."""
+    (`finetune inspect --plugins`)."""
     load()
     return [{"key": key, "group": table.group, "what": table.what,
              "entries": [{"name": name, "plugin": table.plugins.get(name)} for name in table]}

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 from torchvision.transforms import v2
 
-from finetune.allowlist import allowed_prefixes, dotted_problem
+from finetune.compose.allowlist import allowed_prefixes, dotted_problem
 from finetune.errors import FinetuneError, did_you_mean
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

@@ -66,6 +66,14 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, module: st
                           capture_output=True, text=True, timeout=600)
 
 
+def run_console(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The `finetune` console script pip installed beside this interpreter, in a subprocess."""
+    script = Path(sys.executable).parent / "finetune"
+    assert script.is_file(), f"no console script {script}: pip install -e . installs it"
+    return subprocess.run([str(script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
 def train_here(*args: str, run_dir: Path) -> Path:
     """`finetune.train` in this process, arguments as on the command line (`recipe=` among
     them); returns the run dir. No interpreter start: for tests about the run, not the CLI."""
@@ -90,16 +98,16 @@ def problems_here(*args: str, run_dir: Path | None = None) -> list[str]:
     return stopped.value.problems
 
 
-def main_here(module: str, *args: str, capsys: pytest.CaptureFixture[str]
+def main_here(command: str, *args: str, capsys: pytest.CaptureFixture[str]
               ) -> tuple[int, str, str]:
-    """`python -m MODULE ARGS` for a command with main(argv) (predict, export, inspect,
-    recipes, report), in this process: (exit status, stdout, stderr)."""
-    import importlib
+    """`finetune COMMAND ARGS` (predict, export, inspect, recipes, report, evaluate) in this
+    process, through the same front door as the console script: (exit status, stdout,
+    stderr)."""
+    from finetune.commands import main
 
-    main = importlib.import_module(module).main
     capsys.readouterr()
     try:
-        main(list(args))
+        main([command, *args])
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)

@@ -30,17 +30,18 @@ from conftest import (
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from finetune import artifacts, heads
-from finetune.backbones import preprocessing
-from finetune.callbacks import AtomicCheckpointIO
-from finetune.config import DataConfig, OptimConfig, SchedConfig
-from finetune.data import ImageDataModule, TensorImages, build_datamodule
-from finetune.data_readers import fake_data
+from finetune.compose.schema import DataConfig, OptimConfig, SchedConfig
+from finetune.data.datamodule import ImageDataModule, TensorImages, build_datamodule
+from finetune.data.readers import fake_data
+from finetune.data.transforms import eval_transform
 from finetune.errors import FinetuneError
-from finetune.freezing import apply_freeze, plan_freeze
-from finetune.guards import NonFiniteLoss
-from finetune.module import FinetuneModule
-from finetune.transforms import eval_transform
+from finetune.models import heads
+from finetune.models.backbones import preprocessing
+from finetune.rundir import artifacts
+from finetune.training.callbacks import AtomicCheckpointIO
+from finetune.training.freezing import apply_freeze, plan_freeze
+from finetune.training.guards import NonFiniteLoss
+from finetune.training.lightning_module import FinetuneModule
 
 warnings.filterwarnings("ignore")
 CLASSES = 4
@@ -222,7 +223,7 @@ def test_a_traceback_only_when_asked(tmp_path: Path) -> None:
 def test_two_runs_never_share_a_run_dir(tmp_path: Path) -> None:
     """Run dirs started in the same second differ by a suffix; and a dir another live run
     holds is refused in one sentence, leaving that run's files alone."""
-    from finetune.prepare import compose_with_hydra
+    from finetune.compose.prepare import compose_with_hydra
 
     dirs = {str(compose_with_hydra(["recipe=quickstart"]).hydra.run.dir) for _ in range(2)}
     assert len(dirs) == 2 and all(d.startswith("outputs/quickstart/") for d in dirs)

@@ -12,16 +12,16 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from finetune import heads
-from finetune.backbones import preprocessing
-from finetune.cache import Cut, FeatureCache, config_conflicts, cut_model, decide
-from finetune.config import OptimConfig, SchedConfig
-from finetune.data import ImageDataModule, TensorImages
-from finetune.data_readers import fake_data
+from finetune.compose.schema import OptimConfig, SchedConfig
+from finetune.data.datamodule import ImageDataModule, TensorImages
+from finetune.data.readers import fake_data
+from finetune.data.transforms import eval_transform
 from finetune.errors import FinetuneError
-from finetune.freezing import apply_freeze, plan_freeze
-from finetune.module import FinetuneModule
-from finetune.transforms import eval_transform
+from finetune.models import heads
+from finetune.models.backbones import preprocessing
+from finetune.training.feature_cache import Cut, FeatureCache, config_conflicts, cut_model, decide
+from finetune.training.freezing import apply_freeze, plan_freeze
+from finetune.training.lightning_module import FinetuneModule
 
 warnings.filterwarnings("ignore")
 CLASSES = 4
@@ -164,7 +164,7 @@ def test_stored_features_are_trusted_only_with_our_record(tmp_path: Path) -> Non
     key: they are read only when finetune's private record of the file's sha256 matches."""
     import numpy as np
 
-    from finetune.cache import FeatureCache
+    from finetune.training.feature_cache import FeatureCache
 
     store = FeatureCache(None, tmp_path / "feature_cache")  # type: ignore[arg-type]
     key = "ab" * 32
@@ -181,7 +181,7 @@ def test_stored_features_are_trusted_only_with_our_record(tmp_path: Path) -> Non
 
 def test_the_key_changes_with_the_frozen_weights() -> None:
     """Same architecture, same code, other weights: other features, so another key."""
-    from finetune.cache import prefix_identity
+    from finetune.training.feature_cache import prefix_identity
 
     first = cut_model(_resnet("layer4"))
     other_model = _resnet("layer4")
@@ -200,7 +200,7 @@ def test_the_key_changes_with_the_frozen_weights() -> None:
 def test_a_prefix_cuts_again_where_one_value_carries_the_rest() -> None:
     """The points where the prefix of `train_from=fc` can be cut again, and that running it
     in segments between them computes what it computes, bit for bit."""
-    from finetune.cache import bottlenecks, segment
+    from finetune.training.feature_cache import bottlenecks, segment
 
     prefix = cut_model(_resnet("fc").eval()).prefix
     points = bottlenecks(prefix)
@@ -218,7 +218,7 @@ def test_a_prefix_cuts_again_where_one_value_carries_the_rest() -> None:
 def test_a_shallower_split_is_keyed_as_the_start_of_a_deeper_one() -> None:
     """Job train_from=layer3 caches the output of layer2; job train_from=fc finds it under
     the same key (same code, modules, tensors) and computes only layer3 onwards."""
-    from finetune.cache import (
+    from finetune.training.feature_cache import (
         FeatureCache,
         bottlenecks,
         prefix_identity,
@@ -240,7 +240,7 @@ def test_a_shallower_split_is_keyed_as_the_start_of_a_deeper_one() -> None:
 
 
 def test_features_from_a_stored_cut_equal_those_from_the_images() -> None:
-    from finetune.cache import FeatureCache
+    from finetune.training.feature_cache import FeatureCache
 
     """Bit for bit: a deeper job that starts from a shallower job's stored features trains on
     exactly what it would have computed from the images."""

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.callbacks import ThroughputMeter
+from finetune.training.callbacks import ThroughputMeter
 
 
 class SlowImages(Dataset):

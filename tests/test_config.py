@@ -13,9 +13,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from finetune import config as schema
-from finetune import gate, locations, safe_files
-from finetune.prepare import prepare
+from finetune import locations
+from finetune.compose import gate, safe_files, schema
+from finetune.compose.prepare import prepare
 from tests.conftest import cli_errors, run_cli
 
 
@@ -91,8 +91,10 @@ def test_unknown_recipe_names_the_closest(tmp_path: Path) -> None:
     _assert_one_line_errors(result, "no such file")
 
 
-COMMANDS = ["finetune", "finetune.inspect", "finetune.recipes", "finetune.report",
-            "finetune.predict", "finetune.export"]
+COMMANDS = ["train", "inspect", "recipes", "report", "predict", "export", "evaluate"]
+# `python -m finetune.X` kept for scripts written before `finetune X`
+SHIMS = ["finetune.inspect", "finetune.recipes", "finetune.report", "finetune.export",
+         "finetune.evaluate"]
 
 
 def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
@@ -102,9 +104,10 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep" / "0"
     sweep.mkdir(parents=True)
     (sweep / "metrics.json").write_text('{"status": "complete", "val/acc": 0.5}')
-    calls = [[m, "--help"] for m in COMMANDS] + [
+    calls = [["finetune", c, "--help"] for c in COMMANDS] + [[m, "--help"] for m in SHIMS] + [
         ["finetune", "--cfg", "job", "recipe=resnet50_9cls"],
-        ["finetune.recipes", "list"], ["finetune.recipes", "show", "quickstart", "--resolved"],
+        ["finetune", "recipes", "list"],
+        ["finetune", "recipes", "show", "quickstart", "--resolved"],
         ["finetune.report", str(tmp_path / "sweep")],
         # refused before torch is imported, and nothing left behind
         ["finetune", "recipe=quickstart", "data=imagefolder", "data.root=nowhere"],
@@ -132,9 +135,10 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
     assert "finetune: error: weights.repo='../up' is not a Hugging Face repo id" in result.stderr
     assert not (tmp_path / "outputs").exists(), "a refused run leaves no run dir"
     for command in COMMANDS:
-        assert f"{command}: " in result.stdout and "usage: python -m " in result.stdout
+        assert f"finetune {command}: " in result.stdout
+    assert result.stdout.count("usage: finetune ") == len(COMMANDS) + len(SHIMS)
     listing = result.stdout.split("other commands:", 1)[1]
-    assert all(f"python -m {c}" in listing for c in COMMANDS[1:])
+    assert all(f"finetune {c} " in listing for c in COMMANDS[1:])
     assert "rerun=RUN_DIR" in result.stdout and "hydra/launcher: " in result.stdout
     assert "--allow-module PREFIX" in result.stdout
 
@@ -201,8 +205,8 @@ def test_conf_documents_every_schema_key_with_its_default() -> None:
 
 
 def _plan_problems(*overrides: str) -> list[str]:
-    from finetune.plan import plan_run
-    from finetune.prepare import compose_config
+    from finetune.compose.prepare import compose_config
+    from finetune.training.plan import plan_run
 
     cfg, _ = compose_config(["recipe=quickstart", "weights.source=none", *overrides])
     return plan_run(cfg, load=False).problems
@@ -259,7 +263,7 @@ def test_help_piped_into_head_is_quiet(tmp_path: Path) -> None:
 def test_every_range_is_checked_and_written_beside_its_key() -> None:
     """Values that used to crash later or train nothing are refused, one line each, all
     together; conf/config.yaml states each range (the comment on the key's line)."""
-    from finetune.ranges import ENTRY_RANGES, ITEM_RANGES, RANGES
+    from finetune.compose.ranges import ENTRY_RANGES, ITEM_RANGES, RANGES
 
     problems = _plan_problems(
         "data.batch_size=0", "trainer.max_epochs=-1", "trainer.accumulate_grad_batches=0",
@@ -298,7 +302,7 @@ def test_mappings_take_new_keys_from_the_command_line() -> None:
     """model.kwargs={dropout: 0.2} (and data.limit_per_class={8: 18}, weights.rename={..})
     failed with Hydra's "Key 'dropout' is not in struct"; a mapping of free keys takes them
     whole or one at a time."""
-    from finetune.prepare import compose_with_hydra
+    from finetune.compose.prepare import compose_with_hydra
 
     cfg = compose_with_hydra(["recipe=quickstart", "model.kwargs={dropout: 0.2}",
                               "data.limit_per_class={8: 18}", "weights.rename.a=b"])

@@ -8,12 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from finetune.backbones import Preprocessing
-from finetune.config import DataConfig
-from finetune.data import build_datamodule
-from finetune.data_formats import FORMATS
+from finetune.compose.schema import DataConfig
+from finetune.data.datamodule import build_datamodule
+from finetune.data.formats import FORMATS
+from finetune.data.transforms import train_transform
 from finetune.errors import FinetuneError
-from finetune.transforms import train_transform
+from finetune.models.backbones import Preprocessing
 from tests.conftest import write_digit_images
 
 PREP = Preprocessing(resize=32, crop=32, mean=[0.5] * 3, std=[0.25] * 3)
@@ -126,8 +126,8 @@ def test_augmentations_by_torchvision_name() -> None:
 def test_shipped_imagefolder_augmentations_build(digits_folder: Path) -> None:
     from hydra import compose, initialize_config_dir
 
+    from finetune.compose.prepare import prepare
     from finetune.locations import CONF_DIR
-    from finetune.prepare import prepare
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=prepare(["data=imagefolder",
@@ -156,7 +156,7 @@ def test_few_shot_train_size_keeps_every_class_in_proportion() -> None:
 
 
 def test_one_channel_input_uses_averaged_statistics() -> None:
-    from finetune.backbones import preprocessing
+    from finetune.models.backbones import preprocessing
 
     prep = preprocessing(None, 32, channels=1)
     assert prep.channels == 1 and len(prep.mean) == len(prep.std) == 1

@@ -48,7 +48,7 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
     with open(run / "val_predictions.csv", newline="") as handle:
         items = [row["item"] for row in csv.DictReader(handle)]
     assert len(items) == len(set(items)) == 16
-    log = (run / "__main__.log").read_text()
+    log = (run / "finetune.log").read_text()
     assert "unfreeze at epoch 1: train_from: layer3" in log
 
 

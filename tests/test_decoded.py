@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.data import build_datamodule
-from finetune.plan import preprocessing_for
-from finetune.prepare import compose_config
+from finetune.compose.prepare import compose_config
+from finetune.data.datamodule import build_datamodule
+from finetune.training.plan import preprocessing_for
 from tests.conftest import write_digit_images
 
 AUGMENT = "data.augment=[{RandomResizedCrop: {scale: [0.5, 1.0]}}, RandomHorizontalFlip]"
@@ -43,7 +43,7 @@ def test_cached_items_equal_decoded_items_bit_for_bit(tmp_path: Path) -> None:
 
 
 def test_the_key_follows_the_files_and_a_damaged_array_is_decoded_again(tmp_path: Path) -> None:
-    from finetune import decoded
+    from finetune.data import decoded_cache as decoded
 
     root = tmp_path / "images"
     written = write_digit_images(root, [3, 4], 6, mode="L")

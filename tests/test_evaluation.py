@@ -15,7 +15,7 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 
-from finetune.evaluation import Outputs, fit_temperature, metrics
+from finetune.rundir.evaluation import Outputs, fit_temperature, metrics
 
 CLASSES = [f"c{i}" for i in range(7)]
 
@@ -102,8 +102,8 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from finetune.data import build_datamodule  # noqa: E402
-from finetune.prepare import compose_config  # noqa: E402
+from finetune.compose.prepare import compose_config  # noqa: E402
+from finetune.data.datamodule import build_datamodule  # noqa: E402
 from tests.conftest import (  # noqa: E402
     main_here,
     problems_here,
@@ -114,7 +114,7 @@ from tests.conftest import (  # noqa: E402
 
 
 def _data(*overrides: str):
-    from finetune.plan import preprocessing_for
+    from finetune.training.plan import preprocessing_for
 
     cfg, _ = compose_config(["weights.source=none", *overrides])
     return build_datamodule(cfg.data, preprocessing_for(cfg), cfg.seed)
@@ -192,7 +192,7 @@ def test_the_test_split_is_evaluated_with_the_best_weights(tested_run: Path) -> 
     """eval.checkpoint=best: the test figures are those of the best val/acc epoch's weights
     (the same weights best.ckpt holds), evaluated again here from that file."""
     import finetune
-    from finetune import evaluation
+    from finetune.rundir import evaluation
 
     metrics = read_json(tested_run / "metrics.json")
     assert metrics["test/checkpoint"].startswith("best (epoch ")
@@ -215,15 +215,15 @@ def test_evaluate_calibrates_and_predict_and_export_apply_it(
     fitted on val, in the manifest; the test NLL does not rise; predict's probabilities
     are the calibrated ones (same classes); the ONNX export divides by it."""
     import finetune
-    from finetune.exporting import export
+    from finetune.rundir.exporting import export
 
     run = tmp_path / "run"
     shutil.copytree(tested_run, run)
-    code, out, err = main_here("finetune.evaluate", f"run={run}", capsys=capsys)
+    code, out, err = main_here("evaluate", f"run={run}", capsys=capsys)
     assert code == 0, err
     plain = read_json(run / "eval.json")
     assert plain["split"] == "test" and plain["temperature"] == 1.0
-    code, out, err = main_here("finetune.evaluate", f"run={run}", "calibrate=true",
+    code, out, err = main_here("evaluate", f"run={run}", "calibrate=true",
                                capsys=capsys)
     assert code == 0, err
     calibrated = read_json(run / "eval.json")
@@ -237,7 +237,7 @@ def test_evaluate_calibrates_and_predict_and_export_apply_it(
     assert again.manifest.temperature == t
     pictures = write_digit_images(tmp_path / "pictures", [5, 9], 2, mode="RGB")
     paths = [p for group in pictures.values() for p in group]
-    from finetune.images import open_rgb
+    from finetune.data.images import open_rgb
 
     with torch.inference_mode():
         logits = again(torch.stack([again.transform(open_rgb(p)) for p in paths]))
@@ -259,7 +259,7 @@ def test_evaluate_calibrates_and_predict_and_export_apply_it(
     assert torch.allclose(got, expected, atol=1e-4)
     assert "temperature" in out
     page = (run / "report.html").read_text()  # rebuilt with what evaluate found
-    assert "finetune.evaluate: test (" in page and f"temperature {t:.4f}" in page
+    assert "finetune evaluate: test (" in page and f"temperature {t:.4f}" in page
 
 
 def test_evaluate_other_data_by_class_name(tested_run: Path, tmp_path: Path,
@@ -268,7 +268,7 @@ def test_evaluate_other_data_by_class_name(tested_run: Path, tmp_path: Path,
     the run does not know is one sentence."""
     folder = tmp_path / "new"
     write_digit_images(folder, [6, 8], 6, mode="RGB")
-    code, _, err = main_here("finetune.evaluate", f"run={tested_run}", "data=imagefolder",
+    code, _, err = main_here("evaluate", f"run={tested_run}", "data=imagefolder",
                              f"data.root={folder}", f"output={tmp_path / 'out'}",
                              capsys=capsys)
     assert code == 0, err
@@ -276,11 +276,11 @@ def test_evaluate_other_data_by_class_name(tested_run: Path, tmp_path: Path,
     assert result["split"] == "all" and result["images"] == 12
     assert [r["support"] for r in result["per_class"]] == [0, 6, 0, 6, 0]  # 5..9
     write_digit_images(folder, [1], 2)
-    code, _, err = main_here("finetune.evaluate", f"run={tested_run}", "data=imagefolder",
+    code, _, err = main_here("evaluate", f"run={tested_run}", "data=imagefolder",
                              f"data.root={folder}", f"output={tmp_path / 'out2'}",
                              capsys=capsys)
     assert code == 2 and err.strip().splitlines() == [
-        "finetune.evaluate: error: data: the class 1 is not among the run's 5 classes (5, 6, "
+        "finetune evaluate: error: data: the class 1 is not among the run's 5 classes (5, 6, "
         "7, 8, 9); leave them out with data.classes=[...], or evaluate a run trained on them"]
 
 
@@ -302,7 +302,7 @@ def test_report_rebuilds_a_run_dirs_page(tested_run: Path, tmp_path: Path,
     run = tmp_path / "run"
     shutil.copytree(tested_run, run)
     (run / "report.html").unlink()
-    code, _, _ = main_here("finetune.report", str(run), capsys=capsys)
+    code, _, _ = main_here("report", str(run), capsys=capsys)
     assert code == 0 and (run / "report.html").is_file()
     text = (run / "report.html").read_text()
     assert 'id="per-class"' in text and "test (" in text

@@ -10,15 +10,15 @@ import pytest
 import torch
 import torchvision
 
-from finetune.bn_policies import BN_POLICIES, BNPolicy
-from finetune.data_formats import FORMATS, DataFormat
+from finetune.compose.prepare import compose_config
+from finetune.data.formats import FORMATS, DataFormat
 from finetune.errors import ConfigError
-from finetune.freezing import plan_freeze
-from finetune.loggers import LOGGERS, RunLogger
-from finetune.optim import Schedule
-from finetune.plan import plan_run
-from finetune.prepare import compose_config
-from finetune.schedules import SCHEDULES, LRShape
+from finetune.training.bn_policies import BN_POLICIES, BNPolicy
+from finetune.training.freezing import plan_freeze
+from finetune.training.loggers import LOGGERS, RunLogger
+from finetune.training.optim import Schedule
+from finetune.training.plan import plan_run
+from finetune.training.schedules import SCHEDULES, LRShape
 
 
 class Stripes(DataFormat):
@@ -27,7 +27,7 @@ class Stripes(DataFormat):
     name = "stripes"
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
-        from finetune.data_splits import Split
+        from finetune.data.splits import Split
 
         line = (torch.arange(crop) % 4 < 2).to(torch.uint8) * 255
         vertical = line.expand(crop, crop)
@@ -102,7 +102,7 @@ def test_every_format_knows_its_classes_without_reading_images(tmp_path: Path) -
     finds."""
     from omegaconf import OmegaConf
 
-    from finetune.data_readers import read_csv_list, scan_folder
+    from finetune.data.readers import read_csv_list, scan_folder
     from tests.conftest import write_digit_images
 
     files = write_digit_images(tmp_path / "folder" / "train", [3, 7], 2)

@@ -12,14 +12,14 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from finetune import heads
-from finetune.backbones import preprocessing
-from finetune.config import OptimConfig, SchedConfig
-from finetune.data import ImageDataModule, TensorImages
-from finetune.data_readers import fake_data
-from finetune.freezing import apply_freeze, plan_freeze
-from finetune.module import FinetuneModule
-from finetune.transforms import eval_transform
+from finetune.compose.schema import OptimConfig, SchedConfig
+from finetune.data.datamodule import ImageDataModule, TensorImages
+from finetune.data.readers import fake_data
+from finetune.data.transforms import eval_transform
+from finetune.models import heads
+from finetune.models.backbones import preprocessing
+from finetune.training.freezing import apply_freeze, plan_freeze
+from finetune.training.lightning_module import FinetuneModule
 
 warnings.filterwarnings("ignore")
 CLASSES = 4

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.freezing import apply_freeze, plan_freeze
+from finetune.training.freezing import apply_freeze, plan_freeze
 
 
 def _classic_children_counter(model: nn.Module) -> set[str]:
@@ -64,7 +64,7 @@ def test_unknown_path_suggests_the_closest() -> None:
 # -- the selector grammar -------------------------------------------------------------------
 
 def test_selectors_path_glob_index_and_list() -> None:
-    from finetune.selectors import select_modules
+    from finetune.models.selectors import select_modules
 
     model = torchvision.models.resnet18()
     assert select_modules(model, "layer3.1", "k") == ["layer3.1"]
@@ -141,9 +141,9 @@ def test_everything_frozen_fails_unless_a_phase_starts_at_once() -> None:
 
 
 def test_config_level_schedule_mistakes_are_reported_together() -> None:
+    from finetune.compose.prepare import compose_config
     from finetune.errors import ConfigError
-    from finetune.prepare import compose_config
-    from finetune.validate import validate
+    from finetune.training.validate import validate
 
     cfg, _ = compose_config(["recipe=quickstart", "trainer.max_epochs=3",
                              "freeze.unfreeze=[{epoch:3,train_from:layer4}]",

@@ -27,13 +27,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 import finetune
-from finetune.csv_lists import CsvProblem, read_csv_rows
+from finetune.compose.prepare import compose_with_hydra
+from finetune.data.csv_lists import CsvProblem, read_csv_rows
 from finetune.errors import FinetuneError
-from finetune.module import FinetuneModule
-from finetune.plan import plan_run
-from finetune.prepare import compose_with_hydra
-from finetune.resume import check_resumable
-from finetune.sources import read_file
+from finetune.training.lightning_module import FinetuneModule
+from finetune.training.plan import plan_run
+from finetune.training.resume import check_resumable
+from finetune.weights.readers import read_file
 
 PER_KIND = 120
 RUN = [*QUICK, *SHRINK, "model.name=squeezenet1_1", "checkpoint.keep=last"]  # 9 MB last.ckpt
@@ -235,7 +235,7 @@ def test_the_clis_say_it_in_one_line(run: Path, tmp_path: Path,
     shutil.copytree(run, copy)
     manifest = copy / "manifest.json"
     manifest.write_bytes(manifest.read_bytes()[:200])
-    code, _, err = main_here("finetune.predict", f"run={copy}", f"input={tmp_path}",
+    code, _, err = main_here("predict", f"run={copy}", f"input={tmp_path}",
                              capsys=capsys)
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
     assert f"manifest {manifest}: not valid JSON" in err

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from finetune import gate, safe_files
+from finetune.commands.recipes import validate_recipe
+from finetune.compose import gate, safe_files
+from finetune.compose.prepare import prepare
 from finetune.errors import ConfigError, FinetuneError
-from finetune.prepare import prepare
-from finetune.recipes import validate_recipe
 from tests.conftest import cli_errors, run_cli
 
 
@@ -135,7 +135,7 @@ def test_a_logging_config_in_a_recipe_never_reaches_hydra(tmp_path: Path) -> Non
                       "them); set others on the command line if you mean it"]
     assert not out.exists() and not (tmp_path / "outputs").exists()
     result = run_cli("validate", str(recipe), cwd=tmp_path, module="finetune.recipes")
-    assert len(cli_errors(result, "finetune.recipes: error:")) == 1
+    assert len(cli_errors(result, "finetune recipes: error:")) == 1
 
 
 def test_a_bad_extends_base_is_refused_too(tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_a_bad_extends_base_is_refused_too(tmp_path: Path) -> None:
 def test_a_source_recipes_overrides_are_checked_where_they_become_argv(tmp_path: Path) -> None:
     """Defence in depth: whatever supplied them (a recipe, a run dir, the command line),
     recipe_overrides entries are refused before a child process is started."""
-    from finetune.sources import read_recipe
+    from finetune.weights.readers import read_recipe
 
     marker = tmp_path / "unpickled"
     pickle_file = tmp_path / "evil.pkl"
@@ -344,7 +344,7 @@ def test_property_whatever_passes_the_gate_runs_nothing(data: st.DataObject, mar
     from hydra.core.utils import configure_log
     from omegaconf import OmegaConf
 
-    from finetune.prepare import compose_with_hydra
+    from finetune.compose.prepare import compose_with_hydra
 
     work = tmp_path_factory.mktemp("work")
     outside = work.parent / f"{work.name}_outside"

@@ -9,9 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-from finetune import backbones, heads
-from finetune.provenance import LoadReport
-from finetune.weights import load_matching
+from finetune.models import backbones, heads
+from finetune.weights.load_report import LoadReport
+from finetune.weights.loading import load_matching
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -14,10 +14,10 @@ from conftest import write_digit_images
 from omegaconf import OmegaConf
 from PIL import Image
 
-from finetune.backbones import preprocessing
-from finetune.config import DataConfig
-from finetune.data import build_datamodule
-from finetune.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
+from finetune.compose.schema import DataConfig
+from finetune.data.datamodule import build_datamodule
+from finetune.data.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
+from finetune.models.backbones import preprocessing
 
 
 def _gray16(path: Path, value: int, size: int = 16) -> Path:
@@ -132,7 +132,7 @@ def test_a_received_run_dir_cannot_lift_the_pixel_guard_for_predict() -> None:
 
     from torch import nn
 
-    from finetune.inference import max_pixels_of
+    from finetune.rundir.inference import max_pixels_of
 
     def model_with(limit: object) -> nn.Module:
         model = nn.Identity()

@@ -13,10 +13,10 @@ from conftest import QUICK, problems_here, read_json, train_here
 from omegaconf import OmegaConf
 from sklearn.metrics import balanced_accuracy_score
 
-from finetune.backbones import preprocessing
-from finetune.config import DataConfig
-from finetune.data import EpochShuffle, build_datamodule
+from finetune.compose.schema import DataConfig
+from finetune.data.datamodule import EpochShuffle, build_datamodule
 from finetune.errors import FinetuneError
+from finetune.models.backbones import preprocessing
 
 # All ten digits, 5-9 cut to 18 images each (about 180 for 0-4): 10:1.
 IMBALANCED = [*QUICK, "data.classes=null", "head.num_classes=null", "data.batch_size=64",

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from conftest import QUICK, SHRINK, problems_here, read_json, train_here, write_digit_images
 
-from finetune.data_splits import Split, fold_split
+from finetune.compose.prepare import compose_with_hydra
+from finetune.data.splits import Split, fold_split
 from finetune.errors import FinetuneError
-from finetune.prepare import compose_with_hydra
-from finetune.leaderboard import report
+from finetune.sweeps.leaderboard import report
 
 
 def test_folds_are_disjoint_stratified_seeded_and_cover_the_data() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from conftest import QUICK, SHRINK, problems_here, read_json, train_here
 
-from finetune.mixing import BatchMix
+from finetune.data.mixing import BatchMix
 
 
 def test_mixup_mixes_each_image_with_its_neighbour_and_the_targets_alike() -> None:

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import torchvision
 from omegaconf import OmegaConf
 
-from finetune import heads
-from finetune.config import OptimConfig, SchedConfig
-from finetune.freezing import apply_freeze, plan_freeze
-from finetune.module import FinetuneModule
+from finetune.compose.schema import OptimConfig, SchedConfig
+from finetune.models import heads
+from finetune.training.freezing import apply_freeze, plan_freeze
+from finetune.training.lightning_module import FinetuneModule
 
 warnings.filterwarnings("ignore")
 
@@ -27,7 +27,7 @@ def _module(model, aux_weight: float = 0.4, train_from=None, **kwargs) -> Finetu
 def test_the_training_loss_takes_the_mixed_batch_and_class_weights() -> None:
     """data.mix and loss.class_weights reach the training step: the loss is the weighted
     soft-target cross-entropy of the mixed batch, exactly."""
-    from finetune.mixing import BatchMix
+    from finetune.data.mixing import BatchMix
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18()

@@ -19,11 +19,11 @@ from conftest import (
 )
 
 import finetune
-from finetune.data_readers import read_multilabel_csv
-from finetune.data_splits import Split, fold_split
+from finetune.commands.export import export
+from finetune.data.readers import read_multilabel_csv
+from finetune.data.splits import Split, fold_split
 from finetune.errors import FinetuneError
-from finetune.export import export
-from finetune.save import tune_thresholds
+from finetune.training.save import tune_thresholds
 
 PROPERTIES = {d: [n for n, hit in (("even", d % 2 == 0), ("over_4", d > 4),
                                    ("prime", d in (2, 3, 5, 7))) if hit] for d in range(10)}
@@ -81,7 +81,7 @@ def test_a_multilabel_run_predicts_label_sets_at_its_thresholds(
     for row in predictions.rows:
         assert ";".join(row["labels"]) == expected[row["path"]]
         assert len(row["probs"]) == 3
-    code, _, err = main_here("finetune.predict", f"run={run}", f"input={labelled / 'imgs'}",
+    code, _, err = main_here("predict", f"run={run}", f"input={labelled / 'imgs'}",
                              f"output={tmp_path / 'p.csv'}", capsys=capsys)
     assert code == 0, err
     with open(tmp_path / "p.csv", newline="") as handle:

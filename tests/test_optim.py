@@ -11,10 +11,10 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from finetune.config import OptimConfig, SchedConfig
+from finetune.compose.schema import OptimConfig, SchedConfig
 from finetune.errors import FinetuneError
-from finetune.freezing import apply_freeze, plan_freeze
-from finetune.optim import (
+from finetune.training.freezing import apply_freeze, plan_freeze
+from finetune.training.optim import (
     WARMUP_START,
     Schedule,
     build_optimizer,

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import finetune
-from finetune import config as schema
+from finetune.compose import schema
+from finetune.compose.ranges import ITEM_RANGES, RANGES, Range
 from finetune.errors import FinetuneError
-from finetune.ranges import ITEM_RANGES, RANGES, Range
 
 EXAMPLES = int(os.environ.get("FINETUNE_PROPERTY_EXAMPLES", "14"))
 TINY = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",

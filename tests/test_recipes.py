@@ -10,9 +10,9 @@ import torch
 import torchvision
 
 from finetune import locations
-from finetune.inspect import inspect_plan, render
-from finetune.plan import plan_run
-from finetune.prepare import compose_config
+from finetune.commands.inspect import inspect_plan, render
+from finetune.compose.prepare import compose_config
+from finetune.training.plan import plan_run
 from tests.conftest import (
     main_here,
     problems_here,
@@ -110,7 +110,7 @@ def test_inspect_cli_json_and_validation_errors(torch_home: Path, tmp_path: Path
     assert [s["train_from"] for s in plan["splits"]][6] == "layer3"
     assert plan["optimizer"]["groups"][0]["first"] == "layer3.0.conv1.weight"
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    code, _, err = main_here("finetune.inspect", "recipe=resnet50_9cls", *DIGITS_1_9,
+    code, _, err = main_here("inspect", "recipe=resnet50_9cls", *DIGITS_1_9,
                              "freeze.train_from=layer5", capsys=capsys)
     assert code == 2 and "freeze.train_from='layer5' matches no module" in err
     assert "did you mean" in err and "'layer4'" in err
@@ -118,7 +118,7 @@ def test_inspect_cli_json_and_validation_errors(torch_home: Path, tmp_path: Path
 
 def test_vgg16_feature_extractor_run(torch_home_vgg: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune.recipes import validate_recipe
+    from finetune.commands.recipes import validate_recipe
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home_vgg))
     monkeypatch.chdir(tmp_path)
@@ -159,7 +159,7 @@ def test_path_mistakes_are_reported_together(torch_home: Path, tmp_path: Path,
 def test_validate_refuses_what_used_to_crash_later(override: str) -> None:
     """`recipes validate` said ok to these, and the run then crashed or trained uphill: it
     is the plan, so it says what the run would say."""
-    from finetune.recipes import validate_recipe
+    from finetune.commands.recipes import validate_recipe
 
     problems, _ = validate_recipe("quickstart", ["weights.source=none", override])
     assert len(problems) == 1 and problems[0].startswith(override.partition("=")[0].split(

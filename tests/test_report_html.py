@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import html_report
+from finetune.rundir import html_report
 from tests.conftest import SHRINK, main_here, read_json, train_here
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -90,7 +90,7 @@ def test_a_sweeps_report_links_its_jobs(browser, reported_run: Path, tmp_path: P
     metrics = read_json(sweep / "1" / "metrics.json")
     metrics["val/acc"] = round(metrics["val/acc"] / 2, 6)  # a worse job, ranked second
     (sweep / "1" / "metrics.json").write_text(json.dumps(metrics))
-    code, _, _ = main_here("finetune.report", str(sweep), capsys=capsys)
+    code, _, _ = main_here("report", str(sweep), capsys=capsys)
     assert code == 0 and (sweep / "report.html").is_file()
     state = open_page(browser, sweep / "report.html", tmp_path / "sweep_report.png")
     assert state["sections"] == ["leaderboard", "plot"]

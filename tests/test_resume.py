@@ -110,12 +110,12 @@ def test_resume_problems_are_one_line(runs: dict[str, Path], tmp_path: Path,
     of another optimizer layout."""
     from omegaconf import OmegaConf
 
-    from finetune.config import OptimConfig, SchedConfig
+    from finetune.compose.schema import OptimConfig, SchedConfig
     from finetune.errors import FinetuneError
-    from finetune.freezing import plan_freeze
-    from finetune.heads import replace_heads
-    from finetune.module import FinetuneModule
-    from finetune.resume import check_resumable, resume_checkpoint
+    from finetune.models.heads import replace_heads
+    from finetune.training.freezing import plan_freeze
+    from finetune.training.lightning_module import FinetuneModule
+    from finetune.training.resume import check_resumable, resume_checkpoint
 
     with pytest.raises(FinetuneError, match=r"resume=nowhere/last\.ckpt: no such file or run dir"):
         resume_checkpoint("nowhere/last.ckpt", tmp_path)
@@ -155,7 +155,7 @@ def test_rerun_reads_the_config_of_a_run_that_never_finished(runs: dict[str, Pat
     from hydra import compose, initialize_config_dir
 
     from finetune import locations
-    from finetune.prepare import prepare
+    from finetune.compose.prepare import prepare
 
     stopped = tmp_path / "stopped"
     (stopped / ".hydra").mkdir(parents=True)
@@ -175,11 +175,11 @@ def test_resume_says_where_it_stands_and_when_the_schedule_has_ended(
     the fix. The log names the epoch and step, and a stop inside an epoch as such."""
     from omegaconf import OmegaConf
 
-    from finetune.config import OptimConfig, SchedConfig
-    from finetune.freezing import plan_freeze
-    from finetune.heads import replace_heads
-    from finetune.module import FinetuneModule
-    from finetune.resume import check_resumable
+    from finetune.compose.schema import OptimConfig, SchedConfig
+    from finetune.models.heads import replace_heads
+    from finetune.training.freezing import plan_freeze
+    from finetune.training.lightning_module import FinetuneModule
+    from finetune.training.resume import check_resumable
 
     config = OmegaConf.load(runs["whole"] / ".hydra" / "config.yaml")
     model = torchvision.models.resnet18()

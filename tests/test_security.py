@@ -11,10 +11,10 @@ import pytest
 import torch
 import torchvision
 
-from finetune.allowlist import ALLOW_ENV, take_allow_flags
+from finetune.compose.allowlist import ALLOW_ENV, take_allow_flags
+from finetune.compose.prepare import prepare
 from finetune.errors import ConfigError, FinetuneError
-from finetune.prepare import prepare
-from finetune.surgery import apply_surgery
+from finetune.models.surgery import apply_surgery
 
 ALIASES = ["logging.os.system", "builtins.exec", "subprocess.call", "os.system",
            "torch.nn.modules.module.os.system"]
@@ -113,7 +113,7 @@ def test_your_own_layers_need_the_command_line_flag(own_module: str, tmp_path: P
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     """resume= reads checkpoints weights-only: a crafted pickle cannot run (the marker must
     not exist afterwards)."""
-    from finetune.resume import check_resumable
+    from finetune.training.resume import check_resumable
 
     marker = tmp_path / "pwned"
 

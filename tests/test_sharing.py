@@ -40,7 +40,7 @@ def recipes_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPa
         monkeypatch.chdir(cwd)
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
-        code, out, err = main_here("finetune.recipes", *args, capsys=capsys)
+        code, out, err = main_here("recipes", *args, capsys=capsys)
         for key in env or {}:
             monkeypatch.delenv(key)
         return subprocess.CompletedProcess(list(args), code, out, err)
@@ -133,7 +133,7 @@ def test_validate_reports_three_mistakes_at_once(torch_home: Path, tmp_path: Pat
     result = recipes_cli("validate", "resnet50_9cls", *DIGITS_1_9, "head.num_classes=4",
                          "freeze.train_from=layer9", "surgery=[{op: remove, path: avgpol}]",
                          cwd=tmp_path, env={"TORCH_HOME": str(torch_home)})
-    errors = cli_errors(result, prefix="finetune.recipes: error:")
+    errors = cli_errors(result, prefix="finetune recipes: error:")
     assert len(errors) == 3, result.stderr
     assert "head.num_classes=4 but the data has 9 classes" in errors[0]
     assert "surgery[0].path='avgpol'" in errors[1]
@@ -164,7 +164,7 @@ def test_every_shipped_recipe_validates(name: str, torch_home: Path, recipes_hub
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """(vgg16_relu5_3 is validated beside its run, in test_recipes.py: its 528 MB weights
     file is written once, there.)"""
-    from finetune.recipes import validate_recipe
+    from finetune.commands.recipes import validate_recipe
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.chdir(tmp_path)
@@ -204,7 +204,7 @@ def test_a_user_recipe_folder_makes_names_runnable(tmp_path: Path) -> None:
 
 def test_validate_reports_a_bad_choice_and_the_model_paths_together(tmp_path: Path) -> None:
     """A bad choice no longer hides the model-level mistakes: three problems, three lines."""
-    from finetune.recipes import validate_recipe
+    from finetune.commands.recipes import validate_recipe
 
     recipe = tmp_path / "three.yaml"
     recipe.write_text("extends: quickstart\nweights:\n  source: none\noptim:\n  name: rmsprob\n"

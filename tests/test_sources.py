@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from finetune.sources import SourceNotTrained, read_recipe, sources_dir
+from finetune.weights.readers import SourceNotTrained, read_recipe, sources_dir
 
 
 def _planned_dir(overrides: list[str]) -> str:

@@ -11,7 +11,7 @@ import torch
 from conftest import QUICK, problems_here, read_json, train_here
 from safetensors.torch import load_file
 
-from finetune.leaderboard import COLUMNS, report
+from finetune.sweeps.leaderboard import COLUMNS, report
 
 # Nothing improves by 10 (val/loss moves by far less): epoch 0 sets the best, each later
 # validation counts one; with patience 2 the run stops after epoch 2, whatever the data.

@@ -20,10 +20,10 @@ import pytest
 from conftest import REPO, read_json
 from omegaconf import OmegaConf
 
-from finetune import gate
-from finetune import study as studies
-from finetune.leaderboard import report
-from finetune.study_sweeper import search_space
+from finetune.compose import gate
+from finetune.sweeps import study as studies
+from finetune.sweeps.leaderboard import report
+from finetune.sweeps.optuna_sweeper import search_space
 
 TINY = ["recipe=base", "data=fake", "data.fake_size=40", "data.fake_classes=4",
         "data.batch_size=20", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",

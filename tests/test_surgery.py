@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.surgery import apply_surgery
+from finetune.models.surgery import apply_surgery
 
 
 def test_replace_infers_input_size_by_dry_forward() -> None:

@@ -16,10 +16,10 @@ from conftest import main_here, read_json, run_cli
 from hydra import compose, initialize_config_dir
 
 from finetune import locations
+from finetune.commands.report import main as report_main
+from finetune.compose.prepare import prepare, sweeper_problem
 from finetune.errors import ConfigError
-from finetune.prepare import prepare, sweeper_problem
-from finetune.report import main as report_main
-from finetune.leaderboard import report
+from finetune.sweeps.leaderboard import report
 
 TINY = ["recipe=base", "data=fake", "data.fake_size=80", "data.fake_classes=4",
         "data.batch_size=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
@@ -142,7 +142,7 @@ def test_unreadable_job_dirs_are_listed_and_the_rest_ranked(sweep: Path, tmp_pat
         "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
             f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
             for p, c in zip("abcdef", "bcdefg", strict=True)))
-    code, out, err = main_here("finetune.report", str(copy), capsys=capsys)
+    code, out, err = main_here("report", str(copy), capsys=capsys)
     assert code == 0, err
     by_job = {j.dir.name: j for j in report(copy)["jobs"]}
     assert [by_job[n].status for n in "012"] == ["unreadable"] * 3
@@ -167,12 +167,12 @@ def test_report_of_a_folder_without_jobs_says_so(tmp_path: Path,
             report_main(argv)
         assert stopped.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith("finetune.report: error:") and message in err
+        assert err.startswith("finetune report: error:") and message in err
         assert len(err.strip().splitlines()) == 1
     report_main(["--help"])
     shown = capsys.readouterr().out
-    assert shown.startswith("finetune.report: the leaderboard of a sweep")
-    assert "usage: python -m finetune.report SWEEP_OR_RUN_DIR [metric=val/acc] [out=DIR]" in shown
+    assert shown.startswith("finetune report: the leaderboard of a sweep")
+    assert "usage: finetune report SWEEP_OR_RUN_DIR [metric=val/acc] [out=DIR]" in shown
 
 
 def _compose(*overrides: str):
@@ -243,7 +243,7 @@ def test_a_recipe_cannot_reach_past_its_search(tmp_path: Path) -> None:
 
 def test_ranking_follows_the_metric_direction(tmp_path: Path) -> None:
     """Accuracy: highest first; loss: lowest first; jobs without the metric last."""
-    from finetune.leaderboard import Job, rank
+    from finetune.sweeps.leaderboard import Job, rank
 
     jobs = [Job(tmp_path / str(i), "complete", values={"val/acc": acc, "val/loss": loss})
             for i, (acc, loss) in enumerate([(0.5, 0.9), (0.9, 0.2), (0.7, 0.4)])]
@@ -260,7 +260,7 @@ def test_the_jobs_learn_the_sweeps_split_points() -> None:
     split points when it gives them (as the sweepers run them), else the search's."""
     from omegaconf import OmegaConf
 
-    from finetune.sweep_callback import swept_split_points
+    from finetune.sweeps.callback import swept_split_points
 
     def of(task: list[str], params: dict) -> list[str]:
         return swept_split_points(OmegaConf.create(

@@ -18,15 +18,15 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv as timm_adapt_input_conv
 from timm.optim import param_groups_layer_decay
 
-from finetune.builder import assemble
+from finetune.commands.inspect import model_listing, split_points
+from finetune.compose.prepare import compose_config
 from finetune.errors import FinetuneError
-from finetune.inspect import model_listing, split_points
-from finetune.model_sources import MODEL_SOURCES, classifier_paths
-from finetune.optim import layer_map
-from finetune.plan import plan_run
-from finetune.prepare import compose_config
-from finetune.provenance import LoadReport
-from finetune.weights import adapt_input_conv, load_matching, resample_pos_embed
+from finetune.models.builder import assemble
+from finetune.models.sources import MODEL_SOURCES, classifier_paths
+from finetune.training.optim import layer_map
+from finetune.training.plan import plan_run
+from finetune.weights.load_report import LoadReport
+from finetune.weights.loading import adapt_input_conv, load_matching, resample_pos_embed
 from tests.conftest import (
     SHRINK,
     problems_here,
@@ -314,7 +314,7 @@ def test_vit_split_freezes_the_tokens_before_the_blocks() -> None:
     """train_from=blocks.1 freezes the class token and position embedding (the model's own
     parameters, used before the blocks) with the patch embedding; train_from=patch_embed,
     the first child, trains them."""
-    from finetune.freezing import plan_freeze
+    from finetune.training.freezing import plan_freeze
 
     model = timm.create_model("test_vit", num_classes=3)
     plan = plan_freeze(model, "blocks.1")

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune.artifacts import file_sha256
+from finetune.rundir.artifacts import file_sha256
 from tests.conftest import (
     QUICK,
     SHRINK,
@@ -47,7 +47,12 @@ def quickstart_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def test_a_source_run_is_reused_only_while_it_matches_its_record(
         quickstart_runs: list[Path], tmp_path: Path) -> None:
-    from finetune.sources import SOURCE_RECORD, SourceNotTrained, _source_verified, _train_or_reuse
+    from finetune.weights.readers import (
+        SOURCE_RECORD,
+        SourceNotTrained,
+        _source_verified,
+        _train_or_reuse,
+    )
 
     source = next((quickstart_runs[0].parents[2] / "home" / "sources").glob("digits_source-*"))
     key = source.name.rpartition("-")[2]
@@ -129,8 +134,8 @@ def test_quickstart_writes_every_artifact(quickstart_runs: list[Path]) -> None:
 def test_a_real_lightning_checkpoint_loads_bit_identical(quickstart_runs: list[Path]) -> None:
     from omegaconf import OmegaConf
 
-    from finetune.config import WeightsConfig
-    from finetune.weights import load_weights
+    from finetune.compose.schema import WeightsConfig
+    from finetune.weights.loading import load_weights
 
     run = quickstart_runs[0]
     model = torchvision.models.resnet18(num_classes=5)
@@ -275,8 +280,8 @@ def test_missing_logger_package_says_how_to_install(tmp_path: Path) -> None:
 def test_a_home_path_works_as_in_a_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          ) -> None:
     """`data.root=~/photos`: Hydra's grammar alone stops at the `~`; the home is expanded."""
-    from finetune.plan import plan_run
-    from finetune.prepare import compose_config
+    from finetune.compose.prepare import compose_config
+    from finetune.training.plan import plan_run
     from tests.conftest import write_digit_images
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -330,7 +335,7 @@ def test_output_is_finetunes_own_unless_debug(level: str, tmp_path: Path,
 def test_the_checkpoint_policy_keeps_what_it_says(tmp_path: Path) -> None:
     """checkpoint.keep and checkpoint.optimizer: best.ckpt holds weights only, identical
     files are stored once, a weights-only checkpoint is refused as a resume in one line."""
-    from finetune.training import checkpoints_kept
+    from finetune.training.run import checkpoints_kept
 
     assert (checkpoints_kept("auto", sweep=False), checkpoints_kept("auto", sweep=True)) == (
         "last", "none")

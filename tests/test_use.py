@@ -13,14 +13,14 @@ import torchvision
 from safetensors.torch import load_file
 
 import finetune
+from finetune.commands.export import export
 from finetune.errors import FinetuneError
-from finetune.export import export
 from tests.conftest import (
     QUICK,
     SHRINK,
     main_here,
     read_json,
-    run_cli,
+    run_console,
     train_here,
     write_digit_images,
 )
@@ -62,10 +62,10 @@ def test_load_rebuilds_the_surgery_model(trained: tuple[Path, Path, Path]) -> No
 
 
 def test_predict_equals_the_training_validation(trained: tuple[Path, Path, Path]) -> None:
-    """The true CLI (`python -m finetune.predict`), as README shows it."""
+    """The true CLI (the `finetune predict` console script), as README shows it."""
     cwd, images, run = trained
-    result = run_cli(f"run={run}", f"input={images / 'val'}", "output=preds.csv", "topk=2",
-                     cwd=cwd, module="finetune.predict")
+    result = run_console("predict", f"run={run}", f"input={images / 'val'}", "output=preds.csv",
+                         "topk=2", cwd=cwd)
     assert result.returncode == 0, result.stderr
     with open(cwd / "preds.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -88,7 +88,7 @@ def test_unreadable_images_are_listed_and_skipped(trained: tuple[Path, Path, Pat
     for path in sorted((images / "val" / "7").glob("*.png"))[:3]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "broken.png").write_bytes(b"not an image")
-    code, out, err = main_here("finetune.predict", f"run={run}", f"input={folder}",
+    code, out, err = main_here("predict", f"run={run}", f"input={folder}",
                                f"output={tmp_path / 'p.csv'}", capsys=capsys)
     assert code == 0, err
     assert "skipped unreadable image" in err and "broken.png" in err
@@ -96,14 +96,14 @@ def test_unreadable_images_are_listed_and_skipped(trained: tuple[Path, Path, Pat
     api = finetune.predict(run, folder, topk=1)
     assert len(api.rows) == 3 and [Path(p).name for p, _ in api.unreadable] == ["broken.png"]
     # an image over the limit is listed like an undecodable one (16x16 = 256 pixels)
-    code, out, err = main_here("finetune.predict", f"run={run}", f"input={folder}",
+    code, out, err = main_here("predict", f"run={run}", f"input={folder}",
                                f"output={tmp_path / 'q.csv'}", "max_pixels=255", capsys=capsys)
     assert code == 2 and err.count("256 pixels, over the limit of 255") == 3, err
     assert f"error: input={folder}: none of its 4 images could be read" in err
     assert not (tmp_path / "q.csv").exists()
-    code, _, err = main_here("finetune.predict", f"run={run}", f"input={folder}",
+    code, _, err = main_here("predict", f"run={run}", f"input={folder}",
                              "max_pixels=256", f"output={tmp_path}", capsys=capsys)
-    assert (code, err) == (2, f"finetune.predict: error: output={tmp_path}: is a folder; give a "
+    assert (code, err) == (2, f"finetune predict: error: output={tmp_path}: is a folder; give a "
                               f"file name, e.g. output={tmp_path / 'predictions.csv'}\n")
 
 
@@ -114,7 +114,7 @@ def test_export_with_parity(trained: tuple[Path, Path, Path], tmp_path: Path, fm
         pytest.skip("the onnx extra is not installed")
     _, _, run = trained
     target = tmp_path / f"model.{fmt}"
-    code, out, err = main_here("finetune.export", f"run={run}", f"format={fmt}",
+    code, out, err = main_here("export", f"run={run}", f"format={fmt}",
                                f"output={target}", capsys=capsys)
     assert code == 0, err[-2000:]
     assert "max abs difference" in out
@@ -171,8 +171,8 @@ def test_rerun_reproduces_the_run_exactly(trained: tuple[Path, Path, Path]) -> N
 def test_a_pickled_model_object_is_refused_with_how_to_convert(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from finetune.config import WeightsConfig
-    from finetune.weights import load_weights
+    from finetune.compose.schema import WeightsConfig
+    from finetune.weights.loading import load_weights
 
     path = tmp_path / "whole_model.pth"
     torch.save(torchvision.models.resnet18(), path)  # the pickled object, not a state dict
@@ -225,7 +225,7 @@ def test_export_and_predict_never_write_through_a_planted_link(
     assert victim.read_text() == "keep me"
     assert not [p for p in copy.iterdir() if p.name.startswith(".model.")], "no staging left"
     (copy / "preds.csv").symlink_to(victim)
-    code, _, err = main_here("finetune.predict", f"run={copy}", f"input={images / 'val'}",
+    code, _, err = main_here("predict", f"run={copy}", f"input={images / 'val'}",
                              f"output={copy / 'preds.csv'}", capsys=capsys)
     assert code == 2 and "is a symbolic link" in err, err
     assert victim.read_text() == "keep me"
@@ -236,7 +236,7 @@ def test_a_received_manifest_passes_the_gate(trained: tuple[Path, Path, Path],
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """What predict and export rebuild from a manifest (builder arguments, surgery) is gated
     like a recipe; a manifest that is not JSON is one sentence."""
-    from finetune.artifacts import file_sha256
+    from finetune.rundir.artifacts import file_sha256
 
     _, images, run = trained
     copy = _received_copy(run, tmp_path)
@@ -250,21 +250,21 @@ def test_a_received_manifest_passes_the_gate(trained: tuple[Path, Path, Path],
     assert [p.split(": ", 2)[1] for p in refused.value.problems] == [
         "model.kwargs.weights", "surgery[0].module.type"]
     (copy / "manifest.json").write_text(json.dumps(manifest)[:100])  # truncated
-    code, _, err = main_here("finetune.predict", f"run={copy}", f"input={images / 'val'}",
+    code, _, err = main_here("predict", f"run={copy}", f"input={images / 'val'}",
                              capsys=capsys)
     assert code == 2
     assert err.strip().splitlines() == [
-        f"finetune.predict: error: manifest {copy / 'manifest.json'}: not valid JSON "
+        f"finetune predict: error: manifest {copy / 'manifest.json'}: not valid JSON "
         + err.split("not valid JSON ", 1)[1].strip()]
 
 
 def test_train_runs_in_process_and_predict_stays_a_function(tmp_path: Path) -> None:
     """finetune.train: the run a CLI command makes, in this process (no subprocess), in the
-    dir asked for; finetune.predict is the API function even after `import
-    finetune.predict` (the CLI module)."""
-    import importlib
+    dir asked for; finetune.predict is the API function, and no module of that name can
+    shadow it (the command is finetune/commands/predict.py)."""
+    import importlib.util
 
-    importlib.import_module("finetune.predict")
+    assert importlib.util.find_spec("finetune.predict") is None and callable(finetune.predict)
     result = finetune.train("quickstart", ["weights.source=none", *SHRINK],
                             run_dir=tmp_path / "run")
     assert result.run_dir == (tmp_path / "run").resolve()

@@ -9,12 +9,12 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from finetune import heads
-from finetune.config import WeightsConfig
+from finetune.compose.schema import WeightsConfig
 from finetune.errors import FinetuneError
-from finetune.provenance import LoadReport
-from finetune.sources import read_torchvision
-from finetune.weights import load_matching, load_weights
+from finetune.models import heads
+from finetune.weights.load_report import LoadReport
+from finetune.weights.loading import load_matching, load_weights
+from finetune.weights.readers import read_torchvision
 from tests.conftest import save_torchvision_checkpoint, trust_weights_file
 
 
@@ -223,8 +223,8 @@ def test_require_stops_before_training_naming_the_mismatch(tmp_path: Path) -> No
 
 
 def test_file_url_is_cached_under_its_sha256_and_pinned(tmp_path: Path, monkeypatch) -> None:
-    from finetune.artifacts import file_sha256
-    from finetune.sources import cached_download, downloads_dir, hub_path
+    from finetune.rundir.artifacts import file_sha256
+    from finetune.weights.readers import cached_download, downloads_dir, hub_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "finetune_home"))
@@ -275,7 +275,7 @@ def test_torchvision_cache_file_is_checked_against_the_hash_in_its_name(
 
 
 def test_one_channel_first_conv_is_adapted_and_keeps_outputs(tmp_path: Path) -> None:
-    from finetune.surgery import apply_surgery
+    from finetune.models.surgery import apply_surgery
 
     state = _resnet18_state()
     path = tmp_path / "w.pth"

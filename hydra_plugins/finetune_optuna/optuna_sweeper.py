@@ -36,7 +36,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="finetune_optuna",
 
 class FinetuneOptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
-        from finetune.study_sweeper import StudySweeper
+        from finetune.sweeps.optuna_sweeper import StudySweeper
 
         self.sweeper = StudySweeper(**settings)
 

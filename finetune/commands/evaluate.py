@@ -1,0 +1,184 @@
+"""`finetune evaluate run=RUN_DIR [data=... data.root=... | data.KEY=...]
+[split=auto|test|val|train|all] [calibrate=true] [output=DIR] [batch_size=64]`
+
+Evaluates a finished run on labelled data: by default the run's own data (the split it never
+trained on: test when it has one, else val), or any data given with data= / data.* (its
+test split when it has one, else all of it). Classes are matched by name (the data may hold a
+subset of the run's classes). Writes eval.json (accuracy, top-5, per-class precision /
+recall / F1 / support, macro and weighted averages, the confusion matrix in counts and
+normalized, the ECE over 15 bins and the reliability table, the most confidently wrong
+images) and eval_predictions.csv into the run dir (or output=DIR), and rebuilds its
+report.html. calibrate=true first fits a temperature on the run's own validation split and
+records it in the manifest: predict and export apply it from then on; eval.json shows the
+figures before and after.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune.cli import help_text, parse_args, usage, wants_help
+from finetune.errors import ConfigError, FinetuneError, run_entry_point
+
+COMMAND = "evaluate"
+ARGS: dict[str, str | None] = {"run": None, "split": "auto", "calibrate": "false",
+                               "output": "", "batch_size": "64"}
+SPLITS = ("auto", "test", "val", "train", "all")
+EVAL = "eval.json"  # (html_report.EVAL_FILE: the run's page shows it)
+EVAL_PREDICTIONS = "eval_predictions.csv"
+
+
+def data_config(recorded: dict[str, Any] | None, overrides: list[str]) -> Any:
+    """The data group to evaluate on: the run's recorded one (gated like a received recipe),
+    or, when `overrides` name any data key, that data alone, composed as a run would be."""
+    from omegaconf import OmegaConf
+
+    from finetune.compose import gate
+
+    if overrides:
+        from finetune.compose.prepare import compose_config
+
+        cfg, _ = compose_config(overrides)
+        return cfg.data
+    if not isinstance(recorded, dict):
+        raise FinetuneError("run: its manifest records no data config; give the data to "
+                            "evaluate on: data=imagefolder data.root=PATH")
+    problems = gate.recipe_problems({"data": recorded}, "run: its recorded data config")
+    if problems:
+        raise ConfigError(problems)
+    from finetune.compose.schema import DataConfig
+
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), recorded)
+
+
+def label_map(data_classes: list[str], run_classes: list[str]) -> list[int]:
+    """The run's class index of each data class (matched by name)."""
+    unknown = [c for c in data_classes if c not in run_classes]
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        raise FinetuneError(f"data: the class{'es' if len(unknown) > 1 else ''} {shown} "
+                            f"{'are' if len(unknown) > 1 else 'is'} not among the run's "
+                            f"{len(run_classes)} classes ({', '.join(run_classes[:12])}); "
+                            "leave them out with data.classes=[...], or evaluate a run trained "
+                            "on them")
+    return [run_classes.index(c) for c in data_classes]
+
+
+def choose_split(split: str, data: Any, own: bool) -> str:
+    """`auto`: test when the data has a test split; else val for the run's own data (the
+    rest it trained on), all of it for other data."""
+    if split != "auto":
+        if split == "test" and data.test_set is None:
+            raise FinetuneError("split=test: this data has no test split (a test/ folder, a "
+                                "split column, or data.test_fraction); use split=val or all")
+        return split
+    if data.test_set is not None:
+        return "test"
+    return "val" if own else "all"
+
+
+def calibrate_on_val(model: Any, recorded: dict[str, Any] | None, batch_size: int,
+                     own: Any = None) -> dict[str, Any]:
+    """Fit the temperature on the run's own validation split (as the run split it); `own`:
+    the run's own datamodule when it is already built."""
+    from finetune.data.datamodule import build_datamodule
+    from finetune.rundir.evaluation import collect, fit_temperature, item_names
+
+    manifest = model.manifest
+    if own is None:
+        own = build_datamodule(data_config(recorded, []), model.preprocessing, manifest.seed)
+    outputs = collect(model, own.eval_dataset("val"), batch_size,
+                      item_names(own.val_set), label_map(own.class_names, model.class_names))
+    temperature = fit_temperature(outputs.logits, outputs.labels)
+    return {"temperature": temperature, "fitted_on": "val", "images": len(outputs.labels)}
+
+
+def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto",
+                 calibrate: bool = False, output: str | Path | None = None,
+                 batch_size: int = 64) -> tuple[dict[str, Any], Path]:
+    """Evaluate a run dir (see the module doc); returns (eval.json's content, its path)."""
+    from finetune.data.datamodule import build_datamodule
+    from finetune.rundir import artifacts, evaluation, html_report
+    from finetune.rundir.inference import load_run
+
+    if split not in SPLITS:
+        raise FinetuneError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    model = load_run(run)
+    manifest = model.manifest
+    if not model.class_names:
+        raise FinetuneError(f"run={run}: a feature extractor (head: none) has no classes to "
+                            "evaluate")
+    if manifest.task == "multilabel":
+        raise FinetuneError(f"run={run}: evaluate measures one-class-per-image runs; a "
+                            "task=multilabel run's mAP and per-label F1 are in its metrics.json")
+    recorded = (manifest.config or {}).get("data")
+    data_cfg = data_config(recorded, list(overrides))
+    data = build_datamodule(data_cfg, model.preprocessing, manifest.seed)
+    chosen = choose_split(split, data, not overrides)
+    mapping = label_map(data.class_names, model.class_names)
+    calibration = calibrate_on_val(model, recorded, batch_size,
+                                   None if overrides else data) if calibrate else None
+    temperature = calibration["temperature"] if calibration else manifest.temperature
+    dataset = data.eval_dataset(chosen)
+    result, outputs = evaluation.evaluate(model, dataset, model.class_names, temperature,
+                                          batch_size, mapping)
+    if temperature != 1.0:
+        plain = evaluation.metrics(outputs, model.class_names, 1.0)
+        result["uncalibrated"] = {k: plain[k] for k in ("ece", "loss", "acc")}
+    result = {"run": str(Path(run).resolve()), "split": chosen,
+              "data": {"name": data_cfg.name, "root": data_cfg.get("root"),
+                       "overrides": list(overrides)},
+              **({"calibration": calibration} if calibration else {}), **result}
+    out_dir = Path(output).expanduser() if output else Path(run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if calibration:  # predict and export apply it from now on
+        manifest.temperature = temperature
+        manifest.calibration = calibration
+        manifest.write(Path(run))
+    reliability = out_dir / "eval_reliability.png"
+    from finetune.rundir import plots
+
+    plots.plot_reliability(result["reliability"], reliability, f"{chosen} split")
+    result["reliability_png"] = html_report.png_uri(reliability)
+    artifacts.write_csv(out_dir / EVAL_PREDICTIONS, evaluation.PREDICTION_HEADER,
+                        evaluation.predictions_rows(outputs, model.class_names, temperature))
+    artifacts.write_json(out_dir / EVAL, result)
+    if out_dir.resolve() == Path(run).resolve():
+        html_report.write_run_report(Path(run))
+    return result, out_dir / EVAL
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(help_text(COMMAND, __doc__.split("\n\n", 1)[1]))
+        return
+    data_args = [a for a in argv if a.startswith(("data=", "data.", "+data.", "++data."))]
+    try:
+        args = parse_args([a for a in argv if a not in data_args], ARGS, usage(COMMAND))
+        try:
+            batch_size = int(args["batch_size"])
+        except ValueError:
+            raise FinetuneError(f"batch_size is a whole number; {usage(COMMAND)}") from None
+        calibrate = args["calibrate"].lower()
+        if calibrate not in ("true", "false") or batch_size < 1:
+            raise FinetuneError(f"calibrate is true or false and batch_size >= 1; "
+                                f"{usage(COMMAND)}")
+        result, path = evaluate_run(args["run"], data_args, args["split"], calibrate == "true",
+                                    args["output"] or None, batch_size)
+    except FinetuneError as err:
+        for line in err.problems:
+            print(f"finetune {COMMAND}: error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    line = (f"finetune {COMMAND}: {result['split']} split, {result['images']} images: acc "
+            f"{result['acc']:.4f}, macro F1 {result['macro/f1']:.4f}, ECE {result['ece']:.4f}")
+    if "uncalibrated" in result:
+        line += (f" (temperature {result['temperature']:g}; before: ECE "
+                 f"{result['uncalibrated']['ece']:.4f})")
+    print(f"{line}\n  {path}")
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

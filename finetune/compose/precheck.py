@@ -1,0 +1,132 @@
+"""The checks a run makes that need neither torch nor the model: run by the CLI before it
+imports torch (a wrong path or value is one line in about a second, and leaves nothing
+behind), and again inside the plan with everything else (finetune.validate)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from finetune.compose.ranges import range_problems
+from finetune.data.formats import FORMATS, label_sets_problem
+from finetune.training.loggers import LOGGERS
+from finetune.weights.sources import source_of
+
+BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
+
+
+def mix_enabled(data: Any) -> bool:
+    """Whether `data.mix` mixes anything (finetune/mixing.py does it)."""
+    mix = data.get("mix") if data is not None else None
+    return bool(mix) and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) and mix.prob > 0
+
+
+def num_classes_problem(configured: int | None, class_names: list[str]) -> str | None:
+    """head.num_classes against the data's classes (null follows the data)."""
+    if configured is None or configured == len(class_names):
+        return None
+    return (f"head.num_classes={configured} but the data has {len(class_names)} classes "
+            f"({', '.join(class_names[:12])}); set head.num_classes={len(class_names)}, or "
+            "null to follow the data")
+
+
+def single_class_problem(class_names: list[str], where: str) -> str | None:
+    """A classifier needs two classes at least."""
+    if len(class_names) >= 2:
+        return None
+    return (f"data: only one class ({', '.join(class_names) or 'none'}) in {where}; a "
+            "classifier needs at least two: add a folder of other images (for a yes/no model, "
+            "one of negatives) or list more in data.classes")
+
+
+def multilabel_problems(cfg: Any) -> list[str]:
+    """What task=multilabel does not take, one sentence each."""
+    problems = []
+    if cfg.loss.class_weights is not None:
+        problems.append("loss.class_weights is for one class per image; with task=multilabel "
+                        "weigh each label's positives with loss.pos_weight (auto or a list)")
+    if cfg.data.sampler == "balanced":
+        problems.append("data.sampler=balanced draws classes equally, which label sets do not "
+                        "have; with task=multilabel use loss.pos_weight=auto")
+    if cfg.data.get("limit_per_class"):
+        problems.append("data.limit_per_class counts images of one class; it does not apply to "
+                        "task=multilabel")
+    if mix_enabled(cfg.data):
+        problems.append("data.mix (MixUp / CutMix) is not supported with task=multilabel yet: "
+                        "drop it")
+    if cfg.loss.label_smoothing:
+        problems.append("loss.label_smoothing is for one class per image; it does not apply to "
+                        "task=multilabel")
+    if cfg.trainer.early_stopping.patience is not None and \
+            cfg.trainer.early_stopping.monitor == "val/acc_top5":
+        problems.append("trainer.early_stopping.monitor=val/acc_top5 is not measured with "
+                        "task=multilabel; monitor val/loss, val/acc or val/f1")
+    if cfg.metric == "val/acc_top5":
+        problems.append("metric=val/acc_top5 is not measured with task=multilabel; use val/mAP")
+    problem = label_sets_problem(cfg.data.name)
+    return problems + ([problem] if problem else [])
+
+
+def config_problems(cfg: Any) -> list[str]:
+    """Problems of the composed config alone: the weight source's (unless it needs the
+    model: validate asks it then), the data's paths, the schedule, the optimizer, the
+    logger's package, the augmentations."""
+    problems = range_problems(cfg)
+    source = source_of(cfg)
+    if not source.needs_model:
+        problems += source.problems(cfg)
+    data_format = FORMATS[cfg.data.name]
+    data_problems = data_format.problems(cfg.data)
+    problems += data_problems
+    multilabel = cfg.get("task") == "multilabel"
+    if multilabel:
+        problems += multilabel_problems(cfg)
+    if cfg.head.type != "none" and cfg.head.num_classes is not None and not data_problems \
+            and cfg.head.num_classes >= 1 and not multilabel:
+        names = data_format.class_names(cfg.data)
+        if names is not None:
+            problem = (single_class_problem(names, cfg.data.get("root") or cfg.data.name)
+                       or num_classes_problem(cfg.head.num_classes, names))
+            problems += [problem] if problem else []
+    epochs = cfg.sched.epochs or cfg.trainer.max_epochs
+    for i, phase in enumerate(cfg.freeze.unfreeze):
+        if phase.epoch >= epochs:
+            problems.append(f"freeze.unfreeze[{i}]: epoch {phase.epoch} is never reached (the "
+                            f"run has {epochs} epochs, 0..{epochs - 1}); lower it or raise "
+                            "trainer.max_epochs")
+    every, max_epochs = cfg.trainer.check_val_every_n_epoch, cfg.trainer.max_epochs
+    if isinstance(every, int) and isinstance(max_epochs, int) and 1 <= max_epochs < every \
+            and cfg.trainer.limit_val_batches != 0:
+        problems.append(f"trainer.check_val_every_n_epoch={every} but the run has {max_epochs} "
+                        "epoch(s): it would never validate (no metrics, nothing to rank); lower "
+                        "it, or set trainer.limit_val_batches=0 to train without validation on "
+                        "purpose")
+    stopping = cfg.trainer.early_stopping
+    if stopping.patience is not None and cfg.trainer.limit_val_batches == 0:
+        problems.append("trainer.early_stopping needs validation, and trainer.limit_val_batches"
+                        "=0 runs none: give validation batches, or patience=null")
+    ema_start = cfg.model.ema.start_epoch
+    if cfg.model.ema.decay is not None and isinstance(ema_start, int) and ema_start >= epochs:
+        problems.append(f"model.ema.start_epoch={ema_start} is never reached (the run has "
+                        f"{epochs} epochs, 0..{epochs - 1}): the EMA would never be updated; "
+                        "lower it or raise trainer.max_epochs")
+    if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
+        problems.append("optim.nesterov=true needs optim.name=sgd with optim.momentum > 0")
+    package = LOGGERS[cfg.logger.name].package
+    if package and importlib.util.find_spec(package) is None:
+        problems.append(f"logger={cfg.logger.name} needs the {package} package: "
+                        f"pip install 'finetune[{cfg.logger.name}]'")
+    for i, entry in enumerate(cfg.data.augment):
+        name = entry if isinstance(entry, str) else OmegaConf.select(entry, "type")
+        if name in BATCH_MIXES:
+            key = "mixup_alpha: 0.2" if name == "MixUp" else "cutmix_alpha: 1.0"
+            problems.append(f"data.augment[{i}]: {name} mixes pairs of images and their labels "
+                            "across a batch, which a per-image augmentation cannot do; remove "
+                            f"it and set data.mix: {{{key}}} (applied to each training batch)")
+    if mix_enabled(cfg.data) and str(cfg.freeze.cache).lower() == "true":
+        problems.append("freeze.cache=true but data.mix mixes images: the frozen layers see "
+                        "other inputs every step, so their outputs cannot be computed once; "
+                        "use freeze.cache=auto (off here) or drop data.mix")
+    return problems

@@ -1,0 +1,428 @@
+"""Typed schema of every config group, recipe lookup, and compose-time checks.
+
+Nothing here imports torch: `--help` and `--cfg job` stay fast.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from finetune.compose import allowlist
+from finetune.errors import did_you_mean
+from finetune.extensions import TABLES
+from finetune.locations import CONF_DIR
+from finetune.sweeps.study import PRUNERS
+
+
+@dataclass
+class EmaConfig:
+    decay: float | None = None  # None: off
+    start_epoch: int = 0
+
+
+@dataclass
+class ModelConfig:
+    source: str = "torchvision"
+    name: str = "resnet18"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    channels_last: bool = False
+    compile: bool = False
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+@dataclass
+class WeightsConfig:
+    source: str = "none"
+    name: str = "DEFAULT"
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    recipe: str | None = None
+    recipe_overrides: list[str] = field(default_factory=list)
+    repo: str | None = None  # hf_hub: org/name
+    revision: str | None = None  # timm / hf_hub: a branch, tag or commit (null: main)
+    file: str | None = None  # hf_hub: the weights file in the repo (null: model.safetensors)
+    strip_prefix: str = "auto"
+    rename: dict[str, str] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+    require: list[str] = field(default_factory=list)
+    on_shape_mismatch: str = "skip"
+    min_loaded: float = 0.5
+
+
+@dataclass
+class HeadConfig:
+    type: str = "classifier"
+    num_classes: int | None = None
+    dropout: float = 0.0
+    hidden: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PhaseConfig:
+    """One entry of freeze.unfreeze."""
+
+    epoch: int = MISSING
+    train_from: Any = None
+    modules: Any = None
+    name: str | None = None
+    lr: float | None = None
+    lr_mult: float | None = None
+    warmup_epochs: int = 0
+
+
+@dataclass
+class FreezeConfig:
+    train_from: Any = None
+    modules: list[Any] = field(default_factory=list)
+    bn: str = "frozen"
+    unfreeze: list[PhaseConfig] = field(default_factory=list)
+    cache: Any = "auto"  # auto | true | false (YAML may give a bool)
+    cache_dir: str | None = None
+
+
+@dataclass
+class GroupConfig:
+    """One entry of optim.groups."""
+
+    modules: Any = MISSING
+    name: str | None = None
+    lr: float | None = None
+    lr_mult: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    alpha: float = 0.99
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm"])
+    groups: list[GroupConfig] = field(default_factory=list)
+    layer_decay: float | None = None
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    epochs: int | None = None
+    warmup_epochs: int = 0
+    step_size: int = 10
+    gamma: float = 0.1
+    patience: int = 2
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0
+    class_weights: Any = None  # null | auto | a weight per class
+    pos_weight: Any = None  # task=multilabel: null | auto | a weight per label
+    aux_weight: float = 0.4
+
+
+@dataclass
+class MixConfig:
+    mixup_alpha: float = 0.0  # 0: off
+    cutmix_alpha: float = 0.0  # 0: off
+    prob: float = 1.0  # of a batch being mixed
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    classes: list[Any] | None = None
+    image_size: int | None = None
+    batch_size: int = 32
+    val_fraction: float = 0.2
+    test_fraction: float | None = None  # a stratified test split held out first (null: none)
+    folds: int | None = None  # k-fold cross-validation: K folds (null: one val_fraction split)
+    fold: int = 0  # which fold is the validation set, 0..K-1
+    num_workers: Any = "auto"
+    train_size: int | None = None
+    channels: int = 3
+    interpolation: str | None = None  # null: the weights' (timm's bicubic, torchvision's)
+    crop_pct: float | None = None  # null: the weights' crop / resize ratio
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    augment: list[Any] = field(default_factory=list)
+    fake_size: int = 256
+    fake_classes: int = 10
+    on_bad_image: str = "skip"
+    max_image_pixels: int = 89_478_485
+    decode_cache: Any = "auto"  # auto | true | false: image files decoded once (decoded.py)
+    sampler: str = "shuffle"
+    mix: MixConfig = field(default_factory=MixConfig)
+    limit_per_class: dict[Any, Any] = field(default_factory=dict)  # class -> at most N images
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str = "val/loss"
+    patience: int | None = None  # None: off
+    mode: str = "auto"
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    precision: str = "32-true"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    deterministic: Any = False
+    enable_progress_bar: bool = True
+    num_sanity_val_steps: int = 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"
+
+
+@dataclass
+class CheckpointConfig:
+    keep: str = "auto"
+    optimizer: bool = True
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "last"  # weights the test split evaluates: last (model.safetensors) | best
+    report: bool = True  # write report.html at the end of the run
+
+
+@dataclass
+class PrunerConfig:
+    name: str = "none"  # none | median | halving (finetune/study.py PRUNERS)
+    warmup_epochs: int = 1  # median: epochs every trial runs before it can be pruned
+    startup_trials: int = 2  # median: trials that finish before any is pruned
+    min_epochs: int = 1  # halving: epochs before the first rung
+    reduction_factor: int = 3  # halving: 1 in this many trials goes on at each rung
+
+
+@dataclass
+class SweepConfig:
+    """The shared Optuna study of `sweep=optuna` (finetune/study.py)."""
+
+    storage: str | None = None  # null: SQLite in the sweep dir; an SQLAlchemy URL
+    study_name: str | None = None  # null: "finetune" (the sweep dir's own study)
+    heartbeat: int = 30  # seconds between a running trial's heartbeats
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    trial: int | None = None  # the trial a job runs: set by the sweeper, never by a recipe
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    surgery: list[Any] = field(default_factory=list)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    seed: int = 0
+    resume: str | None = None
+    metric: str = "val/acc"
+    log_level: str = "info"
+    task: str = "multiclass"
+
+
+# Keys whose value names an entry of an extension table (finetune/extensions.py): adding an
+# entry adds the choice. Each table module makes its table and registers it in TABLES;
+# finetune.plugins.load() imports them all (and the installed plugins) before a choice is checked.
+TABLE_KEYS = ("weights.source", "model.source", "data.name", "sched.name", "freeze.bn",
+              "logger.name")
+
+# Keys whose value is one of a closed set; checked at compose time with nearest matches.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "head.type": ("classifier", "none"),
+    "data.channels": (1, 3),
+    "data.interpolation": (None, "nearest", "bilinear", "bicubic", "lanczos"),
+    "weights.on_shape_mismatch": ("skip", "error"),
+    "optim.name": ("sgd", "adam", "adamw", "rmsprop"),  # finetune/registry.py OPTIMIZERS
+    "data.on_bad_image": ("skip", "error"),
+    "data.sampler": ("shuffle", "balanced"),
+    "log_level": ("info", "debug"),
+    "checkpoint.keep": ("auto", "last", "best", "both", "none"),
+    "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
+    "task": ("multiclass", "multilabel"),
+    "eval.checkpoint": ("last", "best"),
+    "sweep.pruner.name": PRUNERS,  # finetune/study.py
+    "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
+    "trainer.early_stopping.mode": ("auto", "min", "max"),
+}
+
+
+def choices_of(path: str) -> tuple[Any, ...] | None:
+    """The values `path` may take, read from its table now (None: any value of its type)."""
+    if path in TABLE_KEYS:
+        if path not in TABLES:  # a programming error: the caller skipped finetune.plugins.load
+            raise RuntimeError(f"the table of {path} is not loaded; call "
+                               "finetune.plugins.load() before checking a choice")
+        return tuple(TABLES[path])
+    return CHOICES.get(path)
+
+
+# Config groups a user selects with `group=option` (files under conf/<group>/).
+GROUPS = ("data", "logger", "sweep")
+SCHEMA_NAME = "finetune_schema"
+BASE_RECIPE = "base"
+
+
+def run_suffix() -> str:
+    """Four hex digits that tell apart run dirs started in the same second (`${run_suffix:}`
+    in hydra.run.dir; cached, so one process and its sweep jobs see one value)."""
+    return secrets.token_hex(2)
+
+
+if not OmegaConf.has_resolver("run_suffix"):
+    OmegaConf.register_new_resolver("run_suffix", run_suffix, use_cache=True)
+
+
+def register_schema() -> None:
+    """Store the top-level schema that conf/config.yaml extends."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+
+
+def register_base_recipe() -> None:
+    """`recipe=base` (the default): conf/config.yaml alone, with no recipe on top."""
+    ConfigStore.instance().store(group="recipe", name=BASE_RECIPE, node={}, package="_global_")
+
+
+# ---------------------------------------------------------------------------------------
+# Compose-time checks: every problem in the recipe and the overrides, one line each.
+
+
+def _schema_at(path: str) -> Any:
+    """The schema object at dotted `path` (a dataclass instance or a default value), or MISSING."""
+    node: Any = Config()
+    for part in path.split("."):
+        if not is_dataclass(node) or part not in {f.name for f in fields(node)}:
+            return MISSING
+        node = getattr(node, part)
+    return node
+
+
+def check_key(path: str, where: str) -> str | None:
+    """None when `path` is a schema key (or inside a free-form dict), else one message."""
+    parts = path.split(".")
+    node: Any = Config()
+    for depth, part in enumerate(parts):
+        if not is_dataclass(node):
+            return None  # inside a free-form mapping such as model.kwargs
+        names = [f.name for f in fields(node)]
+        if part not in names:
+            prefix = ".".join(parts[:depth])
+            scope = f"in '{prefix}'" if prefix else "at the top level"
+            return (f"{where}: unknown key '{path}'{did_you_mean(part, names)}; valid keys "
+                    f"{scope}: {', '.join(names)}")
+        node = getattr(node, part)
+    return None
+
+
+def check_value(path: str, value: Any, where: str, probe: Any = None) -> str | None:
+    """None when `value` fits the type and choices of `path`, else one message. `probe`: a
+    structured Config to try the value on (made once per batch of checks: it is slow)."""
+    options = choices_of(path)
+    if options is not None and value not in options:
+        return (f"{where}: {path}={value!r} is not one of {', '.join(map(str, options))}"
+                f"{did_you_mean(value, options)}")
+    probe = probe if probe is not None else OmegaConf.structured(Config)
+    try:
+        OmegaConf.update(probe, path, value, merge=True)
+    except OmegaConfBaseException as err:
+        reason = str(err).splitlines()[0]
+        return f"{where}: {path}={value!r} has the wrong type ({reason})"
+    return None
+
+
+def flatten(node: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, leaf value) pairs; lists and free-form dicts count as leaves."""
+    out: list[tuple[str, Any]] = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and is_dataclass(_schema_at(path)):
+            out += flatten(value, f"{path}.")
+        else:
+            out.append((path, value))
+    return out
+
+
+def new_probe() -> Any:
+    """A structured Config to try values on (check_value); slow to make, so made once."""
+    return OmegaConf.structured(Config)
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """`a.b=v` as {a: {b: v}}: the shape import checks walk."""
+    node: Any = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    return node
+
+
+def check_overrides(overrides: list[str]) -> list[str]:
+    """Every unknown key, wrong type, bad choice or unknown group option in CLI overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    errors: list[str] = []
+    probe = None
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:
+        return [f"command line: {' '.join(str(err).split())}"]
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra") or key == "recipe" or override.is_delete():
+            continue
+        where = f"override '{override.input_line}'"
+        values = (list(override.sweep_iterator()) if override.is_sweep_override()
+                  else [override.value()])
+        nested = [allowlist.import_problems(nest(key, v), where) for v in values]
+        if any(nested):
+            errors += next(n for n in nested if n)
+            continue
+        if key in GROUPS:
+            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            errors += [f"{where}: no {key} option '{v}'{did_you_mean(v, options)}; options: "
+                       f"{', '.join(options)}" for v in values if str(v) not in options]
+            continue
+        problem = check_key(key, where)
+        if problem:
+            errors.append(problem)
+            continue
+        for value in values:
+            probe = probe if probe is not None else OmegaConf.structured(Config)
+            problem = check_value(key, value, where, probe)
+            if problem:
+                errors.append(problem)
+                break
+    return errors

@@ -1,0 +1,55 @@
+"""The eval and training transforms of a run (torchvision.transforms.v2), from its preprocessing
+and `data.augment`; the training transform is tried once on a real image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from finetune.errors import FinetuneError
+from finetune.models.backbones import Preprocessing
+from finetune.registry import make_transform
+
+
+def eval_transform(prep: Preprocessing) -> v2.Compose:
+    """The deterministic transform used for validation and prediction."""
+    return v2.Compose([*resize_crop(prep), *_to_normalized(prep)])
+
+
+def train_transform(prep: Preprocessing, augment: list[Any]) -> v2.Compose:
+    """Resize and crop as in eval, then the configured augmentations, then normalize."""
+    extra = [make_transform(spec, prep.crop) for spec in augment]
+    return v2.Compose([*resize_crop(prep), *extra, *_to_normalized(prep)])
+
+
+def check_augment(transform: v2.Compose, prep: Preprocessing, augment: list[Any],
+                  sample: Any) -> None:
+    """Run the training transform once on a real training image, step by step, so that an
+    augmentation that cannot work (a negative or zero size, arguments that only fail on an
+    image) is refused at plan time, naming its entry, rather than in the first batch. The
+    random state is left as it was: the run draws what it would have drawn."""
+    first = len(resize_crop(prep))
+    x = sample
+    with torch.random.fork_rng(devices=[]):
+        for i, step in enumerate(transform.transforms):
+            try:
+                x = step(x)
+            except Exception as err:  # torchvision raises several types for bad arguments
+                where = (f"data.augment[{i - first}] ({augment[i - first]})"
+                         if first <= i < first + len(augment) else "data")
+                raise FinetuneError(f"{where}: fails on a {prep.crop} px training image: "
+                                    f"{' '.join(str(err).split())[:200]}; fix its arguments "
+                                    "or remove it") from None
+
+
+def resize_crop(prep: Preprocessing) -> list[v2.Transform]:
+    mode = InterpolationMode(prep.interpolation)
+    gray = [v2.Grayscale(1)] if prep.channels == 1 else []
+    return [v2.ToImage(), *gray, v2.Resize(prep.resize, interpolation=mode, antialias=True),
+            v2.CenterCrop(prep.crop)]
+
+
+def _to_normalized(prep: Preprocessing) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]

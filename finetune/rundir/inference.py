@@ -1,0 +1,174 @@
+"""Using a run dir: load its model, classify images, write the predictions.
+
+A run dir alone (manifest.json + model.safetensors) is enough: the architecture is rebuilt
+from the manifest, the weights loaded strictly, the run's own eval preprocessing applied, and
+inference runs under torch.inference_mode() in batches. The CLI is finetune/predict.py; the
+API is finetune.load / finetune.predict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from finetune import plugins
+from finetune.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageProblem, open_rgb
+from finetune.data.transforms import eval_transform
+from finetune.errors import FinetuneError
+from finetune.models.backbones import Preprocessing
+from finetune.models.builder import assemble
+from finetune.rundir import artifacts
+from finetune.rundir.manifest import read_manifest
+
+
+def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """The fine-tuned model of a run dir, in eval mode, with `class_names`, `transform` (the
+    eval preprocessing), `preprocessing` and `manifest` attached."""
+    plugins.load()  # a run dir may name an installed extension (a model source)
+    manifest, weights_file = read_manifest(run_dir)
+    prep = Preprocessing(**manifest.preprocessing)
+    head = manifest.head
+    try:
+        parts = assemble(manifest.model_name, manifest.build_kwargs,
+                         None if head.get("type") == "none" else head["num_classes"],
+                         head["dropout"], head["hidden"], manifest.surgery, prep.crop,
+                         prep.channels, source=manifest.model_source)
+    except FinetuneError:
+        raise
+    except Exception as err:  # values the gate lets through that the builders refuse
+        raise FinetuneError(f"run={run_dir}: the model its manifest describes cannot be built "
+                            f"({_first_line(err)}); the manifest was changed after the run"
+                            ) from None
+    model = parts.model
+    try:
+        result = model.load_state_dict(load_file(str(weights_file)), strict=False)
+    except RuntimeError as err:  # shapes that differ (strict=False still refuses those)
+        raise FinetuneError(f"run={run_dir}: its weights do not fit the architecture its "
+                            f"manifest describes ({_first_line(err)})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise FinetuneError(f"run={run_dir}: its weights do not fit the architecture its "
+                            f"manifest describes (missing {result.missing_keys[:3]}, unexpected "
+                            f"{result.unexpected_keys[:3]})")
+    model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Plain attributes, not submodules: the state dict and exports stay the model alone.
+    for name, value in (("class_names", manifest.class_names),
+                        ("transform", eval_transform(prep)), ("preprocessing", prep),
+                        ("manifest", manifest)):
+        object.__setattr__(model, name, value)
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:200] or type(err).__name__
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """A file, or every image below a folder (sorted)."""
+    root = Path(path).expanduser()
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FinetuneError(f"input={path}: no such file or folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FinetuneError(f"input={path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in "
+                            "it")
+    return files
+
+
+@dataclass
+class Predictions:
+    """Top-k classes per readable image, and the images that could not be read."""
+
+    classes: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)  # path, labels, probs
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # path, reason
+    # task=multilabel: labels is the predicted set, probs one per class (in class order)
+    multilabel: bool = False
+
+
+def max_pixels_of(model: nn.Module) -> int:
+    """The image size limit the run trained with (data.max_image_pixels), at most Pillow's
+    default: a run dir may come from someone else, and may lower the guard against
+    decompression bombs but not lift it (a higher limit is the user's: max_pixels=N)."""
+    manifest = getattr(model, "manifest", None)
+    data = (manifest.config.get("data") if manifest is not None else None) or {}
+    value = data.get("max_image_pixels") if isinstance(data, dict) else None
+    return min(value, DEFAULT_MAX_PIXELS) if isinstance(value, int) and not isinstance(
+        value, bool) and value >= 1 else DEFAULT_MAX_PIXELS
+
+
+def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_size: int = 64,
+                   max_pixels: int | None = None) -> Predictions:
+    """Classify `paths` with a model from `load_run`; unreadable images (and those over
+    `max_pixels`, by default the run's data.max_image_pixels) are skipped and listed."""
+    if not getattr(model, "class_names", None):
+        raise FinetuneError("this run is a feature extractor (head: none): it has no classes "
+                            "to predict; use finetune.load(run_dir) for its features")
+    out = Predictions(list(model.class_names))
+    k = max(1, min(topk, len(out.classes)))
+    device = next(model.parameters()).device
+    batch: list[torch.Tensor] = []
+    names: list[str] = []
+    manifest = getattr(model, "manifest", None)
+    multilabel = getattr(manifest, "task", "multiclass") == "multilabel"
+    # task=multilabel: a label is predicted when its probability reaches the threshold
+    # tuned on the run's validation set (manifest.thresholds; 0.5 where none is recorded)
+    cut = torch.tensor([float((manifest.thresholds if manifest else {}).get(c, 0.5))
+                        for c in out.classes]) if multilabel else None
+    out.multilabel = multilabel
+
+    def flush() -> None:
+        with torch.inference_mode():
+            logits = model(torch.stack(batch).to(device))
+            if multilabel:
+                probs = torch.sigmoid(logits).cpu()
+                for path, p in zip(names, probs, strict=True):
+                    out.rows.append({"path": path, "labels": [c for c, hit in zip(
+                        out.classes, (p >= cut).tolist(), strict=True) if hit],
+                        "probs": p.tolist()})
+            else:
+                temperature = manifest.temperature if manifest is not None else 1.0
+                top = torch.softmax(logits / temperature, dim=1).topk(k, dim=1)
+                for path, p, i in zip(names, top.values.tolist(), top.indices.tolist(),
+                                      strict=True):
+                    out.rows.append({"path": path, "labels": [out.classes[j] for j in i],
+                                     "probs": p})
+        batch.clear()
+        names.clear()
+
+    limit = max_pixels or max_pixels_of(model)
+    for path in paths:
+        try:
+            batch.append(model.transform(open_rgb(path, limit)))
+        except ImageProblem as err:
+            out.unreadable.append((str(path), str(err)))
+            continue
+        names.append(str(path))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return out
+
+
+def write_predictions(predictions: Predictions, path: Path) -> None:
+    if predictions.multilabel:  # path, the predicted label set, a probability per label
+        artifacts.write_csv(path, ["path", "labels", *(f"prob_{c}" for c in
+                                                       predictions.classes)],
+                            [[row["path"], ";".join(row["labels"]),
+                              *(round(p, 6) for p in row["probs"])]
+                             for row in predictions.rows])
+        return
+    k = len(predictions.rows[0]["labels"]) if predictions.rows else 1
+    header = ["path"] + [f"{name}{i}" for i in range(1, k + 1) for name in ("label", "prob")]
+    rows = [[row["path"], *[v for pair in zip(row["labels"], [round(p, 6) for p in row["probs"]],
+                                              strict=True) for v in pair]]
+            for row in predictions.rows]
+    artifacts.write_csv(path, header, rows)

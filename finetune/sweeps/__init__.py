@@ -1,0 +1,2 @@
+"""Sweeps: the shared Optuna study, its Hydra sweeper, pruning, the sweep callback and the
+leaderboard."""

@@ -1,0 +1,306 @@
+"""plan_run: everything a run decides before it trains, computed once, every problem at once.
+
+Training is plan -> fit -> save (finetune/training.py); `inspect` renders the plan and
+`recipes validate` prints its problems. The model is built once: backbone -> head -> surgery
+with every path checked (finetune.validate.assemble_checked), then the weights load into it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from finetune import plugins
+from finetune.compose.precheck import mix_enabled, num_classes_problem
+from finetune.compose.ranges import range_problems
+from finetune.data.datamodule import ImageDataModule, build_datamodule
+from finetune.errors import ConfigError, FinetuneError
+from finetune.models import backbones, surgery
+from finetune.models.sources import model_source_of
+from finetune.training import feature_cache as cache
+from finetune.training.freezing import FreezePlan, apply_freeze
+from finetune.training.optim import GroupPlan
+from finetune.training.validate import assemble_checked, validate
+from finetune.weights.load_report import LoadReport
+from finetune.weights.loading import load_weights
+from finetune.weights.sources import source_of
+
+
+@dataclass
+class RunContext:
+    """What a run needs to know beyond its config, which Hydra's globals used to carry.
+
+    Attributes:
+        run_dir: where the run writes (None: nothing is written, as for inspect).
+        sweep_dir: the sweep this run is a job of, if any (its feature cache lives there).
+        recipe: name, file, sha256 (and rerun_of) of the recipe, for the manifest.
+        overrides: the command line's overrides, for the manifest.
+        main_process: rank zero (the only process, or rank 0 of DDP): the one that writes.
+        launched: wall-clock time the command (or the finetune.train call) started, for
+            first_step_seconds; None: not measured.
+    """
+
+    run_dir: Path | None = None
+    sweep_dir: Path | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    main_process: bool = True
+    launched: float | None = None
+
+
+@dataclass
+class Built:
+    """The model as built, and how: builder arguments, head paths, the weight load, and the
+    output shape of one image in a dry forward."""
+
+    model: nn.Module
+    build_kwargs: dict[str, Any]
+    head_paths: list[str]
+    report: LoadReport
+    output_shape: list[int]
+
+
+@dataclass
+class RunPlan:
+    """The run before it trains: data, model, weights, freeze plan, optimizer groups, cache
+    decision; or why it
+    cannot run (`problems`, every one found)."""
+
+    cfg: DictConfig
+    context: RunContext
+    entry: WeightsEnum | dict[str, Any] | None = None  # torchvision's, or timm's config
+    prep: backbones.Preprocessing | None = None
+    data: ImageDataModule | None = None
+    class_names: list[str] | None = None
+    built: Built | None = None
+    freeze: FreezePlan | None = None
+    groups: list[GroupPlan] = field(default_factory=list)  # every stage's, in join order
+    cache_cut: cache.Cut | None = None
+    cache_reason: str = "off: nothing trains"
+    class_weights: list[float] | None = None  # loss.class_weights, resolved
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def raise_problems(self) -> None:
+        """Stop here with every problem found, one line each."""
+        if self.problems:
+            raise ConfigError(list(dict.fromkeys(self.problems)))
+
+
+def pretrained_entry(cfg: DictConfig) -> WeightsEnum | dict[str, Any] | None:
+    """The pretrained entry a run loads: a torchvision weights entry, a timm pretrained
+    config, or None for a source without one."""
+    return source_of(cfg).entry(cfg)
+
+
+def preprocessing_for(cfg: DictConfig) -> backbones.Preprocessing:
+    """The eval preprocessing of a run: the weights' own, scaled and overridden by `data`.
+
+    For a file or URL, the architecture's usual weights (a .pth from torchvision expects
+    their preprocessing); for random init, a run or a recipe, a plain resize to
+    data.image_size with ImageNet statistics (what a run of this framework from scratch uses).
+    """
+    entry = source_of(cfg).preprocessing_entry(cfg)
+    return backbones.preprocessing(entry, cfg.data.image_size, cfg.data.mean, cfg.data.std,
+                                   cfg.data.channels, cfg.data.interpolation,
+                                   cfg.data.crop_pct)
+
+
+def check_num_classes(configured: int | None, class_names: list[str]) -> int:
+    problem = num_classes_problem(configured, class_names)
+    if problem:
+        raise FinetuneError(problem)
+    return len(class_names)
+
+
+def cache_decision(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
+                   train_images: int) -> tuple[cache.Cut | None, str]:
+    """Whether this run caches the frozen prefix, and why (also what `inspect` shows)."""
+    limit, batch = cfg.trainer.limit_train_batches, cfg.data.batch_size
+    per_epoch = (min(1.0, float(limit)) if isinstance(limit, float)
+                 else min(1.0, int(limit) * batch / max(1, train_images)))
+    return cache.decide(cfg.freeze.cache, model, len(freeze.stages) > 1, bool(cfg.data.augment),
+                        per_epoch * (cfg.trainer.max_epochs or 1), mix_enabled(cfg.data))
+
+
+def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],
+                       err: BaseException) -> str:
+    """One sentence for a model that cannot run on the run's input size, saying which size
+    or key to use."""
+    name = cfg.model.name
+    hint = model_source_of(cfg).size_hint(name, build_kwargs, crop)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{name} cannot take {crop} px inputs ({first}); {hint}"
+
+
+def class_weights(setting: Any, counts: list[int], names: list[str],
+                  key: str = "loss.class_weights") -> list[float] | None:
+    """loss.class_weights as one weight per class: `auto` is inverse frequency in the
+    training split, N / (K x n_c) (a balanced set gets 1.0 each); a list is taken as given."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        total = sum(counts)
+        return [round(total / (len(counts) * n), 6) for n in counts]
+    weights = list(setting) if OmegaConf.is_list(setting) or isinstance(setting, list) else None
+    if weights is None or len(weights) != len(names) or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
+        raise FinetuneError(f"{key}={setting}: give auto, or one number per class "
+                            f"({len(names)}: {', '.join(names[:12])})")
+    return [float(w) for w in weights]
+
+
+def pos_weights(setting: Any, positives: list[int], total: int, names: list[str]
+                ) -> list[float] | None:
+    """loss.pos_weight (task=multilabel) per label: `auto` is negatives / positives in the
+    training split (a label never positive gets 1.0); a list is taken as given."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        return [round((total - n) / n, 6) if n else 1.0 for n in positives]
+    return class_weights(setting, positives, names, "loss.pos_weight")  # one per label
+
+
+def monitored_problems(cfg: DictConfig, num_classes: int) -> list[str]:
+    """Metrics a run is told to watch that it will not measure (top-5 needs > 5 classes)."""
+    if cfg.task == "multilabel":
+        return []  # (precheck says what multilabel does not measure)
+    watched = [("metric", cfg.metric)]
+    if cfg.trainer.early_stopping.patience is not None:
+        watched.append(("trainer.early_stopping.monitor", cfg.trainer.early_stopping.monitor))
+    return [f"{key}={name}: top-5 accuracy is not measured with {num_classes} classes (it "
+            "would always be 1); use val/acc or val/loss"
+            for key, name in watched if name == "val/acc_top5" and num_classes <= 5] + [
+        f"{key}={name}: mean average precision is measured for task=multilabel only; use "
+        "val/acc or val/loss" for key, name in watched if name == "val/mAP"]
+
+
+def single_value_norm_problem(model: nn.Module, fixed: list[str], batch_size: int, crop: int,
+                              channels: int) -> str | None:
+    """A batch of one image where a BatchNorm that trains sees one value per channel (a 1x1
+    map at this input size, or after a Linear layer): it cannot compute a variance, and
+    the first step would stop with a traceback."""
+    if batch_size != 1:
+        return None
+    norms = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in fixed]
+    if not norms:
+        return None
+    shapes = surgery.io_shapes(model, crop, norms, channels)
+    single = [n for n in norms if n in shapes and math.prod(shapes[n][0][2:]) == 1]
+    if not single:
+        return None
+    more = f" (and {len(single) - 1} more)" if len(single) > 1 else ""
+    return (f"data.batch_size=1: the BatchNorm layer {single[0]}{more} trains on one value per "
+            f"channel at {crop} px, which it cannot do with one image per batch; use "
+            "data.batch_size >= 2, or freeze those layers (frozen BatchNorm keeps its "
+            "statistics)")
+
+
+def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool = True,
+             train_sources: bool = True) -> RunPlan:
+    """Validate, read the data, build the model once, load its weights, plan the freeze and
+    the feature cache; every problem found on the way is in `plan.problems`.
+
+    Args:
+        load: load the weights (False: check the config and paths only, as validate does).
+        train_sources: whether a recipe source without a run may be trained now (False:
+            the plan notes it and starts from random weights, as inspect does).
+    """
+    from finetune.weights.readers import SourceNotTrained
+
+    plugins.load()  # a sweep's worker process or finetune.train: the tables it may name
+    plan = RunPlan(cfg, context or RunContext())
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        plan.problems += err.problems
+    if any(p.startswith("model.name") for p in plan.problems) or range_problems(cfg):
+        # nothing below can be checked without the model; and a value out of its range
+        # (said with every config-level problem) would break the steps that use it
+        return plan
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        if not any(p.startswith("weights") for p in plan.problems):
+            plan.entry = pretrained_entry(cfg)
+        plan.prep = preprocessing_for(cfg)
+    except FinetuneError as err:  # e.g. a received folder's config.json
+        plan.problems += err.problems
+        return plan
+    classes_for_checks: list[str] | None = None
+    if cfg.head.type != "none":
+        if not any(p.startswith("data.") for p in plan.problems):  # (said once: validate)
+            try:
+                plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed, cfg.task,
+                                             epochs=cfg.trainer.max_epochs or 1)
+                check_num_classes(cfg.head.num_classes, plan.data.class_names)
+                plan.class_names = plan.data.class_names
+                plan.problems += monitored_problems(cfg, len(plan.class_names))
+                counts = plan.data.class_counts()
+                if cfg.task == "multilabel":
+                    plan.class_weights = pos_weights(cfg.loss.pos_weight, counts,
+                                                     len(plan.data.train_set), plan.class_names)
+                else:
+                    plan.class_weights = class_weights(cfg.loss.class_weights, counts,
+                                                       plan.class_names)
+            except FinetuneError as err:  # (the class count may be known from precheck)
+                plan.problems += [p for p in err.problems if p not in plan.problems]
+        # the paths are still checked: against a head of the size asked for (or 2)
+        classes_for_checks = plan.class_names or [str(i) for i in range(
+            cfg.head.num_classes or 2)]
+    checked = assemble_checked(cfg, classes_for_checks, plan.entry, plan.prep.crop,
+                               plan.prep.channels)
+    plan.problems += checked.problems
+    if plan.problems or checked.assembled is None or checked.freeze is None:
+        if load and not any(p.startswith("weights") for p in plan.problems):
+            # the weights will not load either: say so now, with the rest (when nothing
+            # else is wrong, loading says it, naming the file and where to put it)
+            unreachable = source_of(cfg).unreachable(cfg)
+            plan.problems += [unreachable] if unreachable else []
+        return plan
+    parts = checked.assembled
+    model = parts.model
+    build_kwargs = checked.build_kwargs
+    weights = cfg.weights if load else OmegaConf.merge(cfg.weights, {"source": "none"})
+    try:
+        report = load_weights(model, weights, cfg.model.name, parts.head_paths,
+                              parts.operated.map_key, plan.class_names, train_sources)
+    except SourceNotTrained as err:
+        plan.notes.append(str(err))
+        report = load_weights(model, OmegaConf.merge(cfg.weights, {"source": "none"}),
+                              cfg.model.name, parts.head_paths)
+    except FinetuneError as err:
+        plan.problems += err.problems
+        return plan
+    try:
+        output = surgery.io_shapes(model, plan.prep.crop, paths=[], channels=plan.prep.channels)
+    except (RuntimeError, AssertionError) as err:  # torchvision's ViT asserts its input size
+        plan.problems.append(input_size_problem(cfg, plan.prep.crop, build_kwargs, err))
+        return plan
+    plan.built = Built(model, build_kwargs, parts.head_paths, report, list(output[""][1][1:]))
+    outputs = plan.built.output_shape
+    if plan.class_names is not None and outputs != [len(plan.class_names)]:
+        plan.problems.append(
+            f"the model gives {outputs} outputs per image but the data has "
+            f"{len(plan.class_names)} classes: a surgery op replaced the classifier with "
+            "another size; give it out_features: "
+            f"{len(plan.class_names)} (or leave the classifier to head.num_classes)")
+        return plan
+    plan.freeze, plan.groups = checked.freeze, checked.groups
+    apply_freeze(model, plan.freeze)
+    problem = single_value_norm_problem(model, plan.freeze.eval_modules, cfg.data.batch_size,
+                                        plan.prep.crop, plan.prep.channels)
+    if problem:
+        plan.problems.append(problem)
+        return plan
+    if plan.data is not None:
+        plan.cache_cut, plan.cache_reason = cache_decision(cfg, model, plan.freeze,
+                                                           len(plan.data.train_set))
+    return plan

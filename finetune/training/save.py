@@ -1,0 +1,348 @@
+"""What a finished run leaves in its run dir: the weights, manifest, metrics, predictions, the
+evaluation of its splits, plots and report.html, and the summary it prints."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from finetune.data.datamodule import ImageDataModule
+from finetune.errors import FinetuneError
+from finetune.models import backbones
+from finetune.models.sources import model_source_of
+from finetune.rundir import artifacts, plots
+from finetune.rundir.manifest import Manifest
+from finetune.sweeps.pruning import PruneTrial
+from finetune.training.callbacks import (
+    EMA,
+    BestWeights,
+    StopEarly,
+    ThroughputMeter,
+)
+from finetune.training.freezing import FreezePlan
+from finetune.training.lightning_module import FinetuneModule
+from finetune.training.plan import Built, RunContext
+from finetune.weights.sources import source_of
+
+log = logging.getLogger("finetune")
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def optimizer_summary(cfg: DictConfig, model: nn.Module, groups: list[Any]) -> dict[str, Any]:
+    """The optimizer and its planned groups (every stage's), for the manifest and report."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    return {"name": cfg.optim.name, "groups": [
+        {"name": g.name, "join_epoch": g.join_epoch, "lr": g.lr, "weight_decay": g.weight_decay,
+         "tensors": len(g.params), "parameters": sum(sizes.get(n, 0) for n in g.params)}
+        for g in groups]}
+
+
+def entry_name(entry: Any) -> str | None:
+    """The name of a pretrained entry: torchvision's enum member, or timm's arch.tag."""
+    if isinstance(entry, dict):
+        arch, tag = entry.get("architecture"), entry.get("tag")
+        return f"{arch}.{tag}" if arch and tag else arch
+    return getattr(entry, "name", None)
+
+
+def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
+                   prep: backbones.Preprocessing, class_names: list[str] | None,
+                   freeze: FreezePlan | None, balance: dict[str, Any] | None = None,
+                   ema: dict[str, Any] | None = None,
+                   thresholds: dict[str, float] | None = None,
+                   optimizer: dict[str, Any] | None = None) -> str:
+    """model.safetensors and manifest.json: what is needed to use the model. Returns the
+    weights' sha256."""
+    model_sha = artifacts.save_weights(built.model, run_dir / artifacts.WEIGHTS)
+    surgery_ops = OmegaConf.to_container(cfg.surgery, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(surgery_ops, list) and isinstance(config, dict)
+    Manifest(
+        model_name=cfg.model.name, model_source=model_source_of(cfg).name,
+        build_kwargs=built.build_kwargs,
+        head={"type": cfg.head.type, "num_classes": len(class_names) if class_names else None,
+              "dropout": cfg.head.dropout, "hidden": list(cfg.head.hidden),
+              "paths": built.head_paths},
+        surgery=surgery_ops, output_shape=built.output_shape, class_names=class_names,
+        preprocessing=prep.to_dict(), model_sha256=model_sha, recipe=context.recipe,
+        overrides=list(context.overrides),
+        freeze={"train_from": freeze.train_from if freeze else None, "bn": cfg.freeze.bn,
+                "stages": [s.to_dict() for s in freeze.stages] if freeze else []},
+        resumed_from=str(cfg.resume) if cfg.resume else None,
+        weights={k: getattr(built.report, k) for k in ("source", "path", "url", "sha256",
+                                                        "hub")}
+        | {"name": entry_name(source_of(cfg).entry(cfg))},  # the entry DEFAULT is
+        seed=cfg.seed, versions=artifacts.library_versions(), config=config,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), balance=balance or {}, ema=ema or {},
+        task=cfg.task, thresholds=thresholds or {}, optimizer=optimizer or {},
+    ).write(run_dir)
+    return model_sha
+
+
+def save_extractor(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
+                   prep: backbones.Preprocessing) -> float:
+    """`head: none`: a feature extractor is built, loaded and saved; there is nothing to train."""
+    artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
+    log.info("head: none: a feature extractor giving %s per image; nothing to train",
+             built.output_shape)
+    log_built(cfg, built)
+    write_manifest(run_dir, cfg, context, built, prep, None, None)
+    artifacts.write_json(run_dir / artifacts.METRICS, {
+        "status": "complete", "epochs": 0, "output_shape": built.output_shape,
+        "total_params": sum(p.numel() for p in built.model.parameters())})
+    print(f"finetune: feature extractor saved, output {built.output_shape} per image\n"
+          f"  run dir: {run_dir}", flush=True)
+    return float("nan")
+
+
+def write_val_predictions(path: Path, data: ImageDataModule, predictions: list[Any],
+                          thresholds: list[float] | None = None) -> None:
+    """The final validation's prediction for each image: file path (or index for in-memory
+    data), true and predicted class (task=multilabel: the label sets, `;`-separated, the
+    prediction at the tuned thresholds)."""
+    names = data.class_names
+    items = getattr(data.val_set, "paths", None)
+
+    def shown(label: Any) -> str:
+        return names[label] if not isinstance(label, tuple | list) else ";".join(
+            n for n, v in zip(names, label, strict=True) if v)
+
+    rows = [[str(items[i]) if items is not None else f"#{i}", shown(data.val_set.labels[i]),
+             shown(predicted if thresholds is None else tuple(
+                 float(p >= t) for p, t in zip(predicted, thresholds, strict=True)))]
+            for i, predicted in enumerate(predictions)]
+    artifacts.write_csv(path, ["item", "label", "predicted"], rows)
+
+
+def tune_thresholds(probs: list[list[float]], labels: list[tuple[float, ...]]
+                    ) -> tuple[list[float], list[float]]:
+    """task=multilabel: per label, the decision threshold (0.05, 0.10 ... 0.95) with the best
+    F1 on the final validation (ties: the one nearest 0.5), and that F1."""
+    import numpy as np
+
+    p, y = np.asarray(probs), np.asarray(labels) > 0.5
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
+    thresholds, scores = [], []
+    for k in range(p.shape[1]):
+        f1 = []
+        for t in grid:
+            predicted = p[:, k] >= t
+            tp = float(np.sum(predicted & y[:, k]))
+            denominator = float(np.sum(predicted) + np.sum(y[:, k]))
+            f1.append(2 * tp / denominator if denominator else 1.0)
+        best = max(range(len(grid)), key=lambda i: (f1[i], -abs(grid[i] - 0.5)))
+        thresholds.append(float(grid[best]))
+        scores.append(round(f1[best], 6))
+    return thresholds, scores
+
+
+def write_report(run_dir: Path) -> None:
+    """report.html; a report that cannot be built is a warning, never a failed run."""
+    from finetune.rundir import html_report
+
+    try:
+        html_report.write_run_report(run_dir)
+    except Exception as err:  # the run and its artifacts are complete without it
+        log.warning("report: %s could not be built (%s); finetune report %s "
+                    "rebuilds it", artifacts.REPORT, err, run_dir)
+
+
+def evaluate_splits(run_dir: Path, cfg: DictConfig, model: nn.Module, data: ImageDataModule,
+                    trainer: pl.Trainer) -> dict[str, Any]:
+    """A one-class-per-image run's validation split (for the report) and test split evaluated
+    (evaluation.py): evaluation.json, reliability.png (test_reliability.png),
+    test_predictions.csv; returns the test figures for metrics.json (test/acc, ...)."""
+    from finetune.rundir import evaluation, html_report
+
+    names = data.class_names
+    # images through the eval transform, from the splits (a feature cache has replaced the
+    # loaders' datasets with the frozen prefix's outputs); the validation split for the
+    # report (eval.report), the test split whenever there is one
+    results: dict[str, Any] = {
+        "val": evaluation.evaluate(model, data.eval_dataset("val"), names)[0]
+    } if cfg.eval.report else {}
+    flat: dict[str, Any] = {}
+    if "test" in data.splits and data.test_set is not None:
+        best = next((c for c in trainer.callbacks if isinstance(c, BestWeights)), None)
+        tested, which = model, "last"
+        if best is not None and best.state is not None:
+            tested = copy.deepcopy(model)
+            tested.load_state_dict(best.state)
+            which = f"best (epoch {best.epoch}, {cfg.metric} {best.value:.4f})"
+        result, outputs = evaluation.evaluate(tested, data.eval_dataset("test"), names)
+        result["checkpoint"] = which
+        results["test"] = result
+        artifacts.write_csv(run_dir / artifacts.TEST_PREDICTIONS, evaluation.PREDICTION_HEADER,
+                            evaluation.predictions_rows(outputs, names))
+        flat = {**evaluation.flat(result, "test"), "test/checkpoint": which}
+    for split, result in results.items() if cfg.eval.report else ():  # the report's diagrams
+        png = run_dir / (artifacts.RELIABILITY if split == "val" else f"{split}_reliability.png")
+        plots.plot_reliability(result["reliability"], png, f"{split} split")
+        result["reliability_png"] = html_report.png_uri(png)
+    artifacts.write_json(run_dir / artifacts.EVALUATION, results)
+    return flat
+
+
+def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
+             freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
+             module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
+             cache_report: dict[str, Any] | None = None, groups: list[Any] | None = None
+             ) -> dict[str, Any]:
+    """Weights, manifest, plots, the evaluation of val and test, then metrics.json last: its
+    status says the run is complete."""
+    weights = module.class_weight
+    thresholds, multilabel_info = None, {}
+    if module.multilabel and module.last_predictions:
+        thresholds, label_f1 = tune_thresholds(  # (the images validated: limit_val_batches)
+            module.last_predictions, data.val_set.labels[:len(module.last_predictions)])
+        multilabel_info = {"thresholds": dict(zip(data.class_names, thresholds, strict=True)),
+                           "val/f1_per_label": dict(zip(data.class_names, label_f1,
+                                                        strict=True))}
+    write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze, {
+        "class_counts": data.class_counts(), "sampler": "balanced" if data.balanced else
+        "shuffle", "class_weights" if not module.multilabel else "pos_weight":
+        weights.tolist() if weights is not None else None},
+        ema_summary(trainer), multilabel_info.get("thresholds"),
+        optimizer_summary(cfg, built.model, groups or []))
+    tested = {} if module.multilabel or not (cfg.eval.report or data.test_set is not None) \
+        else evaluate_splits(run_dir, cfg, built.model, data, trainer)
+    series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
+    plots.plot_curves(series, run_dir / artifacts.CURVES)
+    if module.last_confusion is not None:
+        plots.plot_confusion(module.last_confusion.tolist(), data.class_names,
+                             run_dir / artifacts.CONFUSION)
+    write_val_predictions(run_dir / artifacts.VAL_PREDICTIONS, data, module.last_predictions,
+                          thresholds)
+    final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
+             if k.startswith("val/")}
+    accs = series.get(MONITOR, {})
+    best_epoch = max(accs, key=lambda e: accs[e]) if accs else None
+    throughput = meter.images_per_second
+    world = trainer.world_size
+    wait = meter.input_wait_share
+    if wait is not None:
+        cached = bool(cache_report and cache_report.get("status") != "off")
+        log.info("input: %.1f%% of steady-state training time went to waiting for the next "
+                 "batch%s", 100 * wait,
+                 "; raise data.num_workers" if wait > 0.2 and not cached else "")
+    nonfinite = [f"{k}={v}" for k, v in final.items() if not math.isfinite(v)]
+    metrics = {
+        "status": "failed" if nonfinite else "complete",
+        **({"error": [nonfinite_message(nonfinite)]} if nonfinite else {}),
+        **final,
+        "best/val/acc": round(accs[best_epoch], 6) if best_epoch is not None else None,
+        "best/epoch": best_epoch,
+        "epochs": trainer.current_epoch,
+        "train_images": len(data.train_set),
+        "val_images": len(data.val_set),
+        **({"test_images": len(data.test_set)} if data.test_set is not None else {}),
+        **tested,
+        "bad_images": len(data.bad_images),
+        "train_seconds": round(meter.fit_seconds, 3),
+        # all ranks together (rank zero's rate x the number of ranks)
+        "train_images_per_second": round(throughput * world, 2) if throughput else None,
+        "input_wait_share": round(wait, 4) if wait is not None else None,
+        "first_step_seconds": round(meter.first_step_seconds, 3)
+        if meter.first_step_seconds is not None else None,
+        "world_size": world,
+        **({"ddp": module.rank_check.result} if module.rank_check.result else {}),
+        **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+           if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
+        **parameter_counts(module.model),
+        **({"early_stopping": stopped} if (stopped := early_stop_summary(trainer)) else {}),
+        **({"pruned": pruned} if (pruned := pruned_summary(trainer)) else {}),
+        **({"ema": averaged} if (averaged := ema_summary(trainer)) else {}),
+        **({"task": "multilabel", **multilabel_info} if module.multilabel else {}),
+        "train_from": freeze.train_from,
+        "lr": float(cfg.optim.lr),
+        "metric": cfg.metric,
+        **({"feature_cache": cache_report} if cache_report else {}),
+    }
+    artifacts.write_json(run_dir / artifacts.METRICS, metrics)  # NaN as null, status failed
+    if nonfinite:
+        raise NonFiniteMetrics(nonfinite_message(nonfinite))
+    return metrics
+
+
+def ema_summary(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The EMA of the weights (model.ema), if the run kept one."""
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    return ema.summary() if ema is not None else None
+
+
+def early_stop_summary(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """How and when early stopping ended the run (None: it did not)."""
+    stopper = next((c for c in trainer.callbacks if isinstance(c, StopEarly)), None)
+    return stopper.summary() if stopper is not None else None
+
+
+def pruned_summary(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """When the study's pruner ended this trial's training (None: it did not)."""
+    pruner = next((c for c in trainer.callbacks if isinstance(c, PruneTrial)), None)
+    return pruner.summary() if pruner is not None else None
+
+
+class NonFiniteMetrics(FinetuneError):
+    """The run trained with a finite loss to the end, but its final validation metrics are
+    NaN or infinite: metrics.json says so (status failed); never a `complete` run."""
+
+
+def nonfinite_message(found: list[str]) -> str:
+    return (f"the final validation metrics are not finite ({', '.join(found)}) although the "
+            "training loss stayed finite: the model computes NaN or infinity in eval mode "
+            "(BatchNorm statistics that overflowed, or 16-bit precision: try trainer.precision="
+            "32-true); the run dir keeps its files for a look, but the run is not complete")
+
+
+SUMMARY_FILES = ("model.safetensors", "metrics.json", "load_report.json", "manifest.json",
+                 "curves.png", "confusion_matrix.png", "report.html", "checkpoints/")
+
+
+def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    best = metrics.get("best/val/acc")
+    lines = [
+        f"finetune: done in {metrics['train_seconds']:.1f} s over {metrics['epochs']} epochs; "
+        f"val/acc {metrics.get(MONITOR, float('nan')):.4f} (best {best:.4f} at epoch "
+        f"{metrics['best/epoch']})" if best is not None else
+        f"finetune: done in {metrics['train_seconds']:.1f} s; no validation ran",
+        f"  run dir: {run_dir}",
+        "  " + "  ".join(name for name in SUMMARY_FILES if (run_dir / name.rstrip("/")).exists()
+                         and (not name.endswith("/") or any((run_dir / name).iterdir()))),
+    ]
+    if "test/acc" in metrics:
+        lines.insert(1, f"  test ({metrics['test/images']} images, {metrics['test/checkpoint']} "
+                        f"weights): acc {metrics['test/acc']:.4f}, macro F1 "
+                        f"{metrics['test/macro/f1']:.4f}, ECE {metrics['test/ece']:.4f}")
+    stopped = metrics.get("early_stopping")
+    if stopped:
+        by = f" by more than {stopped['min_delta']:g}" if stopped["min_delta"] else ""
+        lines.insert(1, f"  stopped early after epoch {stopped['stopped_epoch']}: "
+                        f"{stopped['monitor']} did not improve{by} for {stopped['patience']} "
+                        f"validations (best {stopped['best']:.4f}; trainer.early_stopping)")
+    pruned = metrics.get("pruned")
+    if pruned:
+        lines.insert(1, f"  pruned after epoch {pruned['epoch']} of {pruned['of']}: the study's "
+                        f"pruner ({pruned['metric']} {pruned['value']}) ended this trial")
+    print("\n".join(lines), flush=True)
+
+
+MONITOR = "val/acc"
+
+
+def log_built(cfg: DictConfig, built: Built) -> None:
+    ops = len(cfg.surgery)
+    log.info("build: %s; head at %s; surgery: %d ops", cfg.model.name,
+             ", ".join(built.head_paths) or "none", ops)
