@@ -27,6 +27,7 @@ def train(recipe: str | Path = "base", overrides: Sequence[str] = (),
     """Run a recipe (a shipped name or a path) with `key=value` overrides in this process, as
     `python -m finetune recipe=RECIPE OVERRIDES...` does; returns the run dir, its metrics and
     the monitored metric. `run_dir` replaces the timestamped outputs/<recipe>/<time> dir."""
+    # lazy: `import finetune` stays torch-free
     from finetune.training.run import train_in_process
 
     return train_in_process(recipe, overrides, run_dir)
@@ -35,6 +36,7 @@ def train(recipe: str | Path = "base", overrides: Sequence[str] = (),
 def load(run_dir: str | Path, device: Any = None) -> nn.Module:
     """The fine-tuned model of a run dir, in eval mode, with `class_names` and `transform`
     (its eval preprocessing) attached. Only tensors are read (safetensors)."""
+    # lazy: `import finetune` stays torch-free
     from finetune.rundir.inference import load_run
 
     return load_run(run_dir, device)
@@ -44,8 +46,10 @@ def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64
             ) -> Predictions:
     """Top-k class names and probabilities for image files (a path, a folder, or a list of
     paths) from a model `load` returned, or from a run dir."""
+    # lazy: keeps torch off a torch-free path
     from torch import nn
 
+    # lazy: `import finetune` stays torch-free
     from finetune.rundir.inference import list_images, load_run, predict_images
 
     model = model_or_run if isinstance(model_or_run, nn.Module) else load_run(model_or_run)

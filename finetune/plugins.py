@@ -14,11 +14,13 @@ from finetune.data import formats as data_formats
 from finetune.errors import ConfigError
 from finetune.extensions import TABLES, load_plugins
 from finetune.models import sources as model_sources
+from finetune.tasks import table as tasks
 from finetune.training import bn_policies, loggers, schedules
 from finetune.weights import sources as weight_sources
 
 # The modules that own a table (imported above for the tables they fill).
-TABLE_MODULES = (weight_sources, model_sources, data_formats, schedules, bn_policies, loggers)
+TABLE_MODULES = (weight_sources, model_sources, data_formats, schedules, bn_policies, loggers,
+                 tasks)
 
 _loaded: list[bool] = []
 

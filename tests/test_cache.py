@@ -19,7 +19,8 @@ from finetune.data.transforms import eval_transform
 from finetune.errors import FinetuneError
 from finetune.models import heads
 from finetune.models.backbones import preprocessing
-from finetune.training.feature_cache import Cut, FeatureCache, config_conflicts, cut_model, decide
+from finetune.training.feature_cache import FeatureCache, config_conflicts, decide
+from finetune.training.feature_cuts import Cut, cut_model
 from finetune.training.freezing import apply_freeze, plan_freeze
 from finetune.training.lightning_module import FinetuneModule
 
@@ -181,7 +182,7 @@ def test_stored_features_are_trusted_only_with_our_record(tmp_path: Path) -> Non
 
 def test_the_key_changes_with_the_frozen_weights() -> None:
     """Same architecture, same code, other weights: other features, so another key."""
-    from finetune.training.feature_cache import prefix_identity
+    from finetune.training.feature_cuts import prefix_identity
 
     first = cut_model(_resnet("layer4"))
     other_model = _resnet("layer4")
@@ -200,7 +201,7 @@ def test_the_key_changes_with_the_frozen_weights() -> None:
 def test_a_prefix_cuts_again_where_one_value_carries_the_rest() -> None:
     """The points where the prefix of `train_from=fc` can be cut again, and that running it
     in segments between them computes what it computes, bit for bit."""
-    from finetune.training.feature_cache import bottlenecks, segment
+    from finetune.training.feature_cuts import bottlenecks, segment
 
     prefix = cut_model(_resnet("fc").eval()).prefix
     points = bottlenecks(prefix)
@@ -218,8 +219,8 @@ def test_a_prefix_cuts_again_where_one_value_carries_the_rest() -> None:
 def test_a_shallower_split_is_keyed_as_the_start_of_a_deeper_one() -> None:
     """Job train_from=layer3 caches the output of layer2; job train_from=fc finds it under
     the same key (same code, modules, tensors) and computes only layer3 onwards."""
-    from finetune.training.feature_cache import (
-        FeatureCache,
+    from finetune.training.feature_cache import FeatureCache
+    from finetune.training.feature_cuts import (
         bottlenecks,
         prefix_identity,
         segment,

@@ -21,7 +21,7 @@ from finetune.data.transforms import eval_transform, train_transform
 from finetune.models import heads
 from finetune.models.backbones import preprocessing
 from finetune.training.freezing import apply_freeze, plan_freeze
-from finetune.training.lightning_module import FinetuneModule
+from finetune.training.lightning_module import FinetuneModule, StepOptions
 
 warnings.filterwarnings("ignore")
 
@@ -36,8 +36,8 @@ def _step(name: str, precision: str = "32-true", channels_last: bool = False,
     split, names = fake_data(16, 4, size, seed=0)
     data = TensorImages(split.items, split.labels, eval_transform(preprocessing(None, size)))
     module = FinetuneModule(model, 4, plan, OmegaConf.structured(OptimConfig),
-                            OmegaConf.structured(SchedConfig), channels_last=channels_last,
-                            compile=compile)
+                            OmegaConf.structured(SchedConfig),
+                            options=StepOptions(channels_last=channels_last, compile=compile))
     before = model.state_dict()[next(n for n, p in model.named_parameters())].clone()
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0,
                          accelerator="cpu", precision=precision, logger=False,

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from finetune.compose.schema import OptimConfig, SchedConfig
 from finetune.models import heads
+from finetune.tasks.table import TASKS
 from finetune.training.freezing import apply_freeze, plan_freeze
-from finetune.training.lightning_module import FinetuneModule
+from finetune.training.lightning_module import FinetuneModule, StepOptions
 
 warnings.filterwarnings("ignore")
 
@@ -21,7 +22,8 @@ def _module(model, aux_weight: float = 0.4, train_from=None, **kwargs) -> Finetu
     plan = plan_freeze(model, train_from)
     apply_freeze(model, plan)
     return FinetuneModule(model, 5, plan, OmegaConf.structured(OptimConfig),
-                          OmegaConf.structured(SchedConfig), aux_weight=aux_weight, **kwargs)
+                          OmegaConf.structured(SchedConfig),
+                          options=StepOptions(aux_weight=aux_weight), **kwargs)
 
 
 def test_the_training_loss_takes_the_mixed_batch_and_class_weights() -> None:
@@ -75,7 +77,7 @@ def test_the_multilabel_loss_is_bce_with_the_labels_pos_weight() -> None:
     model = torchvision.models.resnet18()
     heads.replace_heads(model, 5)
     weights = [1.0, 2.0, 0.5, 1.0, 3.0]
-    module = _module(model, class_weights=weights, multilabel=True).train()
+    module = _module(model, class_weights=weights, task=TASKS["multilabel"]).train()
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]],
                      dtype=torch.float32)

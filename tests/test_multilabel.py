@@ -23,7 +23,7 @@ from finetune.commands.export import export
 from finetune.data.readers import read_multilabel_csv
 from finetune.data.splits import Split, fold_split
 from finetune.errors import FinetuneError
-from finetune.training.save import tune_thresholds
+from finetune.tasks.multilabel import tune_thresholds
 
 PROPERTIES = {d: [n for n, hit in (("even", d % 2 == 0), ("over_4", d > 4),
                                    ("prime", d in (2, 3, 5, 7))) if hit] for d in range(10)}
@@ -77,7 +77,7 @@ def test_a_multilabel_run_predicts_label_sets_at_its_thresholds(
     with open(run / "val_predictions.csv", newline="") as handle:
         expected = {row["item"]: row["predicted"] for row in csv.DictReader(handle)}
     predictions = finetune.predict(run, [Path(p) for p in expected])
-    assert predictions.multilabel and len(predictions.rows) == len(expected)
+    assert predictions.task == "multilabel" and len(predictions.rows) == len(expected)
     for row in predictions.rows:
         assert ";".join(row["labels"]) == expected[row["path"]]
         assert len(row["probs"]) == 3

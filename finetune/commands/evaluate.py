@@ -19,8 +19,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from finetune.cli import help_text, parse_args, usage, wants_help
+from finetune.compose import gate
+from finetune.compose.prepare import compose_config
+from finetune.compose.schema import DataConfig
 from finetune.errors import ConfigError, FinetuneError, run_entry_point
+from finetune.rundir import plots
+from finetune.tasks.table import task_of
 
 COMMAND = "evaluate"
 ARGS: dict[str, str | None] = {"run": None, "split": "auto", "calibrate": "false",
@@ -33,13 +40,9 @@ EVAL_PREDICTIONS = "eval_predictions.csv"
 def data_config(recorded: dict[str, Any] | None, overrides: list[str]) -> Any:
     """The data group to evaluate on: the run's recorded one (gated like a received recipe),
     or, when `overrides` name any data key, that data alone, composed as a run would be."""
-    from omegaconf import OmegaConf
 
-    from finetune.compose import gate
 
     if overrides:
-        from finetune.compose.prepare import compose_config
-
         cfg, _ = compose_config(overrides)
         return cfg.data
     if not isinstance(recorded, dict):
@@ -48,7 +51,6 @@ def data_config(recorded: dict[str, Any] | None, overrides: list[str]) -> Any:
     problems = gate.recipe_problems({"data": recorded}, "run: its recorded data config")
     if problems:
         raise ConfigError(problems)
-    from finetune.compose.schema import DataConfig
 
     return OmegaConf.merge(OmegaConf.structured(DataConfig), recorded)
 
@@ -83,7 +85,10 @@ def calibrate_on_val(model: Any, recorded: dict[str, Any] | None, batch_size: in
                      own: Any = None) -> dict[str, Any]:
     """Fit the temperature on the run's own validation split (as the run split it); `own`:
     the run's own datamodule when it is already built."""
+    # lazy: keeps torch off a torch-free path
     from finetune.data.datamodule import build_datamodule
+
+    # lazy: keeps torch off a torch-free path
     from finetune.rundir.evaluation import collect, fit_temperature, item_names
 
     manifest = model.manifest
@@ -99,8 +104,13 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
                  calibrate: bool = False, output: str | Path | None = None,
                  batch_size: int = 64) -> tuple[dict[str, Any], Path]:
     """Evaluate a run dir (see the module doc); returns (eval.json's content, its path)."""
+    # lazy: keeps torch off a torch-free path
     from finetune.data.datamodule import build_datamodule
+
+    # lazy: keeps torch off a torch-free path
     from finetune.rundir import artifacts, evaluation, html_report
+
+    # lazy: keeps torch off a torch-free path
     from finetune.rundir.inference import load_run
 
     if split not in SPLITS:
@@ -110,9 +120,10 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
     if not model.class_names:
         raise FinetuneError(f"run={run}: a feature extractor (head: none) has no classes to "
                             "evaluate")
-    if manifest.task == "multilabel":
+    if not task_of(manifest.task).evaluates:
         raise FinetuneError(f"run={run}: evaluate measures one-class-per-image runs; a "
-                            "task=multilabel run's mAP and per-label F1 are in its metrics.json")
+                            f"task={manifest.task} run's figures (for label sets: mAP and per-"
+                            "label F1) are in its metrics.json")
     recorded = (manifest.config or {}).get("data")
     data_cfg = data_config(recorded, list(overrides))
     data = build_datamodule(data_cfg, model.preprocessing, manifest.seed)
@@ -138,7 +149,6 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
         manifest.calibration = calibration
         manifest.write(Path(run))
     reliability = out_dir / "eval_reliability.png"
-    from finetune.rundir import plots
 
     plots.plot_reliability(result["reliability"], reliability, f"{chosen} split")
     result["reliability_png"] = html_report.png_uri(reliability)

@@ -22,6 +22,7 @@ COMMAND = "export"
 def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> dict[str, Any]:
     """Export a run dir's model (`fmt`: torchscript or onnx), parity-checked; returns what
     the JSON beside the file says."""
+    # lazy: keeps torch off a torch-free path
     from finetune.rundir.exporting import export as export_run
 
     return export_run(run_dir, fmt, output)

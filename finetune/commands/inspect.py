@@ -18,6 +18,7 @@ from finetune.cli import help_text, usage, wants_help
 from finetune.compose.allowlist import take_allow_flags
 from finetune.compose.prepare import RECIPE_FILES, compose_config
 from finetune.errors import FinetuneError, print_problems, run_entry_point
+from finetune.models.sources import MODEL_SOURCES
 
 FLAGS = ("--keys", "--splits", "--json", "--list")
 GLOB = frozenset("*?[")
@@ -28,6 +29,7 @@ def module_rows(model: Any, eval_modules: set[str], depth: int,
                 joins: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """One row per module down to `depth`: path, type, parameters, what trains (and from
     which epoch, for modules an unfreeze phase opens; `joins` maps parameter -> epoch)."""
+    # lazy: keeps torch off a torch-free path
     from finetune.training.freezing import BATCHNORM
 
     joins = joins or {}
@@ -56,6 +58,7 @@ def module_rows(model: Any, eval_modules: set[str], depth: int,
 def split_points(model: Any) -> list[str]:
     """The candidate `freeze.train_from` values: each top-level child; for a timm model, the
     layers of its own grouping (group_matcher: its stem, every block or stage, the head)."""
+    # lazy: keeps torch off a torch-free path
     from finetune.training.optim import timm_layers
 
     grouped = timm_layers(model)
@@ -69,6 +72,7 @@ def split_points(model: Any) -> list[str]:
 
 def split_rows(model: Any) -> list[dict[str, Any]]:
     """Each candidate `freeze.train_from` (split_points), with what would train."""
+    # lazy: keeps torch off a torch-free path
     from finetune.training.freezing import plan_freeze
 
     sizes = dict(model.named_parameters())
@@ -88,6 +92,7 @@ def split_rows(model: Any) -> list[dict[str, Any]]:
 def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = False,
                  splits: bool = False) -> dict[str, Any]:
     """The plan of a run as data (what `--json` prints)."""
+    # lazy: keeps torch off a torch-free path
     from finetune.training.plan import plan_run
 
     run_plan = plan_run(cfg, train_sources=False)
@@ -184,7 +189,6 @@ def render(plan: dict[str, Any]) -> str:
 def model_listing(source: str, pattern: str | None) -> str:
     """The models of a source whose name matches `pattern` (a glob), one per line; for timm
     with its pretrained tags (weights.name)."""
-    from finetune.models.sources import MODEL_SOURCES
 
     if source not in MODEL_SOURCES:
         raise FinetuneError(f"model.source={source!r} is not one of "
@@ -199,6 +203,7 @@ def model_listing(source: str, pattern: str | None) -> str:
                             "pattern, e.g. 'convnext*'")
     tags: dict[str, list[str]] = {}
     if source == "timm":
+        # lazy: an optional extra (finetune[timm])
         import timm
 
         for full in timm.list_pretrained(f"{pattern}.*" if pattern else ""):

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         problem = output_problem(args["output"])
         if problem:
             raise FinetuneError(problem)
+        # lazy: keeps torch off a torch-free path
         from finetune.rundir.inference import (
             list_images,
             load_run,

@@ -22,8 +22,10 @@ from omegaconf import OmegaConf, open_dict
 from finetune import locations
 from finetune.cli import help_text, usage, wants_help
 from finetune.compose import safe_files
+from finetune.compose.prepare import compose_config, compose_with_hydra
 from finetune.errors import FinetuneError, run_entry_point
 from finetune.rundir import artifacts
+from finetune.weights.sources import source_of
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -49,14 +51,12 @@ def description(path: Path) -> str:
 
 def summary(name: str, path: Path) -> dict[str, Any]:
     """One row of `list`: what the recipe trains, from the config it composes to."""
-    from finetune.compose.prepare import compose_config
 
     row: dict[str, Any] = {"name": name, "file": str(path), "description": description(path)}
     try:
         cfg, _ = compose_config([f"recipe={path}"])
     except Exception as err:  # a broken user recipe is listed, not fatal
         return {**row, "error": str(err).splitlines()[0]}
-    from finetune.weights.sources import source_of
 
     weights = source_of(cfg).label(cfg)
     classes = (cfg.head.num_classes or (len(cfg.data.classes) if cfg.data.classes else None)
@@ -84,7 +84,6 @@ def show(spec: str, resolved: bool, overrides: list[str]) -> str:
     _, path = locations.resolve_recipe(spec)
     if not resolved:
         return path.read_text()
-    from finetune.compose.prepare import compose_config
 
     cfg, _ = compose_config([f"recipe={path}", *overrides])
     return OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True))
@@ -117,7 +116,6 @@ def copy(spec: str, target: str) -> str:
 
 def weights_reachable(cfg: Any) -> str | None:
     """None when the weights are at hand (cached, or their URL answers); else what to do."""
-    from finetune.weights.sources import source_of
 
     return source_of(cfg).unreachable(cfg)
 
@@ -126,7 +124,6 @@ def machine_effects(cfg: Any, hydra: Any) -> list[str]:
     """What a run of `cfg` does to this machine beyond its run dir: downloads, a source recipe
     trained first, files read from outside, jobs submitted. (A recipe cannot make a run
     write outside its run dir: the gate refuses the keys that would.)"""
-    from finetune.weights.sources import source_of
 
     run_dir = str(OmegaConf.to_container(hydra.run, resolve=False)["dir"])
     run_dir = re.sub(r"\$\{now:[^}]*\}", "<time>", run_dir.replace(
@@ -153,7 +150,7 @@ CHOICE_PROBLEM = re.compile(r": ([A-Za-z_][\w.]*)=.* is not one of ")
 def validate_recipe(spec: str, overrides: list[str]) -> tuple[list[str], list[str]]:
     """(every problem a run would stop on before training, what the run would do to this
     machine). No problems: the recipe is ready. The recipe passes the same gate a run uses."""
-    from finetune.compose.prepare import compose_with_hydra
+    # lazy: keeps torch off a torch-free path
     from finetune.training.plan import plan_run
 
     args = [f"recipe={spec}", *overrides]

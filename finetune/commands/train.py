@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune import locations
 from finetune.cli import help_text
 from finetune.compose import schema
 from finetune.compose.allowlist import take_allow_flags
+from finetune.compose.precheck import config_problems
 from finetune.compose.prepare import (
     RECIPE_FILES,
     RECIPES_OF_RUN_ENV,
@@ -33,6 +35,7 @@ from finetune.compose.prepare import (
     sweeper_problem,
 )
 from finetune.errors import ConfigError, FinetuneError, print_problems
+from finetune.rundir.artifacts import ERROR_FILE, remove_if_unused
 
 log = logging.getLogger("finetune")
 
@@ -42,8 +45,6 @@ LAUNCH_ENV = "FINETUNE_LAUNCHED"  # wall-clock time the command started: first_s
 
 def task(cfg: DictConfig) -> float:
     """One training job. Returns the monitored metric so Hydra sweepers can optimize it."""
-    from finetune.compose.precheck import config_problems
-    from finetune.rundir.artifacts import ERROR_FILE, remove_if_unused
 
     if not RECIPE_FILES and not RERUN_OF:  # a launcher's worker process (joblib, submitit)
         inherited = inherited_recipes()
@@ -63,6 +64,7 @@ def task(cfg: DictConfig) -> float:
             if full_error():
                 raise ConfigError(problems)
             raise SystemExit(2)
+    # lazy: keeps torch off a torch-free path
     from finetune.training.run import run
 
     try:
@@ -75,6 +77,7 @@ def task(cfg: DictConfig) -> float:
             raise
         raise SystemExit(2) from None
     except KeyboardInterrupt as err:  # outside fit (in fit, Lightning exits 1 itself)
+        # lazy: keeps torch off a torch-free path
         from finetune.training.callbacks import stop_name
 
         print(f"finetune: stopped by {stop_name(err)}; nothing was trained to resume from",
@@ -93,7 +96,10 @@ def task(cfg: DictConfig) -> float:
 def run_context(hydra_cfg: Any, recipe_files: dict[str, Path],
                 rerun_of: dict[str, Path]) -> Any:
     """What the run needs from Hydra's globals, as data (finetune.plan.RunContext)."""
+    # lazy: keeps torch off a torch-free path
     from finetune.training.plan import RunContext
+
+    # lazy: keeps torch off a torch-free path
     from finetune.training.run import is_main_process
 
     sweep = hydra_cfg.mode.name == "MULTIRUN"
@@ -116,8 +122,6 @@ def print_help(args: list[str]) -> None:
 
     Written here rather than left to Hydra, whose help copies the whole config store once for
     each of its 60-odd config groups (over a second); `--hydra-help` is still Hydra's."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     overrides = [a for a in args if a not in ("--help", "-h")]
     with initialize_config_dir(str(locations.CONF_DIR), version_base="1.3", job_name="help"):

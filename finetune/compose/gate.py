@@ -24,6 +24,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep, OverrideType
+
 from finetune import locations
 from finetune.compose import allowlist, schema
 from finetune.models.sources import BUILDER_LOADS, builder_loads_problem
@@ -325,8 +328,6 @@ def override_problems(text: Any, where: str, sweep: bool = False) -> list[str]:
     It must be one `key=value` over a schema key or a finetune config group: never a flag
     (`--...`), a hydra key, a recipe or rerun switch, or an addition or deletion (`+`, `~`).
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import IntervalSweep, OverrideType
 
     if not isinstance(text, str):
         return [f"{where}: {text!r} must be one key=value string"]

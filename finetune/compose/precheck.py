@@ -10,17 +10,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune.compose.ranges import range_problems
-from finetune.data.formats import FORMATS, label_sets_problem
+from finetune.compose.schema import mix_enabled
+from finetune.data.formats import FORMATS
+from finetune.tasks.table import task_of
 from finetune.training.loggers import LOGGERS
 from finetune.weights.sources import source_of
 
 BATCH_MIXES = ("MixUp", "CutMix")  # torchvision v2 batch transforms, not per-image ones
-
-
-def mix_enabled(data: Any) -> bool:
-    """Whether `data.mix` mixes anything (finetune/mixing.py does it)."""
-    mix = data.get("mix") if data is not None else None
-    return bool(mix) and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) and mix.prob > 0
 
 
 def num_classes_problem(configured: int | None, class_names: list[str]) -> str | None:
@@ -41,34 +37,6 @@ def single_class_problem(class_names: list[str], where: str) -> str | None:
             "one of negatives) or list more in data.classes")
 
 
-def multilabel_problems(cfg: Any) -> list[str]:
-    """What task=multilabel does not take, one sentence each."""
-    problems = []
-    if cfg.loss.class_weights is not None:
-        problems.append("loss.class_weights is for one class per image; with task=multilabel "
-                        "weigh each label's positives with loss.pos_weight (auto or a list)")
-    if cfg.data.sampler == "balanced":
-        problems.append("data.sampler=balanced draws classes equally, which label sets do not "
-                        "have; with task=multilabel use loss.pos_weight=auto")
-    if cfg.data.get("limit_per_class"):
-        problems.append("data.limit_per_class counts images of one class; it does not apply to "
-                        "task=multilabel")
-    if mix_enabled(cfg.data):
-        problems.append("data.mix (MixUp / CutMix) is not supported with task=multilabel yet: "
-                        "drop it")
-    if cfg.loss.label_smoothing:
-        problems.append("loss.label_smoothing is for one class per image; it does not apply to "
-                        "task=multilabel")
-    if cfg.trainer.early_stopping.patience is not None and \
-            cfg.trainer.early_stopping.monitor == "val/acc_top5":
-        problems.append("trainer.early_stopping.monitor=val/acc_top5 is not measured with "
-                        "task=multilabel; monitor val/loss, val/acc or val/f1")
-    if cfg.metric == "val/acc_top5":
-        problems.append("metric=val/acc_top5 is not measured with task=multilabel; use val/mAP")
-    problem = label_sets_problem(cfg.data.name)
-    return problems + ([problem] if problem else [])
-
-
 def config_problems(cfg: Any) -> list[str]:
     """Problems of the composed config alone: the weight source's (unless it needs the
     model: validate asks it then), the data's paths, the schedule, the optimizer, the
@@ -80,11 +48,10 @@ def config_problems(cfg: Any) -> list[str]:
     data_format = FORMATS[cfg.data.name]
     data_problems = data_format.problems(cfg.data)
     problems += data_problems
-    multilabel = cfg.get("task") == "multilabel"
-    if multilabel:
-        problems += multilabel_problems(cfg)
+    task = task_of(cfg)
+    problems += task.problems(cfg)
     if cfg.head.type != "none" and cfg.head.num_classes is not None and not data_problems \
-            and cfg.head.num_classes >= 1 and not multilabel:
+            and cfg.head.num_classes >= 1 and task.counts_classes_early():
         names = data_format.class_names(cfg.data)
         if names is not None:
             problem = (single_class_problem(names, cfg.data.get("root") or cfg.data.name)

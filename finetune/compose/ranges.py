@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
+
 
 @dataclass(frozen=True)
 class Range:
@@ -128,7 +130,6 @@ def _check(key: str, value: Any, allowed: Range) -> str | None:
 
 def range_problems(cfg: Any) -> list[str]:
     """Every value outside its range, one line each."""
-    from omegaconf import OmegaConf
 
     def get(key: str) -> Any:
         return OmegaConf.select(cfg, key, throw_on_missing=False)

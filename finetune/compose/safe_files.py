@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf._utils import get_yaml_loader
 
 from finetune.errors import FinetuneError
 
@@ -32,8 +33,6 @@ def _loader() -> type:
     """OmegaConf's YAML loader (safe, duplicate keys refused, its float rules), so a recipe
     reads here exactly as OmegaConf.load would read it."""
     try:
-        from omegaconf._utils import get_yaml_loader
-
         return get_yaml_loader()
     except ImportError:  # a later omegaconf moved it: YAML's own safe loader
         return yaml.SafeLoader

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -259,7 +260,7 @@ class Config:
 # entry adds the choice. Each table module makes its table and registers it in TABLES;
 # finetune.plugins.load() imports them all (and the installed plugins) before a choice is checked.
 TABLE_KEYS = ("weights.source", "model.source", "data.name", "sched.name", "freeze.bn",
-              "logger.name")
+              "logger.name", "task")
 
 # Keys whose value is one of a closed set; checked at compose time with nearest matches.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -273,7 +274,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("info", "debug"),
     "checkpoint.keep": ("auto", "last", "best", "both", "none"),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
-    "task": ("multiclass", "multilabel"),
     "eval.checkpoint": ("last", "best"),
     "sweep.pruner.name": PRUNERS,  # finetune/study.py
     "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
@@ -391,7 +391,6 @@ def nest(key: str, value: Any) -> dict[str, Any]:
 
 def check_overrides(overrides: list[str]) -> list[str]:
     """Every unknown key, wrong type, bad choice or unknown group option in CLI overrides."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     errors: list[str] = []
     probe = None
@@ -426,3 +425,9 @@ def check_overrides(overrides: list[str]) -> list[str]:
                 errors.append(problem)
                 break
     return errors
+
+
+def mix_enabled(data: Any) -> bool:
+    """Whether `data.mix` mixes anything (finetune/mixing.py does it)."""
+    mix = data.get("mix") if data is not None else None
+    return bool(mix) and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) and mix.prob > 0

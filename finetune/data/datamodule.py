@@ -9,13 +9,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 from finetune.compose.precheck import single_class_problem
+from finetune.data import decoded_cache
+from finetune.data.decoded_cache import Rows
 from finetune.data.formats import (
     FORMATS,
-    label_sets_problem,
 )
 from finetune.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from finetune.data.splits import (
@@ -30,6 +31,8 @@ from finetune.data.transforms import check_augment, eval_transform, resize_crop,
 from finetune.errors import FinetuneError
 from finetune.models.backbones import Preprocessing
 from finetune.seeding import derive
+from finetune.tasks.table import DEFAULT as DEFAULT_TASK
+from finetune.tasks.table import task_of
 
 
 class EpochShuffle(Sampler):
@@ -143,8 +146,6 @@ class ImageFiles(_Images):
         self.described = transform  # what the items are (the feature cache's key)
         self.rows = None
         if decoded is not None:
-            from finetune.data.decoded_cache import Rows
-
             array, index, skip = decoded
             self.rows = Rows(array, [index[p] for p in paths])
             self.transform = v2.Compose(list(transform.transforms[skip:]))
@@ -228,8 +229,6 @@ class ImageDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         rank, world = distributed()
         if world > 1:  # each rank validates its share; metrics and predictions are gathered
-            from torch.utils.data import DistributedSampler
-
             return self._loader(self.val_set, DistributedSampler(
                 self.val_set, num_replicas=world, rank=rank, shuffle=False))
         return self._loader(self.val_set)
@@ -249,24 +248,11 @@ def _workers(setting: Any, in_memory: bool) -> int:
     raise FinetuneError(f"data.num_workers={setting!r}: use auto or a whole number >= 0")
 
 
-def read_data(cfg: Any, crop: int, seed: int, task: str) -> tuple[Any, ...]:
-    """The data format's labelled set (and own val set, class names, own test set), or for
-    task=multilabel the label sets of the formats that have them (csv, digits)."""
-    data_format = FORMATS[cfg.name]
-    if task != "multilabel":
-        return data_format.read(cfg, crop, seed)
-    problem = label_sets_problem(cfg.name)
-    if problem:
-        raise FinetuneError(problem)
-    full, names = data_format.read_label_sets(cfg)
-    return full, None, names, None
-
-
 def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
-                     task: str = "multiclass", epochs: int = 1) -> ImageDataModule:
+                     task: str = DEFAULT_TASK, epochs: int = 1) -> ImageDataModule:
     """The datamodule for `cfg` (the data group): split, transforms and loaders. `epochs`:
     how often the run reads the training set (data.decode_cache=auto caches when > 1)."""
-    full, val, names, *rest = read_data(cfg, prep.crop, seed, task)
+    full, val, names, *rest = task_of(task).read(FORMATS[cfg.name], cfg, prep.crop, seed)
     test: Split | None = rest[0] if rest else None
     bad: list[tuple[str, str]] = []
     one_class = single_class_problem(names, cfg.get("root") or cfg.name)
@@ -306,13 +292,11 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     in_memory = isinstance(full.items, torch.Tensor)
     extra: dict[str, Any] = {} if in_memory else {"max_pixels": max_pixels}
     if not in_memory:
-        from finetune.data import decoded_cache as decoded
-
         every = list(dict.fromkeys([*train.items, *val.items,
                                     *(test.items if test is not None else [])]))
-        if decoded.wanted(cfg.get("decode_cache", "false"), len(every), prep, epochs):
+        if decoded_cache.wanted(cfg.get("decode_cache", "false"), len(every), prep, epochs):
             first = v2.Compose(resize_crop(prep))
-            array = decoded.decoded(every, prep, first, max_pixels)
+            array = decoded_cache.decoded(every, prep, first, max_pixels)
             extra["decoded"] = (array, {p: i for i, p in enumerate(every)},
                                 len(first.transforms))
     dataset = TensorImages if in_memory else ImageFiles

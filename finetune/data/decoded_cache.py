@@ -31,7 +31,9 @@ import torch
 from torchvision import tv_tensors
 
 from finetune.compose import safe_files
+from finetune.data.images import open_rgb
 from finetune.errors import FinetuneError
+from finetune.locations import cache_dir
 from finetune.models.backbones import Preprocessing
 from finetune.rundir import artifacts
 
@@ -41,8 +43,6 @@ AUTO_LIMIT_BYTES = 4 << 30  # `auto` caches a data set up to this size once deco
 
 
 def cache_folder() -> Path:
-    from finetune.locations import cache_dir
-
     return cache_dir("decoded")
 
 
@@ -99,7 +99,6 @@ def decode_all(paths: list[Path], first: Any, max_pixels: int, shape: tuple[int,
                ) -> np.ndarray:
     """Every image through the deterministic transform `first` (threads: PIL and the resize
     release the GIL)."""
-    from finetune.data.images import open_rgb
 
     out = np.empty((len(paths), *shape), dtype=np.uint8)
 

@@ -73,12 +73,14 @@ class Digits(DataFormat):
     label_sets = "even / over_4 / prime"  # each image's digit's properties
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
+        # lazy: keeps torch off a torch-free path
         from finetune.data.readers import load_digits
 
         full, names = load_digits(cfg.classes)
         return full, None, names
 
     def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
+        # lazy: keeps torch off a torch-free path
         from finetune.data.readers import multilabel_digits
 
         return multilabel_digits(cfg.classes)
@@ -93,6 +95,7 @@ class Fake(DataFormat):
         return [str(i) for i in range(cfg.fake_classes)]
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, Any, list[str]]:
+        # lazy: keeps torch off a torch-free path
         from finetune.data.readers import fake_data
 
         full, names = fake_data(cfg.fake_size, cfg.fake_classes, crop, seed)
@@ -119,11 +122,13 @@ class Csv(DataFormat):
     label_sets = "path,a;b;c"  # the second column: labels separated by ;
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, ...]:
+        # lazy: keeps torch off a torch-free path
         from finetune.data.readers import check_root, read_csv_list
 
         return read_csv_list(check_root(cfg.root, self.name), cfg.classes)
 
     def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
+        # lazy: keeps torch off a torch-free path
         from finetune.data.readers import check_root, read_multilabel_csv
 
         return read_multilabel_csv(check_root(cfg.root, self.name))
@@ -155,6 +160,7 @@ class ImageFolder(DataFormat):
                       p.name.startswith(".") and p.name not in SPLIT_NAMES) or None
 
     def read(self, cfg: Any, crop: int, seed: int) -> tuple[Any, ...]:
+        # lazy: keeps torch off a torch-free path
         from finetune.data.readers import check_root, scan_folder
 
         root = check_root(cfg.root, self.name)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits as sk_digits
 
 from finetune.data.csv_lists import CsvProblem, read_csv_rows, read_csv_table
 from finetune.data.images import IMAGE_SUFFIXES
@@ -68,7 +69,6 @@ def listed_images(csv_path: Path, listed: list[str]) -> list[Path]:
 
 def load_digits(classes: list[Any] | None) -> tuple[Split, list[str]]:
     """scikit-learn's 1,797 8x8 digits as uint8 RGB tensors, labels in `classes` order."""
-    from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
     names = _select_classes([str(d) for d in range(10)], classes, "the digits 0-9")

@@ -5,13 +5,14 @@ split without stratification."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from finetune.data.images import DEFAULT_MAX_PIXELS, ImageProblem, open_rgb
 from finetune.errors import FinetuneError
@@ -49,7 +50,6 @@ def drop_undecodable(split: Split, names: list[str], policy: str,
     """Decode every image once (threads; PIL releases the GIL): those that fail (or are
     over `max_pixels`) are skipped and returned (path, reason), or refused with `policy`
     error."""
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         reasons = list(pool.map(lambda p: _decode_problem(p, max_pixels), split.items))
@@ -116,7 +116,6 @@ def fold_split(split: Split, folds: int, fold: int, seed: int) -> tuple[Split, S
     """(train, val) of k-fold cross-validation: scikit-learn's StratifiedKFold, shuffled by
     seed; fold `fold`'s part is the validation set. The folds are disjoint and cover the
     data, every class in proportion in each."""
-    from sklearn.model_selection import KFold, StratifiedKFold
 
     if fold >= folds:
         raise FinetuneError(f"data.fold={fold}: there are {folds} folds (data.folds), "

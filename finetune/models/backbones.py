@@ -145,6 +145,7 @@ def timm_preprocessing(pretrained_cfg: dict[str, Any], image_size: int | None) -
     (resolve_data_config: input size, crop_pct, interpolation, mean, std), scaled to
     `image_size` with the same crop_pct. The config may come from a received folder's
     config.json: its values are checked."""
+    # lazy: an optional extra (finetune[timm])
     from timm.data import resolve_data_config
 
     where = f"the pretrained config of {pretrained_cfg.get('architecture') or 'these weights'}"

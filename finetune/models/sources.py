@@ -13,6 +13,7 @@ checked from this table at compose time.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 from typing import Any
 
@@ -82,24 +83,28 @@ class Torchvision(ModelSource):
     listing = "see torchvision.models.list_models(module=torchvision.models)"
 
     def names(self, pattern: str | None = None) -> list[str]:
+        # lazy: keeps torch off a torch-free path
         from finetune.models import backbones
 
         names = backbones.list_backbones()
         return _matching(names, pattern)
 
     def build(self, name: str, kwargs: dict[str, Any]) -> Any:
+        # lazy: keeps torch off a torch-free path
         from finetune.models import backbones
 
         return backbones.build(name, kwargs)
 
     def replace_heads(self, model: Any, num_classes: int, dropout: float,
                       hidden: list[int]) -> list[str]:
+        # lazy: keeps torch off a torch-free path
         from finetune.models import heads
 
         return heads.replace_heads(model, num_classes, dropout, hidden)
 
     def pretrained_kwargs(self, name: str, entry: Any, crop: int | None,
                           channels: int) -> dict[str, Any]:
+        # lazy: keeps torch off a torch-free path
         from finetune.models import backbones
 
         kwargs = backbones.pretrained_kwargs(name, entry) if entry is not None else {}
@@ -110,6 +115,7 @@ class Torchvision(ModelSource):
         return kwargs
 
     def default_entry(self, name: str) -> Any:
+        # lazy: keeps torch off a torch-free path
         from finetune.models import backbones
 
         return backbones.weights_enum(name, "DEFAULT")
@@ -134,6 +140,7 @@ class Timm(ModelSource):
                "model.name='convnext*' --list")
 
     def names(self, pattern: str | None = None) -> list[str]:
+        # lazy: an optional extra (finetune[timm])
         import timm
 
         return list(timm.list_models(pattern or ""))
@@ -142,6 +149,7 @@ class Timm(ModelSource):
         return name.split(".", 1)[0]  # convnext_tiny.fb_in1k: the architecture, then a tag
 
     def build(self, name: str, kwargs: dict[str, Any]) -> Any:
+        # lazy: an optional extra (finetune[timm])
         import timm
 
         problems = self.problems(name)
@@ -156,9 +164,13 @@ class Timm(ModelSource):
 
     def replace_heads(self, model: Any, num_classes: int, dropout: float,
                       hidden: list[int]) -> list[str]:
+        # lazy: keeps torch off a torch-free path
         from torch import nn
 
+        # lazy: keeps torch off a torch-free path
         from finetune.models import heads
+
+        # lazy: keeps torch off a torch-free path
         from finetune.models.surgery import set_module
 
         # timm's own classifier reset keeps the model's global pooling and head layout
@@ -217,8 +229,6 @@ def builder_loads_problem(key: str, where: str) -> str:
 
 
 def _matching(names: list[str], pattern: str | None) -> list[str]:
-    import fnmatch
-
     return [n for n in names if not pattern or fnmatch.fnmatchcase(n, pattern)]
 
 
@@ -234,6 +244,7 @@ def classifier_paths(model: Any) -> list[str]:
 def timm_pretrained_cfg(name: str, tag: str | None = None) -> dict[str, Any] | None:
     """timm's pretrained config of `name` (an architecture, optionally `.tag`) with `tag`
     (None or DEFAULT: the architecture's default tag), as a plain dict; None if it has none."""
+    # lazy: an optional extra (finetune[timm])
     from timm.models import get_pretrained_cfg
 
     base, _, own_tag = name.partition(".")
@@ -246,6 +257,7 @@ def timm_pretrained_cfg(name: str, tag: str | None = None) -> dict[str, Any] | N
 
 def timm_tags(name: str) -> list[str]:
     """The pretrained tags timm has for an architecture (convnext_tiny -> fb_in1k, ...)."""
+    # lazy: an optional extra (finetune[timm])
     import timm
 
     base = name.split(".", 1)[0]

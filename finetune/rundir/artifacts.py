@@ -150,7 +150,7 @@ def lock_run_dir(run_dir: Path, wait: bool = False, name: str = LOCK) -> Any:
     run_dir.mkdir(parents=True, exist_ok=True)
     refuse_links(run_dir / name)
     handle = open(run_dir / name, "a+")  # noqa: SIM115 (held open for the whole run)
-    try:
+    try:  # lazy: POSIX only (fcntl); elsewhere the lock is the dir's suffix alone
         import fcntl
     except ImportError:  # Windows: no advisory locks; the dir names' suffix still applies
         return handle
@@ -247,6 +247,7 @@ def read_json(path: Path, what: str = "file") -> Any:
 
 def save_weights(model: nn.Module, path: Path) -> str:
     """The state dict as safetensors (tensors only, no pickle); returns the file's sha256."""
+    # lazy: safetensors is slow to import; only this path needs it
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import (
@@ -30,6 +31,8 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+
+from finetune.data.images import ImageProblem, open_rgb
 
 BINS = 15  # calibration bins (the usual ECE-15)
 WRONG_SHOWN = 8  # the most confidently wrong images a report shows
@@ -197,9 +200,7 @@ def confidently_wrong(outputs: Outputs, class_names: list[str], dataset: Any,
 def thumbnail(dataset: Any, index: int, size: int = 64) -> str | None:
     """A PNG data URI of image `index` of the dataset as it was read (before normalizing),
     at most `size` px; None when it cannot be read now."""
-    from PIL import Image
 
-    from finetune.data.images import ImageProblem, open_rgb
 
     try:
         if hasattr(dataset, "paths"):

@@ -25,6 +25,7 @@ from finetune.cli import usage
 from finetune.errors import FinetuneError
 from finetune.rundir import artifacts
 from finetune.rundir.inference import load_run
+from finetune.tasks.table import task_of
 
 TOLERANCE = 1e-4
 SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -65,6 +66,7 @@ def _onnx(model: nn.Module, path: Path) -> Any | None:
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
     if importlib.util.find_spec("onnxruntime") is None:
         return None
+    # lazy: an optional extra (finetune[onnx])
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -127,14 +129,10 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
             "output_shape": ["batch", *model.manifest.output_shape],
             "parity_max_abs_diff": difference, "tolerance": TOLERANCE,
             "model_sha256": model.manifest.model_sha256,
-            # how to read the outputs: softmax over classes, or (multilabel) a sigmoid per
-            # label and the thresholds tuned on the run's validation set
+            # how to read the outputs, as the run's task says (softmax over classes and
+            # the temperature; or a sigmoid per label and its threshold)
             "task": model.manifest.task,
-            "outputs": "logits" if temperature == 1.0 else
-            f"logits / temperature ({temperature:g}, calibrated: softmax gives calibrated "
-            "probabilities)", "temperature": temperature,
-            **({"thresholds": model.manifest.thresholds}
-               if model.manifest.task == "multilabel" else {}),
+            **task_of(model.manifest.task).export_outputs(model.manifest),
             "torch": torch.__version__}
     artifacts.write_json(info_file, info)
     return info

@@ -24,6 +24,8 @@ from finetune.models.backbones import Preprocessing
 from finetune.models.builder import assemble
 from finetune.rundir import artifacts
 from finetune.rundir.manifest import read_manifest
+from finetune.tasks.table import DEFAULT as DEFAULT_TASK
+from finetune.tasks.table import task_of
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
@@ -89,8 +91,9 @@ class Predictions:
     classes: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)  # path, labels, probs
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # path, reason
-    # task=multilabel: labels is the predicted set, probs one per class (in class order)
-    multilabel: bool = False
+    # the run's task: it decides the rows (top-k classes; or a label set and a probability
+    # per label, in class order) and the CSV predict writes
+    task: str = DEFAULT_TASK
 
 
 def max_pixels_of(model: nn.Module) -> int:
@@ -111,35 +114,18 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
     if not getattr(model, "class_names", None):
         raise FinetuneError("this run is a feature extractor (head: none): it has no classes "
                             "to predict; use finetune.load(run_dir) for its features")
-    out = Predictions(list(model.class_names))
-    k = max(1, min(topk, len(out.classes)))
+    manifest = getattr(model, "manifest", None)
+    out = Predictions(list(model.class_names), task=getattr(manifest, "task", DEFAULT_TASK))
+    task = task_of(out.task)
     device = next(model.parameters()).device
     batch: list[torch.Tensor] = []
     names: list[str] = []
-    manifest = getattr(model, "manifest", None)
-    multilabel = getattr(manifest, "task", "multiclass") == "multilabel"
-    # task=multilabel: a label is predicted when its probability reaches the threshold
-    # tuned on the run's validation set (manifest.thresholds; 0.5 where none is recorded)
-    cut = torch.tensor([float((manifest.thresholds if manifest else {}).get(c, 0.5))
-                        for c in out.classes]) if multilabel else None
-    out.multilabel = multilabel
 
     def flush() -> None:
         with torch.inference_mode():
             logits = model(torch.stack(batch).to(device))
-            if multilabel:
-                probs = torch.sigmoid(logits).cpu()
-                for path, p in zip(names, probs, strict=True):
-                    out.rows.append({"path": path, "labels": [c for c, hit in zip(
-                        out.classes, (p >= cut).tolist(), strict=True) if hit],
-                        "probs": p.tolist()})
-            else:
-                temperature = manifest.temperature if manifest is not None else 1.0
-                top = torch.softmax(logits / temperature, dim=1).topk(k, dim=1)
-                for path, p, i in zip(names, top.values.tolist(), top.indices.tolist(),
-                                      strict=True):
-                    out.rows.append({"path": path, "labels": [out.classes[j] for j in i],
-                                     "probs": p})
+            rows = task.predict(logits.cpu(), out.classes, topk, manifest)
+        out.rows += [{"path": path, **row} for path, row in zip(names, rows, strict=True)]
         batch.clear()
         names.clear()
 
@@ -159,16 +145,8 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
 
 
 def write_predictions(predictions: Predictions, path: Path) -> None:
-    if predictions.multilabel:  # path, the predicted label set, a probability per label
-        artifacts.write_csv(path, ["path", "labels", *(f"prob_{c}" for c in
-                                                       predictions.classes)],
-                            [[row["path"], ";".join(row["labels"]),
-                              *(round(p, 6) for p in row["probs"])]
-                             for row in predictions.rows])
-        return
-    k = len(predictions.rows[0]["labels"]) if predictions.rows else 1
-    header = ["path"] + [f"{name}{i}" for i in range(1, k + 1) for name in ("label", "prob")]
-    rows = [[row["path"], *[v for pair in zip(row["labels"], [round(p, 6) for p in row["probs"]],
-                                              strict=True) for v in pair]]
-            for row in predictions.rows]
+    """predictions.csv in the task's columns (top-k labels and probabilities; or the label
+    set and a probability per label)."""
+    header, rows = task_of(predictions.task).prediction_table(predictions.rows,
+                                                              predictions.classes)
     artifacts.write_csv(path, header, rows)

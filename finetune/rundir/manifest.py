@@ -17,6 +17,8 @@ from typing import Any
 from finetune.compose import gate, safe_files
 from finetune.errors import ConfigError, FinetuneError
 from finetune.rundir import artifacts
+from finetune.tasks.table import DEFAULT as DEFAULT_TASK
+from finetune.tasks.table import TASKS
 
 FORMAT = 1
 # torchvision's InterpolationMode values (checked without importing torch)
@@ -49,7 +51,7 @@ class Manifest:
     created: str = ""
     balance: dict[str, Any] = field(default_factory=dict)  # class counts, weights, sampler
     ema: dict[str, Any] = field(default_factory=dict)  # model.ema: the saved weights are its
-    task: str = "multiclass"  # multilabel: a sigmoid per label, decided by `thresholds`
+    task: str = DEFAULT_TASK  # finetune.tasks: multiclass; multilabel decides by `thresholds`
     thresholds: dict[str, float] = field(default_factory=dict)
     model_source: str = "torchvision"  # finetune.model_sources: torchvision | timm
     temperature: float = 1.0  # softmax(logits / temperature): set by evaluate calibrate=true
@@ -93,6 +95,10 @@ class Manifest:
                 for v in thresholds.values())):
             problems.append(f"{where}: the manifest's thresholds are not numbers in [0, 1]; it "
                             "was changed after the run")
+        task = data.get("task", DEFAULT_TASK)
+        if not isinstance(task, str) or task not in TASKS:
+            problems.append(f"{where}: the manifest's task {str(task)[:40]!r} is not one of "
+                            f"{', '.join(TASKS)} (a task a plugin adds needs that plugin)")
         temperature = data.get("temperature", 1.0)
         if not (isinstance(temperature, int | float) and not isinstance(temperature, bool)
                 and math.isfinite(temperature) and 0.01 <= temperature <= 100):
@@ -116,7 +122,7 @@ class Manifest:
                    created=str(data.get("created", "")),
                    balance=data.get("balance") if isinstance(data.get("balance"), dict) else {},
                    ema=data.get("ema") if isinstance(data.get("ema"), dict) else {},
-                   task=data.get("task") if data.get("task") == "multilabel" else "multiclass",
+                   task=task,
                    thresholds=data.get("thresholds") if isinstance(data.get("thresholds"),
                                                                  dict) else {},
                    temperature=float(data.get("temperature", 1.0)),

@@ -13,14 +13,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from finetune.errors import FinetuneError
+from finetune.sweeps.leaderboard import print_leaderboard, report
 
 
 def swept_split_points(config: DictConfig) -> list[str]:
     """Every value of freeze.train_from the sweep tries (its command line and
     hydra.sweeper.params), as written; [] when it does not vary it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     def of_split(texts: list[str]) -> list[str]:
         return [t for t in texts if t.partition("=")[0].lstrip("+~") == "freeze.train_from"]
@@ -43,6 +46,7 @@ def swept_split_points(config: DictConfig) -> list[str]:
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # lazy: keeps torch off a torch-free path
         from finetune.training.feature_cache import SPLITS_ENV
 
         # the jobs' feature caches keep what the other split points start from (an env var:
@@ -53,9 +57,6 @@ class SweepSummary(Callback):
               f"finetune report {sweep_dir})", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from finetune.errors import FinetuneError
-        from finetune.sweeps.leaderboard import print_leaderboard, report
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             result = report(sweep_dir, str(config.get("metric") or ""))

@@ -13,7 +13,8 @@ from typing import Any
 
 from finetune.compose import safe_files
 from finetune.errors import FinetuneError
-from finetune.rundir import artifacts
+from finetune.rundir import artifacts, html_report
+from finetune.rundir.plots import save_png
 from finetune.sweeps.study import TRIALS_FILE, read_trials
 
 METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP")
@@ -246,12 +247,13 @@ def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
     scored = [j for j in jobs if j.values.get(metric) is not None]
     if not scored:
         return False
+    # lazy: matplotlib is slow to import; only this path needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only this path needs it
     import matplotlib.pyplot as plt
 
-    from finetune.rundir.plots import save_png
 
     lr_swept = "optim.lr" in keys or len({j.lr for j in scored}) > 1
     fig, axes = plt.subplots(1, 2 if lr_swept else 1, figsize=(11 if lr_swept else 6.5, 4),
@@ -344,7 +346,6 @@ def sweep_page(root: Path, out: Path, jobs: list[Job], header: list[str], body: 
                plot_file: Path | None) -> Path:
     """report.html of the sweep, linking each job's page (built first where a finished job
     has none)."""
-    from finetune.rundir import html_report
 
     for job in jobs:
         if job.status == "complete" and (job.dir / artifacts.MANIFEST).is_file() and \

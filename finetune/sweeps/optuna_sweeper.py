@@ -24,6 +24,7 @@ from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.compose.prepare import sweeper_problem
 from finetune.errors import FinetuneError
 from finetune.sweeps import study as studies
 
@@ -40,6 +41,7 @@ class Space:
     fixed: list[str] = field(default_factory=list)
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
+        # lazy: an optional extra (finetune[optuna])
         from optuna.distributions import CategoricalDistribution
 
         out = []
@@ -55,6 +57,7 @@ class Space:
         shared (or came with a sweep dir), and an enqueued trial's fixed values go to the jobs'
         command lines as they are. A choice must be one of the choices, a number a number in
         its interval."""
+        # lazy: an optional extra (finetune[optuna])
         from optuna.distributions import CategoricalDistribution
 
         found = []
@@ -73,6 +76,7 @@ class Space:
 
     def grid(self) -> dict[str, list[Any]] | None:
         """The choices of every key (GridSampler's space), None if a key is continuous."""
+        # lazy: an optional extra (finetune[optuna])
         from optuna.distributions import CategoricalDistribution
 
         if not all(isinstance(d, CategoricalDistribution) for d in self.distributions.values()):
@@ -101,6 +105,7 @@ class Space:
 
 def search_space(arguments: list[str]) -> Space:
     """The distributions and fixed overrides of `arguments` (Hydra override grammar)."""
+    # lazy: an optional extra (finetune[optuna])
     from optuna.distributions import (
         CategoricalDistribution,
         FloatDistribution,
@@ -143,6 +148,7 @@ def search_space(arguments: list[str]) -> Space:
 
 def suggest(trial: Any, key: str, distribution: Any) -> Any:
     """Trial's value for `key` through Optuna's public suggest API."""
+    # lazy: an optional extra (finetune[optuna])
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
     if isinstance(distribution, CategoricalDistribution):
@@ -179,7 +185,6 @@ class StudySweeper:
         assert self.config is not None
         cfg = self.config
         problems = studies.sweep_problems(cfg.sweep, cfg.hydra.sweeper)
-        from finetune.compose.prepare import sweeper_problem
 
         direction = sweeper_problem(cfg.hydra, str(cfg.metric))  # before a trial is claimed
         problems += [direction] if direction else []
@@ -241,6 +246,7 @@ class StudySweeper:
              numbers: list[int], sweep_dir: Path) -> list[Any]:
         """Suggest the claimed trials' values, run them as jobs (the job dir is the trial's
         number), tell the study how each ended."""
+        # lazy: an optional extra (finetune[optuna])
         from optuna.trial import TrialState
 
         overrides, kept = [], []

@@ -31,10 +31,18 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from finetune.compose import safe_files
+from finetune.errors import FinetuneError
+from finetune.rundir.artifacts import write_bytes, write_json
 
 log = logging.getLogger("finetune")
 
@@ -60,6 +68,7 @@ def storage_url(storage: str | None, sweep_dir: Path) -> str:
 
 def shown(url: str) -> str:
     """A storage URL for logs and files: any password masked."""
+    # lazy: comes with the optional optuna extra
     from sqlalchemy.engine import make_url
 
     try:
@@ -72,6 +81,7 @@ def sweep_problems(sweep: Any, sweeper: Any) -> list[str]:
     """What is wrong with the study's settings (`sweep.*`, hydra.sweeper) before any job."""
     problems = []
     if sweep.storage:
+        # lazy: comes with the optional optuna extra
         from sqlalchemy.engine import make_url
 
         try:
@@ -98,16 +108,14 @@ def sweep_problems(sweep: Any, sweeper: Any) -> list[str]:
 
 
 def _plain_name(name: Any) -> bool:
-    import re
-
     return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) is not None
 
 
 def _quiet_optuna() -> None:
     """Optuna's INFO lines ("A new study created") and its experimental-API warnings are not
     for the user of a sweep: finetune prints what happened to the study itself."""
-    import warnings
 
+    # lazy: an optional extra (finetune[optuna])
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -116,6 +124,7 @@ def _quiet_optuna() -> None:
 
 def open_storage(url: str, heartbeat: int | None = None) -> Any:
     """Optuna's RDB storage at `url` (created if new); with a heartbeat when `heartbeat`."""
+    # lazy: an optional extra (finetune[optuna])
     import optuna
 
     _quiet_optuna()
@@ -135,8 +144,6 @@ def open_storage(url: str, heartbeat: int | None = None) -> Any:
             return storage
         except Exception as err:  # two processes creating Optuna's tables in a new database
             if attempt == 4 or not _creation_race(err):
-                from finetune.errors import FinetuneError
-
                 reason = " ".join(str(getattr(err, "orig", None) or err).split())[:300]
                 raise FinetuneError(f"sweep.storage={shown(url)}: the study's database cannot "
                                     f"be opened ({type(err).__name__}: {reason}); check the "
@@ -156,6 +163,7 @@ def _serialize_sqlite(engine: Any) -> None:
     caught exactly that. This is SQLAlchemy's documented recipe for pysqlite's transactions,
     with IMMEDIATE: the second process waits, then reads RUNNING. (PostgreSQL locks the row:
     Optuna reads it FOR UPDATE.)"""
+    # lazy: comes with the optional optuna extra
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
@@ -171,6 +179,7 @@ def _serialize_sqlite(engine: Any) -> None:
 
 def _creation_race(err: Exception) -> bool:
     """An error of CREATE TABLE / TYPE that another process's same statement caused."""
+    # lazy: comes with the optional optuna extra
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     if isinstance(err, OperationalError):  # SQLite says so; a refused connection is no race
@@ -180,6 +189,7 @@ def _creation_race(err: Exception) -> bool:
 
 def make_pruner(pruner: Any) -> Any:
     """The Optuna pruner `sweep.pruner` names (NopPruner for none)."""
+    # lazy: an optional extra (finetune[optuna])
     import optuna
 
     name = str(pruner.name)
@@ -197,6 +207,7 @@ def make_sampler(name: str, seed: int | None, number: int,
     """The sampler that picks trial `number`'s values: seeded by (seed, number), so a trial's
     values do not depend on which process claimed it, and two processes never draw the same
     random start."""
+    # lazy: an optional extra (finetune[optuna])
     import optuna
 
     trial_seed = None if seed is None else (int(seed) * 1_000_003 + number) % 2**32
@@ -240,6 +251,7 @@ class Heartbeat:
 def open_study(storage: Any, name: str, direction: str, n_trials: int,
                enqueue: list[dict[str, Any]]) -> tuple[Any, str]:
     """Create the study (and fill its queue) or join it; returns it and what happened."""
+    # lazy: an optional extra (finetune[optuna])
     import optuna
 
     try:
@@ -248,8 +260,6 @@ def open_study(storage: Any, name: str, direction: str, n_trials: int,
         study = optuna.load_study(storage=storage, study_name=name)
         _wait_until_filled(study)
         if study.direction.name.lower() != direction:
-            from finetune.errors import FinetuneError
-
             raise FinetuneError(f"study {name} in {shown(storage.url)} is "
                                 f"{study.direction.name.lower()}d, but this sweep would "
                                 f"{direction} (hydra.sweeper.direction); use the study's "
@@ -275,8 +285,6 @@ def _wait_until_filled(study: Any) -> None:
     deadline = time.monotonic() + WAIT_FOR_QUEUE
     while not study.user_attrs.get(READY):
         if time.monotonic() > deadline:
-            from finetune.errors import FinetuneError
-
             raise FinetuneError(f"study {study.study_name}: its queue of trials was never "
                                 f"filled (the process that created it stopped within "
                                 f"{WAIT_FOR_QUEUE:.0f} s of starting?); start the sweep "
@@ -287,7 +295,10 @@ def _wait_until_filled(study: Any) -> None:
 def claim(study: Any, storage: Any) -> int | None:
     """Move one waiting trial of the study to RUNNING for this process; its number, or None
     when the queue is empty. The database lets exactly one process make the move."""
+    # lazy: an optional extra (finetune[optuna])
     import optuna
+
+    # lazy: an optional extra (finetune[optuna])
     from optuna.trial import TrialState
 
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -313,6 +324,7 @@ def claim(study: Any, storage: Any) -> int | None:
 
 def trial_of(study: Any, storage: Any, number: int) -> Any:
     """The live Trial `number` of the study (to suggest values in, report to, tell)."""
+    # lazy: an optional extra (finetune[optuna])
     import optuna
 
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -322,6 +334,7 @@ def trial_of(study: Any, storage: Any, number: int) -> Any:
 
 def fail_stale(study: Any) -> None:
     """Mark the running trials whose process stopped beating as FAIL."""
+    # lazy: an optional extra (finetune[optuna])
     import optuna
 
     try:
@@ -361,7 +374,6 @@ def trials_record(study: Any, storage_text: str) -> dict[str, Any]:
 def read_trials(path: Path) -> dict[int, dict[str, Any]]:
     """trials.json of a sweep dir (data only: a received one can only mislabel its rows),
     by trial number; {} when there is none or it cannot be read."""
-    from finetune.compose import safe_files
 
     if not path.is_file():
         return {}
@@ -379,8 +391,6 @@ def read_trials(path: Path) -> dict[int, dict[str, Any]]:
 
 
 def write_trials(study: Any, storage_text: str, sweep_dir: Path) -> Path:
-    from finetune.rundir.artifacts import write_json
-
     path = sweep_dir / TRIALS_FILE
     write_json(path, trials_record(study, storage_text))
     return path
@@ -389,9 +399,7 @@ def write_trials(study: Any, storage_text: str, sweep_dir: Path) -> Path:
 def write_best(study: Any, sweep_dir: Path) -> Path | None:
     """optimization_results.yaml, as Hydra's Optuna sweeper writes it: the best finished
     trial's values and parameters (None while no trial has finished)."""
-    import yaml
 
-    from finetune.rundir.artifacts import write_bytes
 
     try:
         best = study.best_trial

@@ -13,6 +13,9 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, WeightAveraging
 from torch.optim.swa_utils import get_ema_avg_fn
 
+from finetune.rundir import artifacts
+from finetune.rundir.artifacts import write_stream
+
 log = logging.getLogger("finetune")
 
 
@@ -110,7 +113,6 @@ class SaveOnInterrupt(pl.Callback):
                      exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt):
             return
-        from finetune.rundir import artifacts
 
         path = self.run_dir / artifacts.CHECKPOINTS / artifacts.INTERRUPTED_CHECKPOINT
         trainer.save_checkpoint(path)
@@ -132,8 +134,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
-        from finetune.rundir.artifacts import write_stream
-
         write_stream(Path(path), lambda handle: torch.save(checkpoint, handle))
 
 

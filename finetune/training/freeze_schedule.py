@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 from torch import nn
 
 from finetune.training.freezing import FreezePlan, apply_stage
@@ -82,7 +83,6 @@ class FreezeSchedule(pl.Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.late:
             return
-        import torch.distributed as dist
 
         for param in self.late:
             if param.grad is not None:

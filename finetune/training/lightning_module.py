@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MultilabelAveragePrecision,
-    MultilabelExactMatch,
-    MultilabelF1Score,
-)
 
 from finetune.registry import make_optimizer
 from finetune.seeding import seed_epoch
+from finetune.tasks.base import Task
+from finetune.tasks.table import DEFAULT as DEFAULT_TASK
+from finetune.tasks.table import TASKS
 from finetune.training.freeze_schedule import FreezeSchedule
 from finetune.training.freezing import FreezePlan, apply_stage, keep_eval
 from finetune.training.guards import LossGuard, RankCheck
@@ -36,16 +31,32 @@ def split_outputs(output: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return output, []
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How the steps run: the loss's label smoothing and auxiliary-head weight, the seed of
+    each epoch's random streams, and the forward's memory format and compilation."""
+
+    label_smoothing: float = 0.0
+    aux_weight: float = 0.4
+    seed: int = 0
+    channels_last: bool = False
+    compile: bool = False
+
+
 class FinetuneModule(pl.LightningModule):
-    """Thin: receives the built model and the plan; parses no config."""
+    """Thin: receives the built model and the plan; parses no config. The task (a
+    finetune.tasks entry) owns the loss, the metrics and what validation keeps."""
 
     def __init__(self, model: nn.Module, num_classes: int, freeze: FreezePlan, optim: Any,
-                 sched: Any, label_smoothing: float = 0.0, aux_weight: float = 0.4,
-                 seed: int = 0, channels_last: bool = False, compile: bool = False,
+                 sched: Any, *, task: Task | None = None, options: StepOptions | None = None,
                  groups: list[GroupPlan] | None = None,
-                 class_weights: list[float] | None = None, mix: Any = None,
-                 multilabel: bool = False) -> None:
+                 class_weights: list[float] | None = None, mix: Any = None) -> None:
         super().__init__()
+        options = options or StepOptions()
+        label_smoothing, aux_weight, seed = (options.label_smoothing, options.aux_weight,
+                                             options.seed)
+        channels_last, compile = options.channels_last, options.compile
+        self.task = task or TASKS[DEFAULT_TASK]
         self.model = model
         # loss.class_weights: the training loss weighs each class (not saved: the plan
         # computes them again; validation's loss stays unweighted, comparable across runs)
@@ -71,24 +82,14 @@ class FinetuneModule(pl.LightningModule):
         # Watching the loss for NaN/inf and, under DDP, the ranks' tensors (finetune/guards.py)
         self.loss_guard, self.rank_check = LossGuard(), RankCheck()
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
-        # task=multilabel: a sigmoid per label, BCE-with-logits (class_weights are then the
-        # labels' pos_weight); val/acc is the exact match of the label set at 0.5
-        self.multilabel = multilabel
-        metrics: dict[str, Any] = {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
-        } if not multilabel else {
-            "acc": MultilabelExactMatch(num_classes),
-            "f1": MultilabelF1Score(num_classes, average="macro"),
-            "f1_micro": MultilabelF1Score(num_classes, average="micro"),
-            "mAP": MultilabelAveragePrecision(num_classes, average="macro"),
-        }
-        if num_classes > 5 and not multilabel:
-            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        self.val_metrics = MetricCollection(metrics, prefix="val/")
-        self.confusion = MulticlassConfusionMatrix(num_classes) if not multilabel else None
+        # the task's loss weights (loss.class_weights, or a label's pos_weight) weigh the
+        # training loss only
+        self.val_metrics = MetricCollection(self.task.metric_set(num_classes), prefix="val/")
+        self.confusion = self.task.confusion(num_classes)
         self.last_confusion: torch.Tensor | None = None
-        self.last_predictions: list[int] = []  # argmax per validation image, in loader order
+        # what the task keeps per validation image (a class index, or probabilities per
+        # label), in loader order
+        self.last_predictions: list[Any] = []
         self._val_loss, self._val_count = torch.zeros(()), 0
         self._predictions: list[torch.Tensor] = []
 
@@ -128,11 +129,7 @@ class FinetuneModule(pl.LightningModule):
         seed_epoch(self.seed, self.current_epoch)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, target,
-                                                      pos_weight=self.class_weight)
-        return F.cross_entropy(logits, target, weight=self.class_weight,
-                               label_smoothing=self.label_smoothing)
+        return self.task.loss(logits, target, self.class_weight, self.label_smoothing)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
                       ) -> torch.Tensor:
@@ -157,14 +154,10 @@ class FinetuneModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        if self.multilabel:  # probabilities per label, for the thresholds tuned at the end
-            self._predictions.append(torch.sigmoid(logits))
-            loss = F.binary_cross_entropy_with_logits(logits, y)
-            self.val_metrics.update(logits, y.long())
-        else:
-            self._predictions.append(logits.argmax(dim=1))  # on device: no sync per step
-            loss = F.cross_entropy(logits, y)
-            self.val_metrics.update(logits, y)
+        self._predictions.append(self.task.kept(logits))
+        loss = self.task.loss(logits, y)  # unweighted: comparable across runs
+        self.val_metrics.update(logits, self.task.metric_target(y))
+        if self.confusion is not None:
             self.confusion.update(logits, y)
         self._val_loss = self._val_loss + loss.detach() * len(y)
         self._val_count += len(y)

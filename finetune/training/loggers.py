@@ -32,6 +32,7 @@ class TensorBoard(RunLogger):
     package = "tensorboard"
 
     def make(self, run_dir: Path) -> list[Any]:
+        # lazy: keeps torch off a torch-free path
         from pytorch_lightning.loggers import TensorBoardLogger
 
         return [TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")]
@@ -42,6 +43,7 @@ class MLflow(RunLogger):
     package = "mlflow"
 
     def make(self, run_dir: Path) -> list[Any]:
+        # lazy: keeps torch off a torch-free path
         from pytorch_lightning.loggers import MLFlowLogger
 
         return [MLFlowLogger(experiment_name="finetune",

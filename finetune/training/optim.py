@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from finetune.errors import FinetuneError
 from finetune.models.selectors import as_list, describe, inside, owner, select_modules
 from finetune.registry import make_optimizer
-from finetune.training.freezing import FreezePlan, Stage
+from finetune.training.freezing import FreezePlan, Stage, plan_freeze
 from finetune.training.schedules import SCHEDULES, LRShape
 
 # Warm-up starts from this fraction of the configured learning rate.
@@ -105,7 +105,7 @@ def timm_layers(model: nn.Module) -> tuple[list[str], dict[str, str]] | None:
     matcher = getattr(model, "group_matcher", None)
     if matcher is None or not callable(matcher):
         return None
-    try:
+    try:  # lazy: an optional extra (finetune[timm])
         from timm.models import group_parameters
 
         groups = group_parameters(model, matcher(coarse=False))
@@ -251,8 +251,6 @@ def build_optimizer(model: nn.Module, cfg: Any, plan: FreezePlan | None = None,
     """`cfg` is the optim group; the groups of the first `stages` stages of `plan` (without a
     plan, everything trains). Frozen parameters are not handed to the optimizer at all."""
     if plan is None:
-        from finetune.training.freezing import plan_freeze
-
         plan = plan_freeze(model, None)
     return make_optimizer(cfg, param_groups(model, cfg, plan, stages))
 

@@ -18,18 +18,21 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from finetune import plugins
-from finetune.compose.precheck import mix_enabled, num_classes_problem
+from finetune.compose.precheck import num_classes_problem
 from finetune.compose.ranges import range_problems
+from finetune.compose.schema import mix_enabled
 from finetune.data.datamodule import ImageDataModule, build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.models import backbones, surgery
 from finetune.models.sources import model_source_of
+from finetune.tasks.table import task_of
 from finetune.training import feature_cache as cache
 from finetune.training.freezing import FreezePlan, apply_freeze
 from finetune.training.optim import GroupPlan
 from finetune.training.validate import assemble_checked, validate
 from finetune.weights.load_report import LoadReport
 from finetune.weights.loading import load_weights
+from finetune.weights.readers import SourceNotTrained
 from finetune.weights.sources import source_of
 
 
@@ -140,48 +143,6 @@ def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],
     return f"{name} cannot take {crop} px inputs ({first}); {hint}"
 
 
-def class_weights(setting: Any, counts: list[int], names: list[str],
-                  key: str = "loss.class_weights") -> list[float] | None:
-    """loss.class_weights as one weight per class: `auto` is inverse frequency in the
-    training split, N / (K x n_c) (a balanced set gets 1.0 each); a list is taken as given."""
-    if setting is None:
-        return None
-    if setting == "auto":
-        total = sum(counts)
-        return [round(total / (len(counts) * n), 6) for n in counts]
-    weights = list(setting) if OmegaConf.is_list(setting) or isinstance(setting, list) else None
-    if weights is None or len(weights) != len(names) or not all(
-            isinstance(w, int | float) and not isinstance(w, bool) for w in weights):
-        raise FinetuneError(f"{key}={setting}: give auto, or one number per class "
-                            f"({len(names)}: {', '.join(names[:12])})")
-    return [float(w) for w in weights]
-
-
-def pos_weights(setting: Any, positives: list[int], total: int, names: list[str]
-                ) -> list[float] | None:
-    """loss.pos_weight (task=multilabel) per label: `auto` is negatives / positives in the
-    training split (a label never positive gets 1.0); a list is taken as given."""
-    if setting is None:
-        return None
-    if setting == "auto":
-        return [round((total - n) / n, 6) if n else 1.0 for n in positives]
-    return class_weights(setting, positives, names, "loss.pos_weight")  # one per label
-
-
-def monitored_problems(cfg: DictConfig, num_classes: int) -> list[str]:
-    """Metrics a run is told to watch that it will not measure (top-5 needs > 5 classes)."""
-    if cfg.task == "multilabel":
-        return []  # (precheck says what multilabel does not measure)
-    watched = [("metric", cfg.metric)]
-    if cfg.trainer.early_stopping.patience is not None:
-        watched.append(("trainer.early_stopping.monitor", cfg.trainer.early_stopping.monitor))
-    return [f"{key}={name}: top-5 accuracy is not measured with {num_classes} classes (it "
-            "would always be 1); use val/acc or val/loss"
-            for key, name in watched if name == "val/acc_top5" and num_classes <= 5] + [
-        f"{key}={name}: mean average precision is measured for task=multilabel only; use "
-        "val/acc or val/loss" for key, name in watched if name == "val/mAP"]
-
-
 def single_value_norm_problem(model: nn.Module, fixed: list[str], batch_size: int, crop: int,
                               channels: int) -> str | None:
     """A batch of one image where a BatchNorm that trains sees one value per channel (a 1x1
@@ -214,7 +175,6 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
         train_sources: whether a recipe source without a run may be trained now (False:
             the plan notes it and starts from random weights, as inspect does).
     """
-    from finetune.weights.readers import SourceNotTrained
 
     plugins.load()  # a sweep's worker process or finetune.train: the tables it may name
     plan = RunPlan(cfg, context or RunContext())
@@ -242,14 +202,12 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
                                              epochs=cfg.trainer.max_epochs or 1)
                 check_num_classes(cfg.head.num_classes, plan.data.class_names)
                 plan.class_names = plan.data.class_names
-                plan.problems += monitored_problems(cfg, len(plan.class_names))
-                counts = plan.data.class_counts()
-                if cfg.task == "multilabel":
-                    plan.class_weights = pos_weights(cfg.loss.pos_weight, counts,
-                                                     len(plan.data.train_set), plan.class_names)
-                else:
-                    plan.class_weights = class_weights(cfg.loss.class_weights, counts,
-                                                       plan.class_names)
+                task = task_of(cfg)
+                plan.problems += task.monitored_problems(cfg, len(plan.class_names))
+                setting = cfg.loss.get(task.loss_weights)
+                plan.class_weights = None if setting is None else task.loss_weights_of(
+                    setting, plan.data.class_counts(), len(plan.data.train_set),
+                    plan.class_names)
             except FinetuneError as err:  # (the class count may be known from precheck)
                 plan.problems += [p for p in err.problems if p not in plan.problems]
         # the paths are still checked: against a head of the size asked for (or 2)

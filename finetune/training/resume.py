@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
+from finetune.registry import make_optimizer
 from finetune.rundir import artifacts
 from finetune.training.lightning_module import FinetuneModule
+from finetune.training.optim import torch_groups
+from finetune.training.schedules import SCHEDULES
 
 log = logging.getLogger("finetune")
 
@@ -164,8 +168,6 @@ def optimizer_state_problem(states: list[dict[str, Any]], module: FinetuneModule
     same sizes, and per parameter the entries this optimizer keeps (found by stepping it
     once on a probe parameter), each of the parameter's shape. Lightning would load a
     mismatch silently and fail at the first step."""
-    from finetune.registry import make_optimizer
-    from finetune.training.optim import torch_groups
 
     if len(states) != 1:
         return f"{len(states)} optimizer states, not 1"
@@ -203,9 +205,7 @@ def _whole(value: Any) -> bool:
 def schedule_end(saved: dict[str, Any], next_epoch: int) -> tuple[str, int] | None:
     """(schedule name, its length in epochs) when the checkpoint's schedule has decayed to
     about 0 by `next_epoch`, else None (it still moves, or never ends: none, step, plateau)."""
-    from types import SimpleNamespace
 
-    from finetune.training.schedules import SCHEDULES
 
     state = (saved.get("lr_schedulers") or [{}])[0]
     shape = SCHEDULES.get(str(state.get("name")))

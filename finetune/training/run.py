@@ -14,17 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra import compose, initialize_config_dir
 from lightning_fabric.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 from torch import nn
 
+from finetune import locations
+from finetune.compose import prepare
 from finetune.compose.precheck import mix_enabled
 from finetune.data.mixing import BatchMix
 from finetune.errors import FinetuneError
 from finetune.rundir import artifacts
 from finetune.sweeps.pruning import pruning_callback
+from finetune.tasks.table import task_of
 from finetune.training import feature_cache as cache
 from finetune.training.callbacks import (
     EMA,
@@ -36,7 +40,7 @@ from finetune.training.callbacks import (
     ThroughputMeter,
     stop_name,
 )
-from finetune.training.lightning_module import FinetuneModule
+from finetune.training.lightning_module import FinetuneModule, StepOptions
 from finetune.training.loggers import LOGGERS
 from finetune.training.plan import RunContext, RunPlan, plan_run
 from finetune.training.quiet import quiet_output
@@ -171,11 +175,11 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     for stage in freeze.stages[1:]:
         log.info("plan: at epoch %d, %s unfreezes (%d parameter tensors, group %s)",
                  stage.epoch, stage.selector, len(stage.params), stage.name)
-    module = FinetuneModule(built.model, num_classes, freeze, cfg.optim, cfg.sched,
-                            cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
-                            cfg.model.channels_last, cfg.model.compile, plan.groups,
-                            plan.class_weights, batch_mix(cfg, num_classes),
-                            cfg.task == "multilabel")
+    module = FinetuneModule(
+        built.model, num_classes, freeze, cfg.optim, cfg.sched, task=task_of(cfg),
+        options=StepOptions(cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
+                            cfg.model.channels_last, cfg.model.compile),
+        groups=plan.groups, class_weights=plan.class_weights, mix=batch_mix(cfg, num_classes))
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs,
                                ema=cfg.model.ema.decay is not None)
@@ -346,12 +350,8 @@ def train_in_process(recipe: str | Path = "base", overrides: Sequence[str] = (),
     Raises:
         FinetuneError: the problems that stopped the run (metrics.json records them too).
     """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
 
     launched = time.time()
-    from finetune import locations
-    from finetune.compose import prepare
 
     extra = [f"hydra.run.dir={Path(run_dir).expanduser().resolve()}"] if run_dir else []
     args = prepare.prepare([f"recipe={recipe}", *overrides, *extra])

@@ -19,9 +19,11 @@ from finetune.data.datamodule import ImageDataModule
 from finetune.errors import FinetuneError
 from finetune.models import backbones
 from finetune.models.sources import model_source_of
-from finetune.rundir import artifacts, plots
+from finetune.rundir import artifacts, evaluation, html_report, plots
 from finetune.rundir.manifest import Manifest
 from finetune.sweeps.pruning import PruneTrial
+from finetune.tasks.base import Task
+from finetune.tasks.table import DEFAULT as DEFAULT_TASK
 from finetune.training.callbacks import (
     EMA,
     BestWeights,
@@ -109,49 +111,21 @@ def save_extractor(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
 
 
 def write_val_predictions(path: Path, data: ImageDataModule, predictions: list[Any],
-                          thresholds: list[float] | None = None) -> None:
+                          task: Task, finished: dict[str, Any]) -> None:
     """The final validation's prediction for each image: file path (or index for in-memory
-    data), true and predicted class (task=multilabel: the label sets, `;`-separated, the
-    prediction at the tuned thresholds)."""
+    data), true and predicted label as the task shows them (one class; or a label set,
+    `;`-separated, decided at the tuned thresholds)."""
     names = data.class_names
     items = getattr(data.val_set, "paths", None)
-
-    def shown(label: Any) -> str:
-        return names[label] if not isinstance(label, tuple | list) else ";".join(
-            n for n, v in zip(names, label, strict=True) if v)
-
-    rows = [[str(items[i]) if items is not None else f"#{i}", shown(data.val_set.labels[i]),
-             shown(predicted if thresholds is None else tuple(
-                 float(p >= t) for p, t in zip(predicted, thresholds, strict=True)))]
-            for i, predicted in enumerate(predictions)]
+    rows = [[str(items[i]) if items is not None else f"#{i}",
+             task.shown(data.val_set.labels[i], names),
+             task.shown(task.decided(kept, finished, names), names)]
+            for i, kept in enumerate(predictions)]
     artifacts.write_csv(path, ["item", "label", "predicted"], rows)
-
-
-def tune_thresholds(probs: list[list[float]], labels: list[tuple[float, ...]]
-                    ) -> tuple[list[float], list[float]]:
-    """task=multilabel: per label, the decision threshold (0.05, 0.10 ... 0.95) with the best
-    F1 on the final validation (ties: the one nearest 0.5), and that F1."""
-    import numpy as np
-
-    p, y = np.asarray(probs), np.asarray(labels) > 0.5
-    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
-    thresholds, scores = [], []
-    for k in range(p.shape[1]):
-        f1 = []
-        for t in grid:
-            predicted = p[:, k] >= t
-            tp = float(np.sum(predicted & y[:, k]))
-            denominator = float(np.sum(predicted) + np.sum(y[:, k]))
-            f1.append(2 * tp / denominator if denominator else 1.0)
-        best = max(range(len(grid)), key=lambda i: (f1[i], -abs(grid[i] - 0.5)))
-        thresholds.append(float(grid[best]))
-        scores.append(round(f1[best], 6))
-    return thresholds, scores
 
 
 def write_report(run_dir: Path) -> None:
     """report.html; a report that cannot be built is a warning, never a failed run."""
-    from finetune.rundir import html_report
 
     try:
         html_report.write_run_report(run_dir)
@@ -165,7 +139,6 @@ def evaluate_splits(run_dir: Path, cfg: DictConfig, model: nn.Module, data: Imag
     """A one-class-per-image run's validation split (for the report) and test split evaluated
     (evaluation.py): evaluation.json, reliability.png (test_reliability.png),
     test_predictions.csv; returns the test figures for metrics.json (test/acc, ...)."""
-    from finetune.rundir import evaluation, html_report
 
     names = data.class_names
     # images through the eval transform, from the splits (a feature cache has replaced the
@@ -203,21 +176,16 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              ) -> dict[str, Any]:
     """Weights, manifest, plots, the evaluation of val and test, then metrics.json last: its
     status says the run is complete."""
-    weights = module.class_weight
-    thresholds, multilabel_info = None, {}
-    if module.multilabel and module.last_predictions:
-        thresholds, label_f1 = tune_thresholds(  # (the images validated: limit_val_batches)
-            module.last_predictions, data.val_set.labels[:len(module.last_predictions)])
-        multilabel_info = {"thresholds": dict(zip(data.class_names, thresholds, strict=True)),
-                           "val/f1_per_label": dict(zip(data.class_names, label_f1,
-                                                        strict=True))}
+    weights, task = module.class_weight, module.task
+    # what the task decides after fit (task=multilabel: each label's threshold), on the
+    # images validated last (limit_val_batches)
+    finished = task.finish(module.last_predictions, data.val_set.labels, data.class_names)
     write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze, {
         "class_counts": data.class_counts(), "sampler": "balanced" if data.balanced else
-        "shuffle", "class_weights" if not module.multilabel else "pos_weight":
-        weights.tolist() if weights is not None else None},
-        ema_summary(trainer), multilabel_info.get("thresholds"),
+        "shuffle", task.loss_weights: weights.tolist() if weights is not None else None},
+        ema_summary(trainer), finished.get("thresholds"),
         optimizer_summary(cfg, built.model, groups or []))
-    tested = {} if module.multilabel or not (cfg.eval.report or data.test_set is not None) \
+    tested = {} if not task.evaluates or not (cfg.eval.report or data.test_set is not None) \
         else evaluate_splits(run_dir, cfg, built.model, data, trainer)
     series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
     plots.plot_curves(series, run_dir / artifacts.CURVES)
@@ -225,7 +193,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         plots.plot_confusion(module.last_confusion.tolist(), data.class_names,
                              run_dir / artifacts.CONFUSION)
     write_val_predictions(run_dir / artifacts.VAL_PREDICTIONS, data, module.last_predictions,
-                          thresholds)
+                          task, finished)
     final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
              if k.startswith("val/")}
     accs = series.get(MONITOR, {})
@@ -265,7 +233,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **({"early_stopping": stopped} if (stopped := early_stop_summary(trainer)) else {}),
         **({"pruned": pruned} if (pruned := pruned_summary(trainer)) else {}),
         **({"ema": averaged} if (averaged := ema_summary(trainer)) else {}),
-        **({"task": "multilabel", **multilabel_info} if module.multilabel else {}),
+        **({"task": task.name, **finished} if task.name != DEFAULT_TASK else {}),
         "train_from": freeze.train_from,
         "lr": float(cfg.optim.lr),
         "metric": cfg.metric,

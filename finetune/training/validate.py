@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.compose.precheck import config_problems
@@ -50,7 +51,6 @@ def validate(cfg: DictConfig) -> None:
 
 def device_problems(trainer: Any) -> list[str]:
     """A GPU asked for where this torch sees none: one sentence, not Lightning's traceback."""
-    import torch
 
     accelerator = str(trainer.accelerator).lower()
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():

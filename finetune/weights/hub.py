@@ -19,6 +19,7 @@ from typing import Any
 
 from finetune.compose import safe_files
 from finetune.errors import FinetuneError
+from finetune.rundir import artifacts
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader tries
 CONFIG_FILE = "config.json"
@@ -72,6 +73,7 @@ def place_hint(repo: str, filename: str, revision: str | None) -> str:
 
 def cached(repo: str, filename: str, revision: str | None = None) -> Path | None:
     """The file in the Hub cache, if it is there (nothing is fetched)."""
+    # lazy: an optional extra (finetune[timm])
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(repo, filename, cache_dir=str(cache_dir()),
@@ -90,7 +92,10 @@ def fetch(repo: str, filename: str, revision: str | None, what: str) -> Path:
         NotOnHub: the repo has no such file.
         FinetuneError: offline and not cached, or the download failed: one sentence.
     """
+    # lazy: an optional extra (finetune[timm])
     from huggingface_hub import hf_hub_download
+
+    # lazy: an optional extra (finetune[timm])
     from huggingface_hub.errors import (
         EntryNotFoundError,
         LocalEntryNotFoundError,
@@ -162,7 +167,6 @@ def check_blob(path: Path, what: str) -> str | None:
     snapshot: a cached file is read only when its content still has that sha256 (anyone may
     have put it there; the same rule as torch's hash in a file name). Returns the sha256, or
     None when the file is not such a blob (a small file's blob is named by its git hash)."""
-    from finetune.rundir import artifacts
 
     target = path.resolve()
     if target.parent.name != "blobs" or not re.fullmatch(r"[0-9a-f]{64}", target.name):

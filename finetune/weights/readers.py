@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import locations
-from finetune.compose import safe_files
+from finetune.compose import gate, safe_files
 from finetune.errors import ConfigError, FinetuneError
 from finetune.models import backbones
 from finetune.rundir import artifacts
 from finetune.rundir.manifest import read_manifest
+from finetune.weights import hub
 from finetune.weights.load_report import LoadReport
 
 log = logging.getLogger("finetune")
@@ -194,7 +195,6 @@ def read_hub(repo: str, revision: str | None, filename: str | None, source: str,
              what: str, pin: str | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """A weights file of a Hugging Face Hub repo, through huggingface_hub's cache (offline:
     the cache alone). The report names the repo, the commit and the file's sha256."""
-    from finetune.weights import hub
 
     path, name = hub.weights_file(repo, revision, filename, what)
     hub.check_blob(path, what)
@@ -212,7 +212,6 @@ def read_hub(repo: str, revision: str | None, filename: str | None, source: str,
 def read_local_dir(path_str: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """A folder holding config.json and model.safetensors (or pytorch_model.bin), as timm's
     `local-dir:` reads it."""
-    from finetune.weights import hub
 
     found = hub.local_dir_weights(Path(path_str).expanduser())
     if found is None:
@@ -281,7 +280,6 @@ def read_recipe(spec: str, overrides: list[str], train: bool = True
     Raises:
         SourceNotTrained: when no run exists and `train` is False.
     """
-    from finetune.compose import gate
 
     # Entries reach the child `python -m finetune` as argv: each must be one key=value of a
     # schema key, whoever wrote it (a recipe, a run dir's config, the command line).

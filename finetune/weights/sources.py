@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.errors import FinetuneError
 from finetune.extensions import Table
+from finetune.locations import resolve_recipe
+from finetune.models.sources import MODEL_SOURCES, model_source_of, timm_pretrained_cfg, timm_tags
+from finetune.weights import hub
+from finetune.weights.hub import local_dir_weights
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +75,7 @@ class Torchvision(WeightSource):
     needs_model = True  # its entry is looked up by model name
 
     def problems(self, cfg: Any) -> list[str]:
+        # lazy: keeps torch off a torch-free path
         from finetune.models import backbones
 
         try:
@@ -80,11 +85,13 @@ class Torchvision(WeightSource):
         return []
 
     def entry(self, cfg: Any) -> Any:
+        # lazy: keeps torch off a torch-free path
         from finetune.models import backbones
 
         return backbones.weights_enum(cfg.model.name, cfg.weights.name)
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import read_torchvision
 
         return read_torchvision(model_name, weights.name)
@@ -93,6 +100,7 @@ class Torchvision(WeightSource):
         return self.entry(cfg).url
 
     def unreachable(self, cfg: Any) -> str | None:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import hub_path
 
         url = self._url(cfg)
@@ -101,6 +109,7 @@ class Torchvision(WeightSource):
         return _head_problem(url, f"put it at {hub_path(url)} (torch's hub cache)")
 
     def effects(self, cfg: Any) -> list[str]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import hub_path
 
         path = hub_path(self._url(cfg))
@@ -126,11 +135,11 @@ class File(WeightSource):
 
     def preprocessing_entry(self, cfg: Any) -> Any:
         # a .pth of a known architecture expects its usual weights' preprocessing
-        from finetune.models.sources import model_source_of
 
         return model_source_of(cfg).default_entry(cfg.model.name)
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import read_file, read_run
 
         if Path(weights.path).expanduser().is_dir():
@@ -151,6 +160,7 @@ class Run(File):
         return None
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import read_run
 
         return read_run(weights.path)
@@ -166,11 +176,13 @@ class Url(File):
             "weights.source=url needs weights.url=http(s)://... or file://..."]
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import read_url
 
         return read_url(weights.url, weights.sha256)
 
     def _cached(self, cfg: Any) -> Path | None:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import cached_download
 
         return cached_download(cfg.weights.url, (cfg.weights.sha256 or "").lower() or None)
@@ -181,6 +193,7 @@ class Url(File):
         return _head_problem(cfg.weights.url, "or use weights.source=file weights.path=FILE")
 
     def effects(self, cfg: Any) -> list[str]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import downloads_dir
 
         cached = self._cached(cfg)
@@ -197,8 +210,6 @@ class Recipe(WeightSource):
     name = "recipe"
 
     def problems(self, cfg: Any) -> list[str]:
-        from finetune.locations import resolve_recipe
-
         if not cfg.weights.recipe:
             return ["weights.source=recipe needs weights.recipe=NAME_OR_PATH"]
         try:
@@ -208,12 +219,14 @@ class Recipe(WeightSource):
         return []
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import read_recipe
 
         return read_recipe(weights.recipe, list(weights.recipe_overrides),
                            train_sources)
 
     def effects(self, cfg: Any) -> list[str]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import sources_dir
 
         overrides = cfg.weights.recipe_overrides
@@ -233,8 +246,6 @@ class Timm(WeightSource):
     needs_model = True  # its entry is looked up by model name
 
     def problems(self, cfg: Any) -> list[str]:
-        from finetune.models.sources import MODEL_SOURCES, model_source_of
-
         if model_source_of(cfg).name != "timm":
             return ["weights.source=timm needs model.source=timm (a timm architecture); for "
                     "torchvision models use weights.source=torchvision"]
@@ -253,8 +264,6 @@ class Timm(WeightSource):
         return []
 
     def entry(self, cfg: Any) -> dict[str, Any]:
-        from finetune.models.sources import timm_pretrained_cfg, timm_tags
-
         try:
             found = timm_pretrained_cfg(cfg.model.name, cfg.weights.name)
         except RuntimeError:  # timm: "Invalid pretrained tag"
@@ -271,7 +280,7 @@ class Timm(WeightSource):
         return entry["hf_hub_id"], entry.get("hf_hub_filename")
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
-        from finetune.models.sources import timm_pretrained_cfg
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import read_hub
 
         entry = timm_pretrained_cfg(model_name, weights.name) or {}
@@ -301,8 +310,6 @@ class HfHub(WeightSource):
     name = "hf_hub"
 
     def problems(self, cfg: Any) -> list[str]:
-        from finetune.weights import hub
-
         if importlib.util.find_spec("huggingface_hub") is None:
             return ["weights.source=hf_hub needs the huggingface_hub package: pip install "
                     "'finetune[timm]'"]
@@ -313,8 +320,6 @@ class HfHub(WeightSource):
                             hub.file_problem(cfg.weights.file)) if p]
 
     def entry(self, cfg: Any) -> dict[str, Any] | None:
-        from finetune.weights import hub
-
         if cfg.model.get("source") != "timm":
             return None
         try:
@@ -326,6 +331,7 @@ class HfHub(WeightSource):
             or _timm_default(cfg)
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import read_hub
 
         return read_hub(weights.repo, weights.revision, weights.file, "hf_hub",
@@ -347,8 +353,6 @@ class LocalDir(WeightSource):
     name = "local_dir"
 
     def problems(self, cfg: Any) -> list[str]:
-        from finetune.weights.hub import local_dir_weights
-
         path = cfg.weights.path
         if not path:
             return ["weights.source=local_dir needs weights.path=FOLDER (config.json + "
@@ -361,8 +365,6 @@ class LocalDir(WeightSource):
         return self._config_problems(cfg)
 
     def _config(self, cfg: Any) -> dict[str, Any] | None:
-        from finetune.weights import hub
-
         path = Path(cfg.weights.path).expanduser() / hub.CONFIG_FILE
         return hub.read_config(path, f"weights.path={cfg.weights.path}") if path.is_file() \
             else None
@@ -380,14 +382,13 @@ class LocalDir(WeightSource):
         return []
 
     def entry(self, cfg: Any) -> dict[str, Any] | None:
-        from finetune.weights import hub
-
         if cfg.model.get("source") != "timm":
             return None
         data = self._config(cfg)
         return (hub.config_cfg(data) if data else None) or _timm_default(cfg)
 
     def read(self, weights: Any, model_name: str, train_sources: bool) -> tuple[dict, Any]:
+        # lazy: keeps torch off a torch-free path
         from finetune.weights.readers import read_local_dir
 
         return read_local_dir(weights.path)
@@ -397,8 +398,6 @@ class LocalDir(WeightSource):
 
 
 def _timm_default(cfg: Any) -> dict[str, Any] | None:
-    from finetune.models.sources import timm_pretrained_cfg
-
     try:
         return timm_pretrained_cfg(cfg.model.name)
     except RuntimeError:
@@ -406,8 +405,6 @@ def _timm_default(cfg: Any) -> dict[str, Any] | None:
 
 
 def _hub_unreachable(repo: str, filename: str | None, revision: str | None) -> str | None:
-    from finetune.weights import hub
-
     names = [filename] if filename else list(hub.WEIGHT_FILES)
     if any(hub.cached(repo, n, revision) for n in names):
         return None
@@ -422,8 +419,6 @@ def _hub_unreachable(repo: str, filename: str | None, revision: str | None) -> s
 
 
 def _hub_effects(repo: str, filename: str | None, revision: str | None) -> list[str]:
-    from finetune.weights import hub
-
     names = [filename] if filename else list(hub.WEIGHT_FILES)
     found = next((p for p in (hub.cached(repo, n, revision) for n in names) if p), None)
     at = f" at {revision}" if revision else " (its main branch: pin weights.revision)"
