@@ -1,6 +1,6 @@
 """Images decoded right, the same in training, validation and predict: 16-bit grayscale by
 its real range, alpha over black, EXIF orientation applied, oversized images skipped and
-listed (finetune/images.py)."""
+listed (finetune/data/images.py)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ def test_wheel_runs_quickstart_from_any_directory(tmp_path: Path) -> None:
                    check=True, timeout=300)
     # The wheel's copy comes first on the path; its dependencies come from this environment.
     env = {**os.environ, "PYTHONPATH": str(target)}
-    where = subprocess.run([sys.executable, "-c", "import finetune.config as c; "
+    where = subprocess.run([sys.executable, "-c", "import finetune.locations as c; "
                             "print(c.CONF_DIR); print(c.RECIPES_DIR)"], cwd=elsewhere, env=env,
                            capture_output=True, text=True, check=True)
     assert where.stdout.split() == [str(target / "finetune" / "conf"),

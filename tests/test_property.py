@@ -49,7 +49,7 @@ BOOLEANS = ["model.channels_last", "optim.nesterov", "trainer.deterministic",
 
 
 def _field_types(node: type = schema.Config, prefix: str = "") -> dict[str, str]:
-    """key -> the annotation of its field in finetune/config.py (as written), at any depth
+    """key -> the annotation of its field in finetune/compose/schema.py (as written), at any depth
     (trainer.early_stopping.patience)."""
     hints = typing.get_type_hints(node)
     found: dict[str, str] = {}

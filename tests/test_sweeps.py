@@ -44,8 +44,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_sweep_says_where_first_and_ends_with_its_leaderboard(sweep: Path) -> None:
     lines = (sweep / "command.out").read_text().splitlines()
-    assert lines[0] == ("finetune: sweep -> sweep/<job>  (while it runs: python -m "
-                        "finetune.report sweep)")
+    assert lines[0] == "finetune: sweep -> sweep/<job>  (while it runs: finetune report sweep)"
     end = lines.index("finetune: sweep done: sweep")
     assert end > max(i for i, line in enumerate(lines) if line.startswith("  run dir: "))
     assert lines[end + 1].startswith("rank  job  status")

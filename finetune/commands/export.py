@@ -4,7 +4,7 @@ Exports the run's model as it was trained (surgery included; feature extractors 
 parity against the eager model on a batch of another size (max abs difference printed, above
 1e-4 fails and nothing is left behind), and writes a JSON beside it with the class names and
 preprocessing. This module is the command (`--help` imports no torch); the work is in
-finetune/exporting.py.
+finetune/rundir/exporting.py.
 """
 
 from __future__ import annotations

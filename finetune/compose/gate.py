@@ -6,7 +6,7 @@ manifest that `predict`, `export` and `weights.source: run` read), each entry of
 `override_problems` before Hydra composes anything or any module is imported. Deny by
 default: only these pass.
 
-- keys of finetune's own schema (finetune/config.py), with their types and choices;
+- keys of finetune's own schema (finetune/compose/schema.py), with their types and choices;
 - `defaults` entries that pick an option of finetune's config groups (data, logger, sweep,
   hydra/launcher, hydra/sweeper), and `_self_`;
 - `extends` and `description`;

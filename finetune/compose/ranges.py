@@ -1,5 +1,5 @@
 """The range of every numeric value of the schema, checked with every other problem before
-anything trains (finetune/precheck.py), and written beside each key in conf/config.yaml (a
+anything trains (finetune/compose/precheck.py), and written beside each key in conf/config.yaml (a
 test holds the two together). A value outside its range is refused in one line naming the
 key, the value and the range: a run that cannot learn (no epochs, a zero-width layer, a
 learning rate <= 0 anywhere) is never started.

@@ -215,7 +215,7 @@ class EvalConfig:
 
 @dataclass
 class PrunerConfig:
-    name: str = "none"  # none | median | halving (finetune/study.py PRUNERS)
+    name: str = "none"  # none | median | halving (finetune/sweeps/study.py PRUNERS)
     warmup_epochs: int = 1  # median: epochs every trial runs before it can be pruned
     startup_trials: int = 2  # median: trials that finish before any is pruned
     min_epochs: int = 1  # halving: epochs before the first rung
@@ -224,7 +224,7 @@ class PrunerConfig:
 
 @dataclass
 class SweepConfig:
-    """The shared Optuna study of `sweep=optuna` (finetune/study.py)."""
+    """The shared Optuna study of `sweep=optuna` (finetune/sweeps/study.py)."""
 
     storage: str | None = None  # null: SQLite in the sweep dir; an SQLAlchemy URL
     study_name: str | None = None  # null: "finetune" (the sweep dir's own study)
@@ -275,7 +275,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checkpoint.keep": ("auto", "last", "best", "both", "none"),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
     "eval.checkpoint": ("last", "best"),
-    "sweep.pruner.name": PRUNERS,  # finetune/study.py
+    "sweep.pruner.name": PRUNERS,  # finetune/sweeps/study.py
     "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
     "trainer.early_stopping.mode": ("auto", "min", "max"),
 }
@@ -428,6 +428,6 @@ def check_overrides(overrides: list[str]) -> list[str]:
 
 
 def mix_enabled(data: Any) -> bool:
-    """Whether `data.mix` mixes anything (finetune/mixing.py does it)."""
+    """Whether `data.mix` mixes anything (finetune/data/mixing.py does it)."""
     mix = data.get("mix") if data is not None else None
     return bool(mix) and (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) and mix.prob > 0

@@ -3,7 +3,7 @@
 A format knows what its config needs before anything is read (`problems`) and how to read its
 images and class names (`read`: the whole labelled set, and a validation set when the data
 brings its own). Splitting, undecodable files, few-shot subsets, transforms and loaders are
-the same for every format (finetune/data.py, `build_datamodule`). Adding a format is one
+the same for every format (finetune/data/datamodule.py, `build_datamodule`). Adding a format is one
 class and one entry in FORMATS (docs/extending.md). The module imports no torch:
 `data.name` choices are checked from this table at compose time.
 """

@@ -1,4 +1,4 @@
-"""Exporting a run dir: TorchScript or ONNX (the CLI is finetune/export.py).
+"""Exporting a run dir: TorchScript or ONNX (the CLI is finetune/commands/export.py).
 
 `finetune export run=RUN_DIR format=torchscript|onnx [output=PATH]`
 

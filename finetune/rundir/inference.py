@@ -2,7 +2,7 @@
 
 A run dir alone (manifest.json + model.safetensors) is enough: the architecture is rebuilt
 from the manifest, the weights loaded strictly, the run's own eval preprocessing applied, and
-inference runs under torch.inference_mode() in batches. The CLI is finetune/predict.py; the
+inference runs under torch.inference_mode() in batches. The CLI is finetune/commands/predict.py; the
 API is finetune.load / finetune.predict.
 """
 

@@ -53,8 +53,8 @@ class SweepSummary(Callback):
         # launchers' worker processes inherit it)
         os.environ[SPLITS_ENV] = json.dumps(swept_split_points(config))
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        print(f"finetune: sweep -> {sweep_dir}/<job>  (while it runs: python -m "
-              f"finetune report {sweep_dir})", flush=True)
+        print(f"finetune: sweep -> {sweep_dir}/<job>  (while it runs: finetune report "
+              f"{sweep_dir})", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -4,7 +4,7 @@ Hydra instantiates hydra_plugins/finetune_optuna's FinetuneOptunaSweeper with
 `hydra.sweeper`'s settings; it hands the work to StudySweeper here. The search space is
 written as for Hydra's own Optuna sweeper (`hydra.sweeper.params` and the command line:
 `key=choice(a,b)`, `key=tag(log, interval(1e-4, 1e-2))`, `key=range(1,5)`, `key=a,b`; any
-other override is the same for every trial). finetune/study.py says how processes share the
+other override is the same for every trial). finetune/sweeps/study.py says how processes share the
 study.
 """
 

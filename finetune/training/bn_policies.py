@@ -3,7 +3,7 @@ one table (`BN_POLICIES`), chosen by `freeze.bn`.
 
 A policy says two things: whether a frozen BatchNorm's affine weight and bias still train,
 and whether its running statistics stay fixed (the layer kept in eval mode through every
-train() switch). Freezing applies them (finetune/freezing.py); adding one is one entry here
+train() switch). Freezing applies them (finetune/training/freezing.py); adding one is one entry here
 (docs/extending.md). The module imports no torch: the choices are checked at compose time.
 """
 

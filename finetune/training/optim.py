@@ -289,7 +289,7 @@ class Schedule(LRScheduler):
 
     def factor(self, epoch: float) -> float:
         """The schedule's multiplier at (fractional) epoch `epoch`, before group ramps: the
-        linear warm-up, then the shape from finetune/schedules.py."""
+        linear warm-up, then the shape from finetune/training/schedules.py."""
         if not self.shape.owns_warmup:
             if epoch < self.warmup:
                 return ramp(epoch, self.warmup)

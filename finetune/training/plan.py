@@ -1,6 +1,6 @@
 """plan_run: everything a run decides before it trains, computed once, every problem at once.
 
-Training is plan -> fit -> save (finetune/training.py); `inspect` renders the plan and
+Training is plan -> fit -> save (finetune/training/run.py); `inspect` renders the plan and
 `recipes validate` prints its problems. The model is built once: backbone -> head -> surgery
 with every path checked (finetune.validate.assemble_checked), then the weights load into it.
 """

@@ -1,4 +1,4 @@
-"""One training run, top to bottom: plan (finetune/plan.py) -> fit -> save."""
+"""One training run, top to bottom: plan (finetune/training/plan.py) -> fit -> save."""
 
 from __future__ import annotations
 
@@ -258,7 +258,7 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 def make_loggers(name: str, run_dir: Path) -> list[Logger]:
-    """metrics.csv always; the chosen logger's beside it (finetune/loggers.py; validate
+    """metrics.csv always; the chosen logger's beside it (finetune/training/loggers.py; validate
     checked that its package is installed)."""
     return [CSVLogger(save_dir=run_dir, name="", version=""), *LOGGERS[name].make(run_dir)]
 
