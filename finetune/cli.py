@@ -26,10 +26,11 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     "inspect": (
         "everything a run would do, without training",
         "finetune inspect recipe=NAME_OR_PATH [key=value ...] [--keys] [--splits] "
-        "[--json] [--list] [--depth N] [--allow-module PREFIX]",
+        "[--json] [--list] [--plugins] [--depth N] [--allow-module PREFIX]",
         ["finetune inspect recipe=resnet50_9cls --splits",
          "finetune inspect model.source=timm model.name='convnext*'   (list models "
-         "and their pretrained tags)"]),
+         "and their pretrained tags)",
+         "finetune inspect --plugins   (every extension table, installed plugins marked)"]),
     "recipes": (
         "find, read, adapt and check recipes",
         "finetune recipes list [--json] | show NAME [--resolved] [key=value ...] | "

@@ -3,13 +3,20 @@ the files and the transform; a damaged array is decoded again, never read."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+import pytest
 import torch
+from torchvision.transforms import v2
 
 from finetune.compose.prepare import compose_config
+from finetune.data import decoded_cache as decoded
 from finetune.data.datamodule import build_datamodule
+from finetune.data.images import open_rgb
+from finetune.data.transforms import resize_crop
+from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from finetune.training.plan import preprocessing_for
 from tests.conftest import write_digit_images
 
@@ -43,8 +50,6 @@ def test_cached_items_equal_decoded_items_bit_for_bit(tmp_path: Path) -> None:
 
 
 def test_the_key_follows_the_files_and_a_damaged_array_is_decoded_again(tmp_path: Path) -> None:
-    from finetune.data import decoded_cache as decoded
-
     root = tmp_path / "images"
     written = write_digit_images(root, [3, 4], 6, mode="L")
     first = _data(root, "data.decode_cache=true")
@@ -65,3 +70,51 @@ def test_the_key_follows_the_files_and_a_damaged_array_is_decoded_again(tmp_path
                                                  *first.val_set.paths])), first_prep,
                              89_478_485)
     assert decoded._array_file(changed) != array_file  # a changed file is another key
+
+
+# A changed value for every field of the preprocessing: the cached array is the image after
+# resize_crop, so the fields it reads must change the key and the others (normalization,
+# applied after the cache) must not, or two runs would not share what they could.
+FIELD_CHANGES = {"resize": 40, "crop": 20, "interpolation": "nearest", "channels": 1,
+                 "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+LIMIT = 89_478_485
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Preprocessing)])
+def test_the_key_changes_with_every_field_that_changes_the_cached_bytes(tmp_path: Path,
+                                                                          field: str) -> None:
+    assert set(FIELD_CHANGES) == {f.name for f in dataclasses.fields(Preprocessing)}
+    paths = [p for ps in write_digit_images(tmp_path, [2, 7], 2, mode="RGB").values()
+             for p in ps]
+    base = Preprocessing(resize=32, crop=24, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    changed = dataclasses.replace(base, **{field: FIELD_CHANGES[field]})
+
+    def cached(prep: Preprocessing) -> torch.Tensor:
+        return v2.Compose(resize_crop(prep))(open_rgb(paths[0]))
+
+    bytes_differ = cached(base).shape != cached(changed).shape or not torch.equal(
+        cached(base), cached(changed))
+    keys_differ = decoded.key_of(paths, base, LIMIT) != decoded.key_of(paths, changed, LIMIT)
+    assert keys_differ == bytes_differ
+    assert bytes_differ == (field not in ("mean", "std"))  # the rule's cases, both ways
+
+
+@pytest.mark.parametrize("change", ["renamed", "rewritten", "grown", "pixel_limit", "none"])
+def test_the_key_changes_with_every_file_and_the_pixel_limit(tmp_path: Path, change: str
+                                                             ) -> None:
+    paths = [p for ps in write_digit_images(tmp_path, [3], 3).values() for p in ps]
+    prep = Preprocessing(resize=32, crop=24, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    before = decoded.key_of(paths, prep, LIMIT)
+    limit = LIMIT
+    if change == "renamed":
+        paths[1] = paths[1].rename(paths[1].with_name("moved.png"))
+    elif change == "rewritten":  # same size, a later modification time
+        stat = paths[1].stat()
+        os.utime(paths[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    elif change == "grown":
+        with open(paths[1], "ab") as handle:
+            handle.write(b"\0")
+        os.utime(paths[1], ns=(paths[1].stat().st_atime_ns, paths[0].stat().st_mtime_ns))
+    elif change == "pixel_limit":
+        limit = LIMIT // 2
+    assert (decoded.key_of(paths, prep, limit) != before) == (change != "none")

@@ -214,6 +214,36 @@ def test_torchvision_vit_position_embedding_resampled_too() -> None:
     assert torch.equal(resample_pos_embed(big["encoder.pos_embedding"], 17, 1), expected)
 
 
+# Every way a timm ViT leads its position embedding: a class token; none (avg pooling); a
+# distillation token too; registers with the class token; no class slot in the embedding
+# (DeiT-3's no_embed_class), with and without registers (the tokens are prepended after it).
+PREFIXES = [("vit_tiny_patch16_224", {}, 1),
+            ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, 0),
+            ("deit_tiny_distilled_patch16_224", {}, 2),
+            ("vit_tiny_patch16_224", {"reg_tokens": 4}, 5),
+            ("vit_tiny_patch16_224", {"no_embed_class": True}, 0),
+            ("vit_tiny_patch16_224", {"reg_tokens": 4, "no_embed_class": True}, 0)]
+
+
+@pytest.mark.parametrize(("arch", "kwargs", "prefix"), PREFIXES,
+                         ids=["class", "none", "distilled", "registers", "no_embed_class",
+                              "registers-no_embed_class"])
+def test_every_vit_prefix_layout_is_resampled_as_timm_does(arch: str, kwargs: dict,
+                                                           prefix: int) -> None:
+    """224 px weights into the same ViT at 64 px: the embedding's leading tokens (as many as
+    the model keeps in it) are kept and the 14x14 grid resampled to 4x4, bit for bit as timm's
+    resample_abs_pos_embed with that count."""
+    torch.manual_seed(0)
+    source = timm.create_model(arch, img_size=224, depth=1, **kwargs).state_dict()
+    model = timm.create_model(arch, img_size=64, depth=1, **kwargs)
+    assert source["pos_embed"].shape[1] == prefix + 196
+    report = load_matching(model, source, LoadReport(source="file"))
+    assert [a["key"] for a in report.adapted] == ["pos_embed"]
+    assert report.adapted[0]["how"] == "position embedding resampled 14x14 -> 4x4 (bicubic)"
+    expected = resample_abs_pos_embed(source["pos_embed"], [4, 4], num_prefix_tokens=prefix)
+    assert torch.equal(model.pos_embed.detach(), expected)
+
+
 @pytest.mark.parametrize("channels", [1, 2, 4, 13])
 def test_input_conv_adapted_as_timm_does(channels: int) -> None:
     """Any input channel count: the RGB kernel repeated and scaled (summed for one), equal

@@ -307,7 +307,7 @@ def test_a_gpu_asked_for_where_there_is_none_is_one_sentence(tmp_path: Path) -> 
 @pytest.mark.parametrize("level", ["info", "debug"])
 def test_output_is_finetunes_own_unless_debug(level: str, tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    """The third-party lines that say nothing about the run (finetune/training/quiet.py) are filtered;
+    """The third-party lines that say nothing about the run (training/quiet.py) are filtered;
     log_level=debug keeps them, and the caller's warning filters are untouched after."""
     import warnings
 

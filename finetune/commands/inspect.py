@@ -14,13 +14,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune import plugins
 from finetune.cli import help_text, usage, wants_help
 from finetune.compose.allowlist import take_allow_flags
 from finetune.compose.prepare import RECIPE_FILES, compose_config
 from finetune.errors import FinetuneError, print_problems, run_entry_point
 from finetune.models.sources import MODEL_SOURCES
 
-FLAGS = ("--keys", "--splits", "--json", "--list")
+FLAGS = ("--keys", "--splits", "--json", "--list", "--plugins")
 GLOB = frozenset("*?[")
 USAGE = usage("inspect")
 
@@ -215,12 +216,25 @@ def model_listing(source: str, pattern: str | None) -> str:
     return "\n".join([head + more, *lines])
 
 
+def plugin_listing(tables: list[dict[str, Any]]) -> str:
+    """Each extension table: its key, its entries (a plugin's marked with where it comes
+    from) and the entry point group a package registers new ones in."""
+    lines = []
+    for table in tables:
+        names = [e["name"] + (f" (plugin: {e['plugin']})" if e["plugin"] else "")
+                 for e in table["entries"]]
+        lines.append(f"{table['key']:<15} {', '.join(names)}")
+        lines.append(f"{'':<15} entry point group: {table['group']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if wants_help(args):
         print(help_text("inspect", "Prints the plan: data, model, weights (the load "
                         "report), what trains from which epoch, the optimizer groups and the "
-                        "feature-cache decision. --json: the same as data; --keys: every "
+                        "feature-cache decision. --json: the same as data; --plugins: every "
+                        "extension table and the installed plugins' entries; --keys: every "
                         "state-dict key and its fate; --splits: every split point; --list, or a "
                         "glob in model.name (model.source=timm model.name='convnext*'): the "
                         "models that match, with timm's pretrained tags."))
@@ -244,6 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         print(f"finetune inspect: error: unknown option {unknown[0]}; {USAGE}", file=sys.stderr)
         raise SystemExit(2)
+    if "--plugins" in flags:
+        try:
+            tables = plugins.listing()
+        except FinetuneError as err:
+            print_problems(err)
+            raise SystemExit(2) from None
+        print(json.dumps(tables, indent=2) if "--json" in flags else plugin_listing(tables))
+        return
     overrides = [a for a in args if a not in FLAGS]
     settings = dict(a.partition("=")[::2] for a in overrides if "=" in a)
     name = settings.get("model.name", "").strip("'\"")

@@ -79,7 +79,7 @@ class FinetuneModule(pl.LightningModule):
         # stay those of the model (not registered as a submodule).
         object.__setattr__(self, "_forward", torch.compile(model) if compile else model)
         self.compile_forward = compile  # not `compile`: that is nn.Module's method
-        # Watching the loss for NaN/inf and, under DDP, the ranks' tensors (finetune/training/guards.py)
+        # Watching the loss for NaN/inf and, under DDP, the ranks' tensors (training/guards.py)
         self.loss_guard, self.rank_check = LossGuard(), RankCheck()
         self.label_smoothing, self.aux_weight = label_smoothing, aux_weight
         # the task's loss weights (loss.class_weights, or a label's pos_weight) weigh the

@@ -1,8 +1,8 @@
 """The learning-rate schedules, one small object each, found in one table (`SCHEDULES`).
 
 A schedule is the factor every group's base rate is multiplied by at (fractional) epoch t,
-after the warm-up (finetune/training/optim.py, `Schedule`, does warm-up, per-group ramps, groups that
-join mid-run and resume for all of them). Adding one is one class and one entry in
+after the warm-up (finetune/training/optim.py, `Schedule`, does warm-up, per-group ramps,
+groups that join mid-run and resume for all of them). Adding one is one class and one entry in
 SCHEDULES (docs/extending.md). The module imports no torch: `sched.name` choices are checked
 from this table at compose time.
 """
