@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import runpy
 import subprocess
 import sys
@@ -35,7 +36,11 @@ def test_bench_script_runs_in_smoke_mode(script: str, tmp_path: Path,
 
 
 def test_startup_script_runs_in_smoke_mode(tmp_path: Path) -> None:
+    """With the interpreter that runs the tests (PYTHON), whether or not its venv is on PATH."""
+    env = {**os.environ, "PYTHON": sys.executable,
+           "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                   if Path(sys.executable).parent != Path(p))}
     result = subprocess.run(["bash", str(REPO / "bench" / "startup.sh"), "--smoke"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "launch to first training step" in result.stdout
