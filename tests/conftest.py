@@ -43,7 +43,8 @@ SHRINK = [
 # slowest first. pytest-xdist hands out whole files (--dist loadfile) in collection order
 # (--no-loadscope-reorder): the slow ones start first and the quick ones fill the tail, so
 # neither worker idles at the end. Files not listed run after these, in their usual order.
-SLOW_FIRST = ["test_study.py", "test_sharing.py", "test_train_e2e.py", "test_bad_inputs.py",
+SLOW_FIRST = ["test_study.py", "test_sharing.py", "test_plugins.py", "test_train_e2e.py",
+              "test_bad_inputs.py",
               "test_use.py", "test_bench.py", "test_sweeps.py", "test_recipes.py", "test_timm.py",
               "test_heads.py", "test_evaluation.py",
               "test_freeze_training.py", "test_config.py", "test_resume.py", "test_gate.py",

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from finetune.compose.prepare import prepare
+from finetune.errors import ConfigError, FinetuneError
+from finetune.extensions import TABLES, load_plugins
 from tests.conftest import SHRINK, cli_errors, read_json, run_cli
 
 # The plugin package: what `pip install` leaves in site-packages (the module and its
@@ -129,8 +132,12 @@ def test_a_sweeps_worker_processes_find_the_plugin(plugin: tuple[Path, dict[str,
 
 def test_without_the_plugin_the_names_are_not_choices(plugin: tuple[Path, dict[str, str]]
                                                       ) -> None:
+    """This test process has not installed it: the recipe's names are refused, each in one
+    line, as for any name that is not in a table."""
     root, _ = plugin
-    errors = cli_errors(run_cli("recipe=stripes.yaml", cwd=root))
+    with pytest.raises(ConfigError) as refused:
+        prepare([f"recipe={root / 'stripes.yaml'}"])
+    errors = refused.value.problems
     assert any("data.name='stripes' is not one of" in e for e in errors), errors
     assert any("task='binary' is not one of" in e for e in errors), errors
     assert any("sched.name='linear' is not one of" in e for e in errors), errors
@@ -163,9 +170,22 @@ def test_inspect_lists_the_plugins(plugin: tuple[Path, dict[str, str]]) -> None:
      "plugin finetune_broken:Linear: its name is 'linear' but its entry point is 'cosine2'; "
      "make them the same"),
 ], ids=["cannot-import", "clashes", "misnamed"])
-def test_a_broken_plugin_is_one_sentence(tmp_path: Path, entry_points: str, expected: str
-                                         ) -> None:
-    env = install(tmp_path / "site", entry_points, name="finetune_broken")
-    errors = cli_errors(run_cli("recipe=quickstart", "weights.source=none", cwd=tmp_path,
-                                env=env))
-    assert errors == [f"finetune: error: {expected}"]
+def test_a_broken_plugin_is_one_sentence(tmp_path: Path, entry_points: str, expected: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found the way every process finds plugins (the entry points on sys.path); nothing is
+    added to a table, and the CLI says it once and stops."""
+    install(tmp_path / "site", entry_points, name="finetune_broken")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    before = {key: dict(table) for key, table in TABLES.items()}
+    try:
+        problems = load_plugins()
+    except FinetuneError as err:
+        problems = err.problems
+    assert problems == [expected]
+    assert {key: dict(table) for key, table in TABLES.items()} == before
+    if "cannot-import" not in expected:  # and through the real CLI, once
+        errors = cli_errors(run_cli("recipe=quickstart", "weights.source=none",
+                                    cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(
+                                        p for p in (str(tmp_path / "site"),
+                                                    os.environ.get("PYTHONPATH")) if p)}))
+        assert errors == [f"finetune: error: {expected}"]
