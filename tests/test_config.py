@@ -118,12 +118,14 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
             "    sys.argv = [call[0], *call[1:]]\n"
             "    try:\n        runpy.run_module(call[0], run_name='__main__')\n        rc = 0\n"
             "    except SystemExit as done:\n        rc = done.code or 0\n"
-            "    results.append([call, rc, 'torch' in sys.modules])\n"
+            "    results.append([call, rc, 'torch' in sys.modules, 'matplotlib' in sys.modules])\n"
             "print('RESULTS', json.dumps(results))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULTS"))
-    for call, rc, torch_loaded in json.loads(line.split(" ", 1)[1]):
+    for call, rc, torch_loaded, slow_loaded in json.loads(line.split(" ", 1)[1]):
+        if "--help" in call:  # the helps come first: nothing slow was imported before them
+            assert not slow_loaded, (call, "--help imported matplotlib")
         expected = 2 if any(a in call for a in ("data.root=nowhere", "head.num_classes=3",
                                                 "weights.path=nowhere",
                                                 "weights.repo=../up")) else 0

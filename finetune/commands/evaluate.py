@@ -26,7 +26,6 @@ from finetune.compose import gate
 from finetune.compose.prepare import compose_config
 from finetune.compose.schema import DataConfig
 from finetune.errors import ConfigError, FinetuneError, run_entry_point
-from finetune.rundir import plots
 from finetune.tasks.table import task_of
 
 COMMAND = "evaluate"
@@ -149,6 +148,8 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
         manifest.calibration = calibration
         manifest.write(Path(run))
     reliability = out_dir / "eval_reliability.png"
+    # lazy: matplotlib is slow to import; `--help` and a mistake must not pay for it
+    from finetune.rundir import plots
 
     plots.plot_reliability(result["reliability"], reliability, f"{chosen} split")
     result["reliability_png"] = html_report.png_uri(reliability)

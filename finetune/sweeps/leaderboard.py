@@ -14,7 +14,6 @@ from typing import Any
 from finetune.compose import safe_files
 from finetune.errors import FinetuneError
 from finetune.rundir import artifacts, html_report
-from finetune.rundir.plots import save_png
 from finetune.sweeps.study import TRIALS_FILE, read_trials
 
 METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP")
@@ -247,12 +246,9 @@ def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
     scored = [j for j in jobs if j.values.get(metric) is not None]
     if not scored:
         return False
-    # lazy: matplotlib is slow to import; only this path needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # lazy: matplotlib is slow to import; only this path needs it
-    import matplotlib.pyplot as plt
+    # lazy: matplotlib is slow to import; only a leaderboard with a plot needs it (plots
+    # imports it, on the Agg backend)
+    from finetune.rundir.plots import plt, save_png
 
 
     lr_swept = "optim.lr" in keys or len({j.lr for j in scored}) > 1
