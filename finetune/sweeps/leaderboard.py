@@ -246,8 +246,8 @@ def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
     scored = [j for j in jobs if j.values.get(metric) is not None]
     if not scored:
         return False
-    # lazy: matplotlib is slow to import; only a leaderboard with a plot needs it (plots
-    # imports it, on the Agg backend)
+    # matplotlib on the Agg backend, as plots sets it up
+    # lazy: matplotlib is slow to import; only a leaderboard with a plot needs it
     from finetune.rundir.plots import plt, save_png
 
 
