@@ -275,6 +275,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a task's evaluation of its splits is skipped", "finetune/training/save.py",
      "    tested = {} if not task.evaluates or", "    tested = {} if True or",
      "tests/test_evaluation.py -k test_split_is_evaluated"),
+    ("a sweep imports Lightning before it checks its settings", "finetune/sweeps/callback.py",
+     "        os.environ[SPLITS_ENV] = json.dumps(swept_split_points(config))",
+     "        import finetune.training.feature_cache  # noqa: F401\n"
+     "        os.environ[SPLITS_ENV] = json.dumps(swept_split_points(config))",
+     "tests/test_config.py -k do_not_import"),
 ]
 
 

@@ -28,6 +28,9 @@ RECIPES_ENV = "FINETUNE_RECIPES"
 
 
 HOME_ENV = "FINETUNE_HOME"
+# The split points a sweep tries, set by its callback at its start for the jobs' feature
+# caches (an env var: launchers' worker processes inherit it).
+SPLITS_ENV = "FINETUNE_SWEEP_SPLITS"
 
 
 def finetune_home() -> Path:

@@ -113,7 +113,10 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
         ["finetune", "recipe=quickstart", "data=imagefolder", "data.root=nowhere"],
         ["finetune", "recipe=quickstart", "head.num_classes=3"],
         ["finetune", "weights.source=local_dir", "weights.path=nowhere"],
-        ["finetune", "weights.source=hf_hub", "weights.repo=../up"]]
+        ["finetune", "weights.source=hf_hub", "weights.repo=../up"],
+        # a sweep whose settings are wrong stops before a job starts, without torch
+        ["finetune", "-m", "recipe=quickstart", "sweep=optuna", "metric=val/loss",
+         "hydra.sweep.dir=search"]]
     code = (f"import json, runpy, sys\nresults = []\nfor call in {calls!r}:\n"
             "    sys.argv = [call[0], *call[1:]]\n"
             "    try:\n        runpy.run_module(call[0], run_name='__main__')\n        rc = 0\n"
@@ -127,14 +130,16 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
         if "--help" in call:  # the helps come first: nothing slow was imported before them
             assert not slow_loaded, (call, "--help imported matplotlib")
         expected = 2 if any(a in call for a in ("data.root=nowhere", "head.num_classes=3",
-                                                "weights.path=nowhere",
-                                                "weights.repo=../up")) else 0
+                                                "weights.path=nowhere", "weights.repo=../up",
+                                                "metric=val/loss")) else 0
         assert rc == expected and not torch_loaded, (call, rc, torch_loaded,
                                                      result.stderr[-2000:])
     assert "finetune: error: data.root='nowhere': no such path" in result.stderr
     assert "finetune: error: head.num_classes=3 but the data has 5 classes" in result.stderr
     assert "finetune: error: weights.path='nowhere': no such folder" in result.stderr
     assert "finetune: error: weights.repo='../up' is not a Hugging Face repo id" in result.stderr
+    assert "finetune: error: hydra.sweeper.direction=maximize but the jobs return " \
+        "metric=val/loss" in result.stderr
     assert not (tmp_path / "outputs").exists(), "a refused run leaves no run dir"
     for command in COMMANDS:
         assert f"finetune {command}: " in result.stdout

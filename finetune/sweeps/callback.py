@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from finetune.errors import FinetuneError
+from finetune.locations import SPLITS_ENV
 from finetune.sweeps.leaderboard import print_leaderboard, report
 
 
@@ -46,9 +47,6 @@ def swept_split_points(config: DictConfig) -> list[str]:
 
 class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # lazy: keeps torch off a torch-free path
-        from finetune.training.feature_cache import SPLITS_ENV
-
         # the jobs' feature caches keep what the other split points start from (an env var:
         # launchers' worker processes inherit it)
         os.environ[SPLITS_ENV] = json.dumps(swept_split_points(config))

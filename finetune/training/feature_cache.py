@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.compose import safe_files
 from finetune.errors import FinetuneError
-from finetune.locations import cache_dir
+from finetune.locations import SPLITS_ENV, cache_dir
 from finetune.rundir.artifacts import file_sha256, write_json, write_stream
 from finetune.training.feature_cuts import (
     Cut,
@@ -129,7 +129,6 @@ def data_identity(dataset: Any) -> dict[str, Any]:
 
 # -- nested cuts: a shallower split's features as the start of a deeper split's --------------
 
-SPLITS_ENV = "FINETUNE_SWEEP_SPLITS"  # the split points a sweep tries (set at its start)
 
 
 def swept_splits() -> list[str]:
