@@ -17,11 +17,19 @@ from finetune.data.formats import DataFormat
 COMMON_METRICS = ("val/loss", "val/acc", "val/f1", "best/val/acc")
 
 
+def watched(cfg: Any) -> list[tuple[str, str]]:
+    """(key, metric) for each metric the run is told to watch: `metric`, and early stopping's
+    monitor when it is on."""
+    found = [("metric", cfg.metric)]
+    if cfg.trainer.early_stopping.patience is not None:
+        found.append(("trainer.early_stopping.monitor", cfg.trainer.early_stopping.monitor))
+    return found
+
+
 class Task:
     """One kind of labels and predictions; the base holds what every task shares."""
 
     name = ""
-    help = ""  # one line: what a label is and how the model decides
     # the loss key whose weights the manifest records (loss.class_weights | loss.pos_weight)
     loss_weights = "class_weights"
     # metrics this task measures beyond COMMON_METRICS, e.g. val/mAP
@@ -41,13 +49,9 @@ class Task:
     def monitored_problems(self, cfg: Any, num_classes: int) -> list[str]:
         """Metrics the run is told to watch that this task will not measure with
         `num_classes` classes."""
-        watched = [("metric", cfg.metric)]
-        if cfg.trainer.early_stopping.patience is not None:
-            watched.append(("trainer.early_stopping.monitor",
-                            cfg.trainer.early_stopping.monitor))
         return [f"{key}={name}: not measured with task={self.name}; use one of "
                 f"{', '.join(m for m in self.metrics() if m != 'best/val/acc')}"
-                for key, name in watched if name not in self.metrics()]
+                for key, name in watched(cfg) if name not in self.metrics()]
 
     def counts_classes_early(self) -> bool:
         """Whether the torch-free check may count classes from the data format's folders or

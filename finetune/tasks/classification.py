@@ -7,30 +7,25 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune.errors import FinetuneError
-from finetune.tasks.base import Task
+from finetune.tasks.base import Task, watched
 
 
 class Multiclass(Task):
     """One class per image: the class with the highest probability is the prediction."""
 
     name = "multiclass"
-    help = "one class per image (softmax, cross-entropy)"
     loss_weights = "class_weights"
     extra_metrics = ("val/acc_top5",)
     evaluates = True
 
     def monitored_problems(self, cfg: Any, num_classes: int) -> list[str]:
-        watched = [("metric", cfg.metric)]
-        if cfg.trainer.early_stopping.patience is not None:
-            watched.append(("trainer.early_stopping.monitor",
-                            cfg.trainer.early_stopping.monitor))
         return [f"{key}={name}: top-5 accuracy is not measured with {num_classes} classes "
                 "(it would always be 1); use val/acc or val/loss"
-                for key, name in watched if name == "val/acc_top5" and num_classes <= 5] + [
+                for key, name in watched(cfg) if name == "val/acc_top5" and num_classes <= 5] + [
             f"{key}={name}: mean average precision is measured for task=multilabel only; use "
             "val/acc or val/loss" if name == "val/mAP" else
             f"{key}={name}: not measured with task={self.name}; use val/acc or val/loss"
-            for key, name in watched if name not in self.metrics()]
+            for key, name in watched(cfg) if name not in self.metrics()]
 
     def loss_weights_of(self, setting: Any, counts: list[int], total: int,
                         names: list[str]) -> list[float] | None:

@@ -18,7 +18,6 @@ class Multilabel(Task):
     """Label sets: a label is predicted when its probability reaches its threshold."""
 
     name = "multilabel"
-    help = "any set of labels per image (a sigmoid per label, thresholds tuned on val)"
     loss_weights = "pos_weight"
     extra_metrics = ("val/mAP",)
 
