@@ -280,6 +280,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "        import finetune.training.feature_cache  # noqa: F401\n"
      "        os.environ[SPLITS_ENV] = json.dumps(swept_split_points(config))",
      "tests/test_config.py -k do_not_import"),
+    ("a plugin planted in the working directory is imported", "finetune/extensions.py",
+     "    paths = [p for p in sys.path if p and Path(p).resolve() != here]",
+     "    paths = list(sys.path)", "tests/test_plugins.py -k planted"),
 ]
 
 

@@ -12,7 +12,9 @@ so it is trusted; a recipe can only name what is installed. Torch-free.
 
 from __future__ import annotations
 
-from importlib.metadata import EntryPoint, entry_points
+import sys
+from importlib.metadata import EntryPoint, distributions
+from pathlib import Path
 from typing import Any
 
 from finetune.errors import FinetuneError
@@ -53,12 +55,26 @@ def entry_from(point: EntryPoint) -> Any:
     return obj() if isinstance(obj, type) else obj
 
 
+def installed_entry_points() -> list[EntryPoint]:
+    """The entry points of the installed distributions, each distribution once (the first
+    found on sys.path, as importlib does) — none from the working directory: `python -m`
+    puts it first on sys.path, and a folder received from someone else (a data set, a run
+    dir) must not be able to plant a `*.dist-info` whose plugin would then be imported."""
+    here = Path.cwd().resolve()
+    paths = [p for p in sys.path if p and Path(p).resolve() != here]
+    found: dict[str, list[EntryPoint]] = {}
+    for dist in distributions(path=paths):
+        found.setdefault(dist.metadata["Name"] or "", list(dist.entry_points))
+    return [point for points in found.values() for point in points]
+
+
 def load_plugins() -> list[str]:
     """Add every installed entry point of every table's group; returns the problems found (a
     name taken twice, an entry whose `name` differs from its entry point's)."""
     problems: list[str] = []
+    points = installed_entry_points()
     for table in TABLES.values():
-        for point in entry_points(group=table.group):
+        for point in (p for p in points if p.group == table.group):
             if point.name in table.plugins:
                 continue  # loaded already (a second call, or the same distribution twice)
             if point.name in table:

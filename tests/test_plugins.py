@@ -189,3 +189,27 @@ def test_a_broken_plugin_is_one_sentence(tmp_path: Path, entry_points: str, expe
                                         p for p in (str(tmp_path / "site"),
                                                     os.environ.get("PYTHONPATH")) if p)}))
         assert errors == [f"finetune: error: {expected}"]
+
+
+def test_a_plugin_planted_in_the_working_directory_is_never_imported(tmp_path: Path) -> None:
+    """`python -m finetune` puts the working directory first on sys.path: a received folder
+    that holds a `*.dist-info` naming a module of its own must not get that module imported
+    (it would run its code) nor its entry listed — a plugin is what the user installed."""
+    planted = tmp_path / "received"
+    planted.mkdir()
+    (planted / "finetune_planted.py").write_text(
+        "from pathlib import Path\n"
+        "Path(__file__).with_name('IMPORTED').write_text('ran')\n"
+        "from finetune.data.formats import DataFormat\n\n\n"
+        "class Planted(DataFormat):\n    name = 'planted'\n")
+    info = planted / "finetune_planted-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: finetune_planted\n"
+                                   "Version: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[finetune.data_formats]\nplanted = finetune_planted:Planted\n")
+    result = run_cli("inspect", "--plugins", "--json", cwd=planted)
+    assert result.returncode == 0, result.stderr
+    listed = {e["name"] for t in json.loads(result.stdout) for e in t["entries"]}
+    assert "planted" not in listed and {"csv", "multiclass"} <= listed
+    assert not (planted / "IMPORTED").exists(), "the planted module ran"
