@@ -283,6 +283,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a plugin planted in the working directory is imported", "finetune/extensions.py",
      "    paths = [p for p in sys.path if p and Path(p).resolve() != here]",
      "    paths = list(sys.path)", "tests/test_plugins.py -k planted"),
+    ("a run dir may name a task this machine lacks", "finetune/rundir/manifest.py",
+     "        if not isinstance(task, str) or task not in TASKS:",
+     "        if not isinstance(task, str):", "tests/test_evaluation.py -k task_must"),
+    ("an unknown command goes to train", "finetune/commands/__init__.py",
+     '    if args and "=" not in args[0] and not args[0].startswith("-"):', "    if False:",
+     "tests/test_config.py -k unknown_command"),
 ]
 
 

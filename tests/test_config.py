@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from finetune import locations
 from finetune.compose import gate, safe_files, schema
 from finetune.compose.prepare import prepare
-from tests.conftest import cli_errors, run_cli
+from tests.conftest import cli_errors, main_here, run_cli
 
 
 def compose_cfg(*overrides: str, cwd: Path | None = None):
@@ -148,6 +148,17 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
     assert all(f"finetune {c} " in listing for c in COMMANDS[1:])
     assert "rerun=RUN_DIR" in result.stdout and "hydra/launcher: " in result.stdout
     assert "--allow-module PREFIX" in result.stdout
+
+
+def test_an_unknown_command_is_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    """A first word that is neither a command nor key=value: the closest command, the list,
+    exit 2; key=value and flags still go to train."""
+    code, out, err = main_here("predcit", "run=x", capsys=capsys)
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [
+        "finetune: error: unknown command 'predcit' (did you mean 'predict'?); the commands are "
+        "train, predict, evaluate, export, report, inspect, recipes (train is the default: "
+        "finetune recipe=NAME)"]
 
 
 def test_help_lists_the_recipes(tmp_path: Path) -> None:

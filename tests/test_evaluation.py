@@ -297,6 +297,27 @@ def test_a_tampered_temperature_is_refused(tested_run: Path, tmp_path: Path) -> 
         finetune.load(run)
 
 
+@pytest.mark.parametrize("task", ["segmentation", ["multiclass"], "multilabel"])
+def test_a_manifests_task_must_be_installed(tested_run: Path, tmp_path: Path,
+                                            task: object) -> None:
+    """A run dir names its task: one this machine has is used (multilabel then predicts
+    label sets), any other value is refused, naming it."""
+    import finetune
+    from finetune.errors import FinetuneError
+
+    run = tmp_path / "run"
+    shutil.copytree(tested_run, run)
+    manifest = read_json(run / "manifest.json")
+    manifest["task"] = task
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    if task == "multilabel":
+        assert finetune.load(run).manifest.task == "multilabel"
+        return
+    with pytest.raises(FinetuneError, match=r"the manifest's task .* is not one of multiclass, "
+                                            r"multilabel \(a task a plugin adds needs that"):
+        finetune.load(run)
+
+
 def test_report_rebuilds_a_run_dirs_page(tested_run: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
