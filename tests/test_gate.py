@@ -5,9 +5,11 @@ must not appear, and `recipes validate` must refuse the same file."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -85,6 +87,48 @@ def attacks(tmp: Path) -> dict[str, tuple[Path, str]]:
         "run_dir_dotdot": (_write(tmp / "run_dir_up.yaml",
                                   "hydra:\n  sweep:\n    dir: outputs/../../outside\n"),
                            "no leading /, ~ or .."),
+        # ${now:...} prints its format: a path in it is a path, not a date
+        "now_absolute": (_write(tmp / "now_abs.yaml",
+                                f"hydra:\n  run:\n    dir: '${{now:{out / 'now'}}}'\n"),
+                         "${now:...} formats hold only strftime's date and time directives"),
+        "now_dotdot": (_write(tmp / "now_up.yaml",
+                              "hydra:\n  sweep:\n    dir: 'x/${now:../../outside}'\n"),
+                       "${now:...} formats hold only"),
+        "now_home": (_write(tmp / "now_home.yaml",
+                            "hydra:\n  sweep:\n    subdir: '${now:~/outside}'\n"),
+                     "${now:...} formats hold only"),
+        "now_slash_directive": (_write(tmp / "now_d.yaml",
+                                       "hydra:\n  run:\n    dir: 'out/${now:%D}'\n"),
+                                "${now:...} formats hold only"),
+        "now_joined_dots": (_write(tmp / "now_dots.yaml",
+                                   "hydra:\n  run:\n    dir: 'a/${now:.}${now:.}/../..'\n"),
+                            "no leading /, ~ or .."),
+        "dotted_top_key": (_write(tmp / "dotted.yaml",
+                                  "model.kwargs.checkpoint_path: /x/model.pth\n"),
+                           "has the dotted key 'model.kwargs.checkpoint_path'"),
+        "dotted_hydra_key": (_write(tmp / "dotted_hydra.yaml",
+                                    f"hydra:\n  run.dir: {out / 'run'}\n"),
+                             "has the dotted key 'run.dir'"),
+        "dotted_sweep_kwargs": (_write(tmp / "sweep_kwargs.yaml", (
+            "hydra:\n  sweeper:\n    params:\n"
+            "      model.kwargs.checkpoint_path: /x/a.pth,/x/b.pth\n")),
+            "the builder would load weights by itself"),
+        "dotted_enqueue_kwargs": (_write(tmp / "enqueue_kwargs.yaml", (
+            "hydra:\n  sweeper:\n    enqueue:\n"
+            "      - {model.kwargs.checkpoint_path: /x/a.pth}\n")),
+            "the builder would load weights by itself"),
+        "dotted_override_kwargs": (_write(tmp / "overrides_kwargs.yaml", (
+            "weights:\n  source: recipe\n  recipe: quickstart\n"
+            "  recipe_overrides: ['model.kwargs.checkpoint_path=/x/a.pth']\n")),
+            "the builder would load weights by itself"),
+        "extends_env": (_write(tmp / "extends_env.yaml", "extends: ${oc.env:HOME}\n"),
+                        "extends='${oc.env:HOME}': plain text only"),
+        "description_resolver": (_write(tmp / "description.yaml",
+                                        "description: '${nosuch:x}'\n"),
+                                 "description='${nosuch:x}': plain text only"),
+        "sweep_glob": (_write(tmp / "glob.yaml",
+                              "hydra:\n  sweeper:\n    params:\n      optim.lr: glob(*)\n"),
+                       "glob() picks among a config group's options"),
         "cache_dir": (_write(tmp / "cache_dir.yaml", f"freeze:\n  cache_dir: {out}\n"),
                       "freeze.cache_dir cannot be set in a received recipe"),
         "env_resolver": (_write(tmp / "env.yaml", "data:\n  root: ${oc.env:HOME}\n"),
@@ -278,7 +322,9 @@ def _values(outside: Path) -> st.SearchStrategy:
     return st.one_of(
         st.sampled_from([1, 0, -3, True, None, "layer4", f"{outside}/x", "../up", "~/x",
                          "${oc.env:HOME}", "${seed}", "a,b", "choice(1,2)", f"{MARKER_MODULE}"
-                         ".touch", "--experimental-rerun", "x\ny", "${now:%H}"]),
+                         ".touch", "--experimental-rerun", "x\ny", "${now:%H}",
+                         f"${{now:{outside}}}", "${now:../../x}", "${now:~/x}", "${now:%D}",
+                         "a/${now:..}", "${now:.}${now:.}/x", "${nosuch:x}", "glob(*)"]),
         st.text(alphabet="abc./-_=${}:~,+ \n", max_size=12))
 
 
@@ -309,6 +355,14 @@ def hydra_recipes(draw: st.DrawFn, outside: Path) -> dict:
         else:
             node[leaf] = draw(_values(outside))
     recipe: dict = {"hydra": hydra} if hydra else {}
+    for dotted in draw(st.lists(st.sampled_from(["model.kwargs.checkpoint_path", "hydra.run.dir",
+                                                 "run.dir", "sweep.dir"]), max_size=2)):
+        # one key with dots: literal for OmegaConf, nested for a reader of the text
+        (hydra if dotted in ("run.dir", "sweep.dir") else recipe)[dotted] = draw(_values(outside))
+    if hydra and "hydra" not in recipe:
+        recipe["hydra"] = hydra
+    for key in draw(st.lists(st.sampled_from(["extends", "description"]), max_size=1)):
+        recipe[key] = draw(_values(outside))
     if draw(st.booleans()):
         recipe["weights"] = {"recipe_overrides": draw(st.lists(_override_text(), max_size=3))}
     return recipe
@@ -370,6 +424,7 @@ def test_property_whatever_passes_the_gate_runs_nothing(data: st.DataObject, mar
 
             with open_dict(cfg):  # what hydra.main sets before it configures logging
                 cfg.hydra.runtime.output_dir = str(work / "run")
+                cfg.hydra.job.num = 0  # what a launcher sets for a sweep's first job
             (work / "run").mkdir()
             saved = logging.getLogger().handlers[:]
             try:  # what hydra.main does with the composed logging settings
@@ -377,8 +432,93 @@ def test_property_whatever_passes_the_gate_runs_nothing(data: st.DataObject, mar
                 configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
             finally:
                 logging.getLogger().handlers[:] = saved
-            run_dir = str(cfg.hydra.run.dir)
-            assert not Path(run_dir).is_absolute() and ".." not in Path(run_dir).parts
+            from finetune.compose.run_dirs import outside_problem
+
+            for key, resolved in [("run", cfg.hydra.run.dir), ("sweep", cfg.hydra.sweep.dir),
+                                  ("job", os.path.join(cfg.hydra.sweep.dir,
+                                                       str(cfg.hydra.sweep.subdir)))]:
+                assert outside_problem(key, resolved, work) is None, (recipe, resolved)
     assert MARKER_MODULE not in sys.modules
     assert not (marker / "imported").exists() and not (marker / "called").exists()
     assert not outside.exists()
+
+
+def _composed_with_a_hole(recipe: dict, *overrides: str) -> Any:
+    """The config Hydra composes for `recipe` registered *without* the gate (as if the gate
+    had a hole): what the second line of defence sees."""
+    from hydra import compose, initialize_config_dir
+
+    from finetune import locations
+    from finetune.compose import schema
+    from finetune.compose.prepare import register_recipe_node
+
+    schema.register_schema()
+    schema.register_base_recipe()
+    register_recipe_node("hole", recipe)
+    with initialize_config_dir(str(locations.CONF_DIR), version_base="1.3", job_name="t"):
+        return compose("config", overrides=["recipe=hole", *overrides],
+                       return_hydra_config=True)
+
+
+@pytest.mark.parametrize("key, start", [("run.dir", "on_run_start"),
+                                        ("sweep.dir", "on_multirun_start"),
+                                        ("run.dir", "on_job_start"),
+                                        ("sweep.subdir", "on_job_start")])
+def test_the_resolved_run_dir_is_checked_before_hydra_writes(
+        key: str, start: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from hydra._internal.callbacks import Callbacks
+    from omegaconf import open_dict
+
+    monkeypatch.chdir(tmp_path)
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    group, leaf = key.split(".")
+    mode = "MULTIRUN" if group == "sweep" else "RUN"
+    extra = {"task_function": print} if start == "on_job_start" else {}
+    up = "../" * 8  # past the working dir from a sweep's subdir too
+    for value, refused in [(f"${{now:{outside}}}", True), (f"${{now:{up}%Y}}", True),
+                           (f"${{now:%Y}}/{up}", True), ("out/${now:%Y-%m-%d}", False)]:
+        cfg = _composed_with_a_hole({"hydra": {group: {leaf: value}}})
+        with open_dict(cfg):
+            cfg.hydra.mode = mode
+            cfg.hydra.runtime.output_dir = (
+                os.path.join(cfg.hydra.sweep.dir, cfg.hydra.sweep.subdir) if mode == "MULTIRUN"
+                else cfg.hydra.run.dir) if start == "on_job_start" else ""
+        callbacks = Callbacks(cfg)  # as hydra.main makes them from conf/config.yaml
+        if start == "on_multirun_start" and key != "sweep.dir":
+            continue
+        capsys.readouterr()
+        if refused:
+            with pytest.raises(SystemExit) as stopped:
+                getattr(callbacks, start)(config=cfg, **extra)
+            assert stopped.value.code == 2
+            err = capsys.readouterr().err
+            assert "outside the working directory" in err and "Traceback" not in err, err
+        else:
+            getattr(callbacks, start)(config=cfg, **extra)
+    # the person's own hydra.run.dir=... is theirs
+    cfg = _composed_with_a_hole({}, f"hydra.{key}={outside}")
+    with open_dict(cfg):
+        cfg.hydra.mode = mode
+        cfg.hydra.runtime.output_dir = str(outside)
+    getattr(Callbacks(cfg), start)(config=cfg, **extra)
+    assert not outside.exists()
+
+
+def test_a_glob_on_the_command_line_and_a_bad_revision_are_one_sentence(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune.compose.precheck import config_problems
+    from finetune.compose.prepare import compose_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        prepare(["-m", "optim.lr=glob(*)"])
+    assert refused.value.problems == [
+        "override 'optim.lr=glob(*)': glob() picks among a config group's options and is not "
+        "taken here; list the values (a,b,c or choice(a,b,c))"]
+    for revision, ok in [("main", True), ("v1.0", True), ("refs/pr/3", True), ("a" * 40, True),
+                         ("../../x", False), ("/etc", False), ("a/../b", False),
+                         ("x y", False), ("x/", False)]:
+        cfg, _ = compose_config([f"weights.revision='{revision}'"])
+        problems = [p for p in config_problems(cfg) if p.startswith("weights.revision")]
+        assert (problems == []) == ok, (revision, problems)

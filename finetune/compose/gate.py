@@ -51,6 +51,10 @@ _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w]*(?:\.[\w]+)*)\}")
 _DIR_INTERPOLATIONS = re.compile(
     r"\$\{(now:[^{}$]*|hydra\.job\.num|hydra\.job\.name|hydra\.runtime\.choices\.recipe"
     r"|run_suffix:)\}")
+# What a `${now:FORMAT}` may hold: strftime directives that print digits, names or AM/PM
+# (never %c, %D, %x, %n ...: they print '/', spaces or new lines) and safe characters.
+_NOW_DIRECTIVE = re.compile(r"%[aAbBdHIjmMpSUwWyYfGuVz%]")
+_NOW_TEXT = re.compile(r"[A-Za-z0-9_.,:+-]*")
 _NAME = re.compile(r"^[A-Za-z0-9_.,-]{1,64}$")  # a partition or study name: no spaces, no lines
 
 
@@ -88,7 +92,16 @@ def relative_dir(value: Any) -> str | None:
     if not isinstance(value, (str, int)) or isinstance(value, bool):
         return "a relative path"
     text = str(value)
-    plain = _DIR_INTERPOLATIONS.sub("x", text)
+    formats = [m.group(1)[4:] for m in _DIR_INTERPOLATIONS.finditer(text)
+               if m.group(1).startswith("now:")]
+    for fmt in formats:
+        if not _NOW_TEXT.fullmatch(_NOW_DIRECTIVE.sub("", fmt)):
+            return ("a relative path whose ${now:...} formats hold only strftime's date and "
+                    "time directives (%Y %m %d %H %M %S ...) and letters, digits, _ . , : + -")
+    # each interpolation as what it prints: a date's own text stays (${now:..} is `..`)
+    plain = _DIR_INTERPOLATIONS.sub(
+        lambda m: _NOW_DIRECTIVE.sub("0", m.group(1)[4:]) if m.group(1).startswith("now:")
+        else "x", text)
     if "$" in plain or "{" in plain:
         return ("a relative path whose only interpolations are ${now:...}, ${hydra.job.num}, "
                 "${hydra.job.name} and ${hydra.runtime.choices.recipe}")
@@ -144,8 +157,17 @@ def interpolation_problems(node: Any, where: str, path: str = "") -> list[str]:
     return problems
 
 
+# Mappings whose keys may hold dots: override keys (the search, queued trials) and names the
+# user's data or weights choose (a class, a tensor-name prefix).
+_DOTTED_KEYS_ALLOWED = re.compile(
+    r"^(hydra\.sweeper\.params|hydra\.sweeper\.enqueue\[\d+\]|weights\.rename"
+    r"|data\.limit_per_class)$")
+
+
 def _keys_problems(node: Any, where: str, path: str = "") -> list[str]:
-    """Mapping keys must be plain strings (YAML allows numbers, lists, null as keys)."""
+    """Mapping keys must be plain names (YAML allows numbers, lists, null as keys), without
+    dots: OmegaConf keeps `"model.kwargs.x": v` as one literal key where a check would read
+    it as nested, so a file has one key model (nested mappings), not two."""
     problems: list[str] = []
     if isinstance(node, dict):
         for key, value in node.items():
@@ -153,11 +175,28 @@ def _keys_problems(node: Any, where: str, path: str = "") -> list[str]:
                 problems.append(f"{where}: {path or 'the top level'} has the key {key!r}; keys "
                                 "are names")
                 continue
+            if "." in key and not _DOTTED_KEYS_ALLOWED.match(path):
+                nested = "".join(f"{part}: {{" for part in key.split(".")[:-1])
+                nested += f"{key.split('.')[-1]}: ...{'}' * key.count('.')}"
+                problems.append(f"{where}: {path or 'the top level'} has the dotted key "
+                                f"{key!r}; write it nested ({nested}), one name per level")
+                continue
             problems += _keys_problems(value, where, f"{path}.{key}" if path else key)
     elif isinstance(node, list):
         for i, value in enumerate(node):
             problems += _keys_problems(value, where, f"{path}[{i}]")
     return problems
+
+
+def _named_keys_only(node: Any, path: str = "") -> Any:
+    """`node` without the keys _keys_problems refuses (to check the rest of the file)."""
+    if isinstance(node, list):
+        return [_named_keys_only(v, f"{path}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    dotted_ok = _DOTTED_KEYS_ALLOWED.match(path)
+    return {k: _named_keys_only(v, f"{path}.{k}" if path else k) for k, v in node.items()
+            if isinstance(k, str) and ("." not in k or dotted_ok)}
 
 
 def defaults_problems(defaults: Any, where: str) -> list[str]:
@@ -271,8 +310,10 @@ def _check_schema_value(key: str, value: Any, where: str, probe: Any) -> list[st
     if key in CLI_ONLY and value is not None:
         return [f"{where}: {key} cannot be set in a received recipe or run dir ({CLI_ONLY[key]}); "
                 "set it on the command line if you mean it"]
-    if key == "model.kwargs" and isinstance(value, dict) and set(value) & set(BUILDER_LOADS):
-        return [f"{where}: " + builder_loads_problem(sorted(set(value) & set(BUILDER_LOADS))[0],
+    kwargs = schema.nest(key, value).get("model", {})  # model.kwargs.x=v and model={...} too
+    kwargs = kwargs.get("kwargs") if isinstance(kwargs, dict) else None
+    if isinstance(kwargs, dict) and set(kwargs) & set(BUILDER_LOADS):
+        return [f"{where}: " + builder_loads_problem(sorted(set(kwargs) & set(BUILDER_LOADS))[0],
                                                      "model.kwargs")]
     problems = allowlist.import_problems(schema.nest(key, value), where)
     problems += interpolation_problems(value, where, key)
@@ -299,14 +340,15 @@ def recipe_problems(body: Any, where: str) -> list[str]:
     if not isinstance(body, dict):
         return [f"{where}: a recipe must be a mapping of keys, got {type(body).__name__}"]
     problems = _keys_problems(body, where)
-    if problems:
-        return problems
-    body = dict(body)
+    body = _named_keys_only(body)  # the rest is checked too: every problem at once
     problems += defaults_problems(body.pop("defaults", None), where)
     problems += hydra_problems(body.pop("hydra", None), where)
-    for key in ("extends", "description"):
+    for key in ("extends", "description"):  # read as plain text, never by OmegaConf
         if key in body and not isinstance(body[key], str):
             problems.append(f"{where}: {key} must be a string")
+        elif key in body and "${" in body[key]:
+            problems.append(f"{where}: {key}={body[key]!r}: plain text only; an "
+                            "interpolation is never resolved here")
         body.pop(key, None)
     if body.get("head") in ("none", None) and "head" in body:
         body["head"] = {"type": "none"}  # `head: none` is short for head.type: none
@@ -349,8 +391,9 @@ def override_problems(text: Any, where: str, sweep: bool = False) -> list[str]:
         return [f"{where}: {text!r} is a sweep; give one value"]
     if key in schema.GROUPS:
         options = _options(key)
-        values = list(override.sweep_iterator()) if override.is_sweep_override() \
-            else [override.value()]
+        values = schema.override_values(override)
+        if values is None:
+            return [f"{where}: {text!r}: {schema.GLOB_PROBLEM}"]
         return [f"{where}: {text!r}: {v!r} is not an option of {key} ({', '.join(options)})"
                 for v in values if not isinstance(v, str) or v not in options]
     problem = schema.check_key(key, where)
@@ -362,10 +405,10 @@ def override_problems(text: Any, where: str, sweep: bool = False) -> list[str]:
         if not all(isinstance(b, (int, float)) for b in bounds):
             return [f"{where}: {text!r}: interval bounds must be numbers"]
         values = bounds
-    elif override.is_sweep_override():
-        values = list(override.sweep_iterator())
     else:
-        values = [override.value()]
+        values = schema.override_values(override)
+        if values is None:
+            return [f"{where}: {text!r}: {schema.GLOB_PROBLEM}"]
     probe = schema.new_probe()
     problems: list[str] = []
     for one in values:

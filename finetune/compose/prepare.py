@@ -50,11 +50,12 @@ def load_recipe(path: Path, chain: tuple[Path, ...] = (), drop: frozenset[str] =
     problems = gate.recipe_problems(body, str(path))
     if problems:
         raise ConfigError(problems)
-    node = OmegaConf.create(body or {})
-    node.pop("description", None)
+    body = dict(body or {})
+    body.pop("description", None)
+    base = body.pop("extends", None)  # plain text (the gate refused interpolations in it)
+    node = OmegaConf.create(body)
     if node.get("head", "") in ("none", None):  # `head: none` is short for head.type: none
         node.head = {"type": "none"}
-    base = node.pop("extends", None)
     if base is not None:
         node = _extend(path, str(base), node, chain, drop)
     return node

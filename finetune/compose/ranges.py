@@ -8,6 +8,7 @@ learning rate <= 0 anywhere) is never started.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,13 @@ ENTRY_RANGES: dict[str, dict[str, Range]] = {
     "freeze.unfreeze": {"epoch": AT_LEAST_0, "lr": POSITIVE, "lr_mult": POSITIVE,
                         "warmup_epochs": AT_LEAST_0},
 }
+# key -> (the form a text value must have, what to write instead)
+TEXTS: dict[str, tuple[re.Pattern[str], str]] = {
+    # a branch, tag or commit: it becomes part of a path in the Hugging Face cache (refs/...)
+    "weights.revision": (re.compile(r"(?!.*\.\.)(?!/)[A-Za-z0-9_.\-/]{1,128}(?<!/)"),
+                         "a branch, tag or commit name (letters, digits, _ . - /; no '..' and "
+                         "no leading or trailing /)"),
+}
 # a fraction of the batches (a float) or a number of them (an int)
 LIMITS = ("trainer.limit_train_batches", "trainer.limit_val_batches")
 
@@ -145,6 +153,10 @@ def range_problems(cfg: Any) -> list[str]:
             for name, allowed in fields.items():
                 problem = _check(f"{key}[{i}].{name}", OmegaConf.select(entry, name), allowed)
                 problems += [problem] if problem else []
+    for key, (form, what) in TEXTS.items():
+        value = get(key)
+        if value is not None and not form.fullmatch(str(value)):
+            problems.append(f"{key}={value!r}: must be {what}")
     for key in LIMITS:
         value = get(key)
         lowest = 0 if key == "trainer.limit_val_batches" else 1  # 0: no validation, allowed

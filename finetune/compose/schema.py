@@ -11,6 +11,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -389,6 +390,20 @@ def nest(key: str, value: Any) -> dict[str, Any]:
     return node
 
 
+GLOB_PROBLEM = ("glob() picks among a config group's options and is not taken here; list "
+                "the values (a,b,c or choice(a,b,c))")
+
+
+def override_values(override: Any) -> list[Any] | None:
+    """The values an override sets (each value of a sweep); None for a glob(), which only
+    Hydra's config loader can expand."""
+    if not override.is_sweep_override():
+        return [override.value()]
+    if isinstance(override._value, Glob):
+        return None
+    return list(override.sweep_iterator())
+
+
 def check_overrides(overrides: list[str]) -> list[str]:
     """Every unknown key, wrong type, bad choice or unknown group option in CLI overrides."""
 
@@ -403,8 +418,11 @@ def check_overrides(overrides: list[str]) -> list[str]:
         if key.startswith("hydra") or key == "recipe" or override.is_delete():
             continue
         where = f"override '{override.input_line}'"
-        values = (list(override.sweep_iterator()) if override.is_sweep_override()
-                  else [override.value()])
+        values = override_values(override)
+        if values is None:
+            if key not in GROUPS:
+                errors.append(f"{where}: {GLOB_PROBLEM}")
+            continue
         nested = [allowlist.import_problems(nest(key, v), where) for v in values]
         if any(nested):
             errors += next(n for n in nested if n)
