@@ -314,6 +314,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a glob() in a sweep is a traceback", "finetune/compose/schema.py",
      "    if isinstance(override._value, Glob):\n        return None\n", "",
      "tests/test_gate.py -k 'every_attack or glob_on'"),
+    ("--allow-module mylayers allows mylayersevil", "finetune/compose/allowlist.py",
+     '    if any(name.startswith(f"{prefix}.") for prefix in allowed_prefixes()):',
+     "    if any(name.startswith(prefix) for prefix in allowed_prefixes()):",
+     "tests/test_security.py -k prefix_is_a_module"),
 ]
 
 

@@ -118,11 +118,17 @@ def resolve_layer(name: str, where: str) -> type[nn.Module]:
         return LAYERS[attr]
     if module == "torchvision.ops":
         return OPS_LAYERS[attr]
+    # the allowed prefix, found before anything is imported: `--allow-module mylayers`
+    # allows mylayers and mylayers.x, never mylayersevil
+    prefix = next((p for p in allowed_prefixes() if module == p or module.startswith(f"{p}.")),
+                  None)
+    if prefix is None:
+        raise FinetuneError(f"{where}: {name!r} is not under a module allowed with "
+                            "--allow-module; nothing was imported")
     try:
         obj = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
         raise FinetuneError(f"{where}: cannot import {name!r} ({err})") from None
-    prefix = next(p for p in allowed_prefixes() if name.startswith(f"{p}."))
     defined_in = getattr(obj, "__module__", "") or ""
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or not (
             defined_in == prefix or defined_in.startswith(f"{prefix}.")):

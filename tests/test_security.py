@@ -110,6 +110,25 @@ def test_your_own_layers_need_the_command_line_flag(own_module: str, tmp_path: P
         take_allow_flags(["--allow-module"])
 
 
+def test_an_allowed_prefix_is_a_module_not_the_start_of_a_name(
+        own_module: str, tmp_path: Path) -> None:
+    """`--allow-module mylayers` allows mylayers and mylayers.sub, never mylayersevil: refused
+    at compose time and again where the layer is built, and nothing is imported."""
+    (tmp_path / "mylayersevil.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(tmp_path / 'imported')!r}).touch()\n"
+        "from torch import nn\nclass Thing(nn.Module):\n    pass\n")
+    recipe = _recipe(tmp_path, "surgery:\n  - op: insert_after\n    path: avgpool\n"
+                               "    module: {type: mylayersevil.Thing}\n")
+    args = take_allow_flags(["--allow-module", "mylayers", f"recipe={recipe}"])
+    with pytest.raises(ConfigError, match=r"'mylayersevil\.Thing' would import code by name"):
+        prepare(args)
+    op = {"op": "insert_after", "path": "avgpool", "module": {"type": "mylayersevil.Thing"}}
+    with pytest.raises(FinetuneError, match="would import code by name"):
+        apply_surgery(torchvision.models.resnet18(), [op], 32)
+    assert "mylayersevil" not in sys.modules and not (tmp_path / "imported").exists()
+
+
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     """resume= reads checkpoints weights-only: a crafted pickle cannot run (the marker must
     not exist afterwards)."""
