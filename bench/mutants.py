@@ -203,8 +203,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "        if best is not None and best.state is not None:",
      "        if False:", "tests/test_evaluation.py -k best_weights"),
     ("a test/ folder is ignored", "finetune/data/formats.py",
-     '        test = scan_folder(splits["test"], names, subset=True)[0] if "test" in splits '
-     "else None",
+     '        test = scan_folder(splits["test"], names, subset=True, **within)[0] \\\n'
+     '            if "test" in splits else None',
      "        test = None", "tests/test_evaluation.py -k image_folder_with"),
     ("the ECE uses 10 bins, not 15", "finetune/rundir/evaluation.py",
      '    ece = float(MulticlassCalibrationError(k, n_bins=bins, norm="l1")(probs, labels))',
@@ -318,6 +318,21 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      '    if any(name.startswith(f"{prefix}.") for prefix in allowed_prefixes()):',
      "    if any(name.startswith(prefix) for prefix in allowed_prefixes()):",
      "tests/test_security.py -k prefix_is_a_module"),
+    ("CSV cells are written as they are (formula injection)", "finetune/rundir/artifacts.py",
+     "    writer.writerows([safe_cell(c) for c in row] for row in rows)",
+     "    writer.writerows(rows)", "tests/test_received_data.py"),
+    ("a data folder's links and ../ paths out of it are read", "finetune/data/readers.py",
+     "               if r != base and base not in r.parents]", "               if False]",
+     "tests/test_received_data.py -k own_files"),
+    ("a thumbnail of any file the data reaches", "finetune/rundir/evaluation.py",
+     "            if root is None or not path.is_relative_to(Path(root).resolve()):",
+     "            if False:", "tests/test_received_data.py -k thumbnails"),
+    ("the datamodule forgets the data's root", "finetune/data/datamodule.py",
+     '"root": FORMATS[cfg.name].files_root(cfg)}', '"root": None}',
+     "tests/test_received_data.py -k every_csv"),
+    ("a recipe may set data.follow_links", "finetune/compose/gate.py",
+     '    "data.follow_links": "it lets', '    "data.follow_links_": "it lets',
+     "tests/test_received_data.py -k opt_in"),
 ]
 
 

@@ -39,6 +39,8 @@ CLI_ONLY = {
     "sweep.storage": "it names the database a sweep connects to and writes its trials in "
                      "(an SQLite URL is a file anywhere)",
     "sweep.trial": "the sweeper sets it for each job",
+    "data.follow_links": "it lets a data folder or CSV list show files from elsewhere on this "
+                         "machine (through links or ../ paths) in the run's report and CSVs",
 }
 # Top-level keys of a recipe file that are not schema keys.
 RECIPE_EXTRAS = ("defaults", "extends", "description", "hydra")
@@ -307,7 +309,7 @@ def enqueue_problems(entries: Any, where: str) -> list[str]:
 def _check_schema_value(key: str, value: Any, where: str, probe: Any) -> list[str]:
     """One schema key's value from a received file: type, choices, imports, interpolations,
     command-line-only keys, and (for weights.recipe_overrides) each entry as an override."""
-    if key in CLI_ONLY and value is not None:
+    if key in CLI_ONLY and value not in (None, False):
         return [f"{where}: {key} cannot be set in a received recipe or run dir ({CLI_ONLY[key]}); "
                 "set it on the command line if you mean it"]
     kwargs = schema.nest(key, value).get("model", {})  # model.kwargs.x=v and model={...} too

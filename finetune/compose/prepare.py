@@ -246,7 +246,7 @@ def register_rerun(run: Path, name: str | None = None) -> str:
     config = dict(config)
     for key in gate.CLI_ONLY:
         group, _, leaf = key.partition(".")
-        if isinstance(config.get(group), dict) and config[group].get(leaf) is not None:
+        if isinstance(config.get(group), dict) and config[group].get(leaf) not in (None, False):
             log.info("rerun: %s=%s is not taken from a run dir; set it on the command line",
                      key, config[group][leaf])
             config[group] = {k: v for k, v in config[group].items() if k != leaf}

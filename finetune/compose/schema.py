@@ -162,6 +162,7 @@ class DataConfig:
     fake_size: int = 256
     fake_classes: int = 10
     on_bad_image: str = "skip"
+    follow_links: bool = False  # images outside data.root (links, ../ paths): command line only
     max_image_pixels: int = 89_478_485
     decode_cache: Any = "auto"  # auto | true | false: image files decoded once (decoded.py)
     sampler: str = "shuffle"

@@ -140,9 +140,11 @@ class ImageFiles(_Images):
 
     def __init__(self, paths: list[Path], labels: list[int], transform: Any,
                  random: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 decoded: tuple[Any, dict[Path, int], int] | None = None) -> None:
+                 decoded: tuple[Any, dict[Path, int], int] | None = None,
+                 root: Path | None = None) -> None:
         super().__init__(transform, random)
         self.paths, self.labels, self.max_pixels = paths, labels, max_pixels
+        self.root = root  # the data's own folder: a report shows thumbnails of files in it
         self.described = transform  # what the items are (the feature cache's key)
         self.rows = None
         if decoded is not None:
@@ -290,7 +292,8 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     if cfg.train_size is not None and cfg.train_size < len(train.labels):
         train = few_shot(train, cfg.train_size, seed)
     in_memory = isinstance(full.items, torch.Tensor)
-    extra: dict[str, Any] = {} if in_memory else {"max_pixels": max_pixels}
+    extra: dict[str, Any] = {} if in_memory else {
+        "max_pixels": max_pixels, "root": FORMATS[cfg.name].files_root(cfg)}
     if not in_memory:
         every = list(dict.fromkeys([*train.items, *val.items,
                                     *(test.items if test is not None else [])]))

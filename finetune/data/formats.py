@@ -43,6 +43,14 @@ class DataFormat:
         format whose data brings its own test split returns it fourth (or None)."""
         raise NotImplementedError(self.name)
 
+    def files_root(self, cfg: Any) -> Path | None:
+        """The folder every image file of this data lies in (its report shows thumbnails of
+        files inside it only); None: the images are not files."""
+        if not self.needs_root or cfg.get("root") in (None, "???"):
+            return None
+        root = Path(str(cfg.root)).expanduser().resolve()
+        return root.parent if root.is_file() else root
+
     def class_names(self, cfg: Any) -> list[str] | None:
         """The classes as far as they can be known without reading images (and without
         torch), for the early checks; None: not known before `read`."""
@@ -125,13 +133,15 @@ class Csv(DataFormat):
         # lazy: keeps torch off a torch-free path
         from finetune.data.readers import check_root, read_csv_list
 
-        return read_csv_list(check_root(cfg.root, self.name), cfg.classes)
+        return read_csv_list(check_root(cfg.root, self.name), cfg.classes,
+                             bool(cfg.get("follow_links")))
 
     def read_label_sets(self, cfg: Any) -> tuple[Any, list[str]]:
         # lazy: keeps torch off a torch-free path
         from finetune.data.readers import check_root, read_multilabel_csv
 
-        return read_multilabel_csv(check_root(cfg.root, self.name))
+        return read_multilabel_csv(check_root(cfg.root, self.name),
+                                   bool(cfg.get("follow_links")))
 
 
 def split_folders(root: Path) -> dict[str, Path]:
@@ -165,10 +175,13 @@ class ImageFolder(DataFormat):
 
         root = check_root(cfg.root, self.name)
         splits = split_folders(root)
+        within = {"root": root, "follow_links": bool(cfg.get("follow_links"))}
         full, names = scan_folder(splits.get("train", root), cfg.classes,
-                                  skip=SPLIT_NAMES)
-        val = scan_folder(splits["val"], names, subset=True)[0] if "val" in splits else None
-        test = scan_folder(splits["test"], names, subset=True)[0] if "test" in splits else None
+                                  skip=SPLIT_NAMES, **within)
+        val = scan_folder(splits["val"], names, subset=True, **within)[0] \
+            if "val" in splits else None
+        test = scan_folder(splits["test"], names, subset=True, **within)[0] \
+            if "test" in splits else None
         return full, val, names, test
 
 

@@ -41,7 +41,7 @@ def multilabel_digits(classes: list[Any] | None) -> tuple[Split, list[str]]:
     return Split(split.items, labels), names
 
 
-def read_multilabel_csv(csv_path: Path) -> tuple[Split, list[str]]:
+def read_multilabel_csv(csv_path: Path, follow_links: bool = False) -> tuple[Split, list[str]]:
     """task=multilabel: rows of path,labels with the labels separated by `;` (a row with an
     empty labels cell has none of them)."""
     try:
@@ -54,17 +54,48 @@ def read_multilabel_csv(csv_path: Path) -> tuple[Split, list[str]]:
         raise FinetuneError(f"data.root: {csv_path} names {len(names)} label(s); multi-label "
                             "classification needs at least two (labels separated by ;)")
     labels = [tuple(float(n in set(labels)) for n in names) for labels in sets]
-    return Split(listed_images(csv_path, [p for p, _ in rows]), labels), names
+    return Split(listed_images(csv_path, [p for p, _ in rows], follow_links), labels), names
 
 
-def listed_images(csv_path: Path, listed: list[str]) -> list[Path]:
-    """The images a CSV list names, relative to it; all must exist."""
-    paths = [(csv_path.parent / p).resolve() for p in listed]
-    missing = [str(p) for p in paths if not p.is_file()]
+FOLLOW_LINKS = "data.follow_links=true"
+
+
+def confined(paths: list[Path], root: Path, follow_links: bool, what: str) -> list[Path]:
+    """`paths`, each of which must resolve (links followed) inside `root` — a received data
+    folder or CSV shows only its own files: a symbolic link or a `../` or absolute path to a
+    file elsewhere on this machine would put that file into the run's report and CSVs.
+
+    Raises:
+        FinetuneError: how many leave `root`, with the first, unless `follow_links` (the
+            person typed data.follow_links=true).
+    """
+    if follow_links:
+        return paths
+    base = root.resolve()
+    resolved = [p.resolve() for p in paths]
+    outside = [(p, r) for p, r in zip(paths, resolved, strict=True)
+               if r != base and base not in r.parents]
+    if outside:
+        first, target = outside[0]
+        raise FinetuneError(
+            f"data.root: {len(outside)} image{'s' if len(outside) > 1 else ''} {what} "
+            f"{'lie' if len(outside) > 1 else 'lies'} outside {base} (through a symbolic link "
+            f"or a ../ or absolute path), e.g. {first} -> {target}; a data folder may use only "
+            f"its own files: move them in, or type {FOLLOW_LINKS} on the command line if you "
+            "trust where they point")
+    return paths
+
+
+def listed_images(csv_path: Path, listed: list[str], follow_links: bool = False
+                  ) -> list[Path]:
+    """The images a CSV list names, relative to it; all must exist, inside its folder."""
+    paths = [csv_path.parent / p for p in listed]
+    missing = [str(p.resolve()) for p in paths if not p.is_file()]
     if missing:
         raise FinetuneError(f"data.root: {len(missing)} images listed in {csv_path} do not "
                             f"exist, e.g. {missing[0]}")
-    return paths
+    confined(paths, csv_path.parent, follow_links, f"listed in {csv_path}")
+    return [p.resolve() for p in paths]
 
 
 def load_digits(classes: list[Any] | None) -> tuple[Split, list[str]]:
@@ -90,7 +121,8 @@ def check_root(root: str | None, kind: str) -> Path:
 
 
 def scan_folder(folder: Path, classes: list[Any] | None, skip: tuple[str, ...] = (),
-                subset: bool = False) -> tuple[Split, list[str]]:
+                subset: bool = False, root: Path | None = None, follow_links: bool = False
+                ) -> tuple[Split, list[str]]:
     """folder/<class>/<image>: one subfolder per class, sorted by name (`skip`: folder names
     that are not classes). With `subset` (a val/ or test/ folder), `classes` are the run's
     classes and the folder may hold some of them only; a class folder not among them is
@@ -123,10 +155,10 @@ def scan_folder(folder: Path, classes: list[Any] | None, skip: tuple[str, ...] =
                                 f"({', '.join(sorted(IMAGE_SUFFIXES))}); add some or remove it")
         paths += files
         labels += [label] * len(files)
-    return Split(paths, labels), names
+    return Split(confined(paths, root or folder, follow_links, f"in {folder}"), labels), names
 
 
-def read_csv_list(csv_path: Path, classes: list[Any] | None
+def read_csv_list(csv_path: Path, classes: list[Any] | None, follow_links: bool = False
                   ) -> tuple[Split, Split | None, list[str], Split | None]:
     """Rows of `path,label[,split]`; paths relative to the CSV; an optional header is
     skipped. (the training rows, the val rows or None, class names, the test rows or None)."""
@@ -148,7 +180,7 @@ def read_csv_list(csv_path: Path, classes: list[Any] | None
         kept = [r for r in rows if r[2] in splits and r[1] in label_of]
         if not kept and "train" not in splits:
             return None
-        return Split(listed_images(csv_path, [r[0] for r in kept]),
+        return Split(listed_images(csv_path, [r[0] for r in kept], follow_links),
                      [label_of[r[1]] for r in kept])
 
     train = part("", "train")

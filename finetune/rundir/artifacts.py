@@ -232,11 +232,30 @@ def write_json(path: Path, obj: Any) -> None:
     write_bytes(path, (text + "\n").encode())
 
 
+# A cell a spreadsheet would read as a formula starts with one of these (OWASP's CSV
+# injection rule); such a text is written with a leading ' so that it is shown, not run.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value: Any) -> Any:
+    """`value` as a CSV cell a spreadsheet shows as text: a label such as `=HYPERLINK(...)` or
+    `+cats` gets a leading `'`; numbers (and texts that are numbers, such as -0.5) stay."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    """Every CSV finetune writes (predictions, evaluations, bad images, leaderboards): each
+    text cell safe to open in a spreadsheet (safe_cell)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerow([safe_cell(c) for c in header])
+    writer.writerows([safe_cell(c) for c in row] for row in rows)
     write_bytes(path, buffer.getvalue().encode())
 
 

@@ -17,6 +17,7 @@ import base64
 import io
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -199,13 +200,16 @@ def confidently_wrong(outputs: Outputs, class_names: list[str], dataset: Any,
 
 def thumbnail(dataset: Any, index: int, size: int = 64) -> str | None:
     """A PNG data URI of image `index` of the dataset as it was read (before normalizing),
-    at most `size` px; None when it cannot be read now."""
-
-
+    at most `size` px; None when it cannot be read now, or when the file lies outside the
+    data's own folder (data.follow_links=true reads such files; the page sent to colleagues
+    never shows them)."""
     try:
         if hasattr(dataset, "paths"):
-            image = open_rgb(dataset.paths[index], getattr(dataset, "max_pixels", None) or
-                             89_478_485)
+            root = getattr(dataset, "root", None)
+            path = Path(dataset.paths[index]).resolve()
+            if root is None or not path.is_relative_to(Path(root).resolve()):
+                return None
+            image = open_rgb(path, getattr(dataset, "max_pixels", None) or 89_478_485)
         else:
             array = dataset.images[index].permute(1, 2, 0).contiguous().numpy()
             image = Image.fromarray(array)
