@@ -333,6 +333,15 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a recipe may set data.follow_links", "finetune/compose/gate.py",
      '    "data.follow_links": "it lets', '    "data.follow_links_": "it lets',
      "tests/test_received_data.py -k opt_in"),
+    ("aliases may add any number of values", "finetune/compose/safe_files.py",
+     "    if added > MAX_ALIAS_VALUES:", "    if False:",
+     "tests/test_gate.py -k read_bounded"),
+    ("no upper bound on the image size", "finetune/compose/ranges.py",
+     '    "data.image_size": Range(8, MAX_IMAGE_SIZE),', '    "data.image_size": Range(8),',
+     "tests/test_config.py -k memory"),
+    ("the memory floor is not checked", "finetune/compose/precheck.py",
+     "    if available is None or needed <= available:", "    if True:",
+     "tests/test_config.py -k memory"),
 ]
 
 

@@ -289,9 +289,10 @@ def test_every_range_is_checked_and_written_beside_its_key() -> None:
         "optim.groups=[{modules: fc, lr: -0.1}]", "trainer.limit_train_batches=1.5",
         "freeze.unfreeze=[{epoch: -1, train_from: layer4}]")
     expected = {
-        "data.batch_size=0: must be >= 1", "trainer.max_epochs=-1: must be >= 1",
-        "trainer.accumulate_grad_batches=0: must be >= 1", "head.hidden[0]=0: must be >= 1",
-        "data.image_size=0: must be >= 8", "optim.lr=0.0: must be > 0",
+        "data.batch_size=0: must be in [1, 65536]", "trainer.max_epochs=-1: must be >= 1",
+        "trainer.accumulate_grad_batches=0: must be >= 1",
+        "head.hidden[0]=0: must be in [1, 65536]",
+        "data.image_size=0: must be in [8, 8192]", "optim.lr=0.0: must be > 0",
         "optim.groups[0].lr=-0.1: must be > 0",
         "freeze.unfreeze[0].epoch=-1: must be >= 0"}
     for start in expected:
@@ -326,3 +327,31 @@ def test_mappings_take_new_keys_from_the_command_line() -> None:
                               "data.limit_per_class={8: 18}", "weights.rename.a=b"])
     assert cfg.model.kwargs == {"dropout": 0.2} and cfg.weights.rename == {"a": "b"}
     assert dict(cfg.data.limit_per_class) == {8: 18}
+
+
+def test_values_that_would_exhaust_memory_are_one_sentence() -> None:
+    """Upper bounds where memory is at stake, and the plan's floor against this machine."""
+    from finetune.compose.precheck import config_problems, machine_memory, memory_floor
+    from finetune.compose.prepare import compose_config
+
+    problems = _plan_problems("data.image_size=50000", "head.num_classes=1000000",
+                              "head.hidden=[100000]", "data.batch_size=1000000",
+                              "data.max_image_pixels=100000000000")
+    for start in ("data.image_size=50000: must be in [8, 8192]",
+                  "head.num_classes=1000000: must be in [1, 100000]",
+                  "head.hidden[0]=100000: must be in [1, 65536]",
+                  "data.batch_size=1000000: must be in [1, 65536]",
+                  "data.max_image_pixels=100000000000: must be in [1, 1073741824]"):
+        assert any(p.startswith(start) for p in problems), (start, problems)
+    memory = machine_memory()
+    assert memory is not None and memory > 2**30  # Linux tells
+    # inside every bound, and still far past any machine: a batch and a deep wide head
+    for overrides in (["data.image_size=8192", "data.batch_size=65536"],
+                      ["head.num_classes=100000", f"head.hidden=[{','.join(['65536'] * 300)}]"]):
+        cfg, _ = compose_config(["recipe=quickstart", "weights.source=none", *overrides])
+        assert memory_floor(cfg, 100_000) > 16 * memory
+        found = [p for p in config_problems(cfg) if "GiB of memory" in p]
+        assert len(found) == 1 and "this machine has" in found[0], found
+    cfg, _ = compose_config(["recipe=quickstart", "weights.source=none"])
+    assert not [p for p in config_problems(cfg) if "GiB of memory" in p]
+    assert memory_floor(cfg, 10) < 2**30

@@ -264,6 +264,16 @@ def test_yaml_and_json_are_read_bounded(tmp_path: Path) -> None:
     loop = _write(tmp_path / "loop.yaml", "a: &a [*a]\n")
     with pytest.raises(safe_files.UnsafeFile, match="refers to itself"):
         safe_files.load_yaml(loop)
+    # aliases may add a little (an anchor reused), never multiply a small file
+    small_bomb = _write(tmp_path / "small_bomb.yaml", "model:\n  kwargs:\n" + "".join(
+        f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else '1'] * 10)}]\n"
+        for i in range(3)))
+    assert len(small_bomb.read_bytes()) < 250
+    with pytest.raises(safe_files.UnsafeFile, match=r"its YAML aliases add 1,220 values to the"):
+        safe_files.load_yaml(small_bomb)
+    reused = _write(tmp_path / "reused.yaml", "data:\n  mean: &m [0.5, 0.5, 0.5]\n"
+                    "  std: *m\nhead:\n  hidden: &h [64, 32]\nmodel:\n  kwargs: {x: *h}\n")
+    assert safe_files.load_yaml(reused)["data"]["std"] == [0.5, 0.5, 0.5]
     deep = _write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000)
     with pytest.raises(safe_files.UnsafeFile, match="nested too deeply"):
         safe_files.load_json(deep)

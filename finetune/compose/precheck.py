@@ -5,6 +5,8 @@ behind), and again inside the plan with everything else (finetune.validate)."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import os
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -37,11 +39,44 @@ def single_class_problem(class_names: list[str], where: str) -> str | None:
             "one of negatives) or list more in data.classes")
 
 
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_floor(cfg: Any, classes: int) -> int:
+    """Bytes a run needs at the least, before the backbone's own: one float32 batch of
+    inputs, the head's weights with their gradients and two optimizer moments (its input
+    width taken as 512, below most backbones'), and fake data held in memory."""
+    size = cfg.data.image_size or 224
+    inputs = cfg.data.batch_size * cfg.data.channels * size * size * 4
+    widths = [512, *cfg.head.hidden, classes] if cfg.head.type != "none" else [0]
+    head = sum(a * b for a, b in itertools.pairwise(widths)) * 4 * 4
+    fake = cfg.data.fake_size * 3 * size * size if cfg.data.name == "fake" else 0
+    return inputs + head + fake
+
+
+def memory_problem(cfg: Any, classes: int, available: int | None) -> str | None:
+    """Why the run cannot fit this machine's memory, by the floor alone (None: it may)."""
+    needed = memory_floor(cfg, classes)
+    if available is None or needed <= available:
+        return None
+    return (f"data.batch_size={cfg.data.batch_size}, data.image_size="
+            f"{cfg.data.image_size or 224}, head.hidden={list(cfg.head.hidden)} and {classes} "
+            f"classes need at least {needed / 2**30:,.1f} GiB of memory for one batch of inputs "
+            f"and the head alone, and this machine has {available / 2**30:,.1f} GiB; lower "
+            "data.batch_size, data.image_size or the head's widths")
+
+
 def config_problems(cfg: Any) -> list[str]:
     """Problems of the composed config alone: the weight source's (unless it needs the
     model: validate asks it then), the data's paths, the schedule, the optimizer, the
     logger's package, the augmentations."""
     problems = range_problems(cfg)
+    in_range = not problems
     source = source_of(cfg)
     if not source.needs_model:
         problems += source.problems(cfg)
@@ -50,13 +85,16 @@ def config_problems(cfg: Any) -> list[str]:
     problems += data_problems
     task = task_of(cfg)
     problems += task.problems(cfg)
-    if cfg.head.type != "none" and cfg.head.num_classes is not None and not data_problems \
+    names = None if data_problems else data_format.class_names(cfg.data)
+    if in_range:  # (the estimate of values out of their ranges means nothing)
+        classes = cfg.head.num_classes or (len(names) if names else 2)
+        memory = memory_problem(cfg, classes, machine_memory())
+        problems += [memory] if memory else []
+    if cfg.head.type != "none" and cfg.head.num_classes is not None and names is not None \
             and cfg.head.num_classes >= 1 and task.counts_classes_early():
-        names = data_format.class_names(cfg.data)
-        if names is not None:
-            problem = (single_class_problem(names, cfg.data.get("root") or cfg.data.name)
-                       or num_classes_problem(cfg.head.num_classes, names))
-            problems += [problem] if problem else []
+        problem = (single_class_problem(names, cfg.data.get("root") or cfg.data.name)
+                   or num_classes_problem(cfg.head.num_classes, names))
+        problems += [problem] if problem else []
     epochs = cfg.sched.epochs or cfg.trainer.max_epochs
     for i, phase in enumerate(cfg.freeze.unfreeze):
         if phase.epoch >= epochs:

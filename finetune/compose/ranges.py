@@ -44,6 +44,13 @@ def _num(x: float | None) -> str:
 
 
 POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+# Upper bounds where memory is at stake: past them a value exhausts memory rather than train
+# (a received recipe must not be able to do that); the plan's estimate checks the rest
+# against this machine (memory_problem).
+MAX_IMAGE_SIZE = 8192  # px per side
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
+MAX_WIDTH = 65_536  # a hidden layer of the head
+MAX_BATCH = 65_536
 FRACTION_OPEN = Range(0, 1, high_open=True)  # [0, 1)
 
 # key -> range (null, where the key allows it, is always fine)
@@ -51,7 +58,7 @@ RANGES: dict[str, Range] = {
     "weights.min_loaded": Range(0, 1),
     "model.ema.decay": Range(0, 1, low_open=True, high_open=True),
     "model.ema.start_epoch": AT_LEAST_0,
-    "head.num_classes": AT_LEAST_1,
+    "head.num_classes": Range(1, MAX_CLASSES),
     "head.dropout": FRACTION_OPEN,
     "optim.lr": POSITIVE,
     "optim.weight_decay": AT_LEAST_0,
@@ -66,20 +73,20 @@ RANGES: dict[str, Range] = {
     "sched.patience": AT_LEAST_0,
     "loss.label_smoothing": FRACTION_OPEN,
     "loss.aux_weight": AT_LEAST_0,
-    "data.image_size": Range(8),
-    "data.batch_size": AT_LEAST_1,
+    "data.image_size": Range(8, MAX_IMAGE_SIZE),
+    "data.batch_size": Range(1, MAX_BATCH),
     "data.val_fraction": Range(0, 1, low_open=True, high_open=True),
     "data.crop_pct": Range(0, 1, low_open=True),
     "data.test_fraction": Range(0, 1, low_open=True, high_open=True),
     "data.folds": Range(2),
     "data.fold": AT_LEAST_0,
     "data.train_size": AT_LEAST_1,
-    "data.fake_size": Range(2),
-    "data.max_image_pixels": AT_LEAST_1,
+    "data.fake_size": Range(2, 1_000_000),
+    "data.max_image_pixels": Range(1, 1 << 30),  # a guard: never off
     "data.mix.mixup_alpha": AT_LEAST_0,
     "data.mix.cutmix_alpha": AT_LEAST_0,
     "data.mix.prob": Range(0, 1),
-    "data.fake_classes": Range(2),
+    "data.fake_classes": Range(2, MAX_CLASSES),
     "trainer.max_epochs": AT_LEAST_1,
     "trainer.num_nodes": AT_LEAST_1,
     "trainer.log_every_n_steps": AT_LEAST_1,
@@ -99,7 +106,7 @@ RANGES: dict[str, Range] = {
 }
 # each item of a list
 ITEM_RANGES: dict[str, Range] = {
-    "head.hidden": AT_LEAST_1,
+    "head.hidden": Range(1, MAX_WIDTH),
     "optim.betas": FRACTION_OPEN,
     "data.mean": Range(0, 1),
     "data.std": POSITIVE,

@@ -22,6 +22,9 @@ from finetune.errors import FinetuneError
 MAX_YAML_BYTES = 1 << 20  # a recipe is a page of text; 1 MiB is far past any real one
 MAX_JSON_BYTES = 64 << 20  # a manifest holds the config and the class names
 MAX_NODES = 100_000  # values after every alias is expanded
+# Values aliases may add beyond those written out: each value costs about a millisecond to
+# build and check (OmegaConf), so aliases never cost more than building an empty recipe.
+MAX_ALIAS_VALUES = 128
 MAX_DEPTH = 64  # nesting of mappings and lists
 
 
@@ -88,7 +91,13 @@ def _expanded_size(node: yaml.Node, where: str) -> int:
         sizes[key] = total
         return total
 
-    return size(node, 0)
+    total = size(node, 0)
+    added = total - len(sizes)  # each node once: what the text itself holds
+    if added > MAX_ALIAS_VALUES:
+        raise UnsafeFile(f"{where}: its YAML aliases add {added:,} values to the {len(sizes):,} "
+                         f"it writes out (at most {MAX_ALIAS_VALUES} may be added that way); "
+                         "write the values out, or repeat less")
+    return total
 
 
 def load_yaml(path: Path, what: str = "recipe") -> Any:
