@@ -342,6 +342,18 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("the memory floor is not checked", "finetune/compose/precheck.py",
      "    if available is None or needed <= available:", "    if True:",
      "tests/test_config.py -k memory"),
+    ("a weights file may inflate without bound", "finetune/compose/safe_files.py",
+     "    if inflated <= MAX_INFLATION * size + (1 << 20):", "    if True:",
+     "tests/test_weights.py -k inflate"),
+    ("a full disk while storing decoded images stops the run", "finetune/data/decoded_cache.py",
+     "    except artifacts.DiskFull:", "    except ValueError:",
+     "tests/test_bad_inputs.py -k never_stops"),
+    ("a full disk while storing features stops the run", "finetune/training/feature_cache.py",
+     "        except DiskFull:", "        except ValueError:",
+     "tests/test_bad_inputs.py -k never_stops"),
+    ("SQLite's full database is not a full disk", "finetune/rundir/artifacts.py",
+     '        if "database or disk is full" in str(current) or "No space left" in str(current):',
+     '        if "No space left" in str(current):', "tests/test_bad_inputs.py -k full_study"),
 ]
 
 

@@ -393,3 +393,64 @@ def test_a_last_batch_of_one_image_is_dropped(tmp_path: Path) -> None:
     with open(run / "metrics.csv", newline="") as handle:
         steps = {int(row["step"]) for row in csv.DictReader(handle)}
     assert steps == {1}  # logged after the epoch's last step: steps 0 and 1, no step 2
+
+
+def _enospc(fd: int) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_never_stops_a_run_for_a_cache(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The decoded-image and feature caches are a saving, not the run: when the device is
+    full (the OS call raises ENOSPC) each says so in one line, keeps what it computed in
+    memory, and leaves no file, whole or partial."""
+    import logging
+
+    from finetune.compose.prepare import compose_config
+    from finetune.training.feature_cache import FeatureCache
+    from finetune.training.plan import preprocessing_for
+
+    root = tmp_path / "images"
+    write_digit_images(root, [0, 1], 6)
+    cfg, _ = compose_config(["weights.source=none", "data=imagefolder", f"data.root={root}",
+                             "data.image_size=24", "data.decode_cache=true", "seed=7"])
+    decoded = Path(os.environ["FINETUNE_HOME"]) / "decoded"
+    before = set(decoded.glob("*")) if decoded.is_dir() else set()
+    monkeypatch.setattr(os, "fsync", _enospc)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        data = build_datamodule(cfg.data, preprocessing_for(cfg), cfg.seed)
+        assert data.train_set.rows is not None  # the decoded images, from memory
+        store = FeatureCache(None, tmp_path / "feature_cache")  # type: ignore[arg-type]
+        features = torch.ones(4, 3)
+        assert store._keep(features, "ab" * 32, "train") is features
+    assert (set(decoded.glob("*")) if decoded.is_dir() else set()) == before
+    assert not any((tmp_path / "feature_cache").rglob("*.*"))
+    said = [r.getMessage() for r in caplog.records if "no space left" in r.getMessage()]
+    assert len(said) == 2 and "decoded images" in said[0] and "train features" in said[1], said
+
+
+def test_a_full_study_database_is_recognised(tmp_path: Path) -> None:
+    """SQLite's own "database or disk is full" (a real database capped by max_page_count,
+    written through Optuna and SQLAlchemy) and the OS's ENOSPC are both a full disk to the
+    sweep, which then stops in one sentence; other errors are not."""
+    import optuna
+    from sqlalchemy import event
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+
+    @event.listens_for(storage.engine, "connect")
+    def cap(connection, _record) -> None:  # a database that cannot grow past its pages now
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+        connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    storage.engine.dispose()
+    study = optuna.create_study(storage=storage, study_name="full")
+    with pytest.raises(Exception) as full:
+        for _ in range(10_000):
+            trial = study.ask()
+            trial.set_user_attr("padding", "x" * 4000)
+    assert artifacts.is_disk_full(full.value), repr(full.value)
+    assert artifacts.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not artifacts.is_disk_full(ValueError("a bad value"))
+    assert not artifacts.is_disk_full(OSError(errno.EACCES, "Permission denied"))

@@ -296,3 +296,27 @@ def test_one_channel_first_conv_is_adapted_and_keeps_outputs(tmp_path: Path) -> 
         expected = rgb.eval()(gray.repeat(1, 3, 1, 1))
         actual = gray_model.eval()(gray)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_weights_file_that_would_inflate_in_memory_is_refused(tmp_path: Path) -> None:
+    """torch writes tensors stored; a repacked zip whose member is deflated zeros turns 8 KB
+    into 8 MB (x1000). Refused by the weights reader and by resume, before torch reads it."""
+    import zipfile
+
+    from finetune.training.resume import check_resumable
+    from finetune.weights.readers import read_file
+
+    plain = tmp_path / "plain.pth"
+    torch.save({"w": torch.zeros(2 * 1024 * 1024)}, plain)
+    bomb = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size * 100 < plain.stat().st_size
+    assert torch.load(bomb, weights_only=True)["w"].numel() == 2 * 1024 * 1024  # torch would
+    with pytest.raises(FinetuneError,
+                       match=r"would inflate from [\d,]+ bytes to 8,38\d,\d+ in memory"):
+        read_file(str(bomb))
+    with pytest.raises(FinetuneError, match=r"resume=.*: the checkpoint .* would inflate"):
+        check_resumable(bomb, None)  # type: ignore[arg-type]
+    assert read_file(str(plain))[0]["w"].numel() == 2 * 1024 * 1024  # as torch.save wrote it

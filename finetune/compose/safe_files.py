@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ MAX_NODES = 100_000  # values after every alias is expanded
 # Values aliases may add beyond those written out: each value costs about a millisecond to
 # build and check (OmegaConf), so aliases never cost more than building an empty recipe.
 MAX_ALIAS_VALUES = 128
+MAX_INFLATION = 2  # a torch zip's members may hold at most this times the file's bytes
 MAX_DEPTH = 64  # nesting of mappings and lists
 
 
@@ -98,6 +100,23 @@ def _expanded_size(node: yaml.Node, where: str) -> int:
                          f"it writes out (at most {MAX_ALIAS_VALUES} may be added that way); "
                          "write the values out, or repeat less")
     return total
+
+
+def inflation_problem(path: Path, what: str) -> str | None:
+    """Why the zip-based torch file at `path` may not be read: its members would inflate far
+    past the file's own size (torch writes them stored, uncompressed; a deflated member
+    holding zeros turns kilobytes into gigabytes in memory). None: it may be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None  # not a zip (torch's legacy format stores its bytes as they are)
+    size = path.stat().st_size
+    if inflated <= MAX_INFLATION * size + (1 << 20):
+        return None
+    return (f"{what} {path} would inflate from {size:,} bytes to {inflated:,} in memory "
+            f"(more than {MAX_INFLATION}x; torch saves tensors uncompressed): it was made to "
+            "exhaust memory, or repacked; use the file as torch.save wrote it")
 
 
 def load_yaml(path: Path, what: str = "recipe") -> Any:

@@ -123,14 +123,15 @@ def decoded(paths: list[Path], prep: Preprocessing, first: Any, max_pixels: int
         return found
     array = decode_all(paths, first, max_pixels, shape)
     target = _array_file(key)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        array.tofile(partial)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    artifacts.write_json(_record(key), {"shape": list(array.shape), "count": len(paths),
-                                        "sha256": artifacts.file_sha256(target)})
+    try:  # whole or absent, as every file finetune writes
+        artifacts.write_stream(target, array.tofile)
+        artifacts.write_json(_record(key), {"shape": list(array.shape), "count": len(paths),
+                                            "sha256": artifacts.file_sha256(target)})
+    except artifacts.DiskFull:
+        log.warning("data: no space left to store the decoded images in %s; this run keeps "
+                    "them in memory, later runs decode again (free some space there, or set "
+                    "data.decode_cache=false)", target.parent)
+        return array
     log.info("data: %d images decoded once into %s", len(paths), target)
     return array
 

@@ -167,6 +167,24 @@ class DiskFull(FinetuneError):
     """The device is full: nothing was half-written."""
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` (or what it wraps: a database driver's error under SQLAlchemy's) says the
+    device or the database is full."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiskFull) or (isinstance(current, OSError) and current.errno in
+                                             (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        if "database or disk is full" in str(current) or "No space left" in str(current):
+            return True
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else (
+            current.__cause__ or current.__context__)
+    return False
+
+
 # What a run dir holds before anything ran: Hydra's record and job log, the lock, a status.
 BOOKKEEPING = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", LOCK, METRICS,
                "__main__.log", "finetune.log")

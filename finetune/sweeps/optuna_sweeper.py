@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.compose.prepare import sweeper_problem
 from finetune.errors import FinetuneError
+from finetune.rundir.artifacts import is_disk_full
 from finetune.sweeps import study as studies
 
 log = logging.getLogger("finetune")
@@ -234,9 +235,21 @@ class StudySweeper:
                 if not numbers:
                     break
                 returns += self._run(study, storage, space, grid, numbers, sweep_dir)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            print(f"finetune: error: no space left for the study's database "
+                  f"({studies.shown(url)}) or the sweep dir {sweep_dir}; the trials told so far "
+                  "are kept: free some space and run the same sweep again (it resumes the "
+                  "study)", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         finally:
-            studies.write_trials(study, studies.shown(url), sweep_dir)
-            studies.write_best(study, sweep_dir)
+            try:
+                studies.write_trials(study, studies.shown(url), sweep_dir)
+                studies.write_best(study, sweep_dir)
+            except Exception as err:
+                if not is_disk_full(err):
+                    raise
         found = studies.counts(study)
         print(f"finetune: study {name}: no trial left to claim; "
               + ", ".join(f"{n} {s}" for s, n in sorted(found.items())), flush=True)

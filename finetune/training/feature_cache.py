@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from finetune.compose import safe_files
 from finetune.errors import FinetuneError
 from finetune.locations import SPLITS_ENV, cache_dir
-from finetune.rundir.artifacts import file_sha256, write_json, write_stream
+from finetune.rundir.artifacts import DiskFull, file_sha256, write_json, write_stream
 from finetune.training.feature_cuts import (
     Cut,
     bottlenecks,
@@ -291,9 +291,16 @@ class FeatureCache(pl.Callback):
         if path is None or not self.write:
             return features
         # whole or absent (parallel jobs may race to write the same file: either one wins)
-        write_stream(path, lambda handle: np.save(handle, features.numpy(), allow_pickle=False))
-        write_json(self._record(key, split), {"path": str(path.resolve()),
-                                              "sha256": file_sha256(path)})
+        try:
+            write_stream(path, lambda handle: np.save(handle, features.numpy(),
+                                                      allow_pickle=False))
+            write_json(self._record(key, split), {"path": str(path.resolve()),
+                                                  "sha256": file_sha256(path)})
+        except DiskFull:
+            log.warning("feature cache: no space left to store the %s features in %s; this "
+                        "run keeps them in memory, later runs compute them again (free some "
+                        "space there, or set freeze.cache=false)", split, path.parent)
+            return features
         if features.nbytes > MEMORY_BYTES:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         return features

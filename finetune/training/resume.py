@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.compose import safe_files
 from finetune.errors import FinetuneError
 from finetune.registry import make_optimizer
 from finetune.rundir import artifacts
@@ -55,6 +56,9 @@ def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None =
     Returns that history (header, rows), read now: the run dir may be the same one. Warns
     when the run would go on past the end of the schedule it resumes (at a learning rate of
     about 0)."""
+    inflated = safe_files.inflation_problem(path, f"resume={path}: the checkpoint")
+    if inflated:
+        raise FinetuneError(inflated)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
