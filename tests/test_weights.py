@@ -320,3 +320,12 @@ def test_a_weights_file_that_would_inflate_in_memory_is_refused(tmp_path: Path) 
     with pytest.raises(FinetuneError, match=r"resume=.*: the checkpoint .* would inflate"):
         check_resumable(bomb, None)  # type: ignore[arg-type]
     assert read_file(str(plain))[0]["w"].numel() == 2 * 1024 * 1024  # as torch.save wrote it
+    # a directory Python's zipfile cannot measure (a version it does not know) is not read:
+    # torch's reader ignores the field and would inflate it
+    data = bytearray(bomb.read_bytes())
+    for at in [i for i in range(len(data)) if data[i:i + 4] == b"PK\x01\x02"]:
+        data[at + 6:at + 8] = (255).to_bytes(2, "little")
+    unmeasured = tmp_path / "unmeasured.pth"
+    unmeasured.write_bytes(bytes(data))
+    with pytest.raises(FinetuneError, match=r"cannot be read .*damaged zip file"):
+        read_file(str(unmeasured))

@@ -105,12 +105,22 @@ def _expanded_size(node: yaml.Node, where: str) -> int:
 def inflation_problem(path: Path, what: str) -> str | None:
     """Why the zip-based torch file at `path` may not be read: its members would inflate far
     past the file's own size (torch writes them stored, uncompressed; a deflated member
-    holding zeros turns kilobytes into gigabytes in memory). None: it may be read."""
+    holding zeros turns kilobytes into gigabytes in memory). None: it may be read.
+
+    Raises:
+        zipfile.BadZipFile: a zip whose directory cannot be read (damaged): the caller says
+            the file cannot be read, as for any other damage.
+    """
+    with path.open("rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            return None  # not a zip (torch's legacy format stores its bytes as they are)
     try:
         with zipfile.ZipFile(path) as archive:
             inflated = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return None  # not a zip (torch's legacy format stores its bytes as they are)
+    except Exception as err:  # a damaged directory raises almost any type; such a file is
+        # not read (torch's own reader might take what this one cannot measure)
+        raise zipfile.BadZipFile(f"a damaged zip file ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:120]})") from None
     size = path.stat().st_size
     if inflated <= MAX_INFLATION * size + (1 << 20):
         return None

@@ -56,14 +56,15 @@ def check_resumable(path: Path, module: FinetuneModule, max_epochs: int | None =
     Returns that history (header, rows), read now: the run dir may be the same one. Warns
     when the run would go on past the end of the schedule it resumes (at a learning rate of
     about 0)."""
-    inflated = safe_files.inflation_problem(path, f"resume={path}: the checkpoint")
-    if inflated:
-        raise FinetuneError(inflated)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        inflated = safe_files.inflation_problem(path, f"resume={path}: the checkpoint")
+        saved = None if inflated else torch.load(path, map_location="cpu", weights_only=True,
+                                                 mmap=True)
     except Exception as err:
         raise FinetuneError(f"resume={path}: cannot read the checkpoint "
                             f"({' '.join(str(err).split())[:200]})") from None
+    if inflated:
+        raise FinetuneError(inflated)
     if isinstance(saved, dict) and "state_dict" in saved and "optimizer_states" not in saved:
         raise FinetuneError(f"resume={path}: the checkpoint holds weights only (best.ckpt, or "
                             "checkpoint.optimizer=false), not the optimizer and schedule a "

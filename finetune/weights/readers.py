@@ -174,13 +174,13 @@ def read_file(path_str: str, source: str = "file") -> tuple[dict[str, torch.Tens
             return load_file(str(path)), report
         except Exception as err:
             raise _unreadable(path, err) from None
-    inflated = safe_files.inflation_problem(path, "weights file")
-    if inflated:
-        raise FinetuneError(inflated)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        inflated = safe_files.inflation_problem(path, "weights file")
+        obj = None if inflated else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise _unreadable(path, err) from None
+    if inflated:
+        raise FinetuneError(inflated)
     if _is_state_dict(obj):
         return obj, report
     if isinstance(obj, dict):
