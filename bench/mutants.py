@@ -358,6 +358,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      '        raise zipfile.BadZipFile(f"a damaged zip file ({type(err).__name__}: "\n'
      "                                 f\"{' '.join(str(err).split())[:120]})\") from None",
      "        return None", "tests/test_weights.py -k inflate"),
+    ("calibrate writes a temperature the manifest refuses", "finetune/commands/evaluate.py",
+     "    if problem:\n        raise FinetuneError(problem)\n    return {\"temperature\"",
+     "    return {\"temperature\"", "tests/test_evaluation.py -k cannot_trust"),
+    ("validate says ok for a hub-cache file the run refuses", "finetune/weights/sources.py",
+     "            return named_hash_problem(hub_path(url),",
+     "            return None and named_hash_problem(hub_path(url),",
+     "tests/test_weights.py -k hash_in_its_name"),
 ]
 
 

@@ -327,3 +327,34 @@ def test_report_rebuilds_a_run_dirs_page(tested_run: Path, tmp_path: Path,
     assert code == 0 and (run / "report.html").is_file()
     text = (run / "report.html").read_text()
     assert 'id="per-class"' in text and "test (" in text
+
+
+def test_a_temperature_the_fit_cannot_trust_is_refused_and_never_written(
+        tested_run: Path) -> None:
+    """An over-confident model (its logits scaled by 10^4: wrong answers at confidence 1.0)
+    fits a temperature past the range a manifest may hold; calibrate refuses it in one
+    sentence and the run dir is untouched. Writer and reader share one rule, on all its cases."""
+    import finetune
+    from finetune.commands.evaluate import calibrate_on_val, temperature_problem
+    from finetune.errors import FinetuneError
+    from finetune.rundir.manifest import Manifest
+
+    model = finetune.load(tested_run, device="cpu")
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1e4)
+        last.bias.mul_(1e4)
+    manifest = tested_run / "manifest.json"
+    before = manifest.read_bytes()
+    with pytest.raises(FinetuneError, match=r"calibrate=true: the fitted temperature \S+ is "
+                                            r"outside \[0\.01, 100\] \(val accuracy"):
+        calibrate_on_val(model, model.manifest.config["data"], 64)
+    assert manifest.read_bytes() == before
+    recorded = json.loads(before)
+    for t in (0.001, 0.0099, 0.01, 1.0, 99.9, 100.0, 100.01, 134.19, 1e9):
+        try:
+            Manifest.from_json({**recorded, "temperature": t}, "manifest")
+            read = True
+        except FinetuneError:
+            read = False
+        assert read == (temperature_problem(t, 0.5) is None), t

@@ -265,11 +265,28 @@ def test_torchvision_cache_file_is_checked_against_the_hash_in_its_name(
     path, state = save_torchvision_checkpoint(tmp_path, "resnet18", trust=False)
     with pytest.raises(FinetuneError) as refused:
         read_torchvision("resnet18", "DEFAULT")
-    assert str(refused.value).startswith(
-        f"weights resnet18/IMAGENET1K_V1: the cached file {path} has sha256 ")
-    assert "not the f37072fd... its name promises" in str(refused.value)
-    assert "delete it and run again" in str(refused.value)
-    trust_weights_file(path)
+    from finetune.commands.recipes import validate_recipe
+    from finetune.rundir import artifacts
+
+    sha = artifacts.file_sha256(path)
+    message = str(refused.value)
+    assert message.startswith(f"weights resnet18/IMAGENET1K_V1: the cached file {path} has "
+                              f"sha256 {sha}, which does not start with the f37072fd its name "
+                              "promises")
+    assert "delete it and run again" in message
+    # `recipes validate` asks the same question and says the same sentence
+    recipe = tmp_path / "tv.yaml"
+    recipe.write_text("model:\n  name: resnet18\nweights:\n  source: torchvision\n"
+                      "  name: DEFAULT\ndata:\n  image_size: 32\n")
+    problems, _ = validate_recipe(str(recipe), [])
+    assert message in problems, problems
+    # the line it prints is the line trusted_weights.txt needs (all 64 hex digits)
+    trusted, _, line = message.partition("vouch for it with this line in ")[2].partition(": ")
+    line = line.split(" (echo ")[0]
+    assert line == sha and len(line) == 64
+    Path(trusted).parent.mkdir(parents=True, exist_ok=True)
+    Path(trusted).write_text(line + "\n")
+    assert validate_recipe(str(recipe), [])[0] == []
     tensors, report = read_torchvision("resnet18", "DEFAULT")
     assert report.path == str(path) and set(tensors) == set(state)
 

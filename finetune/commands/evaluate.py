@@ -26,6 +26,7 @@ from finetune.compose import gate
 from finetune.compose.prepare import compose_config
 from finetune.compose.schema import DataConfig
 from finetune.errors import ConfigError, FinetuneError, run_entry_point
+from finetune.rundir.manifest import TEMPERATURES, temperature_holds
 from finetune.tasks.table import task_of
 
 COMMAND = "evaluate"
@@ -96,7 +97,26 @@ def calibrate_on_val(model: Any, recorded: dict[str, Any] | None, batch_size: in
     outputs = collect(model, own.eval_dataset("val"), batch_size,
                       item_names(own.val_set), label_map(own.class_names, model.class_names))
     temperature = fit_temperature(outputs.logits, outputs.labels)
+    problem = temperature_problem(temperature, float((outputs.logits.argmax(1)
+                                                      == outputs.labels).float().mean()))
+    if problem:
+        raise FinetuneError(problem)
     return {"temperature": temperature, "fitted_on": "val", "images": len(outputs.labels)}
+
+
+def temperature_problem(temperature: float, accuracy: float) -> str | None:
+    """Why a fitted temperature cannot be trusted (the manifest's rule: TEMPERATURES); None:
+    it can be written."""
+    if temperature_holds(temperature):
+        return None
+    low, high = TEMPERATURES
+    why = ("the model is confidently wrong on many validation images, and only flattening "
+           "every prediction toward uniform lowers its loss" if temperature > high else
+           "the model's validation predictions are almost all right and far from confident")
+    return (f"calibrate=true: the fitted temperature {temperature:g} is outside [{low:g}, "
+            f"{high:g}] (val accuracy {accuracy:.4f}): {why}; no temperature was written (the "
+            "run dir is unchanged). Check the model first: its report's verdict and confusion "
+            "matrix")
 
 
 def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto",

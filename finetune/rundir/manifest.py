@@ -28,6 +28,17 @@ PREPROCESSING_FIELDS = {"resize": int, "crop": int, "mean": list, "std": list,
                         "interpolation": str, "channels": int}
 
 
+# The temperatures a calibration may hold: one rule for the writer (evaluate calibrate=true
+# refuses a fit outside it) and the reader (a manifest holding one was changed by hand).
+TEMPERATURES = (0.01, 100.0)
+
+
+def temperature_holds(value: Any) -> bool:
+    """Whether `value` is a temperature a manifest may hold (TEMPERATURES)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and TEMPERATURES[0] <= value <= TEMPERATURES[1])
+
+
 @dataclass
 class Manifest:
     """What a finished run dir says about its model (the JSON layout is `to_json`)."""
@@ -99,11 +110,10 @@ class Manifest:
         if not isinstance(task, str) or task not in TASKS:
             problems.append(f"{where}: the manifest's task {str(task)[:40]!r} is not one of "
                             f"{', '.join(TASKS)} (a task a plugin adds needs that plugin)")
-        temperature = data.get("temperature", 1.0)
-        if not (isinstance(temperature, int | float) and not isinstance(temperature, bool)
-                and math.isfinite(temperature) and 0.01 <= temperature <= 100):
-            problems.append(f"{where}: the manifest's temperature is not a number in [0.01, "
-                            "100]; it was changed after the run")
+        if not temperature_holds(data.get("temperature", 1.0)):
+            problems.append(f"{where}: the manifest's temperature is not a number in "
+                            f"[{TEMPERATURES[0]:g}, {TEMPERATURES[1]:g}]; it was changed after "
+                            "the run")
         if isinstance(data.get("class_names"), list) and not all(
                 isinstance(c, str) for c in data["class_names"]):
             problems.append(f"{where}: the manifest's class_names are not all names")

@@ -93,16 +93,32 @@ def trusted_hashes() -> set[str]:
     return {line.split("#")[0].strip().lower() for line in text.splitlines()} - {""}
 
 
-def _verify_named_hash(path: Path, prefix: str, what: str) -> str:
-    """The file's sha256, which must start with `prefix` (the hash its name carries)."""
+def named_hash_problem(path: Path, what: str, prefix: str | None = None) -> str | None:
+    """Why the file in torch's hub cache may not be read: its sha256 does not start with the
+    hash its name carries (torch's check_hash rule) and the user has not vouched for it in
+    trusted_weights.txt. None: it may (or its name carries no hash). `recipes validate` and
+    the run ask the same question."""
+    named = torch.hub.HASH_REGEX.search(path.name)
+    prefix = prefix or (named.group(1) if named else None)
+    if not prefix or not path.is_file():
+        return None
     actual = artifacts.file_sha256(path)
-    if not actual.startswith(prefix) and actual not in trusted_hashes():
-        raise FinetuneError(f"{what}: the cached file {path} has sha256 {actual[:16]}..., not "
-                            f"the {prefix[:16]}... its name promises; it is corrupt or was "
-                            "replaced: delete it and run again to download the real one (if "
-                            "you made it yourself, add its sha256 to "
-                            f"{locations.finetune_home() / TRUSTED_WEIGHTS})")
-    return actual
+    if actual.startswith(prefix) or actual in trusted_hashes():
+        return None
+    trusted = locations.finetune_home() / TRUSTED_WEIGHTS
+    return (f"{what}: the cached file {path} has sha256 {actual}, which does not start with "
+            f"the {prefix} its name promises; it is corrupt or was replaced: delete it "
+            "and run again to download the real one, or, if you made it and placed it there "
+            f"yourself, vouch for it with this line in {trusted}: {actual} (echo {actual} >> "
+            f"{trusted})")
+
+
+def _verify_named_hash(path: Path, what: str, prefix: str | None = None) -> str:
+    """The file's sha256, once named_hash_problem has none."""
+    problem = named_hash_problem(path, what, prefix)
+    if problem:
+        raise FinetuneError(problem)
+    return artifacts.file_sha256(path)
 
 
 def _unreadable(path: Path, err: Exception) -> FinetuneError:
@@ -122,8 +138,7 @@ def read_torchvision(model_name: str, weights_name: str) -> tuple[dict[str, torc
     what = f"weights {model_name}/{entry.name}"
     # torch checks the hash in the file name only when it downloads; a file already in the
     # cache (put there by anyone) is checked here, before it is read (torch's check_hash rule).
-    named = torch.hub.HASH_REGEX.search(path.name)
-    sha = _verify_named_hash(path, named.group(1), what) if named and path.is_file() else None
+    sha = _verify_named_hash(path, what) if path.is_file() else None
     try:
         tensors = entry.get_state_dict(progress=True, check_hash=True, weights_only=True,
                                        map_location="cpu")
@@ -251,7 +266,7 @@ def read_url(url: str, sha256: str | None) -> tuple[dict[str, torch.Tensor], Loa
             partial.unlink(missing_ok=True)
         artifacts.write_json(_url_index(url), {"url": url, "sha256": actual})
     else:
-        actual = _verify_named_hash(path, path.name.split(".")[0], f"weights.url={url}")
+        actual = _verify_named_hash(path, f"weights.url={url}", path.name.split(".")[0])
     if pin and not actual.startswith(pin):
         raise FinetuneError(f"weights: {path} has sha256 {actual}, not weights.sha256={pin}; "
                             "fix the pin if the file changed on purpose")

@@ -101,11 +101,12 @@ class Torchvision(WeightSource):
 
     def unreachable(self, cfg: Any) -> str | None:
         # lazy: keeps torch off a torch-free path
-        from finetune.weights.readers import hub_path
+        from finetune.weights.readers import hub_path, named_hash_problem
 
         url = self._url(cfg)
-        if hub_path(url).is_file():
-            return None
+        if hub_path(url).is_file():  # validate and the run refuse the same file alike
+            return named_hash_problem(hub_path(url),
+                                      f"weights {cfg.model.name}/{self.entry(cfg).name}")
         return _head_problem(url, f"put it at {hub_path(url)} (torch's hub cache)")
 
     def effects(self, cfg: Any) -> list[str]:
