@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QUICK, SHRINK, problems_here, read_json, train_here, write_digit_images
+from conftest import (
+    QUICK,
+    SHRINK,
+    problems_here,
+    read_json,
+    run_cli,
+    train_here,
+    write_digit_images,
+)
 
 from finetune.compose.prepare import compose_with_hydra
 from finetune.data.splits import Split, fold_split
@@ -45,9 +53,30 @@ def test_kfold_is_refused_where_the_data_brings_its_own_val(tmp_path: Path) -> N
                         "val/, or drop data.folds"]
 
 
-def test_sweep_kfold_runs_every_fold() -> None:
-    cfg = compose_with_hydra(["recipe=quickstart", "sweep=kfold"])
-    assert cfg.data.folds == 5 and cfg.hydra.sweeper.params["data.fold"] == "0,1,2,3,4"
+def test_sweep_kfold_runs_every_fold_of_data_folds() -> None:
+    """The fold list follows data.folds (data.folds=3 once ran folds 3 and 4 too, which
+    failed): one job per fold, 0..K-1, whatever K is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for given, folds in ((None, 5), (2, 2), (3, 3), (10, 10)):
+        cfg = compose_with_hydra(["recipe=quickstart", "sweep=kfold",
+                                  *([f"data.folds={given}"] if given else [])])
+        swept = OverridesParser.create().parse_override(
+            f"data.fold={cfg.hydra.sweeper.params['data.fold']}")
+        assert cfg.data.folds == folds
+        assert list(swept.sweep_iterator()) == list(range(folds)), given
+
+
+def test_a_sweep_whose_jobs_failed_says_so_and_exits_non_zero(tmp_path: Path) -> None:
+    """Fold 5 of 2 cannot run: the sweep goes on, ranks the job that finished, names the one
+    that did not and exits 1 (it exited 0)."""
+    result = run_cli("-m", "recipe=quickstart", "weights.source=none", "data.folds=2",
+                     "data.fold=0,5", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                     "trainer.enable_progress_bar=false", "eval.report=false", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "finetune: error: 1 of 2 jobs did not finish (1)" in result.stderr, result.stderr
+    assert "finetune: sweep done:" in result.stdout
 
 
 def test_the_leaderboard_ranks_configurations_by_their_mean_across_folds(

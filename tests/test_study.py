@@ -208,8 +208,8 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     assert (sweep / "1" / "model.safetensors").is_file()
     assert f"pruned after epoch {epoch} of 3" in result
     rows = {r[1]: r for r in report(sweep)["rows"]}
-    assert rows["1"][2] == "pruned" and rows["1"][11] == epoch
-    assert rows["0"][2] == "complete" and rows["0"][10] == 3
+    assert rows["1"][2] == "pruned" and rows["1"][12] == epoch
+    assert rows["0"][2] == "complete" and rows["0"][11] == 3
     assert "1 complete, 1 pruned" in report(sweep)["summary"]
     page = (sweep / "report.html").read_text()  # the sweep's page says so too
     assert "<td>pruned</td>" in page

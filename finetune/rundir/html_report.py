@@ -236,6 +236,11 @@ def run_report(run_dir: Path) -> str:
     head = (f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(run_dir.resolve())} · model "
             f"{esc((manifest.get('model') or {}).get('name'))} · created "
             f"{esc(manifest.get('created'))}</p>")
+    warnings = [w for w in metrics.get("warnings") or [] if isinstance(w, str)] \
+        if isinstance(metrics.get("warnings"), list) else []
+    if warnings:  # the first thing read: this run learned nothing worth using
+        head += ('<div class="bad" id="warnings"><b>This model learned nothing usable yet:'
+                 "</b><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>")
     return _page(title, head + "".join(sections))
 
 

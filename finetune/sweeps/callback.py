@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,24 @@ def swept_split_points(config: DictConfig) -> list[str]:
     return found
 
 
+FAILED = ("failed", "interrupted", "unreadable")  # a job status that is not an outcome
+
+
+def ran_since(job_dir: Path, started: float) -> bool:
+    """Whether the job in `job_dir` ran in this sweep process (a study shared with other
+    processes or resumed after a crash also lists trials that ran elsewhere or before)."""
+    record = job_dir / "metrics.json"
+    try:
+        return (record if record.is_file() else job_dir).stat().st_mtime >= started
+    except OSError:
+        return False
+
+
 class SweepSummary(Callback):
+    started = 0.0  # when this process's sweep began (its own jobs ran after it)
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
         # the jobs' feature caches keep what the other split points start from (an env var:
         # launchers' worker processes inherit it)
         os.environ[SPLITS_ENV] = json.dumps(swept_split_points(config))
@@ -63,3 +81,11 @@ class SweepSummary(Callback):
             return
         print(f"finetune: sweep done: {sweep_dir}", flush=True)
         print_leaderboard(result)
+        failed = [job for job in result["jobs"] if job.status in FAILED
+                  and ran_since(job.dir, self.started)]
+        if failed:  # a sweep is done only when its jobs are: say which did not, exit 1
+            shown = ", ".join(job.dir.name for job in failed[:10])
+            print(f"finetune: error: {len(failed)} of {len(result['jobs'])} jobs did not finish "
+                  f"({shown}{' ...' if len(failed) > 10 else ''}); each job's dir says why, "
+                  "and the leaderboard ranks the others", file=sys.stderr, flush=True)
+            raise SystemExit(1)

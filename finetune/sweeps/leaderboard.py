@@ -14,13 +14,14 @@ from typing import Any
 from finetune.compose import safe_files
 from finetune.errors import FinetuneError
 from finetune.rundir import artifacts, html_report
+from finetune.rundir.verdict import short
 from finetune.sweeps.study import TRIALS_FILE, read_trials
 
 METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP")
 ALL_LAYERS = "(all)"  # the split point of a job that trains every layer (train_from null)
 COLUMNS = ("rank", "job", "status", "overrides", "train_from", "lr", "trainable_params",
-           "best_val_acc", "val_acc", "val_loss", "epochs", "stopped_early_at", "train_seconds",
-           "error")
+           "best_val_acc", "val_acc", "val_loss", "warnings", "epochs", "stopped_early_at",
+           "train_seconds", "error")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Job:
     epochs: int | None = None
     stopped_at: int | None = None  # the epoch early stopping ended the run, if it did
     train_seconds: float | None = None
+    warnings: list[str] = field(default_factory=list)  # metrics.json's: learned nothing
     error: str = ""
     metric: str | None = None  # the metric the job was told to return
 
@@ -114,6 +116,9 @@ def _read_job(job_dir: Path) -> Job:
         job.epochs, job.train_seconds = (_whole(metrics.get("epochs")),
                                          _number(metrics.get("train_seconds")))
         job.stopped_at = _whole(_mapping(metrics.get("early_stopping")).get("stopped_epoch"))
+        warnings = metrics.get("warnings")
+        job.warnings = [w for w in warnings if isinstance(w, str)] \
+            if isinstance(warnings, list) else []
         pruned = _whole(_mapping(metrics.get("pruned")).get("epoch"))
         if pruned is not None:  # the study's pruner ended it: ranked, shown as pruned
             job.status, job.stopped_at = "pruned", pruned
@@ -214,7 +219,8 @@ def rows(jobs: list[Job], root: Path, keys: list[str]) -> list[list[Any]]:
             split_label(job.train_from), "" if job.lr is None else float(f"{job.lr:.4g}"),
             fmt(job.trainable_params),
             fmt(job.values.get("best/val/acc")), fmt(job.values.get("val/acc")),
-            fmt(job.values.get("val/loss")), fmt(job.epochs), fmt(job.stopped_at),
+            fmt(job.values.get("val/loss")), short(job.warnings), fmt(job.epochs),
+            fmt(job.stopped_at),
             fmt(job.train_seconds, 1),
             job.error,
         ])

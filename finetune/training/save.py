@@ -21,6 +21,7 @@ from finetune.models import backbones
 from finetune.models.sources import model_source_of
 from finetune.rundir import artifacts, evaluation, html_report, plots
 from finetune.rundir.manifest import Manifest
+from finetune.rundir.verdict import learning_warnings
 from finetune.sweeps.pruning import PruneTrial
 from finetune.tasks.base import Task
 from finetune.tasks.table import DEFAULT as DEFAULT_TASK
@@ -207,9 +208,13 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
                  "batch%s", 100 * wait,
                  "; raise data.num_workers" if wait > 0.2 and not cached else "")
     nonfinite = [f"{k}={v}" for k, v in final.items() if not math.isfinite(v)]
+    warnings = learning_warnings(
+        module.last_confusion.tolist() if module.last_confusion is not None else None,
+        data.class_names, final.get("val/loss"), series)
     metrics = {
         "status": "failed" if nonfinite else "complete",
         **({"error": [nonfinite_message(nonfinite)]} if nonfinite else {}),
+        **({"warnings": warnings} if warnings else {}),
         **final,
         "best/val/acc": round(accs[best_epoch], 6) if best_epoch is not None else None,
         "best/epoch": best_epoch,
@@ -300,6 +305,8 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
         lines.insert(1, f"  stopped early after epoch {stopped['stopped_epoch']}: "
                         f"{stopped['monitor']} did not improve{by} for {stopped['patience']} "
                         f"validations (best {stopped['best']:.4f}; trainer.early_stopping)")
+    for warning in reversed(metrics.get("warnings", [])):  # look before anyone uses it
+        lines.insert(1, f"  warning: {warning}")
     pruned = metrics.get("pruned")
     if pruned:
         lines.insert(1, f"  pruned after epoch {pruned['epoch']} of {pruned['of']}: the study's "

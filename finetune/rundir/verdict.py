@@ -1,0 +1,63 @@
+"""Whether a finished run learned anything: the warnings its summary, metrics.json, report and a
+sweep's leaderboard carry.
+
+A run whose validation accuracy is at chance, that calls every image by one class, or whose
+loss exploded or never fell is `complete` (it ran to the end) but is not a model anyone should
+sign off; each warning is one sentence that starts with a short label (before the colon) the
+leaderboard shows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+TRAIN_LOSS = "train/loss_epoch"  # Lightning's per-epoch mean of the training loss
+EXPLODED = 2.0  # a val/loss this many times a uniform guess's (ln K) has exploded
+
+
+def learning_warnings(confusion: list[list[int]] | None, class_names: list[str],
+                      val_loss: float | None, series: dict[str, dict[int, float]]
+                      ) -> list[str]:
+    """Every sign that the run learned nothing, one sentence each ([] when none).
+
+    Args:
+        confusion: the last validation's confusion matrix (rows: true class, columns:
+            predicted), or None (no validation, or a task without one).
+        class_names: the run's classes.
+        val_loss: the final val/loss.
+        series: metric -> {epoch: value}, from metrics.csv.
+    """
+    found: list[str] = []
+    k = len(class_names)
+    if confusion and k >= 2:
+        total = sum(sum(row) for row in confusion)
+        predicted = [j for j in range(k) if sum(row[j] for row in confusion) > 0]
+        if total >= 2 and len(predicted) == 1:
+            found.append(f"one class predicted: every one of the {total} validation images is "
+                         f"called {class_names[predicted[0]]!r}")
+        if total:
+            accuracy = sum(confusion[i][i] for i in range(k)) / total
+            majority = max(sum(row) for row in confusion) / total
+            if accuracy <= majority:
+                found.append(f"at chance: val/acc {accuracy:.4f} is no better than always "
+                             f"answering the most common class ({majority:.4f})")
+    if val_loss is not None and k >= 2 and (not math.isfinite(val_loss)
+                                            or val_loss > EXPLODED * math.log(k)):
+        found.append(f"loss exploded: val/loss {val_loss:.4g} is far above the "
+                     f"{math.log(k):.2f} of a uniform guess over {k} classes (lower optim.lr)")
+    losses = series.get(TRAIN_LOSS, {})
+    if len(losses) >= 2:
+        first, last = min(losses), max(losses)
+        if not losses[last] < losses[first]:
+            found.append(f"loss not falling: the training loss went from {losses[first]:.4g} "
+                         f"(epoch {first}) to {losses[last]:.4g} (epoch {last})")
+    return found
+
+
+def short(warnings: Any) -> str:
+    """The labels of a run's warnings (what a leaderboard cell shows): 'one class predicted;
+    at chance'."""
+    if not isinstance(warnings, list):
+        return ""
+    return "; ".join(str(w).split(":", 1)[0][:40] for w in warnings if isinstance(w, str))
