@@ -389,6 +389,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("the report's headline hides the warnings", "finetune/rundir/html_report.py",
      "    if warnings:  # the first thing read", "    if False:  # the first thing read",
      "tests/test_verdict.py -k everywhere"),
+    ("the offline message names a CLI huggingface_hub no longer ships",
+     "finetune/weights/hub.py", '    return f"hf download {repo} {filename}"',
+     '    return f"huggingface-cli download {repo} {filename}"',
+     "tests/test_timm.py -k missing_hub_file"),
 ]
 
 

@@ -140,6 +140,17 @@ def test_missing_hub_file_is_one_sentence_naming_where_to_put_it(
     assert str(tmp_path / "empty" / "hub" / "models--timm--test_efficientnet.r160_in1k" /
                "snapshots") in problems[0]
     assert not (tmp_path / "run" / "model.safetensors").exists()
+    # the command it names is one the installed huggingface_hub ships (`hf`, not the
+    # `huggingface-cli` it no longer has)
+    command = "hf download timm/test_efficientnet.r160_in1k model.safetensors"
+    assert f"({command})" in problems[0]
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).parent / command.split()[0]
+    done = subprocess.run([str(cli), *command.split()[1:2], "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "REPO_ID" in done.stdout, done.stderr[-500:]
 
 
 def test_bad_tags_and_sources_are_refused_together(offline_hub: Path) -> None:

@@ -60,6 +60,11 @@ def file_problem(name: Any, key: str = "weights.file") -> str | None:
     return None
 
 
+def download_command(repo: str, filename: str, revision: str | None = None) -> str:
+    """The command of huggingface_hub's own CLI (`hf`) that fetches the file."""
+    return f"hf download {repo} {filename}" + (f" --revision {revision}" if revision else "")
+
+
 def place_hint(repo: str, filename: str, revision: str | None) -> str:
     """Where to put a file by hand so the Hub cache has it (huggingface_hub's own layout)."""
     folder = cache_dir() / f"models--{repo.replace('/', '--')}"
@@ -115,8 +120,8 @@ def fetch(repo: str, filename: str, revision: str | None, what: str) -> Path:
                else "the Hub cannot be reached from here")
         raise FinetuneError(
             f"{what}: {filename} of {repo} is not in the Hugging Face cache and {why}; "
-            f"download it on a machine with internet (huggingface-cli download {repo} "
-            f"{filename}) and place it at {place_hint(repo, filename, revision)}") from None
+            f"download it on a machine with internet ({download_command(repo, filename, revision)}"
+            f") and place it at {place_hint(repo, filename, revision)}") from None
     except EntryNotFoundError:
         raise NotOnHub(f"{what}: the repo {repo} has no file {filename}") from None
     except RevisionNotFoundError:
@@ -124,7 +129,7 @@ def fetch(repo: str, filename: str, revision: str | None, what: str) -> Path:
                             "branch, tag or commit hash of it (weights.revision)") from None
     except RepositoryNotFoundError:
         raise FinetuneError(f"{what}: no repo {repo} on the Hugging Face Hub (or it is private "
-                            "and no token is set: huggingface-cli login)") from None
+                            "and no token is set: hf auth login)") from None
     except Exception as err:  # network errors of every kind
         first = " ".join(str(err).split())[:200] or type(err).__name__
         raise FinetuneError(f"{what}: cannot download {filename} of {repo} ({first}); place it "

@@ -409,14 +409,15 @@ def _hub_unreachable(repo: str, filename: str | None, revision: str | None) -> s
     names = [filename] if filename else list(hub.WEIGHT_FILES)
     if any(hub.cached(repo, n, revision) for n in names):
         return None
-    fix = (f"download it on a machine with internet (huggingface-cli download {repo} "
-           f"{names[0]}) and place it at {hub.place_hint(repo, names[0], revision)}")
+    command = hub.download_command(repo, names[0], revision)
+    fix = (f"download it on a machine with internet ({command}) and place it at "
+           f"{hub.place_hint(repo, names[0], revision)}")
     if hub.offline():
         return (f"weights: {names[0]} of {repo} is not in the Hugging Face cache and "
                 f"HF_HUB_OFFLINE is set; {fix}")
     return _head_problem(f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/"
                          f"{names[0]}", f"place it at {hub.place_hint(repo, names[0], revision)}"
-                         f" (huggingface-cli download {repo} {names[0]})")
+                         f" ({hub.download_command(repo, names[0], revision)})")
 
 
 def _hub_effects(repo: str, filename: str | None, revision: str | None) -> list[str]:
