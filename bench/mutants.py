@@ -393,6 +393,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "finetune/weights/hub.py", '    return f"hf download {repo} {filename}"',
      '    return f"huggingface-cli download {repo} {filename}"',
      "tests/test_timm.py -k missing_hub_file"),
+    ("the summary shows val/acc though the run watched val/mAP", "finetune/training/save.py",
+     'f"{watched}val/acc {metrics.get(MONITOR', 'f"val/acc {metrics.get(MONITOR',
+     "tests/test_multilabel.py -k predicts_label_sets"),
 ]
 
 

@@ -67,6 +67,8 @@ def test_a_multilabel_run_predicts_label_sets_at_its_thresholds(
     metrics, manifest = read_json(run / "metrics.json"), read_json(run / "manifest.json")
     assert metrics["status"] == "complete" and metrics["task"] == "multilabel"
     assert {"val/mAP", "val/f1", "val/f1_micro", "val/acc"} <= set(metrics)
+    # the summary leads with the metric the run was told to watch
+    assert f"epochs; val/mAP {metrics['val/mAP']:.4f}; val/acc " in capsys.readouterr().out
     assert manifest["task"] == "multilabel" and set(manifest["thresholds"]) == {
         "even", "over_4", "prime"}
     assert manifest["thresholds"] == metrics["thresholds"]

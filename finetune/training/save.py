@@ -286,9 +286,12 @@ SUMMARY_FILES = ("model.safetensors", "metrics.json", "load_report.json", "manif
 
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
     best = metrics.get("best/val/acc")
+    chosen = metrics.get("metric")  # the metric the run was told to watch comes first
+    watched = (f"{chosen} {metrics[chosen]:.4f}; " if chosen != MONITOR and isinstance(
+        metrics.get(chosen), int | float) else "")
     lines = [
         f"finetune: done in {metrics['train_seconds']:.1f} s over {metrics['epochs']} epochs; "
-        f"val/acc {metrics.get(MONITOR, float('nan')):.4f} (best {best:.4f} at epoch "
+        f"{watched}val/acc {metrics.get(MONITOR, float('nan')):.4f} (best {best:.4f} at epoch "
         f"{metrics['best/epoch']})" if best is not None else
         f"finetune: done in {metrics['train_seconds']:.1f} s; no validation ran",
         f"  run dir: {run_dir}",
