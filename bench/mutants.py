@@ -396,6 +396,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("the summary shows val/acc though the run watched val/mAP", "finetune/training/save.py",
      'f"{watched}val/acc {metrics.get(MONITOR', 'f"val/acc {metrics.get(MONITOR',
      "tests/test_multilabel.py -k predicts_label_sets"),
+    ("class weights and the balanced sampler combine silently", "finetune/compose/precheck.py",
+     '    if cfg.data.get("sampler") == "balanced" and cfg.loss.get("class_weights") not in',
+     '    if False and cfg.loss.get("class_weights") not in',
+     "tests/test_imbalance.py -k one_or_the_other"),
 ]
 
 

@@ -87,3 +87,13 @@ def test_imbalance_settings_are_checked() -> None:
         build_datamodule(OmegaConf.structured(DataConfig(name="digits", image_size=16,
                                                          limit_per_class={"1": 1})),
                          preprocessing(None, 16), 0)
+
+
+def test_class_weights_and_the_balanced_sampler_are_one_or_the_other() -> None:
+    """docs/training.md says to use one remedy, not both: together they are refused."""
+    both = ("loss.class_weights and data.sampler=balanced both correct the same class "
+            "imbalance (the rare classes would count twice over); use one of them "
+            "(docs/training.md, Imbalanced classes)")
+    for weights in ("auto", "[" + ",".join(["1.0"] * 9 + ["2.0"]) + "]"):
+        assert problems_here(*IMBALANCED, f"loss.class_weights={weights}",
+                             "data.sampler=balanced") == [both]
