@@ -400,6 +400,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      '    if cfg.data.get("sampler") == "balanced" and cfg.loss.get("class_weights") not in',
      '    if False and cfg.loss.get("class_weights") not in',
      "tests/test_imbalance.py -k one_or_the_other"),
+    ("export output=FOLDER writes a file named like the folder", "finetune/rundir/exporting.py",
+     '    if path.is_dir() or str(output).endswith(("/", os.sep)) or not path.suffix:',
+     "    if False:", "tests/test_use.py -k output_may"),
 ]
 
 

@@ -120,6 +120,8 @@ def test_export_with_parity(trained: tuple[Path, Path, Path], tmp_path: Path, fm
     assert "max abs difference" in out
     info = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert info["class_names"] == ["3", "7", "8"] and info["preprocessing"]["crop"] == 32
+    resize = info["preprocessing"]["resize"]
+    assert f"resize so that the shorter side is {resize} px" in info["preprocessing_steps"][1]
     if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         assert info["parity_max_abs_diff"] is None
     else:
@@ -280,3 +282,19 @@ def test_train_runs_in_process_and_predict_stays_a_function(tmp_path: Path) -> N
         finetune.train("quickstart", ["weights.source=none", "head.num_classes=3", *SHRINK],
                        run_dir=tmp_path / "bad")
     assert not (tmp_path / "bad").exists(), "refused before it trained: no run dir left"
+
+
+def test_export_output_may_name_a_folder(tmp_path: Path) -> None:
+    """`export output=X` writes X when X names a file, and model.<format> inside X when X is a
+    folder: one that exists, one written with a trailing /, or a name without a suffix."""
+    from finetune.rundir.exporting import export_target
+
+    run, there = tmp_path / "run", tmp_path / "exports"
+    there.mkdir()
+    assert export_target(run, "onnx", None) == run / "model.onnx"
+    assert export_target(run, "onnx", str(there)) == there / "model.onnx"
+    assert export_target(run, "torchscript", f"{tmp_path}/new/") == tmp_path / "new" / \
+        "model.torchscript.pt"
+    assert export_target(run, "onnx", str(tmp_path / "deploy")) == tmp_path / "deploy" / \
+        "model.onnx"
+    assert export_target(run, "onnx", str(tmp_path / "mine.onnx")) == tmp_path / "mine.onnx"

@@ -95,6 +95,19 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def steps(self) -> list[str]:
+        """The transform in words, as an exported model's JSON states it for whoever feeds
+        the model without finetune."""
+        gray = "convert to 1 channel (grayscale)" if self.channels == 1 else \
+            "convert to RGB"
+        return [gray,
+                f"resize so that the shorter side is {self.resize} px ({self.interpolation}; "
+                "the aspect ratio is kept)",
+                f"center-crop {self.crop} x {self.crop} px",
+                "scale the pixels to [0, 1]",
+                f"normalize each channel: (x - mean) / std with mean {self.mean} and std "
+                f"{self.std}"]
+
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -87,6 +87,17 @@ class Calibrated(nn.Module):
         return self.model(x) / self.temperature
 
 
+def export_target(run_dir: str | Path, fmt: str, output: str | Path | None) -> Path:
+    """The file to write: `output` when it names a file; inside it when it is a folder (one
+    that exists, or ends with /, or has no suffix); model.<format> in the run dir by default."""
+    if not output:
+        return Path(run_dir) / f"model{SUFFIX[fmt]}"
+    path = Path(output).expanduser()
+    if path.is_dir() or str(output).endswith(("/", os.sep)) or not path.suffix:
+        return path / f"model{SUFFIX[fmt]}"
+    return path
+
+
 def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> dict[str, Any]:
     """Export and check parity; returns what the JSON beside the file says."""
     if fmt not in SUFFIX:
@@ -96,7 +107,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
     temperature = model.manifest.temperature
     if temperature != 1.0:  # calibrated (evaluate calibrate=true): the graph divides by it
         model = Calibrated(model, temperature)
-    target = Path(output) if output else Path(run_dir) / f"model{SUFFIX[fmt]}"
+    target = export_target(run_dir, fmt, output)
     target.parent.mkdir(parents=True, exist_ok=True)
     info_file = target.with_name(f"{target.name}.json")
     for path in (target, info_file):  # refused before anything is written
@@ -124,6 +135,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
         shutil.rmtree(staging, ignore_errors=True)
     info = {"format": fmt, "file": str(target), "run": str(Path(run_dir).resolve()),
             "class_names": model.class_names, "preprocessing": model.preprocessing.to_dict(),
+            "preprocessing_steps": model.preprocessing.steps(),  # `resize` is the short side
             "input_shape": ["batch", model.preprocessing.channels, model.preprocessing.crop,
                             model.preprocessing.crop],
             "output_shape": ["batch", *model.manifest.output_shape],
