@@ -403,6 +403,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("export output=FOLDER writes a file named like the folder", "finetune/rundir/exporting.py",
      '    if path.is_dir() or str(output).endswith(("/", os.sep)) or not path.suffix:',
      "    if False:", "tests/test_use.py -k output_may"),
+    ("a value the shell split is Hydra's grammar error", "finetune/compose/schema.py",
+     "        cut = [o for o in overrides if _unclosed(o)]", "        cut = []",
+     "tests/test_config.py -k shell_split"),
 ]
 
 

@@ -355,3 +355,19 @@ def test_values_that_would_exhaust_memory_are_one_sentence() -> None:
     cfg, _ = compose_config(["recipe=quickstart", "weights.source=none"])
     assert not [p for p in config_problems(cfg) if "GiB of memory" in p]
     assert memory_floor(cfg, 10) < 2**30
+
+
+def test_a_value_the_shell_split_at_a_space_is_one_sentence() -> None:
+    """`data.limit_per_class={8: 18}` typed without quotes reaches finetune as two words; the
+    answer says so (it was Hydra's "no viable alternative at input"), for every bracket."""
+    from finetune.errors import ConfigError
+
+    for words, shown in ((["data.limit_per_class={8:", "18}"], "data.limit_per_class={8:"),
+                         (["head.hidden=[64,", "32]"], "head.hidden=[64,"),
+                         (["model.kwargs={dropout:", "0.2}"], "model.kwargs={dropout:")):
+        with pytest.raises(ConfigError) as refused:
+            prepare(["recipe=quickstart", *words])
+        assert refused.value.problems == [
+            f"command line: {shown!r} is cut short: the shell splits a value at its spaces; put "
+            f"the whole override in quotes ('{shown} ...') or write it without spaces"]
+    assert prepare(["recipe=quickstart", "data.limit_per_class={8: 18}"])  # quoted: one word

@@ -405,6 +405,21 @@ def override_values(override: Any) -> list[Any] | None:
     return list(override.sweep_iterator())
 
 
+def _unclosed(override: str) -> bool:
+    """Whether the value opens more brackets than it closes (outside quotes)."""
+    depth, quote = 0, ""
+    for char in override.partition("=")[2]:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+    return depth > 0
+
+
 def check_overrides(overrides: list[str]) -> list[str]:
     """Every unknown key, wrong type, bad choice or unknown group option in CLI overrides."""
 
@@ -413,6 +428,12 @@ def check_overrides(overrides: list[str]) -> list[str]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
+        cut = [o for o in overrides if _unclosed(o)]
+        if cut:  # `key={8: 18}` unquoted: the shell split it at the space
+            shown = cut[0].lstrip("+")
+            return [f"command line: {shown!r} is cut short: the shell splits a value at its "
+                    f"spaces; put the whole override in quotes ('{shown} ...') or write it "
+                    "without spaces"]
         return [f"command line: {' '.join(str(err).split())}"]
     for override in parsed:
         key = override.key_or_group
