@@ -406,6 +406,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a value the shell split is Hydra's grammar error", "finetune/compose/schema.py",
      "        cut = [o for o in overrides if _unclosed(o)]", "        cut = []",
      "tests/test_config.py -k shell_split"),
+    ("the terminal gets the log file's full format", "conf/config.yaml",
+     "        formatter: terminal\n", "        formatter: full\n",
+     "tests/test_kfold.py -k exits_non_zero"),
 ]
 
 

@@ -371,3 +371,17 @@ def test_a_value_the_shell_split_at_a_space_is_one_sentence() -> None:
             f"command line: {shown!r} is cut short: the shell splits a value at its spaces; put "
             f"the whole override in quotes ('{shown} ...') or write it without spaces"]
     assert prepare(["recipe=quickstart", "data.limit_per_class={8: 18}"])  # quoted: one word
+
+
+def test_the_terminal_reads_plain_lines_and_warnings_say_so() -> None:
+    import logging
+
+    from finetune.training.quiet import TerminalFormatter
+
+    def line(level: int, text: str) -> str:
+        record = logging.LogRecord("finetune", level, __file__, 1, text, None, None)
+        return TerminalFormatter().format(record)
+
+    assert line(logging.INFO, "plan: train from layer4") == "finetune: plan: train from layer4"
+    assert line(logging.WARNING, "no space left") == "finetune: warning: no space left"
+    assert line(logging.ERROR, "x") == "finetune: error: x"

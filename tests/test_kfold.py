@@ -4,6 +4,7 @@ across folds."""
 
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def test_a_sweep_whose_jobs_failed_says_so_and_exits_non_zero(tmp_path: Path) ->
     assert "Traceback" not in result.stderr
     assert "finetune: error: 1 of 2 jobs did not finish (1)" in result.stderr, result.stderr
     assert "finetune: sweep done:" in result.stdout
+    # plain lines on the terminal; the full format (time, logger, level) in each job's log
+    assert re.search(r"^finetune: compose: recipe quickstart -> ", result.stdout, re.M)
+    assert not re.search(r"^\[\d{4}-\d\d-\d\d", result.stdout, re.M), result.stdout[:500]
+    log = next(tmp_path.rglob("0/finetune.log")).read_text()
+    assert re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+\]\[finetune\]\[INFO\] - compose: ", log), log[:300]
 
 
 def test_the_leaderboard_ranks_configurations_by_their_mean_across_folds(

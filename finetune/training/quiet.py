@@ -65,3 +65,16 @@ def quiet_output(level: str = "info") -> Iterator[None]:
         finally:
             for logger, old in zip(loggers + hub, levels, strict=True):
                 logger.setLevel(old)
+
+
+class TerminalFormatter(logging.Formatter):
+    """What a person reads on the terminal: `finetune: message` (`finetune: warning: ...` for
+    a warning or worse); the run's log file keeps the full `[time][name][LEVEL] - message`
+    format (conf/config.yaml, hydra.job_logging)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        text = f"{record.name}: {level}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
