@@ -409,6 +409,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("the terminal gets the log file's full format", "conf/config.yaml",
      "        formatter: terminal\n", "        formatter: full\n",
      "tests/test_kfold.py -k exits_non_zero"),
+    ("a run without a progress bar is silent until it ends", "finetune/training/run.py",
+     "        *([] if cfg.trainer.enable_progress_bar else [EpochLine()]),\n", "",
+     "tests/test_kfold.py -k exits_non_zero"),
 ]
 
 

@@ -80,6 +80,9 @@ def test_a_sweep_whose_jobs_failed_says_so_and_exits_non_zero(tmp_path: Path) ->
     assert "finetune: sweep done:" in result.stdout
     # plain lines on the terminal; the full format (time, logger, level) in each job's log
     assert re.search(r"^finetune: compose: recipe quickstart -> ", result.stdout, re.M)
+    # no progress bar: one line per epoch instead
+    assert re.search(r"^finetune: epoch 0 of 1: train/loss [\d.e+-]+, val/loss [\d.e+-]+, "
+                     r"val/acc [\d.]+ \([\d.]+ s\)$", result.stdout, re.M), result.stdout
     assert not re.search(r"^\[\d{4}-\d\d-\d\d", result.stdout, re.M), result.stdout[:500]
     log = next(tmp_path.rglob("0/finetune.log")).read_text()
     assert re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+\]\[finetune\]\[INFO\] - compose: ", log), log[:300]

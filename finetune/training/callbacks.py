@@ -231,3 +231,25 @@ class BestWeights(pl.Callback):
                       for k, v in pl_module.model.state_dict().items()}
 
 
+
+
+class EpochLine(pl.Callback):
+    """One line per epoch when the progress bar is off (a log file, a batch job): what a
+    person watching would otherwise not see for minutes."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        shown = {k: float(metrics[k]) for k in ("train/loss_epoch", "val/loss", "val/acc",
+                                                "val/mAP") if k in metrics}
+        figures = ", ".join(f"{k.removesuffix('_epoch')} {v:.4g}" for k, v in shown.items())
+        last = (trainer.max_epochs or 0) - 1
+        log.info("epoch %d of %d: %s (%.1f s)", trainer.current_epoch, last + 1,
+                 figures or "no figures yet", time.perf_counter() - self.started)

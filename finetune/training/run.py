@@ -34,6 +34,7 @@ from finetune.training.callbacks import (
     EMA,
     AtomicCheckpointIO,
     BestWeights,
+    EpochLine,
     SaveOnInterrupt,
     StopEarly,
     Terminated,
@@ -297,6 +298,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
             run_dir / artifacts.METRICS, {"status": "interrupted", "error": [message],
                                           "checkpoint": path})),
         *([features] if isinstance(features, cache.FeatureCache) else []),
+        *([] if cfg.trainer.enable_progress_bar else [EpochLine()]),
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
