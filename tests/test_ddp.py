@@ -26,8 +26,8 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
         "freeze.unfreeze=[{epoch:1,train_from:layer3,lr_mult:0.5}]", "trainer.max_epochs=2",
         "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false", f"hydra.run.dir={run}",
-        # the options that draw or weigh per rank compose with DDP (ranks stay identical)
-        "data.sampler=balanced", "loss.class_weights=auto", "data.mix.mixup_alpha=0.2",
+        # the options that draw per rank compose with DDP (ranks stay identical)
+        "data.sampler=balanced", "data.mix.mixup_alpha=0.2",
         "trainer.early_stopping.patience=5", cwd=tmp_path)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     metrics = read_json(run / "metrics.json")

@@ -117,10 +117,6 @@ def config_problems(cfg: Any) -> list[str]:
         problems.append(f"model.ema.start_epoch={ema_start} is never reached (the run has "
                         f"{epochs} epochs, 0..{epochs - 1}): the EMA would never be updated; "
                         "lower it or raise trainer.max_epochs")
-    if cfg.data.get("sampler") == "balanced" and cfg.loss.get("class_weights") not in (None, []):
-        problems.append("loss.class_weights and data.sampler=balanced both correct the same "
-                        "class imbalance (the rare classes would count twice over); use one "
-                        "of them (docs/training.md, Imbalanced classes)")
     if cfg.optim.nesterov and (cfg.optim.name != "sgd" or cfg.optim.momentum <= 0):
         problems.append("optim.nesterov=true needs optim.name=sgd with optim.momentum > 0")
     package = LOGGERS[cfg.logger.name].package

@@ -18,6 +18,14 @@ class Multiclass(Task):
     extra_metrics = ("val/acc_top5",)
     evaluates = True
 
+    def problems(self, cfg: Any) -> list[str]:
+        if cfg.data.get("sampler") == "balanced" and \
+                cfg.loss.get("class_weights") not in (None, []):
+            return ["loss.class_weights and data.sampler=balanced both correct the same class "
+                    "imbalance (the rare classes would count twice over); use one of them "
+                    "(docs/training.md, Imbalanced classes)"]
+        return []
+
     def monitored_problems(self, cfg: Any, num_classes: int) -> list[str]:
         return [f"{key}={name}: top-5 accuracy is not measured with {num_classes} classes "
                 "(it would always be 1); use val/acc or val/loss"
