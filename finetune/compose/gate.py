@@ -166,39 +166,28 @@ _DOTTED_KEYS_ALLOWED = re.compile(
     r"|data\.limit_per_class)$")
 
 
-def _keys_problems(node: Any, where: str, path: str = "") -> list[str]:
-    """Mapping keys must be plain names (YAML allows numbers, lists, null as keys), without
-    dots: OmegaConf keeps `"model.kwargs.x": v` as one literal key where a check would read
-    it as nested, so a file has one key model (nested mappings), not two."""
-    problems: list[str] = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if not isinstance(key, str):
-                problems.append(f"{where}: {path or 'the top level'} has the key {key!r}; keys "
-                                "are names")
-                continue
-            if "." in key and not _DOTTED_KEYS_ALLOWED.match(path):
-                nested = "".join(f"{part}: {{" for part in key.split(".")[:-1])
-                nested += f"{key.split('.')[-1]}: ...{'}' * key.count('.')}"
-                problems.append(f"{where}: {path or 'the top level'} has the dotted key "
-                                f"{key!r}; write it nested ({nested}), one name per level")
-                continue
-            problems += _keys_problems(value, where, f"{path}.{key}" if path else key)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            problems += _keys_problems(value, where, f"{path}[{i}]")
-    return problems
-
-
-def _named_keys_only(node: Any, path: str = "") -> Any:
-    """`node` without the keys _keys_problems refuses (to check the rest of the file)."""
+def _named_keys(node: Any, where: str, problems: list[str], path: str = "") -> Any:
+    """`node` without the keys a file may not hold, each refused into `problems`: keys must be
+    plain names (YAML allows numbers, lists, null as keys), without dots (OmegaConf keeps
+    `"model.kwargs.x": v` as one literal key where a check would read it as nested, so a file
+    has one key model: nested mappings). The rest is returned to be checked too."""
     if isinstance(node, list):
-        return [_named_keys_only(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        return [_named_keys(v, where, problems, f"{path}[{i}]") for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
-    dotted_ok = _DOTTED_KEYS_ALLOWED.match(path)
-    return {k: _named_keys_only(v, f"{path}.{k}" if path else k) for k, v in node.items()
-            if isinstance(k, str) and ("." not in k or dotted_ok)}
+    kept = {}
+    for key, value in node.items():
+        if not isinstance(key, str):
+            problems.append(f"{where}: {path or 'the top level'} has the key {key!r}; keys "
+                            "are names")
+        elif "." in key and not _DOTTED_KEYS_ALLOWED.match(path):
+            nested = "".join(f"{part}: {{" for part in key.split(".")[:-1])
+            nested += f"{key.split('.')[-1]}: ...{'}' * key.count('.')}"
+            problems.append(f"{where}: {path or 'the top level'} has the dotted key "
+                            f"{key!r}; write it nested ({nested}), one name per level")
+        else:
+            kept[key] = _named_keys(value, where, problems, f"{path}.{key}" if path else key)
+    return kept
 
 
 def defaults_problems(defaults: Any, where: str) -> list[str]:
@@ -341,8 +330,8 @@ def recipe_problems(body: Any, where: str) -> list[str]:
         return []
     if not isinstance(body, dict):
         return [f"{where}: a recipe must be a mapping of keys, got {type(body).__name__}"]
-    problems = _keys_problems(body, where)
-    body = _named_keys_only(body)  # the rest is checked too: every problem at once
+    problems: list[str] = []
+    body = _named_keys(body, where, problems)  # the rest is checked too: every problem at once
     problems += defaults_problems(body.pop("defaults", None), where)
     problems += hydra_problems(body.pop("hydra", None), where)
     for key in ("extends", "description"):  # read as plain text, never by OmegaConf

@@ -93,32 +93,38 @@ def trusted_hashes() -> set[str]:
     return {line.split("#")[0].strip().lower() for line in text.splitlines()} - {""}
 
 
-def named_hash_problem(path: Path, what: str, prefix: str | None = None) -> str | None:
-    """Why the file in torch's hub cache may not be read: its sha256 does not start with the
-    hash its name carries (torch's check_hash rule) and the user has not vouched for it in
-    trusted_weights.txt. None: it may (or its name carries no hash). `recipes validate` and
-    the run ask the same question."""
+def _named_hash(path: Path, what: str, prefix: str | None) -> tuple[str | None, str | None]:
+    """(the file's sha256, why it may not be read): its sha256 does not start with the hash
+    its name carries (torch's check_hash rule) and the user has not vouched for it in
+    trusted_weights.txt. (None, None) when its name carries no hash or it is absent."""
     named = torch.hub.HASH_REGEX.search(path.name)
     prefix = prefix or (named.group(1) if named else None)
     if not prefix or not path.is_file():
-        return None
+        return None, None
     actual = artifacts.file_sha256(path)
     if actual.startswith(prefix) or actual in trusted_hashes():
-        return None
+        return actual, None
     trusted = locations.finetune_home() / TRUSTED_WEIGHTS
-    return (f"{what}: the cached file {path} has sha256 {actual}, which does not start with "
-            f"the {prefix} its name promises; it is corrupt or was replaced: delete it "
-            "and run again to download the real one, or, if you made it and placed it there "
-            f"yourself, vouch for it with this line in {trusted}: {actual} (echo {actual} >> "
-            f"{trusted})")
+    return actual, (
+        f"{what}: the cached file {path} has sha256 {actual}, which does not start with "
+        f"the {prefix} its name promises; it is corrupt or was replaced: delete it "
+        "and run again to download the real one, or, if you made it and placed it there "
+        f"yourself, vouch for it with this line in {trusted}: {actual} (echo {actual} >> "
+        f"{trusted})")
+
+
+def named_hash_problem(path: Path, what: str, prefix: str | None = None) -> str | None:
+    """Why the file in torch's hub cache may not be read (None: it may, or its name carries
+    no hash). `recipes validate` and the run ask the same question."""
+    return _named_hash(path, what, prefix)[1]
 
 
 def _verify_named_hash(path: Path, what: str, prefix: str | None = None) -> str:
-    """The file's sha256, once named_hash_problem has none."""
-    problem = named_hash_problem(path, what, prefix)
+    """The file's sha256 (hashed once), when named_hash_problem has nothing against it."""
+    actual, problem = _named_hash(path, what, prefix)
     if problem:
         raise FinetuneError(problem)
-    return artifacts.file_sha256(path)
+    return actual or artifacts.file_sha256(path)
 
 
 def _unreadable(path: Path, err: Exception) -> FinetuneError:
