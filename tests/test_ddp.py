@@ -5,6 +5,7 @@ including those an unfreeze phase opened after DDP wrapped the model."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import torch
@@ -59,9 +60,12 @@ def test_multilabel_under_ddp_validates_every_image_once(tmp_path: Path) -> None
     result = run_cli(
         "recipe=digits_multilabel", "data.classes=[1,4,7,8]", "trainer.max_epochs=1",
         "trainer.limit_train_batches=2", "data.batch_size=8", "trainer.strategy=ddp",
-        "trainer.devices=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        f"hydra.run.dir={run}", cwd=tmp_path)
+        "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.run.dir={run}", cwd=tmp_path)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    # output to a file (a pipe here): one line per epoch, from rank zero, and no bar frames
+    assert re.findall(r"^finetune: epoch 0 of 1: .*val/loss", result.stdout, re.M) != []
+    assert result.stdout.count("finetune: epoch 0 of 1:") == 1
+    assert "\r" not in result.stdout + result.stderr and "it/s]" not in result.stderr
     metrics = read_json(run / "metrics.json")
     assert metrics["status"] == "complete" and metrics["world_size"] == 2
     assert metrics["ddp"]["trained_tensors_identical_across_ranks"]

@@ -332,6 +332,36 @@ def test_output_is_finetunes_own_unless_debug(level: str, tmp_path: Path,
         assert any("GPU available" in m for m in lightning), lightning
 
 
+def test_one_off_library_lines_are_filtered_for_the_run_only(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """matplotlib's font-cache line and Lightning's "dirpath has changed" on a resume into a
+    new run dir are filtered while a run runs, and come back after it."""
+    import warnings
+
+    from finetune.training.quiet import quiet_output
+
+    font = "Matplotlib is building the font cache; this may take a moment."
+    dirpath = "The dirpath has changed from '/a/checkpoints' to '/b/checkpoints', therefore"
+
+    def said() -> tuple[list[str], list[str]]:
+        with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO):
+            warnings.simplefilter("always")
+            caplog.clear()
+            with quiet_output("info"):
+                logging.getLogger("matplotlib.font_manager").warning(font)
+                warnings.warn(dirpath, UserWarning, stacklevel=1)
+            inside = [r.getMessage() for r in caplog.records] + [str(w.message) for w in seen]
+            caplog.clear()
+            seen.clear()
+            logging.getLogger("matplotlib.font_manager").warning(font)
+            warnings.warn(dirpath, UserWarning, stacklevel=1)
+            return inside, [r.getMessage() for r in caplog.records] + [str(w.message)
+                                                                      for w in seen]
+
+    inside, after = said()
+    assert inside == [] and after == [font, dirpath]
+
+
 def test_the_checkpoint_policy_keeps_what_it_says(tmp_path: Path) -> None:
     """checkpoint.keep and checkpoint.optimizer: best.ckpt holds weights only, identical
     files are stored once, a weights-only checkpoint is refused as a resume in one line."""
@@ -357,6 +387,33 @@ def test_the_checkpoint_policy_keeps_what_it_says(tmp_path: Path) -> None:
     assert kept == ["best.ckpt"]
     assert "optimizer_states" not in torch.load(only_best / "checkpoints" / "best.ckpt",
                                                 map_location="cpu", weights_only=True)
+
+
+def test_top_k_keeps_the_k_best_epochs_by_the_runs_metric(tmp_path: Path) -> None:
+    """checkpoint.keep=topK (timm's checkpoint history): the K epochs with the best `metric`
+    (val/loss here: lower is better), weights only, and last.ckpt to resume from;
+    metrics.json lists them best first."""
+    from finetune.rundir.artifacts import epoch_metrics
+    from finetune.training.run import checkpoint_monitor, ranked_checkpoints
+
+    assert [ranked_checkpoints(k) for k in ("auto", "last", "none", "best", "both", "top2",
+                                            "top10")] == [0, 0, 0, 1, 1, 2, 10]
+    assert [checkpoint_monitor(m) for m in ("val/acc", "best/val/acc", "val/loss", "val/f1")] \
+        == [("val/acc", "max"), ("val/acc", "max"), ("val/loss", "min"), ("val/f1", "max")]
+    run = train_here(*QUICK, *SHRINK, "trainer.max_epochs=4", "trainer.limit_train_batches=1",
+                     "checkpoint.keep=top2", "metric=val/loss", run_dir=tmp_path / "top")
+    losses = epoch_metrics(run / "metrics.csv")["val/loss"]
+    best_two = sorted(losses, key=lambda epoch: losses[epoch])[:2]
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == sorted([*(f"top-epoch{e}.ckpt" for e in best_two), "last.ckpt"])
+    ranked = read_json(run / "metrics.json")["ranked_checkpoints"]
+    assert [r["file"] for r in ranked] == [f"checkpoints/top-epoch{e}.ckpt" for e in best_two]
+    assert [r["val/loss"] for r in ranked] == pytest.approx([losses[e] for e in best_two],
+                                                            abs=1e-5)
+    top = torch.load(run / "checkpoints" / f"top-epoch{best_two[0]}.ckpt", map_location="cpu",
+                     weights_only=True)
+    assert "optimizer_states" not in top and "optimizer_states" in torch.load(
+        run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def test_a_refused_run_removes_only_its_own_bookkeeping(tmp_path: Path) -> None:

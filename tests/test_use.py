@@ -118,6 +118,7 @@ def test_export_with_parity(trained: tuple[Path, Path, Path], tmp_path: Path, fm
                                f"output={target}", capsys=capsys)
     assert code == 0, err[-2000:]
     assert "max abs difference" in out
+    assert "[torch.onnx]" not in out + err  # the exporter's progress lines are not ours
     info = json.loads((tmp_path / f"model.{fmt}.json").read_text())
     assert info["class_names"] == ["3", "7", "8"] and info["preprocessing"]["crop"] == 32
     resize = info["preprocessing"]["resize"]

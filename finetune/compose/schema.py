@@ -274,7 +274,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("skip", "error"),
     "data.sampler": ("shuffle", "balanced"),
     "log_level": ("info", "debug"),
-    "checkpoint.keep": ("auto", "last", "best", "both", "none"),
+    "checkpoint.keep": ("auto", "last", "best", "both", "none",
+                        *(f"top{k}" for k in range(2, 11))),
     "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
     "eval.checkpoint": ("last", "best"),
     "sweep.pruner.name": PRUNERS,  # finetune/sweeps/study.py

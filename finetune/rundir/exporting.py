@@ -60,6 +60,7 @@ def _onnx(model: nn.Module, path: Path) -> Any | None:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (_example(model, 2),), str(path), input_names=["image"],
                           output_names=["output"], dynamo=True,
+                          verbose=False,  # its "[torch.onnx] Obtain model graph..." lines
                           # one portable file (the tensors inside the graph), as a model under
                           # protobuf's 2 GB limit can be; larger ones keep model.onnx.data
                           external_data=_too_large_for_one_file(model),

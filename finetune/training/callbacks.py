@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,11 @@ class BestWeights(pl.Callback):
                       for k, v in pl_module.model.state_dict().items()}
 
 
+def progress_bar_on(wanted: bool) -> bool:
+    """trainer.enable_progress_bar as the run applies it: the bar redraws one line with carriage
+    returns, which reads well on a terminal (or in a notebook) and is hundreds of frames in a file
+    (`> train.log 2>&1`, a batch job); there the run prints one line per epoch instead."""
+    return wanted and (sys.stderr.isatty() or "ipykernel" in sys.modules)
 
 
 class EpochLine(pl.Callback):

@@ -26,6 +26,9 @@ FILTERED_WARNINGS: list[tuple[str, str]] = [
     (r"The number of training batches \(\d+\) is smaller than the logging interval",
      "metrics.csv gets every epoch's values regardless; short runs are the norm in tests and "
      "few-shot runs"),
+    (r"The dirpath has changed from",
+     "a run resumed into a new run dir ranks its best checkpoints among the epochs trained "
+     "there (the resume line says so); last.ckpt, what a resume reads, is unaffected"),
     (r"You are trying to `self.log\(\)` but the `self.trainer` reference is not registered",
      "only raised for steps run outside a Trainer (a module used directly)"),
 ]
@@ -44,6 +47,15 @@ LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero",
 ERROR_ONLY_LOGGERS = ("huggingface_hub.utils._http",)
 
 
+# matplotlib's "building the font cache; this may take a moment" (its first run on a machine,
+# logged from a timer thread while the run trains): a one-off of the plotting library, not the run.
+FONT_CACHE_LOGGER = "matplotlib.font_manager"
+
+
+def _not_font_cache(record: logging.LogRecord) -> bool:
+    return "building the font cache" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def quiet_output(level: str = "info") -> Iterator[None]:
     """Filter the third-party noise for the duration of a run (`level`: info | debug)."""
@@ -53,6 +65,8 @@ def quiet_output(level: str = "info") -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
     hub = [logging.getLogger(name) for name in ERROR_ONLY_LOGGERS]
     levels = [logger.level for logger in loggers + hub]
+    fonts = logging.getLogger(FONT_CACHE_LOGGER)
+    fonts.addFilter(_not_font_cache)
     with warnings.catch_warnings():
         for pattern, _why in FILTERED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
@@ -65,6 +79,7 @@ def quiet_output(level: str = "info") -> Iterator[None]:
         finally:
             for logger, old in zip(loggers + hub, levels, strict=True):
                 logger.setLevel(old)
+            fonts.removeFilter(_not_font_cache)
 
 
 class TerminalFormatter(logging.Formatter):

@@ -39,6 +39,7 @@ from finetune.training.callbacks import (
     StopEarly,
     Terminated,
     ThroughputMeter,
+    progress_bar_on,
     stop_name,
 )
 from finetune.training.lightning_module import FinetuneModule, StepOptions
@@ -47,7 +48,6 @@ from finetune.training.plan import RunContext, RunPlan, plan_run
 from finetune.training.quiet import quiet_output
 from finetune.training.resume import check_resumable, resume_checkpoint
 from finetune.training.save import (
-    MONITOR,
     NonFiniteMetrics,
     log_built,
     parameter_counts,
@@ -185,6 +185,11 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs,
                                ema=cfg.model.ema.decay is not None)
                if checkpoint is not None else ([], []))
+    if checkpoint is not None and checkpoint.parent.parent.resolve() != run_dir.resolve() \
+            and ranked_checkpoints(checkpoints_kept(cfg.checkpoint.keep,
+                                                  context.sweep_dir is not None)):
+        log.info("resume: the best checkpoints kept here rank the epochs trained in this run "
+                 "dir; those of the earlier epochs stay in %s", checkpoint.parent)
     features = feature_cache(cfg, plan)
     pruning = pruning_callback(cfg, context.sweep_dir, run_dir)  # a study's trial
     trainer, meter = make_trainer(cfg, run_dir, history, features, context.launched,
@@ -201,8 +206,9 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
         raise friendly from None
     if not trainer.is_global_zero:
         return float(trainer.callback_metrics.get(cfg.metric, float("nan")))
-    artifacts.link_if_identical(run_dir / artifacts.CHECKPOINTS / "best.ckpt",
-                                run_dir / artifacts.CHECKPOINTS / artifacts.LAST_CHECKPOINT)
+    kept = run_dir / artifacts.CHECKPOINTS
+    for ranked in sorted(kept.glob("best.ckpt")) + sorted(kept.glob("top-epoch*.ckpt")):
+        artifacts.link_if_identical(ranked, kept / artifacts.LAST_CHECKPOINT)
     metrics = save_run(run_dir, cfg, context, built, freeze, data, prep, module, trainer, meter,
                        cache_info(features), plan.groups)
     if cfg.eval.report:
@@ -270,6 +276,21 @@ def checkpoints_kept(keep: str, sweep: bool) -> str:
     return ("none" if sweep else "last") if keep == "auto" else keep
 
 
+def ranked_checkpoints(keep: str) -> int:
+    """How many of the best epochs checkpoints/ keeps: best and both keep one (best.ckpt),
+    topK keeps K (top-epochE.ckpt, with last.ckpt to resume from), the others none."""
+    if keep.startswith("top"):
+        return int(keep.removeprefix("top"))
+    return 1 if keep in ("best", "both") else 0
+
+
+def checkpoint_monitor(metric: str) -> tuple[str, str]:
+    """The logged value that ranks checkpoints, and its direction: the run's `metric` (best/val/acc
+    ranks by val/acc; a loss is lower-is-better)."""
+    logged = metric.removeprefix("best/")
+    return logged, "min" if logged.endswith("loss") else "max"
+
+
 def make_trainer(cfg: DictConfig, run_dir: Path,
                  history: tuple[list[str], list[list[str]]] = ([], []),
                  features: cache.FeatureCache | str | None = None,
@@ -281,24 +302,29 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     feature cache callback, when the run caches; `launched`: when the command started."""
     meter = ThroughputMeter(launched)
     keep = checkpoints_kept(cfg.checkpoint.keep, sweep)
+    ranked = ranked_checkpoints(keep)
+    monitor, mode = checkpoint_monitor(cfg.metric)
+    bar = progress_bar_on(cfg.trainer.enable_progress_bar)
     callbacks = [
-        # best.ckpt holds weights only: a resume continues from last.ckpt
-        *([ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="best",
-                           monitor=MONITOR, mode="max", auto_insert_metric_name=False,
-                           enable_version_counter=False, save_weights_only=True)]
-          if keep in ("best", "both") else []),
+        # best.ckpt / top-epochE.ckpt hold weights only: a resume continues from last.ckpt
+        *([ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS,
+                           filename="best" if ranked == 1 else "top-epoch{epoch}",
+                           monitor=monitor, mode=mode, save_top_k=ranked,
+                           auto_insert_metric_name=False, enable_version_counter=False,
+                           save_weights_only=True)]
+          if ranked else []),
         # Lightning 2.6's save_last only refreshes last.ckpt when a top-k save happened in the
         # same step; a monitor-less checkpoint keeps it truly the last.
         *([ModelCheckpoint(dirpath=run_dir / artifacts.CHECKPOINTS, filename="last",
                            monitor=None, save_top_k=1, enable_version_counter=False,
                            save_weights_only=not cfg.checkpoint.optimizer)]
-          if keep in ("last", "both") else []),
+          if keep in ("last", "both") or ranked > 1 else []),
         meter,  # before the cache: computing the features counts as training time
         SaveOnInterrupt(run_dir, lambda message, path: artifacts.write_json(
             run_dir / artifacts.METRICS, {"status": "interrupted", "error": [message],
                                           "checkpoint": path})),
         *([features] if isinstance(features, cache.FeatureCache) else []),
-        *([] if cfg.trainer.enable_progress_bar else [EpochLine()]),
+        *([] if bar else [EpochLine()]),
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
@@ -324,6 +350,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     # Lightning's model summary: its FLOPs column is 0 for these models and the plan lines say
     # what trains; log_level=debug shows it.
     trainer_kwargs.setdefault("enable_model_summary", cfg.log_level == "debug")
+    trainer_kwargs["enable_progress_bar"] = bar
     trainer_kwargs["enable_checkpointing"] = keep != "none"  # else Lightning adds its own
     trainer = pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
                          use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],

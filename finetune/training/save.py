@@ -13,6 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from finetune.data.datamodule import ImageDataModule
@@ -235,6 +236,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
         **parameter_counts(module.model),
+        **({"ranked_checkpoints": kept} if (kept := ranked_checkpoints(trainer, run_dir)) else {}),
         **({"early_stopping": stopped} if (stopped := early_stop_summary(trainer)) else {}),
         **({"pruned": pruned} if (pruned := pruned_summary(trainer)) else {}),
         **({"ema": averaged} if (averaged := ema_summary(trainer)) else {}),
@@ -318,6 +320,20 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 MONITOR = "val/acc"
+
+
+def ranked_checkpoints(trainer: pl.Trainer, run_dir: Path) -> list[dict[str, Any]]:
+    """The best checkpoints kept (checkpoint.keep=best/both/topK), best first: each file (in the
+    run dir) and the value that ranked it."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_k_models:
+            ranked = sorted(callback.best_k_models.items(), key=lambda item: float(item[1]),
+                            reverse=callback.mode == "max")
+            here = run_dir.resolve()
+            return [{"file": Path(path).resolve().relative_to(here).as_posix(),
+                     callback.monitor: round(float(value), 6)} for path, value in ranked
+                    if Path(path).resolve().is_relative_to(here)]
+    return []
 
 
 def log_built(cfg: DictConfig, built: Built) -> None:
