@@ -429,6 +429,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("checkpoint.keep=topK keeps no last.ckpt to resume from", "finetune/training/run.py",
      '          if keep in ("last", "both") or ranked > 1 else []),',
      '          if keep in ("last", "both") else []),', "tests/test_train_e2e.py -k top_k"),
+    ("logger=wandb from a recipe syncs online", "finetune/training/loggers.py",
+     "offline=not online,", "offline=False,", "tests/test_train_e2e.py -k weights_and_biases"),
+    ("the W&B summary misses the run's final figures", "finetune/training/loggers.py",
+     "        experiment.summary.update(", "        dict(",
+     "tests/test_train_e2e.py -k weights_and_biases"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -216,6 +217,31 @@ def test_imagefolder_of_pngs_with_tensorboard(digits_folder: Path, tmp_path: Pat
     assert listed[0] == "path,reason" and len(listed) == 3
     assert "skipped 2 images that cannot be decoded" in caplog.text
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_weights_and_biases_logs_offline_into_the_run_dir(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """logger=wandb: the run's figures in RUN_DIR/wandb, offline (nothing leaves the machine
+    unless WANDB_MODE=online is set where the command runs), its summary the final metrics."""
+    pytest.importorskip("wandb")
+    for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = train_here(*QUICK, *SHRINK, "trainer.max_epochs=2", "logger=wandb",
+                     run_dir=tmp_path / "run")
+    metrics = read_json(run / "metrics.json")
+    [record] = (run / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+
+    def summary(key: str) -> object:
+        """A summary item's value in the record (protobuf: the key, then its JSON value)."""
+        data = record.read_bytes()
+        at = data.rindex(b"\n" + bytes([len(key)]) + key.encode() + b"\x82\x01")
+        at += 2 + len(key) + 2
+        return json.loads(data[at + 1:at + 1 + data[at]])
+
+    assert summary("val/acc") == pytest.approx(metrics["val/acc"], abs=1e-6)
+    assert summary("best/epoch") == metrics["best/epoch"]
+    assert summary("train_images") == metrics["train_images"]
 
 
 def test_googlenet_trains_with_its_auxiliary_heads(tmp_path: Path) -> None:

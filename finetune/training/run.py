@@ -213,6 +213,8 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                        cache_info(features), plan.groups)
     if cfg.eval.report:
         write_report(run_dir)
+    for logger in trainer.loggers[1:]:  # the chosen logger's, after the CSV one
+        LOGGERS[cfg.logger.name].finish(logger, metrics)
     print_summary(run_dir, metrics)
     value = metrics.get(cfg.metric)
     return float(value) if value is not None else float("nan")
