@@ -434,6 +434,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("the W&B summary misses the run's final figures", "finetune/training/loggers.py",
      "        experiment.summary.update(", "        dict(",
      "tests/test_train_e2e.py -k weights_and_biases"),
+    ("tta=crops classifies the centre crop alone", "finetune/data/transforms.py",
+     '    if "crops" not in tta:\n', "    if True:\n", "tests/test_use.py -k test_time"),
+    ("tta=flip leaves out the mirrored views", "finetune/rundir/inference.py",
+     "        if self.flip:\n", "        if False:\n", "tests/test_use.py -k test_time"),
+    ("evaluate fits a temperature under tta", "finetune/commands/evaluate.py",
+     '    if calibrate and tta != "none":', "    if False:", "tests/test_use.py -k with_tta"),
 ]
 
 

@@ -42,10 +42,11 @@ def load(run_dir: str | Path, device: Any = None) -> nn.Module:
     return load_run(run_dir, device)
 
 
-def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64
-            ) -> Predictions:
+def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64,
+            tta: str = "none") -> Predictions:
     """Top-k class names and probabilities for image files (a path, a folder, or a list of
-    paths) from a model `load` returned, or from a run dir."""
+    paths) from a model `load` returned, or from a run dir. `tta`: none | flip | crops |
+    flip+crops (test-time augmentation: the logits of each image's views averaged)."""
     # lazy: keeps torch off a torch-free path
     from torch import nn
 
@@ -55,5 +56,5 @@ def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64
     model = model_or_run if isinstance(model_or_run, nn.Module) else load_run(model_or_run)
     paths = ([Path(p) for p in images] if isinstance(images, list | tuple)
              else list_images(images))
-    return predict_images(model, paths, topk, batch_size)
+    return predict_images(model, paths, topk, batch_size, tta=tta)
 

@@ -299,3 +299,58 @@ def test_export_output_may_name_a_folder(tmp_path: Path) -> None:
     assert export_target(run, "onnx", str(tmp_path / "deploy")) == tmp_path / "deploy" / \
         "model.onnx"
     assert export_target(run, "onnx", str(tmp_path / "mine.onnx")) == tmp_path / "mine.onnx"
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "crops", "flip+crops"])
+def test_test_time_augmentation_averages_the_logits_of_every_view(
+        trained: tuple[Path, Path, Path], tta: str) -> None:
+    """predict tta=: each image's logits averaged over its views (the mirror; the four corners
+    and the centre of the resized image), computed here by hand from torchvision's functions."""
+    import dataclasses
+
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from finetune.data.transforms import eval_transform
+
+    _, images, run = trained
+    model = finetune.load(run)
+    # a margin around the crop, as ImageNet's 256 -> 224 (this run's digits are resized to
+    # about the crop, where the five crops would be almost one)
+    prep = dataclasses.replace(model.preprocessing, resize=model.preprocessing.crop + 16)
+    object.__setattr__(model, "preprocessing", prep)
+    object.__setattr__(model, "transform", eval_transform(prep))
+    paths = sorted((images / "val").rglob("*.png"))[:6]
+    got = finetune.predict(model, paths, topk=3, tta=tta)
+    for path, row in zip(paths, got.rows, strict=True):
+        resized = F.resize(F.to_image(Image.open(path).convert("RGB")), [prep.resize],
+                           antialias=True)
+        views = list(F.five_crop(resized, [prep.crop])) if "crops" in tta else [
+            F.center_crop(resized, [prep.crop])]
+        views += [F.horizontal_flip(v) for v in views] if "flip" in tta else []
+        batch = torch.stack([F.normalize(F.to_dtype(v, torch.float32, scale=True), prep.mean,
+                                         prep.std) for v in views])
+        with torch.inference_mode():
+            probs = torch.softmax(model(batch).mean(0), 0)
+        top = probs.topk(3)
+        assert row["labels"] == [model.class_names[i] for i in top.indices.tolist()]
+        assert row["probs"] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_evaluate_with_tta_records_it_and_refuses_what_cannot_hold(
+        trained: tuple[Path, Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _, _, run = trained
+    code, out, err = main_here("evaluate", f"run={run}", "tta=flip+crops",
+                               f"output={tmp_path}", capsys=capsys)
+    assert code == 0, err
+    result = read_json(tmp_path / "eval.json")
+    assert result["tta"] == "flip+crops" and result["images"] == 30
+    assert "val split (tta=flip+crops), 30 images: acc " in out
+    code, _, err = main_here("evaluate", f"run={run}", "tta=mirror", f"output={tmp_path}",
+                             capsys=capsys)
+    assert (code, err) == (2, "finetune evaluate: error: tta='mirror' is not one of none, flip, "
+                              "crops, flip+crops\n")
+    code, _, err = main_here("evaluate", f"run={run}", "tta=flip", "calibrate=true",
+                             f"output={tmp_path}", capsys=capsys)
+    assert code == 2 and "calibrate=true with tta=flip: the temperature is fitted for" in err

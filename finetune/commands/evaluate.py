@@ -1,5 +1,6 @@
 """`finetune evaluate run=RUN_DIR [data=... data.root=... | data.KEY=...]
-[split=auto|test|val|train|all] [calibrate=true] [output=DIR] [batch_size=64]`
+[split=auto|test|val|train|all] [calibrate=true] [tta=none|flip|crops|flip+crops]
+[output=DIR] [batch_size=64]`
 
 Evaluates a finished run on labelled data: by default the run's own data (the split it never
 trained on: test when it has one, else val), or any data given with data= / data.* (its
@@ -10,7 +11,8 @@ normalized, the ECE over 15 bins and the reliability table, the most confidently
 images) and eval_predictions.csv into the run dir (or output=DIR), and rebuilds its
 report.html. calibrate=true first fits a temperature on the run's own validation split and
 records it in the manifest: predict and export apply it from then on; eval.json shows the
-figures before and after.
+figures before and after. tta= evaluates with test-time augmentation (each image's views'
+logits averaged: its mirror, its five crops, or both); eval.json records it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from finetune.tasks.table import task_of
 
 COMMAND = "evaluate"
 ARGS: dict[str, str | None] = {"run": None, "split": "auto", "calibrate": "false",
-                               "output": "", "batch_size": "64"}
+                               "tta": "none", "output": "", "batch_size": "64"}
 SPLITS = ("auto", "test", "val", "train", "all")
 EVAL = "eval.json"  # (html_report.EVAL_FILE: the run's page shows it)
 EVAL_PREDICTIONS = "eval_predictions.csv"
@@ -121,7 +123,7 @@ def temperature_problem(temperature: float, accuracy: float) -> str | None:
 
 def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto",
                  calibrate: bool = False, output: str | Path | None = None,
-                 batch_size: int = 64) -> tuple[dict[str, Any], Path]:
+                 batch_size: int = 64, tta: str = "none") -> tuple[dict[str, Any], Path]:
     """Evaluate a run dir (see the module doc); returns (eval.json's content, its path)."""
     # lazy: keeps torch off a torch-free path
     from finetune.data.datamodule import build_datamodule
@@ -130,10 +132,14 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
     from finetune.rundir import artifacts, evaluation, html_report
 
     # lazy: keeps torch off a torch-free path
-    from finetune.rundir.inference import load_run
+    from finetune.rundir.inference import load_run, with_tta
 
     if split not in SPLITS:
         raise FinetuneError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    if calibrate and tta != "none":
+        raise FinetuneError(f"calibrate=true with tta={tta}: the temperature is fitted for "
+                            "the plain predictions predict and export make; calibrate "
+                            "first, then evaluate with tta=")
     model = load_run(run)
     manifest = model.manifest
     if not model.class_names:
@@ -151,13 +157,14 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
     calibration = calibrate_on_val(model, recorded, batch_size,
                                    None if overrides else data) if calibrate else None
     temperature = calibration["temperature"] if calibration else manifest.temperature
-    dataset = data.eval_dataset(chosen)
-    result, outputs = evaluation.evaluate(model, dataset, model.class_names, temperature,
+    net, transform = with_tta(model, tta)
+    dataset = data.eval_dataset(chosen, None if tta == "none" else transform)
+    result, outputs = evaluation.evaluate(net, dataset, model.class_names, temperature,
                                           batch_size, mapping)
     if temperature != 1.0:
         plain = evaluation.metrics(outputs, model.class_names, 1.0)
         result["uncalibrated"] = {k: plain[k] for k in ("ece", "loss", "acc")}
-    result = {"run": str(Path(run).resolve()), "split": chosen,
+    result = {"run": str(Path(run).resolve()), "split": chosen, "tta": tta,
               "data": {"name": data_cfg.name, "root": data_cfg.get("root"),
                        "overrides": list(overrides)},
               **({"calibration": calibration} if calibration else {}), **result}
@@ -198,12 +205,13 @@ def main(argv: list[str] | None = None) -> None:
             raise FinetuneError(f"calibrate is true or false and batch_size >= 1; "
                                 f"{usage(COMMAND)}")
         result, path = evaluate_run(args["run"], data_args, args["split"], calibrate == "true",
-                                    args["output"] or None, batch_size)
+                                    args["output"] or None, batch_size, args["tta"])
     except FinetuneError as err:
         for line in err.problems:
             print(f"finetune {COMMAND}: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
-    line = (f"finetune {COMMAND}: {result['split']} split, {result['images']} images: acc "
+    views = "" if result["tta"] == "none" else f" (tta={result['tta']})"
+    line = (f"finetune {COMMAND}: {result['split']} split{views}, {result['images']} images: acc "
             f"{result['acc']:.4f}, macro F1 {result['macro/f1']:.4f}, ECE {result['ece']:.4f}")
     if "uncalibrated" in result:
         line += (f" (temperature {result['temperature']:g}; before: ECE "

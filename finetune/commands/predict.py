@@ -1,8 +1,10 @@
 """`finetune predict run=RUN_DIR input=FILE_OR_DIR [output=predictions.csv] [topk=3]
-[batch_size=64] [max_pixels=N]`
+[batch_size=64] [max_pixels=N] [tta=none|flip|crops|flip+crops]`
 
 Writes a CSV: path, then the top-k labels (class names) and probabilities. Unreadable images,
 and those over max_pixels (default: the run's data.max_image_pixels), are listed and skipped.
+tta= averages the logits of each image's views: its mirror (flip), its five crops (crops), or
+both (ten views); slower by as many views.
 (The work is in finetune/rundir/inference.py; this module is only the command.)
 """
 
@@ -17,7 +19,7 @@ from finetune.errors import FinetuneError, run_entry_point
 COMMAND = "predict"
 
 ARGS = {"run": None, "input": None, "output": "predictions.csv", "topk": "3",
-        "batch_size": "64", "max_pixels": ""}  # "": the run's data.max_image_pixels
+        "batch_size": "64", "max_pixels": "", "tta": "none"}  # "": the run's data.max_image_pixels
 
 
 def output_problem(output: str) -> str | None:
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
 
         model = load_run(args["run"])
         predictions = predict_images(model, list_images(args["input"]), topk, batch_size,
-                                     max_pixels)
+                                     max_pixels, args["tta"])
         for path, reason in predictions.unreadable:
             print(f"finetune {COMMAND}: skipped unreadable image {path}: {reason}", file=sys.stderr)
         if not predictions.rows:

@@ -199,16 +199,17 @@ class ImageDataModule(pl.LightningDataModule):
                           pin_memory=torch.cuda.is_available(),
                           generator=torch.Generator().manual_seed(derive(self.seed, 3)))
 
-    def eval_dataset(self, split: str) -> Any:
-        """A split (train, val, test, or all of them) with the deterministic eval transform:
-        what evaluation reads (images, also after a feature cache replaced the loaders')."""
+    def eval_dataset(self, split: str, transform: Any = None) -> Any:
+        """A split (train, val, test, or all of them) with the deterministic eval transform
+        (or `transform`: test-time augmentation's views): what evaluation reads (images, also
+        after a feature cache replaced the loaders')."""
         parts = [self.splits[name] for name in (("train", "val", "test") if split == "all"
                                                  else (split,)) if name in self.splits]
         if not parts:
             raise FinetuneError(f"split={split}: this data has no such split")
         items = (torch.cat([p.items for p in parts]) if isinstance(parts[0].items, torch.Tensor)
                  else [x for p in parts for x in p.items])
-        return self.make_eval(Split(items, [y for p in parts for y in p.labels]))
+        return self.make_eval(Split(items, [y for p in parts for y in p.labels]), transform)
 
     def class_counts(self) -> list[int]:
         """Training images per class, in class order."""
@@ -309,8 +310,12 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     if augment:
         check_augment(training, prep, augment,
                       open_rgb(train.items[0], max_pixels) if not in_memory else train.items[0])
-    def make_eval(part: Split) -> Any:
-        return dataset(part.items, part.labels, eval_transform(prep), **extra)
+    def make_eval(part: Split, transform: Any = None) -> Any:
+        if transform is None:
+            return dataset(part.items, part.labels, eval_transform(prep), **extra)
+        # another transform reads the files themselves (decoded rows are one view's pixels)
+        return dataset(part.items, part.labels, transform,
+                       **{k: v for k, v in extra.items() if k != "decoded"})
 
     data = ImageDataModule(
         dataset(train.items, train.labels, training, bool(augment), **extra),

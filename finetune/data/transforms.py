@@ -18,6 +18,29 @@ def eval_transform(prep: Preprocessing) -> v2.Compose:
     return v2.Compose([*resize_crop(prep), *_to_normalized(prep)])
 
 
+# Test-time augmentation (evaluate / predict `tta=`): the views of each image whose logits are
+# averaged. `crops`: the four corners and the centre of the resized image (torchvision's
+# FiveCrop, as its reference scripts' ten-crop evaluation); `flip`: each view and its mirror.
+TTA = ("none", "flip", "crops", "flip+crops")
+
+
+class _Stacked(v2.Transform):
+    """The five crops as one (5, C, H, W) tensor (a class, not a lambda: it pickles)."""
+
+    def forward(self, *inputs: Any) -> Any:
+        views = inputs[0] if len(inputs) == 1 else inputs
+        return torch.stack(list(views))
+
+
+def tta_transform(prep: Preprocessing, tta: str) -> v2.Compose:
+    """The eval transform for `tta`: with crops, each image becomes its five crops stacked
+    (V, C, H, W); otherwise the plain eval transform (a flip is taken on the model's side)."""
+    if "crops" not in tta:
+        return eval_transform(prep)
+    plain = resize_crop(prep)
+    return v2.Compose([*plain[:-1], v2.FiveCrop(prep.crop), *_to_normalized(prep), _Stacked()])
+
+
 def train_transform(prep: Preprocessing, augment: list[Any]) -> v2.Compose:
     """Resize and crop as in eval, then the configured augmentations, then normalize."""
     extra = [make_transform(spec, prep.crop) for spec in augment]

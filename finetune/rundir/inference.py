@@ -18,7 +18,7 @@ from torch import nn
 
 from finetune import plugins
 from finetune.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageProblem, open_rgb
-from finetune.data.transforms import eval_transform
+from finetune.data.transforms import TTA, eval_transform, tta_transform
 from finetune.errors import FinetuneError
 from finetune.models.backbones import Preprocessing
 from finetune.models.builder import assemble
@@ -84,6 +84,34 @@ def list_images(path: str | Path) -> list[Path]:
     return files
 
 
+class Augmented(nn.Module):
+    """Test-time augmentation around a model: each image's logits averaged over its views —
+    the five crops (an input of shape (B, 5, C, H, W), from `tta_transform`) and, with
+    `flip`, each view mirrored left-right. Logits, not probabilities, are averaged: a
+    calibrated temperature divides them as it divides one view's."""
+
+    def __init__(self, model: nn.Module, flip: bool) -> None:
+        super().__init__()
+        self.model, self.flip = model, flip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = x if x.dim() == 5 else x.unsqueeze(1)
+        if self.flip:
+            views = torch.cat([views, views.flip(-1)], dim=1)
+        out = self.model(views.flatten(0, 1))
+        out = out[0] if isinstance(out, tuple | list) else out
+        return out.view(views.shape[0], views.shape[1], -1).mean(1)
+
+
+def with_tta(model: nn.Module, tta: str) -> tuple[nn.Module, Any]:
+    """The model and the transform to classify with under `tta` (one of TTA)."""
+    if tta not in TTA:
+        raise FinetuneError(f"tta={tta!r} is not one of {', '.join(TTA)}")
+    if tta == "none":
+        return model, model.transform
+    return Augmented(model, "flip" in tta).eval(), tta_transform(model.preprocessing, tta)
+
+
 @dataclass
 class Predictions:
     """Top-k classes per readable image, and the images that could not be read."""
@@ -108,9 +136,10 @@ def max_pixels_of(model: nn.Module) -> int:
 
 
 def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_size: int = 64,
-                   max_pixels: int | None = None) -> Predictions:
+                   max_pixels: int | None = None, tta: str = "none") -> Predictions:
     """Classify `paths` with a model from `load_run`; unreadable images (and those over
-    `max_pixels`, by default the run's data.max_image_pixels) are skipped and listed."""
+    `max_pixels`, by default the run's data.max_image_pixels) are skipped and listed. `tta`:
+    none, flip, crops or flip+crops (test-time augmentation: the views' logits averaged)."""
     if not getattr(model, "class_names", None):
         raise FinetuneError("this run is a feature extractor (head: none): it has no classes "
                             "to predict; use finetune.load(run_dir) for its features")
@@ -118,12 +147,13 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
     out = Predictions(list(model.class_names), task=getattr(manifest, "task", DEFAULT_TASK))
     task = task_of(out.task)
     device = next(model.parameters()).device
+    net, transform = with_tta(model, tta)
     batch: list[torch.Tensor] = []
     names: list[str] = []
 
     def flush() -> None:
         with torch.inference_mode():
-            logits = model(torch.stack(batch).to(device))
+            logits = net(torch.stack(batch).to(device))
             rows = task.predict(logits.cpu(), out.classes, topk, manifest)
         out.rows += [{"path": path, **row} for path, row in zip(names, rows, strict=True)]
         batch.clear()
@@ -132,7 +162,7 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
     limit = max_pixels or max_pixels_of(model)
     for path in paths:
         try:
-            batch.append(model.transform(open_rgb(path, limit)))
+            batch.append(transform(open_rgb(path, limit)))
         except ImageProblem as err:
             out.unreadable.append((str(path), str(err)))
             continue

@@ -67,8 +67,10 @@ class WandB(RunLogger):
     package = "wandb"
 
     def make(self, run_dir: Path) -> list[Any]:
-        # lazy: keeps torch off a torch-free path; an optional extra (finetune[wandb])
+        # lazy: an optional extra (finetune[wandb])
         import wandb
+
+        # lazy: keeps torch off a torch-free path
         from pytorch_lightning.loggers import WandbLogger
 
         online = os.environ.get("WANDB_MODE") == "online"
