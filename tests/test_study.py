@@ -212,7 +212,7 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     assert rows["0"][2] == "complete" and rows["0"][11] == 3
     assert "1 complete, 1 pruned" in report(sweep)["summary"]
     page = (sweep / "report.html").read_text()  # the sweep's page says so too
-    assert "<td>pruned</td>" in page
+    assert '<td class="k">pruned</td>' in page
 
 
 def test_the_search_space_reads_hydras_grammar() -> None:

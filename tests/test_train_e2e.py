@@ -164,6 +164,9 @@ def test_same_recipe_and_seed_give_the_same_run(quickstart_runs: list[Path]) -> 
         assert first[key] == second[key], key
     first_w, second_w = (load_file(str(run / "model.safetensors")) for run in quickstart_runs)
     assert all(torch.equal(first_w[k], second_w[k]) for k in first_w)
+    # what else decides the last bits of the figures on a CPU is recorded beside them
+    assert (first["threads"], first["cpu_capability"]) == (
+        torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
 
 
 def test_resnet50_9cls_through_torchvision_cache(torch_home: Path, tmp_path: Path,

@@ -1,10 +1,13 @@
 """report.html: one self-contained page per run dir (and per sweep dir) that a person opens.
 
-A run's page: its recipe and command, the headline metrics (validation, and test when the
-data has a test split), the load report (loaded / new / skipped tensors), the freeze plan and
-optimizer groups, the curves, the confusion matrix, the per-class table, the reliability
-diagram and the most confidently wrong images with their true and predicted labels. A
-sweep's page: the leaderboard, its plot, a link to each job's page.
+A run's page: first its verdict, on one screen — what was trained on what data, each
+evaluation once (val, test, `finetune evaluate`'s), whether it can be used (the test figure,
+or that it is validated only, or what it failed to learn), whether a calibration applies —
+then, each closed until opened: its recipe and command, the load report (loaded / new /
+skipped tensors), the freeze plan and optimizer groups, the curves, the confusion matrix, the
+per-class table, the reliability diagram and the most confidently wrong images with their
+true and predicted labels. A sweep's page: the leaderboard (as wide as the window), its plot,
+a link to each job's page.
 
 Built from what the run dir holds (metrics.json, manifest.json, load_report.json,
 evaluation.json, the PNGs), so `finetune report DIR` rebuilds it at any time, also
@@ -34,7 +37,11 @@ _PNG_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/]+={0,2}")
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;
 padding:0 1em}h1{font-size:1.5em}
-h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+h2{font-size:1.1em;display:inline;margin:0}summary{cursor:pointer;padding:.35em 0;
+border-bottom:1px solid #ddd}section{margin-top:.3em}
+.verdict{border:1px solid #ccc;border-radius:4px;padding:.2em 1em;margin:.6em 0}
+.verdict.tested{border-color:#99a;background:#f6f7fb}.verdict.badbox{border-color:#d88;
+background:#fdf3f3}
 table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
 th{background:#f5f5f5}td.n{text-align:right;font-variant-numeric:tabular-nums}
@@ -43,6 +50,8 @@ img.plot{max-width:100%;border:1px solid #eee}.muted{color:#777}
 .wrong{display:inline-block;margin:.4em;text-align:center;font-size:12px;vertical-align:top}
 .wrong img{width:96px;height:96px;image-rendering:pixelated;border:2px solid #c33;display:block}
 .bad{color:#b00}.ok{color:#070}section{overflow-x:auto}
+table.board{width:100%;font-size:12px}table.board td,table.board th{padding:.2em .35em}
+table.board td.n,table.board td.k{white-space:nowrap}table.board td.t{overflow-wrap:anywhere}
 """
 
 
@@ -56,6 +65,16 @@ def _num(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return esc(value)
+
+
+def _short(value: int | float) -> str:
+    """A leaderboard number: 4 significant digits (a learning rate of 0.00072 stays
+    readable), thousands separated."""
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _num(value)
 
 
 def png_uri(path: Path) -> str | None:
@@ -111,8 +130,12 @@ def _read(path: Path, what: str) -> dict[str, Any]:
         return {}
 
 
-def _section(key: str, title: str, body: str) -> str:
-    return f'<section id="{key}"><h2>{esc(title)}</h2>{body}</section>'
+def _section(key: str, title: str, body: str, line: str = "", opened: bool = False) -> str:
+    """A part of the page: on a run's page closed until opened (its first screen is the
+    verdict), its title and one line saying what it holds."""
+    said = f' <span class="muted">{esc(line)}</span>' if line else ""
+    return (f'<section id="{key}"><details{" open" if opened else ""}><summary><h2>'
+            f"{esc(title)}</h2>{said}</summary>{body}</details></section>")
 
 
 def _page(title: str, body: str) -> str:
@@ -130,13 +153,12 @@ def command_of(manifest: dict[str, Any]) -> str:
     return " ".join(["python -m finetune", f"recipe={name}", *rest])
 
 
-def _evaluation_sections(evaluation: dict[str, Any]) -> list[str]:
-    """Per-class table, confusion matrix, reliability, wrong images of each split."""
+def _evaluation_sections(evaluation: dict[str, dict[str, Any]]) -> list[str]:
+    """Per-class table, confusion matrix, reliability, wrong images of each evaluation
+    (`evaluations`: label -> result)."""
     parts = {"confusion": [], "per-class": [], "calibration": [], "wrong": []}
     for split, result in evaluation.items():
-        if not isinstance(result, dict) or "per_class" not in result:
-            continue
-        label = f"{split} ({result.get('images', '?')} images)"
+        label = f"{split}: {result.get('images', '?')} images"
         rows = [[r.get("class"), r.get("precision"), r.get("recall"), r.get("f1"),
                  r.get("support")] for r in result.get("per_class", []) if isinstance(r, dict)]
         rows += [[f"{avg} avg", result.get(f"{avg}/precision"), result.get(f"{avg}/recall"),
@@ -172,8 +194,96 @@ def _evaluation_sections(evaluation: dict[str, Any]) -> list[str]:
     titles = {"confusion": "Confusion matrix", "per-class": "Per class",
               "calibration": "Calibration (reliability)",
               "wrong": "Most confidently wrong"}
-    return [_section(k, titles[k], "".join(v) or '<p class="muted">(no evaluation)</p>')
+    splits = ", ".join(evaluation) or "no evaluation"
+    return [_section(k, titles[k], "".join(v) or '<p class="muted">(no evaluation)</p>', splits)
             for k, v in parts.items()]
+
+
+def evaluations(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every evaluation of the run, each once, by label: the run's own (evaluation.json: val,
+    test) and `finetune evaluate`'s last (eval.json), which takes the place of the run's figure
+    for the same split of the same data (it is the newer one, calibrated or with tta) and
+    stands beside them for other data."""
+    found = _read(run_dir / artifacts.EVALUATION, "evaluation")
+    results = {k: v for k, v in found.items() if isinstance(v, dict) and "per_class" in v}
+    evaluated = _read(run_dir / EVAL_FILE, "evaluation")
+    split = evaluated.get("split")
+    if not isinstance(split, str) or "per_class" not in evaluated:
+        return results
+    data = evaluated.get("data") if isinstance(evaluated.get("data"), dict) else {}
+    tta, temperature = evaluated.get("tta"), evaluated.get("temperature", 1.0)
+    how = ", ".join(["finetune evaluate",
+                     *([f"tta={tta}"] if tta not in (None, "none") else []),
+                     *([f"temperature {_num(temperature)}"] if temperature != 1.0 else [])])
+    if data.get("overrides"):
+        results[f"{split} of {data.get('root') or data.get('name')} ({how})"] = evaluated
+    else:
+        results.pop(split, None)
+        results[f"{split} ({how})"] = evaluated
+    return results
+
+
+def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
+             results: dict[str, dict[str, Any]]) -> str:
+    """The first screen: what was trained on what, the figures (each split once), whether it
+    can be used, whether a calibration applies."""
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    classes = manifest.get("class_names") if isinstance(manifest.get("class_names"), list) \
+        else []
+    where = " ".join(str(x) for x in (data.get("name"), data.get("root")) if x)
+    test = metrics.get("test_images")
+    facts = (f"task {manifest.get('task') or 'multiclass'} · model "
+             f"{(manifest.get('model') or {}).get('name')} · data {where} · {len(classes)} "
+             f"classes · images: train {metrics.get('train_images')}, val "
+             f"{metrics.get('val_images')}, test {test if test is not None else 'none'}")
+    if results:
+        figures = _table(["evaluated on", "images", "accuracy", "macro F1", "ECE", "loss"],
+                         [[label, r.get("images"), r.get("acc"), r.get("macro/f1"), r.get("ece"),
+                           r.get("loss")] for label, r in results.items()], {1, 2, 3, 4, 5})
+    else:  # a task without per-image evaluation (multi-label): its validation figures
+        figures = _table(["metric", "value"], [[k, v] for k, v in metrics.items()
+                                               if k.startswith(("val/", "test/"))
+                                               and isinstance(v, int | float)], {1})
+    run = (f"{metrics.get('epochs')} epochs in {_num(metrics.get('train_seconds'), 1)} s · best "
+           f"val/acc {_num(metrics.get('best/val/acc'))} at epoch {metrics.get('best/epoch')} · "
+           f"{_count(metrics.get('trainable_params'))} of {_count(metrics.get('total_params'))} "
+           "parameters trained")
+    warnings = [w for w in metrics.get("warnings") or [] if isinstance(w, str)] \
+        if isinstance(metrics.get("warnings"), list) else []
+    status = metrics.get("status", "unknown")
+    if status != "complete":
+        errors = metrics.get("error") if isinstance(metrics.get("error"), list) else []
+        box = ("badbox", f"<b>The run is {esc(status)}.</b>" + "".join(
+            f"<p>{esc(e)}</p>" for e in errors))
+    elif warnings:  # the first thing read: this run learned nothing worth using
+        box = ("badbox", '<div id="warnings"><b>This model learned nothing usable yet:</b><ul>'
+               + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>")
+    elif any(label.startswith("test") for label in results):
+        label, result = next((k, v) for k, v in results.items() if k.startswith("test"))
+        box = ("tested", f"<b>Test accuracy {_num(result.get('acc'))}</b> on the "
+               f"{result.get('images')} test images (never trained on, never used to choose "
+               f"the epoch or the settings; {esc(label)}).")
+    else:
+        box = ("", f"<b>Validated only: val/acc {_num(metrics.get('val/acc'))}.</b> There is no "
+               "test split: the validation images chose the settings, so their figure is "
+               "optimistic. Hold some out (data.test_fraction=0.2, or a test/ folder) for a "
+               "figure to sign off.")
+    temperature = manifest.get("temperature", 1.0)
+    calibration = manifest.get("calibration") if isinstance(manifest.get("calibration"),
+                                                               dict) else {}
+    if not results:
+        calibrated = ""
+    elif temperature != 1.0:
+        calibrated = (f"Calibrated: temperature {_num(temperature)}, fitted on "
+                      f"{esc(calibration.get('fitted_on', 'val'))} ({calibration.get('images')} "
+                      "images); predict and export apply it.")
+    else:
+        calibrated = ("Not calibrated: the probabilities are the softmax of the logits "
+                      "(`finetune evaluate run=DIR calibrate=true` fits a temperature).")
+    return (f'<div id="verdict"><p class="muted">{esc(facts)}</p>'
+            f'<div class="verdict {box[0]}">{box[1]}</div>{figures}'
+            f'<p class="muted">{esc(run)}</p><p>{esc(calibrated)}</p></div>')
 
 
 def run_report(run_dir: Path) -> str:
@@ -181,21 +291,12 @@ def run_report(run_dir: Path) -> str:
     metrics = _read(run_dir / artifacts.METRICS, "metrics")
     manifest = _read(run_dir / artifacts.MANIFEST, "manifest")
     load = _read(run_dir / artifacts.LOAD_REPORT, "load report")
-    evaluation = _read(run_dir / artifacts.EVALUATION, "evaluation")
-    evaluated = _read(run_dir / EVAL_FILE, "evaluation")  # finetune.evaluate's, if any
-    if isinstance(evaluated.get("split"), str):
-        evaluation[f"finetune evaluate: {evaluated['split']}"] = evaluated
+    results = evaluations(run_dir)
     recipe = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else {}
     title = f"{recipe.get('name') or run_dir.name}: {metrics.get('status', 'unknown')}"
-    shown = [k for k in ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc",
-                         "test/acc", "test/macro/f1", "test/acc_top5", "test/ece", "test/loss",
-                         "epochs", "train_seconds", "trainable_params", "total_params")
-             if k in metrics]
-    summary = _table(["metric", "value"], [[k, metrics[k]] for k in shown], {1})
-    if metrics.get("error"):
-        summary += f'<p class="bad">{esc(metrics["error"])}</p>'
     config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    recipe_body = (f"<p><code>{esc(command_of(manifest))}</code></p>"
+    command = command_of(manifest)
+    recipe_body = (f"<p><code>{esc(command)}</code></p>"
                    f"<p class=\"muted\">recipe {esc(recipe.get('file'))} sha256 "
                    f"{esc(str(recipe.get('sha256') or '')[:16])}</p>"
                    f"<details><summary>resolved config</summary><pre>"
@@ -226,22 +327,16 @@ def run_report(run_dir: Path) -> str:
                         for g in groups], {1, 2, 3, 4, 5}) if groups else ""))
     curves = _img(png_uri(run_dir / artifacts.CURVES), "learning curves")
     sections = [
-        _section("summary", "Summary", summary),
-        _section("recipe", "Recipe and command", recipe_body),
-        _section("weights", "Weights (load report)", weights_body),
-        _section("freeze", "Freeze plan and optimizer groups", freeze_body),
-        _section("curves", "Curves", curves),
-        *_evaluation_sections(evaluation),
+        _section("recipe", "Recipe and command", recipe_body, command),
+        _section("weights", "Weights (load report)", weights_body, str(load.get("summary") or "")),
+        _section("freeze", "Freeze plan and optimizer groups", freeze_body,
+                 f"train from {freeze.get('train_from') or 'the first layer'}"),
+        _section("curves", "Curves", curves, "loss and accuracy per epoch"),
+        *_evaluation_sections(results),
     ]
-    head = (f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(run_dir.resolve())} · model "
-            f"{esc((manifest.get('model') or {}).get('name'))} · created "
+    head = (f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(run_dir.resolve())} · created "
             f"{esc(manifest.get('created'))}</p>")
-    warnings = [w for w in metrics.get("warnings") or [] if isinstance(w, str)] \
-        if isinstance(metrics.get("warnings"), list) else []
-    if warnings:  # the first thing read: this run learned nothing worth using
-        head += ('<div class="bad" id="warnings"><b>This model learned nothing usable yet:'
-                 "</b><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>")
-    return _page(title, head + "".join(sections))
+    return _page(title, head + _verdict(metrics, manifest, results) + "".join(sections))
 
 
 def write_run_report(run_dir: Path) -> Path:
@@ -251,10 +346,15 @@ def write_run_report(run_dir: Path) -> Path:
     return path
 
 
+WRAPPED = ("overrides", "warnings", "error")  # the leaderboard's free-text columns
+
+
 def sweep_report(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[str],
                  plot: Path | None) -> str:
     """The page of a sweep: the leaderboard (a link to each job's own page) and its plot."""
-    header = "".join(f"<th>{esc(c)}</th>" for c in columns)
+    # a column no job has a value in says nothing; the rest fit the window (cells wrap)
+    columns = [c for c in columns if any(row.get(c) not in (None, "") for row in rows)]
+    header = "".join(f"<th>{esc(c).replace('_', '_<wbr>')}</th>" for c in columns)
     body = []
     for row in rows:
         cells = []
@@ -263,12 +363,13 @@ def sweep_report(sweep_dir: Path, rows: list[dict[str, Any]], columns: list[str]
             if column == "job" and (sweep_dir / str(value) / REPORT).is_file():
                 cells.append(f'<td><a href="{esc(str(value))}/{REPORT}">{esc(value)}</a></td>')
             else:
-                cells.append(f'<td class="n">{_num(value)}</td>' if isinstance(value, int | float)
-                             and not isinstance(value, bool) else f"<td>{esc(value)}</td>")
+                cells.append(f'<td class="n">{_short(value)}</td>' if isinstance(
+                    value, int | float) and not isinstance(value, bool) else
+                    f'<td class="{"t" if column in WRAPPED else "k"}">{esc(value)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    table = f"<table><tr>{header}</tr>{''.join(body)}</table>"
+    table = f'<table class="board"><tr>{header}</tr>{"".join(body)}</table>'
     title = f"sweep {sweep_dir.name}"
     image = _img(png_uri(plot) if plot else None, "leaderboard plot")
     return _page(title, f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(sweep_dir.resolve())}"
-                 f"</p>{_section('leaderboard', 'Leaderboard', table)}"
-                 f"{_section('plot', 'Metric by split point', image)}")
+                 f"</p>{_section('leaderboard', 'Leaderboard', table, opened=True)}"
+                 f"{_section('plot', 'Metric by split point', image, opened=True)}")

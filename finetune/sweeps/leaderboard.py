@@ -245,6 +245,18 @@ def markdown_table(header: list[str], body: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A plot's legend lists at most this many lines: an Optuna study draws a new learning rate for
+# every trial, and a line (and legend entry) per value would bury the plot.
+LEGEND_ENTRIES = 6
+
+
+def lr_lines(scored: list[Job]) -> list[float | None]:
+    """The learning rates that get a line of their own in the split-point plot: each, when
+    there are a few (a grid); none (one line, the mean of all) when there are more."""
+    lrs = sorted({j.lr for j in scored if j.lr is not None})
+    return lrs if len(lrs) <= LEGEND_ENTRIES else [None]
+
+
 def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
     """leaderboard.png: the metric per split point (every job a dot, the mean a line; the
     split points ordered from most to fewest trainable parameters), and against the learning
@@ -266,16 +278,16 @@ def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
         size[label] = max(size.get(label, -1), job.trainable_params or -1)
     splits = sorted(size, key=lambda s: (-size[s], s))
     ax = axes[0][0]
-    lrs = sorted({j.lr for j in scored if j.lr is not None}) if lr_swept else [None]
+    lrs = lr_lines(scored) if lr_swept else [None]
     for lr in lrs:
-        group = [j for j in scored if not lr_swept or j.lr == lr]
+        group = [j for j in scored if lr is None or j.lr == lr]
         xs = [splits.index(split_label(j.train_from)) for j in group]
         ax.scatter(xs, [j.values[metric] for j in group], alpha=0.6, s=22)
         means = [(i, [j.values[metric] for j, x in zip(group, xs, strict=True) if x == i])
                  for i in range(len(splits))]
         means = [(i, sum(v) / len(v)) for i, v in means if v]
         ax.plot([i for i, _ in means], [m for _, m in means], marker="o",
-                label=f"lr {lr:g} (mean)" if lr_swept else "mean")
+                label=f"lr {lr:g} (mean)" if lr is not None else "mean")
     ax.set_xticks(range(len(splits)))
     ax.set_xticklabels([f"{s}\n{size[s]:,} p" if size[s] >= 0 else s for s in splits],
                        fontsize=8)
@@ -292,7 +304,8 @@ def plot(jobs: list[Job], metric: str, keys: list[str], path: Path) -> bool:
                     label=split, alpha=0.8)
         ax.set(xscale="log", xlabel="optim.lr", ylabel=metric, title=f"{metric} by learning rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title="train_from")
+        if len(splits) <= LEGEND_ENTRIES:
+            ax.legend(fontsize=8, title="train_from")
     save_png(fig, path)
     return True
 

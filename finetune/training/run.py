@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_dir
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -357,9 +358,10 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     trainer = pl.Trainer(default_root_dir=run_dir, logger=loggers, callbacks=callbacks,
                          use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
                          **trainer_kwargs)
-    log.info("trainer: %s, %d device(s), %d process(es), precision %s",
+    log.info("trainer: %s, %d device(s), %d process(es), precision %s, %d CPU thread(s) (%s)",
              trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
-             trainer.num_devices, trainer.world_size, trainer.precision)
+             trainer.num_devices, trainer.world_size, trainer.precision,
+             torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
     return trainer, meter
 
 

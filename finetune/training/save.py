@@ -232,6 +232,10 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         "first_step_seconds": round(meter.first_step_seconds, 3)
         if meter.first_step_seconds is not None else None,
         "world_size": world,
+        # what decides the last bits of every sum on a CPU, and so the figures: the same seed,
+        # versions, threads and instruction set give the same numbers (README, Set up)
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **({"ddp": module.rank_check.result} if module.rank_check.result else {}),
         **({"peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
            if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda" else {}),
