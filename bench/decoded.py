@@ -6,7 +6,7 @@ training resolution; decoding and resizing them is what the cache saves), traine
 epoch, where the cache is filled, is left out) with data.decode_cache=false and true, and
 the final val/acc of both (the same tensors: it must be the same).
 
-    python bench/decoded.py              # the figures in BENCHMARKS.md
+    python bench/decoded.py --sizes 32 --workers 0,2,auto   # the figures in BENCHMARKS.md
     python bench/decoded.py --smoke      # CI: tiny, no figures
 
 Prints a Markdown table (medians of --repeats runs); --out FILE appends it there.
@@ -72,6 +72,8 @@ def main() -> None:
                         help="freeze.train_from (e.g. fc: a frozen backbone, forward only: "
                              "the input pipeline is then what limits an epoch)")
     parser.add_argument("--sizes", default="32,64")
+    parser.add_argument("--workers", default="auto",
+                        help="data.num_workers values to measure, comma-separated (0,2,auto)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path)
     a = parser.parse_args()
@@ -81,21 +83,23 @@ def main() -> None:
     root = jpeg_folder(Path(tempfile.mkdtemp(prefix="bench-jpegs-")), per_class, 256)
     rows = []
     for size in sizes:
-        rates: dict[str, list[float]] = {"false": [], "true": []}
-        accs: dict[str, list[float]] = {"false": [], "true": []}
-        for _ in range(repeats):
-            for setting in ("false", "true"):
-                metrics = framework_run([
-                    "recipe=base", "data=imagefolder", f"data.root={root}",
-                    f"data.image_size={size}", "data.batch_size=32",
-                    f"trainer.max_epochs={epochs}", f"data.decode_cache={setting}",
-                    "checkpoint.keep=none", "eval.report=false", *frozen])
-                rates[setting].append(metrics["train_images_per_second"])
-                accs[setting].append(metrics["val/acc"])
-        off, on = median(rates["false"]), median(rates["true"])
-        label = f"{size} px" + (f", train_from={a.train_from}" if a.train_from else "")
-        rows.append([label, f"{off:.1f}", f"{on:.1f}", f"{on / off:.2f}x",
-                     f"{median(accs['false']):.4f}", f"{median(accs['true']):.4f}"])
+        for workers in a.workers.split(","):
+            rates: dict[str, list[float]] = {"false": [], "true": []}
+            accs: dict[str, list[float]] = {"false": [], "true": []}
+            for _ in range(repeats):
+                for setting in ("false", "true"):
+                    metrics = framework_run([
+                        "recipe=base", "data=imagefolder", f"data.root={root}",
+                        f"data.image_size={size}", "data.batch_size=32",
+                        f"trainer.max_epochs={epochs}", f"data.decode_cache={setting}",
+                        f"data.num_workers={workers}", "checkpoint.keep=none",
+                        "eval.report=false", *frozen])
+                    rates[setting].append(metrics["train_images_per_second"])
+                    accs[setting].append(metrics["val/acc"])
+            off, on = median(rates["false"]), median(rates["true"])
+            label = f"{size} px" + (f", train_from={a.train_from}" if a.train_from else "")
+            rows.append([label, workers, f"{off:.1f}", f"{on:.1f}", f"{on / off:.2f}x",
+                         f"{median(accs['false']):.4f}", f"{median(accs['true']):.4f}"])
     loader_rows = []
     for size in sizes:
         off = median([loader_rate(root, size, "false") for _ in range(repeats)])
@@ -105,8 +109,8 @@ def main() -> None:
            "(python bench/decoded.py)", ["input", "images/s without", "images/s with",
                                          "speed-up"], loader_rows, a.out)
     report("Decoded-image cache: epochs after the first (python bench/decoded.py)",
-           ["input", "images/s without", "images/s with", "speed-up", "val/acc without",
-            "val/acc with"], rows, a.out)
+           ["input", "data.num_workers", "images/s without", "images/s with", "speed-up",
+            "val/acc without", "val/acc with"], rows, a.out)
 
 
 if __name__ == "__main__":

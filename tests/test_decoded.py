@@ -118,3 +118,33 @@ def test_the_key_changes_with_every_file_and_the_pixel_limit(tmp_path: Path, cha
     elif change == "pixel_limit":
         limit = LIMIT // 2
     assert (decoded.key_of(paths, prep, limit) != before) == (change != "none")
+
+
+def test_cached_files_keep_their_loader_workers_and_workers_map_the_array(tmp_path: Path
+                                                                          ) -> None:
+    """The cache saves the decoding, not the per-item augmentation: `auto` gives cached files
+    the workers it gives files (in the training process, each step would wait on them), the
+    workers yield the tensors decoding would, and a worker started by spawn maps the cached
+    file again rather than receiving the array."""
+    import pickle
+
+    import numpy as np
+
+    from finetune.data.datamodule import _workers
+
+    if _workers("auto", False) == 0:
+        pytest.skip("one core: auto gives files no worker either")
+    root = tmp_path / "images"
+    write_digit_images(root, [0, 1, 2], 8, mode="RGB")
+    plain = _data(root, "data.decode_cache=false", "data.num_workers=auto")
+    cached = _data(root, "data.decode_cache=true", "data.num_workers=auto")
+    assert cached.train_set.rows is not None
+    assert cached.train_dataloader().num_workers == plain.train_dataloader().num_workers > 0
+    loaded = [torch.cat([x for x, _ in data.val_dataloader()]) for data in (plain, cached)]
+    assert cached.val_dataloader().num_workers > 0 and torch.equal(*loaded)
+    rows = cached.train_set.rows
+    sent = pickle.dumps(rows)
+    assert len(sent) < 4096 < rows.array.nbytes  # the file's name, not its bytes
+    again = pickle.loads(sent)
+    assert isinstance(again.array, np.memmap) and again.array.filename == rows.array.filename
+    assert torch.equal(again(0), rows(0))

@@ -133,7 +133,8 @@ def decoded(paths: list[Path], prep: Preprocessing, first: Any, max_pixels: int
                     "data.decode_cache=false)", target.parent)
         return array
     log.info("data: %d images decoded once into %s", len(paths), target)
-    return array
+    # memory-mapped, as a later run reads it: loader workers share its pages
+    return np.memmap(target, dtype=np.uint8, mode="r", shape=array.shape)
 
 
 class Rows:
@@ -141,6 +142,19 @@ class Rows:
 
     def __init__(self, array: np.ndarray, rows: list[int]) -> None:
         self.array, self.rows = array, rows
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A loader worker started by spawn (macOS, Windows) maps the cached file again
+        instead of receiving a copy of the whole array."""
+        array = self.array
+        if isinstance(array, np.memmap) and array.filename:
+            return {"file": array.filename, "shape": array.shape, "rows": self.rows}
+        return {"array": array, "rows": self.rows}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.rows = state["rows"]
+        self.array = state["array"] if "array" in state else np.memmap(
+            state["file"], dtype=np.uint8, mode="r", shape=tuple(state["shape"]))
 
     def __call__(self, i: int) -> tv_tensors.Image:
         return tv_tensors.Image(torch.from_numpy(np.array(self.array[self.rows[i]])))
