@@ -119,7 +119,10 @@ def test_a_sweeps_report_links_its_jobs(browser, reported_run: Path, tmp_path: P
     assert state["width"] <= 1200, state["width"]  # no column off-screen
     text = (sweep / "report.html").read_text()
     assert "<th>train_<wbr>seconds</th>" in text and "<th>warnings</th>" in text
-    assert "<th>error</th>" not in text  # no job has one: the column says nothing
+    # a column no job has a value in says nothing, and is left out
+    page = html_report.sweep_report(sweep, [{"rank": 1, "note": None}, {"rank": 2, "note": ""}],
+                                    ["rank", "note"], None)
+    assert "<th>rank</th>" in page and "<th>note</th>" not in page
 
 
 def test_a_study_with_many_learning_rates_plots_one_mean_line() -> None:
