@@ -259,7 +259,8 @@ def test_evaluate_calibrates_and_predict_and_export_apply_it(
     assert torch.allclose(got, expected, atol=1e-4)
     assert "temperature" in out
     page = (run / "report.html").read_text()  # rebuilt with what evaluate found
-    assert "finetune evaluate: test (" in page and f"temperature {t:.4f}" in page
+    assert f"<td>test (finetune evaluate, temperature {t:.4f})</td>" in page
+    assert f"Calibrated: temperature {t:.4f}, fitted on val" in page
 
 
 def test_evaluate_other_data_by_class_name(tested_run: Path, tmp_path: Path,
@@ -326,7 +327,8 @@ def test_report_rebuilds_a_run_dirs_page(tested_run: Path, tmp_path: Path,
     code, _, _ = main_here("report", str(run), capsys=capsys)
     assert code == 0 and (run / "report.html").is_file()
     text = (run / "report.html").read_text()
-    assert 'id="per-class"' in text and "test (" in text
+    images = read_json(run / "metrics.json")["test_images"]
+    assert 'id="per-class"' in text and f"test: {images} images" in text
 
 
 def test_a_temperature_the_fit_cannot_trust_is_refused_and_never_written(

@@ -233,7 +233,7 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
         else []
     where = " ".join(str(x) for x in (data.get("name"), data.get("root")) if x)
     test = metrics.get("test_images")
-    facts = (f"task {manifest.get('task') or 'multiclass'} · model "
+    facts = (f"task {manifest.get('task') or '—'} · model "
              f"{(manifest.get('model') or {}).get('name')} · data {where} · {len(classes)} "
              f"classes · images: train {metrics.get('train_images')}, val "
              f"{metrics.get('val_images')}, test {test if test is not None else 'none'}")
