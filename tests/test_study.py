@@ -185,7 +185,7 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     the sweep's page say pruned with the epoch it reached; the one that learns runs on."""
     result = finish(start(
         tmp_path, "recipe=quickstart", "weights.source=none", "trainer.max_epochs=3",
-        "trainer.limit_val_batches=2", "sched.name=none", "trainer.enable_progress_bar=false",
+        "trainer.limit_train_batches=8", "trainer.limit_val_batches=2", "sched.name=none", "trainer.enable_progress_bar=false",
         "eval.report=false", "sweep=optuna", "hydra.sweeper.n_trials=2",
         "optim.lr=choice(0.003,1e-12)",
         "hydra.sweeper.enqueue=[{optim.lr:0.003},{optim.lr:1e-12}]",
@@ -197,7 +197,7 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     assert learns.state.name == "COMPLETE" and len(learns.intermediate_values) == 3
     assert stuck.state.name == "PRUNED"
     # after the warm-up epoch, the first epoch it may be pruned at (a constant lr: the one
-    # that learns is far ahead by then, about 0.68 against 0.23 here)
+    # that learns is far ahead by then)
     epoch = stuck.user_attrs[studies.PRUNED]
     assert epoch == 2 and len(stuck.intermediate_values) == epoch
     metrics = read_json(sweep / "1" / "metrics.json")
