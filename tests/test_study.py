@@ -185,8 +185,9 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     the sweep's page say pruned with the epoch it reached; the one that learns runs on."""
     result = finish(start(
         tmp_path, "recipe=quickstart", "weights.source=none", "trainer.max_epochs=3",
-        "trainer.limit_train_batches=8", "trainer.limit_val_batches=2", "sched.name=none", "trainer.enable_progress_bar=false",
-        "eval.report=false", "sweep=optuna", "hydra.sweeper.n_trials=2",
+        "trainer.limit_train_batches=8", "trainer.limit_val_batches=2", "sched.name=none",
+        "trainer.enable_progress_bar=false", "eval.report=false", "sweep=optuna",
+        "hydra.sweeper.n_trials=2",
         "optim.lr=choice(0.003,1e-12)",
         "hydra.sweeper.enqueue=[{optim.lr:0.003},{optim.lr:1e-12}]",
         "sweep.pruner.name=median", "sweep.pruner.startup_trials=1",
