@@ -467,6 +467,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "finetune/data/decoded_cache.py",
      "        if isinstance(array, np.memmap) and array.filename:", "        if False:",
      "tests/test_decoded.py -k workers"),
+    ("in-memory images are precomputed as a batch even where a batch differs",
+     "finetune/data/datamodule.py",
+     "            batched.shape != apart.shape or not torch.equal(batched, apart):",
+     "            False:", "tests/test_fastpaths.py -k precomputed"),
 ]
 
 

@@ -4,6 +4,7 @@ random augmentation is transformed once."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -80,3 +81,23 @@ def test_in_memory_data_without_augmentation_is_transformed_once() -> None:
     augmented = TensorImages(split.items, split.labels,
                              train_transform(prep, ["RandomHorizontalFlip"]), random=True)
     assert augmented.ready is None  # a new draw every time it is read
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_precomputed_tensors_are_each_images_own_bit_for_bit(channels: int,
+                                                                 monkeypatch) -> None:
+    """Transformed in chunks of images at once (across chunk borders), they equal one call
+    per image; a transform that makes views per image (test-time augmentation's five crops)
+    is applied per image and keeps its (views, C, H, W) items."""
+    import finetune.data.datamodule as datamodule
+    from finetune.data.transforms import tta_transform
+
+    monkeypatch.setattr(datamodule, "PRECOMPUTE_CHUNK", 3)
+    split, _ = fake_data(8, 2, 48, seed=1)
+    prep = dataclasses.replace(preprocessing(None, 32), resize=40, channels=channels,
+                               mean=[0.5] * channels, std=[0.25] * channels)
+    for transform in (eval_transform(prep), tta_transform(prep, "crops")):
+        ready = TensorImages(split.items, split.labels, transform).ready
+        assert ready is not None and type(ready) is torch.Tensor
+        assert torch.equal(ready, torch.stack([transform(x) for x in split.items]))
+    assert ready.shape == (8, 5, channels, 32, 32)

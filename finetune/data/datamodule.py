@@ -108,6 +108,27 @@ def target(label: Any) -> Any:
 PRECOMPUTE_BYTES = 2 * 2**30
 
 
+PRECOMPUTE_CHUNK = 512  # images transformed together (bounds the float intermediates)
+
+
+def precompute(images: torch.Tensor, transform: Any, first: torch.Tensor) -> torch.Tensor:
+    """Every image through the deterministic `transform`, stacked: in chunks of images at
+    once when the transform gives a batch exactly what it gives each image (torchvision's
+    resize, crop and normalize do: tens of times faster than one call per image), else one
+    image at a time (a transform that makes views per image, as test-time augmentation's)."""
+    pair = images[:2]
+    try:
+        batched = transform(pair)
+    except Exception:  # a transform that takes one image only
+        batched = None
+    apart = torch.stack([first, *(transform(x) for x in pair[1:])])
+    if batched is None or not isinstance(batched, torch.Tensor) or \
+            batched.shape != apart.shape or not torch.equal(batched, apart):
+        return torch.stack([first, *(transform(x) for x in images[1:])])
+    return torch.cat([transform(images[i:i + PRECOMPUTE_CHUNK])
+                      for i in range(0, len(images), PRECOMPUTE_CHUNK)]).as_subclass(torch.Tensor)
+
+
 class TensorImages(_Images):
     """uint8 images held in memory as one (N, 3, H, W) tensor. Without random augmentation
     the transformed tensors are computed once (when they fit in PRECOMPUTE_BYTES): a step
@@ -121,7 +142,7 @@ class TensorImages(_Images):
         if not random and len(labels):
             first = transform(images[0])
             if first.numel() * first.element_size() * len(labels) <= PRECOMPUTE_BYTES:
-                self.ready = torch.stack([first, *(transform(x) for x in images[1:])])
+                self.ready = precompute(images, transform, first)
 
     def load(self, i: int) -> Any:
         return self.images[i]
