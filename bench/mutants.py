@@ -471,6 +471,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "finetune/data/datamodule.py",
      "            batched.shape != apart.shape or not torch.equal(batched, apart):",
      "            False:", "tests/test_fastpaths.py -k precomputed"),
+    ("a resume into a new run dir does not say what its best checkpoints rank",
+     "finetune/training/run.py", '        log.info("resume: the best checkpoints kept here',
+     '        log.debug("resume: the best checkpoints kept here',
+     "tests/test_train_e2e.py -k resume_into_a_new"),
 ]
 
 

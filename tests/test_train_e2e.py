@@ -445,6 +445,25 @@ def test_top_k_keeps_the_k_best_epochs_by_the_runs_metric(tmp_path: Path) -> Non
         run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+def test_a_resume_into_a_new_run_dir_says_what_its_best_checkpoints_rank(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning's "dirpath has changed" becomes our own line: the best checkpoints kept in
+    the new dir rank the epochs trained there; the earlier ones stay where they are."""
+    import warnings
+
+    first = train_here(*QUICK, *SHRINK, "trainer.limit_train_batches=1",
+                       "checkpoint.keep=both", run_dir=tmp_path / "first")
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        again = train_here(*QUICK, *SHRINK, "trainer.limit_train_batches=1",
+                           "trainer.max_epochs=2", "checkpoint.keep=both", f"resume={first}",
+                           run_dir=tmp_path / "again")
+    assert read_json(again / "metrics.json")["status"] == "complete"
+    assert (f"resume: the best checkpoints kept here rank the epochs trained in this run dir; "
+            f"those of the earlier epochs stay in {first / 'checkpoints'}") in caplog.text
+    assert not [w for w in seen if "dirpath has changed" in str(w.message)]
+
+
 def test_a_refused_run_removes_only_its_own_bookkeeping(tmp_path: Path) -> None:
     """A run dir that held anything else keeps all of it (and says failed); a fresh one
     is gone."""
