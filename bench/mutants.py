@@ -475,6 +475,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "finetune/training/run.py", '        log.info("resume: the best checkpoints kept here',
      '        log.debug("resume: the best checkpoints kept here',
      "tests/test_train_e2e.py -k resume_into_a_new"),
+    ("the verdict writes a received run dir's image count as markup",
+     "finetune/rundir/html_report.py", "f\"{esc(result.get('images'))} test images",
+     "f\"{result.get('images')} test images", "tests/test_report_html.py -k hostile"),
 ]
 
 

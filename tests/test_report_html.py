@@ -201,8 +201,15 @@ def test_hostile_run_dir_text_is_escaped_and_bad_thumbnails_dropped(reported_run
     wrong = evaluation["val"]["confidently_wrong"]
     wrong[0]["label"] = "<script>alert(1)</script>"
     wrong[0]["thumbnail"] = "javascript:alert(1)"
+    evaluation["test"]["images"] = "<u>72</u>"  # shown in the verdict's box
     (run / "evaluation.json").write_text(json.dumps(evaluation))
+    manifest = read_json(run / "manifest.json")
+    manifest["temperature"] = 1.5  # the calibration line of the verdict
+    manifest["calibration"] = {"fitted_on": "<u>val</u>", "images": "<u>9</u>"}
+    (run / "manifest.json").write_text(json.dumps(manifest))
     text = html_report.run_report(run)
+    assert "<u>" not in text and "on the &lt;u&gt;72&lt;/u&gt; test images" in text
+    assert "fitted on &lt;u&gt;val&lt;/u&gt; (&lt;u&gt;9&lt;/u&gt; images)" in text  # once
     assert "<script>alert(1)" not in text and "&lt;script&gt;alert(1)" in text
     assert "javascript:" not in text
     assert "default-src 'none'" in text

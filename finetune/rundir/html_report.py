@@ -262,7 +262,7 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
     elif any(label.startswith("test") for label in results):
         label, result = next((k, v) for k, v in results.items() if k.startswith("test"))
         box = ("tested", f"<b>Test accuracy {_num(result.get('acc'))}</b> on the "
-               f"{result.get('images')} test images (never trained on, never used to choose "
+               f"{esc(result.get('images'))} test images (never trained on, never used to choose "
                f"the epoch or the settings; {esc(label)}).")
     else:
         box = ("", f"<b>Validated only: val/acc {_num(metrics.get('val/acc'))}.</b> There is no "
@@ -276,8 +276,8 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
         calibrated = ""
     elif temperature != 1.0:
         calibrated = (f"Calibrated: temperature {_num(temperature)}, fitted on "
-                      f"{esc(calibration.get('fitted_on', 'val'))} ({calibration.get('images')} "
-                      "images); predict and export apply it.")
+                      f"{calibration.get('fitted_on', 'val')} ({calibration.get('images')} "
+                      "images); predict and export apply it.")  # escaped below, once
     else:
         calibrated = ("Not calibrated: the probabilities are the softmax of the logits "
                       "(`finetune evaluate run=DIR calibrate=true` fits a temperature).")
