@@ -423,9 +423,9 @@ def test_top_k_keeps_the_k_best_epochs_by_the_runs_metric(tmp_path: Path) -> Non
     (val/loss here: lower is better), weights only, and last.ckpt to resume from;
     metrics.json lists them best first."""
     from finetune.rundir.artifacts import epoch_metrics
-    from finetune.training.run import checkpoint_monitor, ranked_checkpoints
+    from finetune.training.run import best_epochs_kept, checkpoint_monitor
 
-    assert [ranked_checkpoints(k) for k in ("auto", "last", "none", "best", "both", "top2",
+    assert [best_epochs_kept(k) for k in ("auto", "last", "none", "best", "both", "top2",
                                             "top10")] == [0, 0, 0, 1, 1, 2, 10]
     assert [checkpoint_monitor(m) for m in ("val/acc", "best/val/acc", "val/loss", "val/f1")] \
         == [("val/acc", "max"), ("val/acc", "max"), ("val/loss", "min"), ("val/f1", "max")]

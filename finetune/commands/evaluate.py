@@ -141,6 +141,7 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
                             "the plain predictions predict and export make; calibrate "
                             "first, then evaluate with tta=")
     model = load_run(run)
+    net, transform = with_tta(model, tta)  # a wrong tta= is refused before the data is read
     manifest = model.manifest
     if not model.class_names:
         raise FinetuneError(f"run={run}: a feature extractor (head: none) has no classes to "
@@ -157,7 +158,6 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
     calibration = calibrate_on_val(model, recorded, batch_size,
                                    None if overrides else data) if calibrate else None
     temperature = calibration["temperature"] if calibration else manifest.temperature
-    net, transform = with_tta(model, tta)
     dataset = data.eval_dataset(chosen, None if tta == "none" else transform)
     result, outputs = evaluation.evaluate(net, dataset, model.class_names, temperature,
                                           batch_size, mapping)

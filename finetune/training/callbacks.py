@@ -256,6 +256,5 @@ class EpochLine(pl.Callback):
         shown = {k: float(metrics[k]) for k in ("train/loss_epoch", "val/loss", "val/acc",
                                                 "val/mAP") if k in metrics}
         figures = ", ".join(f"{k.removesuffix('_epoch')} {v:.4g}" for k, v in shown.items())
-        last = (trainer.max_epochs or 0) - 1
-        log.info("epoch %d of %d: %s (%.1f s)", trainer.current_epoch, last + 1,
+        log.info("epoch %d of %d: %s (%.1f s)", trainer.current_epoch, trainer.max_epochs or 0,
                  figures or "no figures yet", time.perf_counter() - self.started)

@@ -187,7 +187,7 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
                                ema=cfg.model.ema.decay is not None)
                if checkpoint is not None else ([], []))
     if checkpoint is not None and checkpoint.parent.parent.resolve() != run_dir.resolve() \
-            and ranked_checkpoints(checkpoints_kept(cfg.checkpoint.keep,
+            and best_epochs_kept(checkpoints_kept(cfg.checkpoint.keep,
                                                   context.sweep_dir is not None)):
         log.info("resume: the best checkpoints kept here rank the epochs trained in this run "
                  "dir; those of the earlier epochs stay in %s", checkpoint.parent)
@@ -279,7 +279,7 @@ def checkpoints_kept(keep: str, sweep: bool) -> str:
     return ("none" if sweep else "last") if keep == "auto" else keep
 
 
-def ranked_checkpoints(keep: str) -> int:
+def best_epochs_kept(keep: str) -> int:
     """How many of the best epochs checkpoints/ keeps: best and both keep one (best.ckpt),
     topK keeps K (top-epochE.ckpt, with last.ckpt to resume from), the others none."""
     if keep.startswith("top"):
@@ -305,7 +305,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
     feature cache callback, when the run caches; `launched`: when the command started."""
     meter = ThroughputMeter(launched)
     keep = checkpoints_kept(cfg.checkpoint.keep, sweep)
-    ranked = ranked_checkpoints(keep)
+    ranked = best_epochs_kept(keep)
     monitor, mode = checkpoint_monitor(cfg.metric)
     bar = progress_bar_on(cfg.trainer.enable_progress_bar)
     callbacks = [

@@ -417,7 +417,7 @@ def _hub_unreachable(repo: str, filename: str | None, revision: str | None) -> s
                 f"HF_HUB_OFFLINE is set; {fix}")
     return _head_problem(f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/"
                          f"{names[0]}", f"place it at {hub.place_hint(repo, names[0], revision)}"
-                         f" ({hub.download_command(repo, names[0], revision)})")
+                         f" ({command})")
 
 
 def _hub_effects(repo: str, filename: str | None, revision: str | None) -> list[str]:
