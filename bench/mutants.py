@@ -267,7 +267,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      '"interpolation": prep.interpolation,', "tests/test_decoded.py -k every_field"),
     ("the command line does not load the installed plugins", "finetune/compose/prepare.py",
      "    plugins.load()  # installed extensions are choices too\n", "",
-     "tests/test_plugins.py -k ddp_ranks"),
+     "tests/test_ddp.py -k two_process"),
     ("a sweep's worker process does not load the installed plugins",
      "finetune/training/plan.py",
      "    plugins.load()  # a sweep's worker process or finetune.train: the tables it may name\n",

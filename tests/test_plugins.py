@@ -1,13 +1,12 @@
 """An extension without a fork: a package installed beside finetune registers a data format,
 a task and a learning-rate schedule through entry points, and the real CLI runs a recipe that
-names them — in DDP ranks and in a sweep's worker processes too. `inspect --plugins` lists
-them; a broken or clashing plugin is one sentence, not a traceback."""
+names them — in a sweep's worker processes too (and in DDP ranks: tests/test_ddp.py).
+`inspect --plugins` lists them; a broken or clashing plugin is one sentence, not a traceback."""
 
 from __future__ import annotations
 
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,82 +15,7 @@ from finetune.compose.prepare import prepare
 from finetune.errors import ConfigError, FinetuneError
 from finetune.extensions import TABLES, load_plugins
 from tests.conftest import SHRINK, cli_errors, read_json, run_cli
-
-# The plugin package: what `pip install` leaves in site-packages (the module and its
-# dist-info with entry_points.txt), written by hand so the test needs no build backend.
-PLUGIN = '''
-"""finetune_stripes: a data format of stripes, a task and a schedule, from outside finetune."""
-
-from finetune.data.formats import DataFormat
-from finetune.tasks.classification import Multiclass
-from finetune.training.schedules import LRShape
-
-
-class Stripes(DataFormat):
-    """Two classes of 16 in-memory images each: vertical or horizontal stripes."""
-
-    name = "stripes"
-
-    def class_names(self, cfg):
-        return ["vertical", "horizontal"]
-
-    def read(self, cfg, crop, seed):
-        import torch
-
-        from finetune.data.splits import Split
-
-        line = (torch.arange(crop) % 4 < 2).to(torch.uint8) * 255
-        vertical = line.expand(crop, crop)
-        images = torch.stack([vertical, vertical.t()] * 16)[:, None].expand(-1, 3, -1, -1)
-        return Split(images.contiguous(), [0, 1] * 16), None, ["vertical", "horizontal"]
-
-
-class Binary(Multiclass):
-    """One of two classes: a task of its own name (its figures are multiclass's)."""
-
-    name = "binary"
-
-
-class Linear(LRShape):
-    name = "linear"
-
-    def factor(self, s, t):
-        return max(0.0, 1.0 - t / (s.epochs - s.warmup))
-'''
-
-ENTRY_POINTS = """
-[finetune.data_formats]
-stripes = finetune_stripes:Stripes
-
-[finetune.tasks]
-binary = finetune_stripes:Binary
-
-[finetune.schedules]
-linear = finetune_stripes:Linear
-"""
-
-RECIPE = """
-# @package _global_
-description: stripes from a plugin
-model: {name: resnet18}
-weights: {source: none}
-data: {name: stripes, image_size: 32, val_fraction: 0.25, batch_size: 8}
-task: binary
-sched: {name: linear}
-"""
-
-
-def install(site: Path, entry_points: str = ENTRY_POINTS, name: str = "finetune_stripes"
-            ) -> dict[str, str]:
-    """The plugin in `site` as pip installs one; the environment that puts it on the path."""
-    site.mkdir(exist_ok=True)
-    (site / f"{name}.py").write_text(textwrap.dedent(PLUGIN))
-    info = site / f"{name}-0.1.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(entry_points)
-    return {"PYTHONPATH": os.pathsep.join(p for p in (str(site),
-                                                      os.environ.get("PYTHONPATH")) if p)}
+from tests.stripes_plugin import RECIPE, install
 
 
 @pytest.fixture(scope="module")
@@ -101,33 +25,24 @@ def plugin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
     return root, install(root / "site")
 
 
-def test_a_recipe_names_what_a_plugin_registered_and_ddp_ranks_find_it(
-        plugin: tuple[Path, dict[str, str]]) -> None:
-    root, env = plugin
-    result = run_cli("recipe=stripes.yaml", *SHRINK, "trainer.max_epochs=2",
-                     "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                     "hydra.run.dir=run", cwd=root, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = read_json(root / "run" / "metrics.json")
-    assert metrics["status"] == "complete" and metrics["world_size"] == 2
-    assert metrics["task"] == "binary"  # the plugin's task, recorded by name
-    manifest = read_json(root / "run" / "manifest.json")
-    assert manifest["class_names"] == ["vertical", "horizontal"]
-    assert manifest["task"] == "binary"
-    assert (manifest["config"]["data"]["name"], manifest["config"]["sched"]["name"]) == (
-        "stripes", "linear")
-
-
 def test_a_sweeps_worker_processes_find_the_plugin(plugin: tuple[Path, dict[str, str]]
                                                    ) -> None:
-    """joblib's workers import finetune afresh and unpickle the task: the plugin's entries
-    are there too."""
+    """A recipe names the plugin's data format, task and schedule; joblib's workers import
+    finetune afresh and unpickle the task: the plugin's entries are there too. (DDP ranks
+    find it as well: tests/test_ddp.py runs this recipe on two ranks.)"""
     root, env = plugin
     result = run_cli("-m", "recipe=stripes.yaml", *SHRINK, "seed=0,1",
                      "hydra/launcher=parallel", "hydra.sweep.dir=sweep", cwd=root, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
-        assert read_json(root / "sweep" / job / "metrics.json")["status"] == "complete"
+        metrics = read_json(root / "sweep" / job / "metrics.json")
+        assert metrics["status"] == "complete"
+        assert metrics["task"] == "binary"  # the plugin's task, recorded by name
+        manifest = read_json(root / "sweep" / job / "manifest.json")
+        assert manifest["class_names"] == ["vertical", "horizontal"]
+        assert manifest["task"] == "binary"
+        assert (manifest["config"]["data"]["name"], manifest["config"]["sched"]["name"]) == (
+            "stripes", "linear")
 
 
 def test_without_the_plugin_the_names_are_not_choices(plugin: tuple[Path, dict[str, str]]

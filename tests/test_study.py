@@ -186,6 +186,7 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
     result = finish(start(
         tmp_path, "recipe=quickstart", "weights.source=none", "trainer.max_epochs=3",
         "trainer.limit_train_batches=8", "trainer.limit_val_batches=2", "sched.name=none",
+        "data.batch_size=16", "freeze.train_from=layer4",  # layer4 and fc: quick epochs
         "trainer.enable_progress_bar=false", "eval.report=false", "sweep=optuna",
         "hydra.sweeper.n_trials=2",
         "optim.lr=choice(0.003,1e-12)",
