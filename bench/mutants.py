@@ -501,6 +501,17 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "    if num_classes is not None and num_classes != len(names):",
      "    if num_classes is not None and num_classes < len(names):",
      "tests/test_boxes.py -k every_problem"),
+    ("a detector has no background output", "finetune/models/detectors.py",
+     "LABEL_OFFSET = 1  # the data's class i", "LABEL_OFFSET = 0  # the data's class i",
+     "tests/test_detectors.py -k k_plus_one"),
+    ("a backbone's vector output is taken for a feature map", "finetune/models/detectors.py",
+     "        if not isinstance(value, torch.Tensor) or value.dim() != 4:",
+     "        if not isinstance(value, torch.Tensor):",
+     "tests/test_detectors.py -k one_sentence"),
+    ("RoI pooling on an FPN's finest level only", "finetune/models/detectors.py",
+     "    names = [str(i) for i in range(levels - (0 if levels == 1 else 1))]",
+     '    names = ["0"]',
+     "tests/test_detectors.py -k fpn_under_each_head"),
 ]
 
 

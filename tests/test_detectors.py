@@ -1,0 +1,152 @@
+"""Detectors for the data's classes: torchvision's by name (K + 1 outputs, 0 the background),
+and a classifier's features under Faster R-CNN, RetinaNet or FCOS — vgg16 cut at relu5_3 as
+one map (512 channels, stride 16), a ResNet's stages through an FPN — each taking a real
+training step on digit canvases and predicting boxes inside the image."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from finetune.data.canvases import digit_canvases
+from finetune.models.detectors import (
+    HEADS,
+    LABEL_OFFSET,
+    DetectorProblem,
+    SingleMap,
+    WithFPN,
+    backbone_of,
+    build_detector,
+    detector_names,
+    detector_on,
+    feature_channels,
+)
+
+SIZE = 64
+CLASSES = ["1", "4", "7"]
+
+
+def _batch(count: int = 2) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    canvases = digit_canvases(count, size=SIZE, digits=[1, 4, 7], seed=0)
+    images = [torch.from_numpy(c.pixels).float().div(255).expand(3, -1, -1) for c in canvases]
+    targets = [{"boxes": torch.tensor([b[:4] for b in c.boxes], dtype=torch.float32),
+                "labels": torch.tensor([CLASSES.index(b[4]) + LABEL_OFFSET for b in c.boxes])}
+               for c in canvases]
+    return images, targets
+
+
+def _step_and_predict(model: nn.Module) -> None:
+    """One SGD step on two canvases (every loss finite, every trained tensor moved), then
+    boxes predicted inside the image, with labels of the data's classes."""
+    images, targets = _batch()
+    model.train()
+    losses = model(images, targets)
+    assert losses and all(math.isfinite(float(v.detach())) for v in losses.values()), losses
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    sum(losses.values()).backward()
+    torch.optim.SGD(trainable, lr=0.01).step()
+    assert sum(not torch.equal(a, p) for a, p in zip(before, trainable, strict=True)) > 0
+    model.eval()
+    with torch.no_grad():
+        found = model(images)
+    assert len(found) == 2
+    for output in found:
+        boxes, labels = output["boxes"], output["labels"]
+        assert boxes.shape[1:] == (4,) and len(labels) == len(boxes) == len(output["scores"])
+        assert ((boxes >= 0) & (boxes <= SIZE)).all()
+        assert set(labels.tolist()) <= {1, 2, 3}
+
+
+def _class_outputs(model: nn.Module) -> int:
+    if hasattr(model, "roi_heads"):
+        return model.roi_heads.box_predictor.cls_score.out_features
+    head = model.head.classification_head
+    return getattr(head, "num_classes", None) or head.num_columns
+
+
+@pytest.mark.parametrize("name", detector_names())
+def test_every_torchvision_detector_gets_k_plus_one_outputs(name: str) -> None:
+    with torch.device("meta"):
+        model = build_detector(name, len(CLASSES))
+    assert _class_outputs(model) == len(CLASSES) + 1
+    if name.startswith("maskrcnn"):
+        assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == len(CLASSES) + 1
+
+
+def test_the_list_is_torchvisions_box_detectors() -> None:
+    names = detector_names()
+    assert {"fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+            "fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
+            "ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn"} <= set(names)
+    assert not [n for n in names if n.startswith("keypointrcnn")]
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn",
+                                  "ssdlite320_mobilenet_v3_large"])
+def test_a_torchvision_detector_trains_and_predicts(name: str) -> None:
+    torch.manual_seed(0)
+    # SSDlite's input size is fixed (320 px): it resizes, and maps its boxes back
+    kwargs = {} if name.startswith("ssd") else {"min_size": SIZE, "max_size": SIZE}
+    _step_and_predict(build_detector(name, len(CLASSES), **kwargs))
+
+
+def test_vgg16_to_relu5_3_under_faster_rcnn_is_the_seeds_network() -> None:
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16()
+    features = vgg.features[:-1]  # up to relu5_3: the last max-pool left out
+    assert isinstance(features[-1], nn.ReLU) and isinstance(vgg.features[-1], nn.MaxPool2d)
+    assert feature_channels(features, SIZE) == [("0", 512, 16)]
+    backbone = backbone_of(features, None, SIZE)
+    assert isinstance(backbone, SingleMap) and backbone.out_channels == 512
+    model = detector_on(backbone, "fasterrcnn", len(CLASSES), min_size=SIZE, max_size=SIZE)
+    # the classifier's tensors are the backbone's, not copies
+    assert model.backbone.body[0].weight is vgg.features[0].weight
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [15]
+    _step_and_predict(model)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_a_resnets_stages_through_an_fpn_under_each_head(head: str) -> None:
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18()
+    backbone = backbone_of(resnet, ["layer2", "layer3", "layer4"], SIZE)
+    assert isinstance(backbone, WithFPN)
+    assert [c for _, c, _ in feature_channels(backbone.body, SIZE)] == [128, 256, 512]
+    assert [s for _, _, s in feature_channels(backbone, SIZE)] == [8, 16, 32, 64]
+    model = detector_on(backbone, head, len(CLASSES), min_size=SIZE, max_size=SIZE)
+    assert _class_outputs(model) == len(CLASSES) + 1
+    if head == "fasterrcnn":  # RoI pooling over every stage's level (not the pooled one)
+        assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2"]
+    body = dict(model.backbone.body.named_parameters())
+    assert torch.equal(body["layer3.0.conv1.weight"], resnet.layer3[0].conv1.weight)
+    _step_and_predict(model)
+
+
+def test_a_timm_classifiers_stages_through_an_fpn() -> None:
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False)
+    backbone = backbone_of(net, ["layer2", "layer3", "layer4"], SIZE)
+    _step_and_predict(detector_on(backbone, "fasterrcnn", len(CLASSES), min_size=SIZE,
+                                  max_size=SIZE))
+
+
+def test_what_cannot_be_a_detector_is_one_sentence() -> None:
+    with pytest.raises(DetectorProblem, match=r"^model.name='resnet18' is not one of "
+                                              r"torchvision's detectors \(fasterrcnn_"):
+        build_detector("resnet18", 3)
+    resnet = torchvision.models.resnet18()
+    with pytest.raises(DetectorProblem, match=r"^the backbone's output '0' is not a feature "
+                                              r"map .* but torch.Size\(\[1, 1000\]\); cut"):
+        backbone_of(resnet, None, SIZE)
+    with pytest.raises(DetectorProblem, match=r"^the FPN levels \['layer2', 'layer9'\] are "
+                                              r"not all nodes of the backbone"):
+        backbone_of(resnet, ["layer2", "layer9"], SIZE)
+    with pytest.raises(DetectorProblem, match=r"^head='ssd': a classifier's features go "
+                                              r"under one of fasterrcnn, retinanet, fcos$"):
+        detector_on(SingleMap(resnet.layer1, 64), "ssd", 3)
