@@ -512,6 +512,17 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "    names = [str(i) for i in range(levels - (0 if levels == 1 else 1))]",
      '    names = ["0"]',
      "tests/test_detectors.py -k fpn_under_each_head"),
+    ("box labels reach the detector without the background offset",
+     "finetune/data/box_datasets.py",
+     '            "labels": torch.tensor(item.classes, dtype=torch.int64) + LABEL_OFFSET}',
+     '            "labels": torch.tensor(item.classes, dtype=torch.int64)}',
+     "tests/test_detector_training.py -k offset_labels"),
+    ("boxes an augmentation left without area stay", "finetune/data/box_datasets.py",
+     "        steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))", "        pass",
+     "tests/test_detector_training.py -k sanitize"),
+    ("a detector's validation logs no mAP", "finetune/training/detection_module.py",
+     "        self.log_dict(scalars, prog_bar=True, sync_dist=True)", "        pass",
+     "tests/test_detector_training.py -k measures_map"),
 ]
 
 

@@ -1,0 +1,95 @@
+"""Box data as a model takes it: each image as a float tv_tensors.Image in [0, 1] (any size:
+the detector resizes) and its target — boxes as tv_tensors.BoundingBoxes (x1,y1,x2,y2 in
+pixels) and labels offset for the background — through torchvision.transforms.v2, which
+moves the boxes with the pixels; SanitizeBoundingBoxes drops what an augmentation left
+without area. Batches are lists (images differ in size and in box count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from finetune.data.boxes import BoxSet
+from finetune.data.canvases import Canvas
+from finetune.data.images import open_rgb
+from finetune.models.detectors import LABEL_OFFSET
+
+
+@dataclass(frozen=True)
+class BoxItem:
+    """One image (a file, or grey or RGB pixels in memory) and its boxes (x1, y1, x2, y2)
+    with the index of each box's class in the run's class names."""
+
+    source: Path | np.ndarray
+    boxes: tuple[tuple[float, float, float, float], ...]
+    classes: tuple[int, ...]
+
+
+def items_of(found: BoxSet, class_names: list[str]) -> list[BoxItem]:
+    """A checked BoxSet's images as items, classes by their place in `class_names`."""
+    index = {n: i for i, n in enumerate(class_names)}
+    return [BoxItem(i.path, tuple((b.x1, b.y1, b.x2, b.y2) for b in i.boxes),
+                    tuple(index[b.label] for b in i.boxes)) for i in found.images]
+
+
+def canvas_items(canvases: list[Canvas], class_names: list[str]) -> list[BoxItem]:
+    """Digit canvases (finetune/data/canvases.py) as items."""
+    index = {n: i for i, n in enumerate(class_names)}
+    return [BoxItem(c.pixels, tuple(tuple(map(float, b[:4])) for b in c.boxes),
+                    tuple(index[b[4]] for b in c.boxes)) for c in canvases]
+
+
+def box_transform(train: bool, flip: bool = True) -> v2.Transform:
+    """uint8 image and boxes in, float image in [0, 1] out; in training a horizontal flip
+    (boxes mirrored with the pixels) when `flip`, and boxes left without area dropped."""
+    steps: list[v2.Transform] = []
+    if train and flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if train:
+        steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))
+    return v2.Compose(steps)
+
+
+class BoxDataset(Dataset):
+    """Items through a v2 transform: (image, {"boxes", "labels"})."""
+
+    def __init__(self, items: list[BoxItem], transform: v2.Transform) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, index: int) -> torch.Tensor:
+        """The item's pixels as a uint8 (3, height, width) tensor."""
+        source = self.items[index].source
+        pixels = np.asarray(open_rgb(source)) if isinstance(source, Path) else source
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+        return tensor.expand(3, -1, -1) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        item = self.items[index]
+        pixels = self.image(index)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4),
+                format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=tuple(pixels.shape[-2:])),
+            "labels": torch.tensor(item.classes, dtype=torch.int64) + LABEL_OFFSET}
+        image, target = self.transform(tv_tensors.Image(pixels), target)
+        return image.as_subclass(torch.Tensor), {
+            "boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"]}
+
+
+def collate_boxes(batch: list[tuple[torch.Tensor, dict[str, Any]]]
+                  ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """A batch as the detectors take it: a list of images and a list of targets."""
+    images, targets = zip(*batch, strict=True) if batch else ((), ())
+    return list(images), list(targets)

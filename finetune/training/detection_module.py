@@ -1,0 +1,55 @@
+"""The LightningModule's steps for a detector: in training the model computes its own losses
+from the targets (classifier, box regression, RPN objectness...), each logged; in
+validation it finds boxes, and the task's metric (COCO mAP) measures them. Freezing, the
+unfreeze schedule, optimizer groups, the loss guard and DDP's rank check are the
+FinetuneModule's own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.training.lightning_module import FinetuneModule
+
+Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
+
+
+class DetectorModule(FinetuneModule):
+    """A FinetuneModule whose batches are lists of images and targets (data/box_datasets)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.per_class_ap: list[float] = []  # AP per class at the last validation
+
+    def forward(self, images: list[torch.Tensor]) -> Any:  # type: ignore[override]
+        return self._forward(images)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:  # type: ignore[override]
+        images, targets = batch
+        losses = self._forward(images, targets)
+        loss = self.task.loss(losses, targets)
+        size = len(images)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._predictions = []
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:  # type: ignore[override]
+        images, targets = batch
+        found = self._forward(images)
+        self.val_metrics.update(found, targets)
+        self._predictions.extend(
+            {k: v.detach().cpu() for k, v in f.items()} for f in found)
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_metrics.compute()
+        self.val_metrics.reset()
+        scalars = {k: v for k, v in result.items() if k in self.task.metrics()}
+        self.log_dict(scalars, prog_bar=True, sync_dist=True)
+        per_class = result.get("val/map_per_class")
+        self.per_class_ap = [] if per_class is None else per_class.reshape(-1).tolist()
+        self.last_predictions = self._predictions
