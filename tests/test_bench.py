@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import REPO
 
-SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py"]
+SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py",
+           "detection_transfer.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -29,7 +29,7 @@ from finetune.data.images import IMAGE_SUFFIXES
 # cxcywh, each by definition).
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 MAX_ANNOTATION_BYTES = 1 << 30
-MAX_XML_BYTES = 1 << 20
+MAX_LABEL_FILE_BYTES = 1 << 20  # one image's annotation file (VOC XML, YOLO txt), classes.txt
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ _DECLARATIONS = re.compile(r"<!DOCTYPE|<!ENTITY", re.IGNORECASE)
 
 def _xml(path: Path) -> ET.Element:
     """An XML file without a DTD or entities, parsed (ValueError: why it is not)."""
-    text = read_text(path, MAX_XML_BYTES, "data.root:")
+    text = read_text(path, MAX_LABEL_FILE_BYTES, "data.root:")
     if _DECLARATIONS.search(text):
         raise ValueError("declares a DTD or entities, which an annotation never needs")
     try:
@@ -266,7 +266,7 @@ def _yolo_names(root: Path) -> list[str] | None:
             names = [names[k] for k in sorted(names)]
         return [str(n) for n in names] if isinstance(names, list) else None
     if (root / "classes.txt").is_file():
-        text = read_text(root / "classes.txt", MAX_XML_BYTES, "data.root:")
+        text = read_text(root / "classes.txt", MAX_LABEL_FILE_BYTES, "data.root:")
         return [line.strip() for line in text.splitlines() if line.strip()]
     return None
 
@@ -296,7 +296,7 @@ def read_yolo(root: Path, follow_links: bool = False) -> BoxSet:
         labels = root / "labels" / file.relative_to(folder).with_suffix(".txt")
         if labels.is_file():
             size = image_size(path)
-            text = read_text(labels, MAX_XML_BYTES, "data.root:")
+            text = read_text(labels, MAX_LABEL_FILE_BYTES, "data.root:")
             for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
