@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -235,16 +236,37 @@ def test_weights_and_biases_logs_offline_into_the_run_dir(tmp_path: Path,
     metrics = read_json(run / "metrics.json")
     [record] = (run / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
 
-    def summary(key: str) -> object:
-        """A summary item's value in the record (protobuf: the key, then its JSON value)."""
-        data = record.read_bytes()
-        at = data.rindex(b"\n" + bytes([len(key)]) + key.encode() + b"\x82\x01")
-        at += 2 + len(key) + 2
-        return json.loads(data[at + 1:at + 1 + data[at]])
+    summary = wandb_summary(record)
+    assert summary["val/acc"] == pytest.approx(metrics["val/acc"], abs=1e-6)
+    assert summary["best/epoch"] == metrics["best/epoch"]
+    assert summary["train_images"] == metrics["train_images"]
 
-    assert summary("val/acc") == pytest.approx(metrics["val/acc"], abs=1e-6)
-    assert summary("best/epoch") == metrics["best/epoch"]
-    assert summary("train_images") == metrics["train_images"]
+
+def wandb_summary(path: Path) -> dict[str, object]:
+    """The summary a W&B record file holds (what `wandb sync` uploads): its LevelDB-style log
+    read block by block (32 KiB blocks, a 7-byte header per record piece; a record may span
+    blocks), each record parsed with wandb's own protobuf, the last value of each key kept."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", data[:8]
+    found: dict[str, object] = {}
+    pos, pending = header, b""  # the file's own 7-byte header opens the first block
+    while pos + header <= len(data):
+        if block - pos % block < header:  # the block's tail is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        piece, pos = data[pos + header:pos + header + length], pos + header + length
+        pending = piece if kind in (1, 2) else pending + piece  # full/first, middle/last
+        if kind not in (1, 4):
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                found[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return found
 
 
 def test_googlenet_trains_with_its_auxiliary_heads(tmp_path: Path) -> None:
