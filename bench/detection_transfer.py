@@ -31,6 +31,7 @@ from finetune.data.box_datasets import BoxDataset, box_transform, canvas_items, 
 from finetune.data.canvases import digit_canvases
 from finetune.models.detectors import backbone_of, detector_on
 from finetune.tasks.detection import Detection
+from finetune.training.freezing import apply_freeze, keep_eval, plan_freeze
 
 DIGITS = [5, 6, 7, 8, 9]
 NAMES = [str(d) for d in DIGITS]
@@ -44,18 +45,12 @@ def source_classifier(smoke: bool) -> dict[str, torch.Tensor]:
     return load_file(Path(run["run_dir"]) / "model.safetensors")
 
 
-def detector(weights: dict[str, torch.Tensor] | None, size: int, frozen: bool, seed: int
+def detector(weights: dict[str, torch.Tensor] | None, size: int, seed: int
              ) -> torch.nn.Module:
     torch.manual_seed(seed)
     resnet = torchvision.models.resnet18(num_classes=5)
     if weights is not None:
         resnet.load_state_dict(weights)
-    if frozen:  # the classifier's features as they are: only the FPN and the heads train
-        resnet.requires_grad_(False)
-        for module in resnet.modules():  # BatchNorm keeps its statistics
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.eval()
-                module.train = lambda mode=True, m=module: m  # type: ignore[method-assign]
     # torchvision's sampling is sized for 800 px photos (512 RoIs an image, 2,000 proposals);
     # a canvas holds at most three digits, and RoI align's backward dominates a CPU step
     return detector_on(backbone_of(resnet, ["layer2", "layer3", "layer4"], size),
@@ -66,8 +61,12 @@ def detector(weights: dict[str, torch.Tensor] | None, size: int, frozen: bool, s
 
 
 def fit_and_measure(model: torch.nn.Module, data: BoxDataset, val: DataLoader,
-                    epochs: int, seed: int) -> tuple[dict[str, float], float]:
-    """Both arms of a seed draw the same batches in the same order."""
+                    epochs: int, seed: int, frozen: bool) -> tuple[dict[str, float], float]:
+    """Both arms of a seed draw the same batches in the same order. `frozen`: the
+    classifier's stages as they are, BatchNorm statistics too (finetune's freeze plan, as
+    freeze.train_from=backbone.fpn); the FPN and the heads train."""
+    plan = plan_freeze(model, "backbone.fpn" if frozen else None)
+    apply_freeze(model, plan)
     train = DataLoader(data, batch_size=8, shuffle=True, collate_fn=collate_boxes,
                        generator=torch.Generator().manual_seed(seed))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -76,6 +75,7 @@ def fit_and_measure(model: torch.nn.Module, data: BoxDataset, val: DataLoader,
     torch.manual_seed(seed + 1)
     for _ in range(epochs):
         model.train()
+        keep_eval(model, plan.eval_modules)
         for images, targets in train:
             loss = sum(model(images, targets).values())
             optimizer.zero_grad()
@@ -115,8 +115,8 @@ def main() -> None:
     rows = []
     for name, weights in (("the digits classifier (0-4)", source_classifier(args.smoke)),
                           ("random", None)):
-        runs = [fit_and_measure(detector(weights, args.size, args.frozen, seed), train, val,
-                                args.epochs, seed) for seed in range(args.seeds)]
+        runs = [fit_and_measure(detector(weights, args.size, seed), train, val, args.epochs,
+                                seed, args.frozen) for seed in range(args.seeds)]
         each = {k: [found[k] for found, _ in runs] for k in ("map_50", "map")}
         rows.append([name, f"{median(each['map_50']):.3f}", f"{median(each['map']):.3f}",
                      f"{median([s for _, s in runs]):.0f}",

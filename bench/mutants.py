@@ -523,6 +523,13 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a detector's validation logs no mAP", "finetune/training/detection_module.py",
      "        self.log_dict(scalars, prog_bar=True, sync_dist=True)", "        pass",
      "tests/test_detector_training.py -k measures_map"),
+    ("an annotation file linked from outside the data root is read", "finetune/data/boxes.py",
+     "    if follow_links or inside(path, root):\n        return True",
+     "    if True:\n        return True", "tests/test_boxes.py -k link_out_of_the_root"),
+    ("a COCO annotation of an image refused as outside is called an orphan too",
+     "finetune/data/boxes.py",
+     "            if not isinstance(image_id, int | str) or image_id not in refused:",
+     "            if True:", "tests/test_boxes.py -k any_json_type"),
 ]
 
 

@@ -96,3 +96,10 @@ def resolve_recipe(value: str, cwd: Path | None = None) -> tuple[str, Path]:
     raise ConfigError([f"recipe={value}: no such recipe{did_you_mean(value, shipped)}; "
                        f"recipes are found in {', '.join(map(str, recipe_dirs()))} (add folders "
                        f"with ${RECIPES_ENV}), or pass a path to a .yaml file"])
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path` resolves (links followed) inside `root`: what a received data folder
+    may name (its own files only)."""
+    base, resolved = Path(root).resolve(), Path(path).resolve()
+    return resolved == base or base in resolved.parents

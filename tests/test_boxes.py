@@ -217,3 +217,60 @@ def test_class_ids_and_stated_sizes_are_checked(tmp_path: Path) -> None:
     assert check_boxes(found).problems[0].startswith(
         f"1 box(es) have class id 5, which names no class (the classes: 2, 3), e.g. "
         f"{labels.name} line")
+
+
+@pytest.mark.parametrize("planted", ["voc-xml", "yolo-labels", "yolo-names", "classes-txt"])
+def test_no_annotation_file_is_read_through_a_link_out_of_the_root(tmp_path: Path,
+                                                                    planted: str) -> None:
+    """A received folder's annotation file that is a symbolic link to a file elsewhere (its
+    lines would become class names and messages): a problem, its text never read."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    root = tmp_path / "received"
+    box_format = "voc" if planted == "voc-xml" else "yolo"
+    where = write_canvases(root, digit_canvases(2, size=48, seed=5), box_format)
+    target = {"voc-xml": root / "Annotations" / "00000.xml",
+              "yolo-labels": root / "labels" / "00000.txt",
+              "yolo-names": root / "data.yaml", "classes-txt": root / "classes.txt"}[planted]
+    if planted == "classes-txt":
+        (root / "data.yaml").unlink()
+    target.unlink(missing_ok=True)
+    target.symlink_to(secret)
+    found = _read(box_format, where)
+    assert "root:x:0:0" not in found.classes and not any("root:x" in p for p in found.problems)
+    assert any(p.startswith(f"data.root: the annotation file {target} lies outside")
+               for p in found.problems), found.problems
+
+
+@pytest.mark.parametrize("names", ["[a, b]", "{names: {0: a, x: b}}", "{names: {1: a, 2: b}}",
+                                   "{names: 7}"])
+def test_yolo_names_that_are_not_a_list_or_ids_from_0_are_one_sentence(
+        tmp_path: Path, names: str) -> None:
+    where = write_canvases(tmp_path, digit_canvases(2, size=48, seed=5), "yolo")
+    (tmp_path / "data.yaml").write_text(names + "\n")
+    found = read_yolo(where)
+    assert found.images == [] and len(found.problems) == 1
+    assert "has no data.yaml with `names` (a list, or ids 0, 1, ... to names)" in \
+        found.problems[0]
+
+
+def test_coco_ids_of_any_json_type_are_problems_not_tracebacks(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    Image.new("L", (48, 48)).save(secret)
+    coco = write_canvases(tmp_path / "coco", digit_canvases(2, size=48, seed=5), "coco")
+    data = json.loads(coco.read_text())
+    data["images"] += [{"id": [1], "file_name": "x.png"},
+                       {"id": 50, "file_name": "../secret.png"}]
+    data["annotations"] += [{"image_id": {"a": 1}, "bbox": [1, 1, 4, 4], "category_id": 1},
+                            {"image_id": 0, "bbox": [1, 1, 4, 4], "category_id": [1]},
+                            {"image_id": 50, "bbox": [1, 1, 4, 4], "category_id": 1}]
+    coco.write_text(json.dumps(data))
+    found = read_coco(coco)
+    assert len(found.images) == 2 and list(found.unknown_ids) == ["[1]"]
+    # the image outside the root is said once; its annotation is not an orphan besides
+    problems = found.problems
+    assert len(problems) == 3, problems
+    assert problems[0].endswith("images[2] has no id and file_name")
+    assert "images[3]: the image" in problems[1] and "lies outside" in problems[1]
+    assert "1 annotation(s) name an image id that `images` does not list (e.g. {'a': 1})" \
+        in problems[2]

@@ -136,5 +136,4 @@ def _box_problems(images: Iterable[BoxedImage], sizes: dict[str, tuple[int, int]
     return [*_counted(empty, "box(es) have no area (x2 <= x1 or y2 <= y1)",
                       "fix or remove them"),
             *_counted(outside, "box(es) reach outside their image",
-                      "fix them (a box is clipped to the image only when it overlaps it by "
-                      f"{EDGE_TOLERANCE:g} pixel at most)")]
+                      f"fix them (a box may reach {EDGE_TOLERANCE:g} pixel past an edge)")]

@@ -24,6 +24,7 @@ from PIL import Image
 
 from finetune.compose.safe_files import UnsafeFile, load_json_object, load_yaml, read_text
 from finetune.data.images import IMAGE_SUFFIXES
+from finetune.locations import inside
 
 # How the four numbers of a CSV row are meant (COCO is xywh, VOC xyxy, YOLO normalised
 # cxcywh, each by definition).
@@ -76,12 +77,6 @@ def to_xyxy(a: float, b: float, c: float, d: float, box_format: str) -> tuple[fl
     return a, b, c, d
 
 
-def inside(path: Path, root: Path) -> bool:
-    """Whether `path` resolves (links followed) inside `root`."""
-    base, resolved = root.resolve(), path.resolve()
-    return resolved == base or base in resolved.parents
-
-
 def _image(path: Path, root: Path, where: str, problems: list[str],
            follow_links: bool) -> Path | None:
     """The image at `path` when it stays inside `root` (a problem otherwise)."""
@@ -92,6 +87,17 @@ def _image(path: Path, root: Path, where: str, problems: list[str],
                         "the command line if you trust where it points)")
         return None
     return path
+
+
+def _own_file(path: Path, root: Path, problems: list[str], follow_links: bool) -> bool:
+    """Whether the annotation file `path` may be read: inside `root` (a symbolic link out of a
+    received folder would put another file's text into class names and messages)."""
+    if follow_links or inside(path, root):
+        return True
+    problems.append(f"data.root: the annotation file {path} lies outside {root.resolve()} "
+                    "(a symbolic link); a data folder may use only its own files (data."
+                    "follow_links=true on the command line if you trust where it points)")
+    return False
 
 
 def _number(text: str) -> float | None:
@@ -162,9 +168,10 @@ def read_coco(path: Path, follow_links: bool = False) -> BoxSet:
     name_of = {c["id"]: c["name"] for c in categories}
     root = path.parent
     images: dict[Any, BoxedImage] = {}
+    refused: set[Any] = set()  # images outside the root: said once, their boxes skipped
     for n, entry in enumerate(data.get("images") or []):
         name = entry.get("file_name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or "id" not in entry:
+        if not isinstance(name, str) or not isinstance(entry.get("id"), int | str):
             problems.append(f"data.root: {path}: images[{n}] has no id and file_name")
             continue
         where = root / name
@@ -172,6 +179,7 @@ def read_coco(path: Path, follow_links: bool = False) -> BoxSet:
             where = root / "images" / name
         image = _image(where, root, f"{path.name} images[{n}]", problems, follow_links)
         if image is None:
+            refused.add(entry["id"])
             continue
         size = (entry.get("width"), entry.get("height"))
         images[entry["id"]] = BoxedImage(image, size if all(isinstance(s, int) for s in size)
@@ -187,15 +195,16 @@ def read_coco(path: Path, follow_links: bool = False) -> BoxSet:
         if len(numbers) != 4 or any(v is None for v in numbers):
             problems.append(f"data.root: {where}: bbox is not four numbers x,y,w,h")
             continue
-        if ann.get("image_id") not in images:
-            orphans.append(str(ann.get("image_id")))
+        image_id, category = ann.get("image_id"), ann.get("category_id")
+        if not isinstance(image_id, int | str) or image_id not in images:
+            if not isinstance(image_id, int | str) or image_id not in refused:
+                orphans.append(str(image_id))
             continue
-        category = ann.get("category_id")
-        if category not in name_of:
+        if not isinstance(category, int) or category not in name_of:
             unknown.setdefault(str(category), []).append(where)
             continue
         x1, y1, x2, y2 = to_xyxy(*numbers, "xywh")  # type: ignore[arg-type]
-        images[ann["image_id"]].boxes.append(Box(x1, y1, x2, y2, name_of[category], where))
+        images[image_id].boxes.append(Box(x1, y1, x2, y2, name_of[category], where))
     if orphans:
         problems.append(f"data.root: {path}: {len(orphans)} annotation(s) name an image id "
                         f"that `images` does not list (e.g. {orphans[0]})")
@@ -228,6 +237,8 @@ def read_voc(root: Path, follow_links: bool = False) -> BoxSet:
                                "holds Annotations/ and JPEGImages/"])
     images = []
     for file in files:
+        if not _own_file(file, root, problems, follow_links):
+            continue
         try:
             tree = _xml(file)
         except (ValueError, UnsafeFile) as err:
@@ -257,16 +268,19 @@ def read_voc(root: Path, follow_links: bool = False) -> BoxSet:
     return BoxSet(images, sorted({b.label for i in images for b in i.boxes}), problems)
 
 
-def _yolo_names(root: Path) -> list[str] | None:
-    """YOLO's class names: data.yaml's `names` (a list, or a mapping of id to name) or
-    classes.txt, one per line."""
-    if (root / "data.yaml").is_file():
-        names = (load_yaml(root / "data.yaml", "data.root:") or {}).get("names")
+def _yolo_names(root: Path, problems: list[str], follow_links: bool) -> list[str] | None:
+    """YOLO's class names: data.yaml's `names` (a list, or a mapping of id 0, 1, ... to name)
+    or classes.txt, one per line."""
+    listing, names_file = root / "data.yaml", root / "classes.txt"
+    if listing.is_file() and _own_file(listing, root, problems, follow_links):
+        data = load_yaml(listing, "data.root:")
+        names = data.get("names") if isinstance(data, dict) else None
         if isinstance(names, dict):
-            names = [names[k] for k in sorted(names)]
+            ids = sorted(k for k in names if isinstance(k, int))
+            names = [names[k] for k in ids] if ids == list(range(len(names))) else None
         return [str(n) for n in names] if isinstance(names, list) else None
-    if (root / "classes.txt").is_file():
-        text = read_text(root / "classes.txt", MAX_LABEL_FILE_BYTES, "data.root:")
+    if names_file.is_file() and _own_file(names_file, root, problems, follow_links):
+        text = read_text(names_file, MAX_LABEL_FILE_BYTES, "data.root:")
         return [line.strip() for line in text.splitlines() if line.strip()]
     return None
 
@@ -275,17 +289,17 @@ def read_yolo(root: Path, follow_links: bool = False) -> BoxSet:
     """YOLO: root/images/<name>.<ext> and root/labels/<name>.txt, one `class cx cy w h` line
     per box, normalised to the image's size; class names from root/data.yaml (`names`) or
     root/classes.txt. An image without a labels file, or with an empty one, has no boxes."""
-    names = _yolo_names(root)
+    problems: list[str] = []
+    names = _yolo_names(root, problems, follow_links)
     if names is None:
-        return BoxSet([], [], [f"data.root: {root} has no data.yaml with `names` nor a "
-                               "classes.txt; YOLO labels are class ids, and the names are "
-                               "needed to know them"])
+        return BoxSet([], [], [*problems, f"data.root: {root} has no data.yaml with `names` "
+                               "(a list, or ids 0, 1, ... to names) nor a classes.txt; YOLO "
+                               "labels are class ids, and the names are needed to know them"])
     folder = root / "images"
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
         if folder.is_dir() else []
     if not files:
         return BoxSet([], names, [f"data.root: {root}/images holds no images"])
-    problems: list[str] = []
     unknown: dict[str, list[str]] = {}
     images = []
     for file in files:
@@ -294,7 +308,7 @@ def read_yolo(root: Path, follow_links: bool = False) -> BoxSet:
             continue
         image = BoxedImage(path)
         labels = root / "labels" / file.relative_to(folder).with_suffix(".txt")
-        if labels.is_file():
+        if labels.is_file() and _own_file(labels, root, problems, follow_links):
             size = image_size(path)
             text = read_text(labels, MAX_LABEL_FILE_BYTES, "data.root:")
             for n, line in enumerate(text.splitlines(), 1):

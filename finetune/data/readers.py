@@ -14,6 +14,7 @@ from finetune.data.csv_lists import CsvProblem, read_csv_rows, read_csv_table
 from finetune.data.images import IMAGE_SUFFIXES
 from finetune.data.splits import Split
 from finetune.errors import FinetuneError
+from finetune.locations import inside
 
 
 def _select_classes(names: list[str], wanted: list[Any] | None, where: str) -> list[str]:
@@ -72,9 +73,7 @@ def confined(paths: list[Path], root: Path, follow_links: bool, what: str) -> li
     if follow_links:
         return paths
     base = root.resolve()
-    resolved = [p.resolve() for p in paths]
-    outside = [(p, r) for p, r in zip(paths, resolved, strict=True)
-               if r != base and base not in r.parents]
+    outside = [(p, p.resolve()) for p in paths if not inside(p, base)]
     if outside:
         first, target = outside[0]
         raise FinetuneError(
