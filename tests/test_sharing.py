@@ -149,6 +149,9 @@ RUN_ELSEWHERE = {
     "digits_source": "test_sharing.py::test_show_resolved_equals_what_the_run_records",
     # digits_transfer with a search: run as a sweep, shrunk (its real run is in README)
     "digits_transfer_splits": "test_sweeps.py::sweep",
+    # its COCO data is the user's; run on box_csv canvases, from random weights
+    "fasterrcnn_vgg16_relu5_3":
+        "test_detection_runs.py::test_the_seeds_vgg16_recipe_is_one_map_under_faster_rcnn",
 }
 
 
@@ -159,11 +162,12 @@ def _overrides(name: str) -> list[str]:
     return overrides
 
 
-@pytest.mark.parametrize("name", [n for n in SHIPPED if n != "vgg16_relu5_3"])
+@pytest.mark.parametrize("name", [n for n in SHIPPED
+                                  if n not in ("vgg16_relu5_3", "fasterrcnn_vgg16_relu5_3")])
 def test_every_shipped_recipe_validates(name: str, torch_home: Path, recipes_hub: Path,
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """(vgg16_relu5_3 is validated beside its run, in test_recipes.py: its 528 MB weights
-    file is written once, there.)"""
+    """(vgg16_relu5_3 and fasterrcnn_vgg16_relu5_3 are inspected with their weights in
+    test_recipes.py: the 528 MB vgg16 file is written once, there.)"""
     from finetune.commands.recipes import validate_recipe
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from finetune.compose.ranges import range_problems
 from finetune.compose.schema import mix_enabled
 from finetune.data.formats import FORMATS
-from finetune.tasks.table import task_of
+from finetune.tasks.table import TASKS, task_of
 from finetune.training.loggers import LOGGERS
 from finetune.weights.sources import source_of
 
@@ -85,6 +85,11 @@ def config_problems(cfg: Any) -> list[str]:
     problems += data_problems
     task = task_of(cfg)
     problems += task.problems(cfg)
+    if data_format.holds == "boxes" and task.reads != "boxes":
+        readers = " | ".join(t.name for t in TASKS.values() if t.reads == "boxes")
+        problems.append(f"data={cfg.data.name} holds boxes, which task={task.name} does not "
+                        f"read; set task={readers} (docs/detection.md), or use data of class "
+                        "labels (digits, imagefolder, csv)")
     names = None if data_problems else data_format.class_names(cfg.data)
     if in_range:  # (the estimate of values out of their ranges means nothing)
         classes = cfg.head.num_classes or (len(names) if names else 2)

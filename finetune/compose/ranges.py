@@ -87,6 +87,9 @@ RANGES: dict[str, Range] = {
     "data.mix.cutmix_alpha": AT_LEAST_0,
     "data.mix.prob": Range(0, 1),
     "data.fake_classes": Range(2, MAX_CLASSES),
+    "data.canvases.count": Range(2, 100_000),
+    "data.canvases.size": Range(16, MAX_IMAGE_SIZE),
+    "data.canvases.per_canvas": Range(1, 64),
     "trainer.max_epochs": AT_LEAST_1,
     "trainer.num_nodes": AT_LEAST_1,
     "trainer.log_every_n_steps": AT_LEAST_1,
@@ -112,6 +115,7 @@ ITEM_RANGES: dict[str, Range] = {
     "data.std": POSITIVE,
     "loss.class_weights": POSITIVE,
     "loss.pos_weight": POSITIVE,
+    "data.canvases.scales": Range(1, 64),
 }
 # each field of each entry of a list of mappings
 ENTRY_RANGES: dict[str, dict[str, Range]] = {

@@ -16,16 +16,26 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.compose import allowlist
+from finetune.data.box_checks import EMPTY_POLICIES
+from finetune.data.boxes import BOX_FORMATS
 from finetune.errors import did_you_mean
 from finetune.extensions import TABLES
 from finetune.locations import CONF_DIR
 from finetune.sweeps.study import PRUNERS
+from finetune.tasks.detection import MAP_METRICS as DETECTION_METRICS
 
 
 @dataclass
 class EmaConfig:
     decay: float | None = None  # None: off
     start_epoch: int = 0
+
+
+@dataclass
+class DetectorConfig:
+    head: str = "fasterrcnn"  # task=detection on a classifier: fasterrcnn | retinanet | fcos
+    levels: list[str] = field(default_factory=list)  # FPN levels by node; []: one map
+    kwargs: dict[str, Any] = field(default_factory=dict)  # to the detector (min_size, ...)
 
 
 @dataclass
@@ -36,6 +46,7 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False
     ema: EmaConfig = field(default_factory=EmaConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
 @dataclass
@@ -141,6 +152,14 @@ class MixConfig:
 
 
 @dataclass
+class CanvasConfig:
+    count: int = 240  # data=digit_canvases: canvases generated (val_fraction of them validate)
+    size: int = 96  # their side in px
+    per_canvas: int = 3  # at most this many digits on one (at least one)
+    scales: list[int] = field(default_factory=lambda: [3, 4])  # a digit's 8 px times one
+
+
+@dataclass
 class DataConfig:
     name: str = "digits"
     root: str | None = None
@@ -168,6 +187,9 @@ class DataConfig:
     sampler: str = "shuffle"
     mix: MixConfig = field(default_factory=MixConfig)
     limit_per_class: dict[Any, Any] = field(default_factory=dict)  # class -> at most N images
+    box_format: str = "xyxy"  # data=box_csv: the four numbers' meaning
+    empty_images: str = "keep"  # task=detection: images without boxes (negatives) or refuse
+    canvases: CanvasConfig = field(default_factory=CanvasConfig)
 
 
 @dataclass
@@ -265,6 +287,7 @@ TABLE_KEYS = ("weights.source", "model.source", "data.name", "sched.name", "free
               "logger.name", "task")
 
 # Keys whose value is one of a closed set; checked at compose time with nearest matches.
+CLASS_METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5")
 CHOICES: dict[str, tuple[str, ...]] = {
     "head.type": ("classifier", "none"),
     "data.channels": (1, 3),
@@ -276,10 +299,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("info", "debug"),
     "checkpoint.keep": ("auto", "last", "best", "both", "none",
                         *(f"top{k}" for k in range(2, 11))),
-    "metric": ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP"),
+    "metric": (*CLASS_METRICS, "best/val/acc", "val/mAP", *DETECTION_METRICS),
     "eval.checkpoint": ("last", "best"),
     "sweep.pruner.name": PRUNERS,  # finetune/sweeps/study.py
-    "trainer.early_stopping.monitor": ("val/loss", "val/acc", "val/f1", "val/acc_top5"),
+    "trainer.early_stopping.monitor": (*CLASS_METRICS, *DETECTION_METRICS),
+    "model.detector.head": ("fasterrcnn", "retinanet", "fcos"),  # finetune/models/detectors.py
+    "data.box_format": BOX_FORMATS,  # finetune/data/boxes.py
+    "data.empty_images": EMPTY_POLICIES,  # finetune/data/box_checks.py
     "trainer.early_stopping.mode": ("auto", "min", "max"),
 }
 

@@ -7,6 +7,7 @@ without area. Batches are lists (images differ in size and in box count).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,16 @@ def canvas_items(canvases: list[Canvas], class_names: list[str]) -> list[BoxItem
                     tuple(index[b[4]] for b in c.boxes)) for c in canvases]
 
 
-def box_transform(train: bool, flip: bool = True) -> v2.Transform:
+def box_transform(train: bool, flip: bool = True, augment: Sequence[v2.Transform] = ()
+                  ) -> v2.Transform:
     """uint8 image and boxes in, float image in [0, 1] out; in training a horizontal flip
-    (boxes mirrored with the pixels) when `flip`, and boxes left without area dropped."""
+    (boxes mirrored with the pixels) when `flip`, then `augment` (data.augment, box-aware v2
+    transforms), and boxes left without area dropped."""
     steps: list[v2.Transform] = []
     if train and flip:
         steps.append(v2.RandomHorizontalFlip())
+    if train:
+        steps += list(augment)
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if train:
         steps.append(v2.SanitizeBoundingBoxes(min_size=1.0))
@@ -68,11 +73,16 @@ class BoxDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def labels(self) -> list[tuple[int, ...]]:
+        """Each item's box classes (what a task's `finish` reads of a validation set)."""
+        return [item.classes for item in self.items]
+
     def image(self, index: int) -> torch.Tensor:
         """The item's pixels as a uint8 (3, height, width) tensor."""
         source = self.items[index].source
         pixels = np.asarray(open_rgb(source)) if isinstance(source, Path) else source
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+        tensor = torch.from_numpy(np.array(pixels, copy=not pixels.flags.writeable))
         return tensor.expand(3, -1, -1) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -27,14 +27,16 @@ class Canvas:
 
 def digit_canvases(count: int, size: int = 64, digits: list[int] | None = None,
                    per_canvas: tuple[int, int] = (1, 3), scales: tuple[int, ...] = (2, 3),
-                   seed: int = 0, start: int = 0, height: int | None = None) -> list[Canvas]:
+                   seed: int = 0, start: int = 0, height: int | None = None,
+                   stop: int | None = None) -> list[Canvas]:
     """`count` canvases `size` pixels wide (and `height` high; square by default), each
     with `per_canvas` digits (of
     `digits`, all ten by default) that do not overlap, scaled by one of `scales`. `start`
-    skips that many of each digit's images (disjoint sets: give each a different start)."""
+    skips that many of each digit's images and `stop` ends there (disjoint sets: one
+    stops where the other starts)."""
     bunch = load_digits()
     wanted = digits if digits is not None else list(range(10))
-    pools = {d: np.flatnonzero(bunch.target == d)[start:] for d in wanted}
+    pools = {d: np.flatnonzero(bunch.target == d)[start:stop] for d in wanted}
     rng = np.random.default_rng(seed)
     canvases = []
     for _ in range(count):

@@ -55,6 +55,15 @@ def build_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
                                         num_classes=num_classes + LABEL_OFFSET, **kwargs)
 
 
+def class_layers(model: nn.Module) -> list[str]:
+    """The paths of a detector's layers sized by its classes (the head a new class list
+    replaces): a pretrained tensor there is of other classes, and is reported new."""
+    wanted = ("roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits",
+              "head.classification_head.cls_logits", "head.classification_head.module_list")
+    names = {n for n, _ in model.named_modules()}
+    return [w for w in wanted if w in names]
+
+
 def feature_channels(features: nn.Module, size: int, channels: int = 3
                      ) -> list[tuple[str, int, int]]:
     """(name, channels, stride) of each map `features` returns for a `size` px image (a

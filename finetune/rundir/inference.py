@@ -33,6 +33,12 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> n
     eval preprocessing), `preprocessing` and `manifest` attached."""
     plugins.load()  # a run dir may name an installed extension (a model source)
     manifest, weights_file = read_manifest(run_dir)
+    task = task_of(getattr(manifest, "task", DEFAULT_TASK))
+    if task.model_kind != "classifier":
+        raise FinetuneError(f"run={run_dir}: a task={task.name} run; predict, evaluate and export "
+                            "load classifiers only so far (its "
+                            "model.safetensors holds the detector's tensors, its manifest.json "
+                            "how it was built; docs/detection.md)")
     prep = Preprocessing(**manifest.preprocessing)
     head = manifest.head
     try:

@@ -37,6 +37,13 @@ class Task:
     # whether the finished run's val and test splits get finetune's per-class evaluation
     # (evaluation.json, the report's per-class table) and finetune.evaluate applies
     evaluates = False
+    # what it reads from the data (a data format's `holds`): class labels, or boxes
+    reads = "labels"
+    # the model it trains: a classifier (logits per image) or a detector (boxes per image);
+    # the plan builds it and the run picks the LightningModule by it
+    model_kind = "classifier"
+    # the metric a finished run's summary leads with (and ranks its best epoch by)
+    headline = "val/acc"
 
     def metrics(self) -> tuple[str, ...]:
         """The metrics a run of this task can monitor (`metric=`, early stopping)."""
@@ -102,6 +109,16 @@ class Task:
     def decided(self, kept: Any, finished: dict[str, Any], names: list[str]) -> Any:
         """The prediction a kept output stands for (the label val_predictions.csv shows)."""
         return kept
+
+    def val_prediction_table(self, items: list[str], labels: list[Any], kept: list[Any],
+                             finished: dict[str, Any], names: list[str]
+                             ) -> tuple[list[str], list[list[Any]]]:
+        """val_predictions.csv: header and rows (here one per image: item, true label and
+        the label its kept output decides)."""
+        return ["item", "label", "predicted"], [
+            [item, self.shown(labels[i], names),
+             self.shown(self.decided(k, finished, names), names)]
+            for i, (item, k) in enumerate(zip(items, kept, strict=True))]
 
     # -- what a run dir's users see -------------------------------------------------------
 

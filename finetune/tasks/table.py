@@ -11,12 +11,13 @@ from typing import Any
 from finetune.extensions import Table
 from finetune.tasks.base import Task
 from finetune.tasks.classification import Multiclass
+from finetune.tasks.detection import Detection
 from finetune.tasks.multilabel import Multilabel
 
 DEFAULT = "multiclass"  # a run dir written before the task was recorded
 
 TASKS = Table("task", "finetune.tasks", "task")
-TASKS.add(Multiclass(), Multilabel())
+TASKS.add(Multiclass(), Multilabel(), Detection())
 
 
 def task_of(cfg_or_name: Any) -> Task:

@@ -254,7 +254,8 @@ class EpochLine(pl.Callback):
             return
         metrics = trainer.callback_metrics
         shown = {k: float(metrics[k]) for k in ("train/loss_epoch", "val/loss", "val/acc",
-                                                "val/mAP") if k in metrics}
+                                                "val/mAP", "val/map", "val/map_50")
+                 if k in metrics}
         figures = ", ".join(f"{k.removesuffix('_epoch')} {v:.4g}" for k, v in shown.items())
         log.info("epoch %d of %d: %s (%.1f s)", trainer.current_epoch, trainer.max_epochs or 0,
                  figures or "no figures yet", time.perf_counter() - self.started)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from finetune.models.detectors import LABEL_OFFSET
 from finetune.training.lightning_module import FinetuneModule
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
@@ -20,7 +21,9 @@ class DetectorModule(FinetuneModule):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.per_class_ap: list[float] = []  # AP per class at the last validation
+        # AP per class (its index in the class names) at the last validation, of the
+        # classes the validation saw (in its boxes or the predictions)
+        self.per_class_ap: dict[int, float] = {}
 
     def forward(self, images: list[torch.Tensor]) -> Any:  # type: ignore[override]
         return self._forward(images)
@@ -50,6 +53,13 @@ class DetectorModule(FinetuneModule):
         self.val_metrics.reset()
         scalars = {k: v for k, v in result.items() if k in self.task.metrics()}
         self.log_dict(scalars, prog_bar=True, sync_dist=True)
-        per_class = result.get("val/map_per_class")
-        self.per_class_ap = [] if per_class is None else per_class.reshape(-1).tolist()
+        per_class, classes = result.get("val/map_per_class"), result.get("val/classes")
+        self.per_class_ap = {} if per_class is None or classes is None else {
+            int(c) - LABEL_OFFSET: float(v) for c, v in zip(
+                classes.reshape(-1).tolist(), per_class.reshape(-1).tolist(), strict=True)}
         self.last_predictions = self._predictions
+
+    def summary(self, names: list[str]) -> dict[str, Any]:
+        """AP per class at the last validation (-1: the class had no boxes there)."""
+        return {"val/ap_per_class": {names[c]: round(v, 6) for c, v in
+                                     sorted(self.per_class_ap.items()) if 0 <= c < len(names)}}

@@ -163,6 +163,10 @@ class FinetuneModule(pl.LightningModule):
         self._val_count += len(y)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
 
+    def summary(self, names: list[str]) -> dict[str, Any]:
+        """What this kind of model adds to metrics.json after fit (here nothing)."""
+        return {}
+
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()

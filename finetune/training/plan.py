@@ -8,8 +8,6 @@ with every path checked (finetune.validate.assemble_checked), then the weights l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,80 +19,19 @@ from finetune import plugins
 from finetune.compose.precheck import num_classes_problem
 from finetune.compose.ranges import range_problems
 from finetune.compose.schema import mix_enabled
-from finetune.data.datamodule import ImageDataModule, build_datamodule
+from finetune.data.datamodule import build_datamodule
 from finetune.errors import ConfigError, FinetuneError
 from finetune.models import backbones, surgery
 from finetune.models.sources import model_source_of
 from finetune.tasks.table import task_of
 from finetune.training import feature_cache as cache
+from finetune.training.detection_plan import plan_detector
 from finetune.training.freezing import FreezePlan, apply_freeze
-from finetune.training.optim import GroupPlan
+from finetune.training.plan_types import Built, RunContext, RunPlan
 from finetune.training.validate import assemble_checked, validate
-from finetune.weights.load_report import LoadReport
 from finetune.weights.loading import load_weights
 from finetune.weights.readers import SourceNotTrained
 from finetune.weights.sources import source_of
-
-
-@dataclass
-class RunContext:
-    """What a run needs to know beyond its config, which Hydra's globals used to carry.
-
-    Attributes:
-        run_dir: where the run writes (None: nothing is written, as for inspect).
-        sweep_dir: the sweep this run is a job of, if any (its feature cache lives there).
-        recipe: name, file, sha256 (and rerun_of) of the recipe, for the manifest.
-        overrides: the command line's overrides, for the manifest.
-        main_process: rank zero (the only process, or rank 0 of DDP): the one that writes.
-        launched: wall-clock time the command (or the finetune.train call) started, for
-            first_step_seconds; None: not measured.
-    """
-
-    run_dir: Path | None = None
-    sweep_dir: Path | None = None
-    recipe: dict[str, Any] = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)
-    main_process: bool = True
-    launched: float | None = None
-
-
-@dataclass
-class Built:
-    """The model as built, and how: builder arguments, head paths, the weight load, and the
-    output shape of one image in a dry forward."""
-
-    model: nn.Module
-    build_kwargs: dict[str, Any]
-    head_paths: list[str]
-    report: LoadReport
-    output_shape: list[int]
-
-
-@dataclass
-class RunPlan:
-    """The run before it trains: data, model, weights, freeze plan, optimizer groups, cache
-    decision; or why it
-    cannot run (`problems`, every one found)."""
-
-    cfg: DictConfig
-    context: RunContext
-    entry: WeightsEnum | dict[str, Any] | None = None  # torchvision's, or timm's config
-    prep: backbones.Preprocessing | None = None
-    data: ImageDataModule | None = None
-    class_names: list[str] | None = None
-    built: Built | None = None
-    freeze: FreezePlan | None = None
-    groups: list[GroupPlan] = field(default_factory=list)  # every stage's, in join order
-    cache_cut: cache.Cut | None = None
-    cache_reason: str = "off: nothing trains"
-    class_weights: list[float] | None = None  # loss.class_weights, resolved
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def raise_problems(self) -> None:
-        """Stop here with every problem found, one line each."""
-        if self.problems:
-            raise ConfigError(list(dict.fromkeys(self.problems)))
 
 
 def pretrained_entry(cfg: DictConfig) -> WeightsEnum | dict[str, Any] | None:
@@ -178,6 +115,8 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
 
     plugins.load()  # a sweep's worker process or finetune.train: the tables it may name
     plan = RunPlan(cfg, context or RunContext())
+    if task_of(cfg).model_kind == "detector":
+        return plan_detector(plan, load, train_sources)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -196,7 +135,7 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
         return plan
     classes_for_checks: list[str] | None = None
     if cfg.head.type != "none":
-        if not any(p.startswith("data.") for p in plan.problems):  # (said once: validate)
+        if not any(p.startswith(("data.", "data=")) for p in plan.problems):  # (said once)
             try:
                 plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed, cfg.task,
                                              epochs=cfg.trainer.max_epochs or 1)

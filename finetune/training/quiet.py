@@ -44,7 +44,9 @@ LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero",
 # huggingface_hub's warning on each failed request ("... thrown while requesting HEAD ..."):
 # when the file cannot be had, finetune's own sentence names the repo, the file and where to
 # place it; when a retry succeeds there is nothing to say.
-ERROR_ONLY_LOGGERS = ("huggingface_hub.utils._http",)
+# faster-coco-eval's INFO lines (COCO's evaluation table and timings at every validation,
+# through torchmetrics' mAP): the epoch line and metrics.json carry the figures.
+ERROR_ONLY_LOGGERS = ("huggingface_hub.utils._http", "faster_coco_eval")
 
 
 # matplotlib's "building the font cache; this may take a moment" (its first run on a machine,

@@ -43,6 +43,7 @@ from finetune.training.callbacks import (
     progress_bar_on,
     stop_name,
 )
+from finetune.training.detection_module import DetectorModule
 from finetune.training.lightning_module import FinetuneModule, StepOptions
 from finetune.training.loggers import LOGGERS
 from finetune.training.plan import RunContext, RunPlan, plan_run
@@ -59,6 +60,10 @@ from finetune.training.save import (
 )
 
 log = logging.getLogger("finetune")
+
+# the LightningModule of each kind of model a task trains (Task.model_kind)
+MODULES: dict[str, type[FinetuneModule]] = {"classifier": FinetuneModule,
+                                            "detector": DetectorModule}
 
 
 def is_main_process() -> bool:
@@ -177,8 +182,9 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     for stage in freeze.stages[1:]:
         log.info("plan: at epoch %d, %s unfreezes (%d parameter tensors, group %s)",
                  stage.epoch, stage.selector, len(stage.params), stage.name)
-    module = FinetuneModule(
-        built.model, num_classes, freeze, cfg.optim, cfg.sched, task=task_of(cfg),
+    task = task_of(cfg)
+    module = MODULES[task.model_kind](
+        built.model, num_classes, freeze, cfg.optim, cfg.sched, task=task,
         options=StepOptions(cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
                             cfg.model.channels_last, cfg.model.compile),
         groups=plan.groups, class_weights=plan.class_weights, mix=batch_mix(cfg, num_classes))

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
+from finetune.data.box_datamodule import BoxDataModule
 from finetune.data.datamodule import ImageDataModule
 from finetune.errors import FinetuneError
 from finetune.models import backbones
@@ -26,6 +27,7 @@ from finetune.rundir.verdict import learning_warnings
 from finetune.sweeps.pruning import PruneTrial
 from finetune.tasks.base import Task
 from finetune.tasks.table import DEFAULT as DEFAULT_TASK
+from finetune.tasks.table import task_of
 from finetune.training.callbacks import (
     EMA,
     BestWeights,
@@ -112,18 +114,18 @@ def save_extractor(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
     return float("nan")
 
 
-def write_val_predictions(path: Path, data: ImageDataModule, predictions: list[Any],
+def write_val_predictions(path: Path, data: Any, predictions: list[Any],
                           task: Task, finished: dict[str, Any]) -> None:
-    """The final validation's prediction for each image: file path (or index for in-memory
-    data), true and predicted label as the task shows them (one class; or a label set,
-    `;`-separated, decided at the tuned thresholds)."""
-    names = data.class_names
-    items = getattr(data.val_set, "paths", None)
-    rows = [[str(items[i]) if items is not None else f"#{i}",
-             task.shown(data.val_set.labels[i], names),
-             task.shown(task.decided(kept, finished, names), names)]
-            for i, kept in enumerate(predictions)]
-    artifacts.write_csv(path, ["item", "label", "predicted"], rows)
+    """The final validation's predictions, as the task tabulates them: per image the file
+    path (or index for in-memory data), true and predicted label (one class; or a label
+    set, `;`-separated, decided at the tuned thresholds); per box for a detector."""
+    items = getattr(data.val_set, "paths", None) or [
+        getattr(x, "source", None) for x in getattr(data.val_set, "items", [])]
+    shown = [str(x) if isinstance(x, str | Path) else f"#{i}" for i, x in enumerate(
+        items[:len(predictions)] if items else [None] * len(predictions))]
+    header, rows = task.val_prediction_table(shown, data.val_set.labels, predictions,
+                                             finished, data.class_names)
+    artifacts.write_csv(path, header, rows)
 
 
 def write_report(run_dir: Path) -> None:
@@ -172,7 +174,8 @@ def evaluate_splits(run_dir: Path, cfg: DictConfig, model: nn.Module, data: Imag
 
 
 def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
-             freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
+             freeze: FreezePlan, data: ImageDataModule | BoxDataModule,
+             prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
              cache_report: dict[str, Any] | None = None, groups: list[Any] | None = None
              ) -> dict[str, Any]:
@@ -182,9 +185,11 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
     # what the task decides after fit (task=multilabel: each label's threshold), on the
     # images validated last (limit_val_batches)
     finished = task.finish(module.last_predictions, data.val_set.labels, data.class_names)
-    write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze, {
-        "class_counts": data.class_counts(), "sampler": "balanced" if data.balanced else
-        "shuffle", task.loss_weights: weights.tolist() if weights is not None else None},
+    balance: dict[str, Any] = {"class_counts": data.class_counts(),
+                               "sampler": "balanced" if data.balanced else "shuffle"}
+    if task.loss_weights:
+        balance[task.loss_weights] = weights.tolist() if weights is not None else None
+    write_manifest(run_dir, cfg, context, built, prep, data.class_names, freeze, balance,
         ema_summary(trainer), finished.get("thresholds"),
         optimizer_summary(cfg, built.model, groups or []))
     tested = {} if not task.evaluates or not (cfg.eval.report or data.test_set is not None) \
@@ -198,7 +203,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
                           task, finished)
     final = {k: round(float(v), 6) for k, v in trainer.callback_metrics.items()
              if k.startswith("val/")}
-    accs = series.get(MONITOR, {})
+    accs = series.get(task.headline, {})
     best_epoch = max(accs, key=lambda e: accs[e]) if accs else None
     throughput = meter.images_per_second
     world = trainer.world_size
@@ -217,7 +222,8 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **({"error": [nonfinite_message(nonfinite)]} if nonfinite else {}),
         **({"warnings": warnings} if warnings else {}),
         **final,
-        "best/val/acc": round(accs[best_epoch], 6) if best_epoch is not None else None,
+        f"best/{task.headline}": round(accs[best_epoch], 6) if best_epoch is not None
+        else None,
         "best/epoch": best_epoch,
         "epochs": trainer.current_epoch,
         "train_images": len(data.train_set),
@@ -245,6 +251,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **({"pruned": pruned} if (pruned := pruned_summary(trainer)) else {}),
         **({"ema": averaged} if (averaged := ema_summary(trainer)) else {}),
         **({"task": task.name, **finished} if task.name != DEFAULT_TASK else {}),
+        **module.summary(data.class_names),
         "train_from": freeze.train_from,
         "lr": float(cfg.optim.lr),
         "metric": cfg.metric,
@@ -291,13 +298,16 @@ SUMMARY_FILES = ("model.safetensors", "metrics.json", "load_report.json", "manif
 
 
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
-    best = metrics.get("best/val/acc")
+    headline = task_of(metrics.get("task", DEFAULT_TASK)).headline
+    best = metrics.get(f"best/{headline}")
     chosen = metrics.get("metric")  # the metric the run was told to watch comes first
-    watched = (f"{chosen} {metrics[chosen]:.4f}; " if chosen != MONITOR and isinstance(
+    watched = (f"{chosen} {metrics[chosen]:.4f}; " if chosen != headline and isinstance(
         metrics.get(chosen), int | float) else "")
+    value = metrics.get(headline)
     lines = [
         f"finetune: done in {metrics['train_seconds']:.1f} s over {metrics['epochs']} epochs; "
-        f"{watched}val/acc {metrics.get(MONITOR, float('nan')):.4f} (best {best:.4f} at epoch "
+        f"{watched}{headline} {value if value is not None else float('nan'):.4f} "
+        f"(best {best:.4f} at epoch "
         f"{metrics['best/epoch']})" if best is not None else
         f"finetune: done in {metrics['train_seconds']:.1f} s; no validation ran",
         f"  run dir: {run_dir}",
@@ -322,8 +332,6 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
                         f"pruner ({pruned['metric']} {pruned['value']}) ended this trial")
     print("\n".join(lines), flush=True)
 
-
-MONITOR = "val/acc"
 
 
 def ranked_checkpoints(trainer: pl.Trainer, run_dir: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,218 @@
+"""The plan of a `task: detection` run: the box data read and checked, the detector built
+once — torchvision's by name, or any classifier (cut by the surgery) under Faster R-CNN,
+RetinaNet or FCOS — its pretrained tensors loaded and reported, the freeze plan and optimizer
+groups on the detector's own module paths; every problem found, at once.
+
+A classifier's weights load into the classifier before it becomes the backbone, so a run,
+a recipe or a torchvision / timm classification entry is a start exactly as for
+classification; in the detector its tensors live under `backbone.body.`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.compose.precheck import config_problems
+from finetune.compose.ranges import range_problems
+from finetune.data.box_datamodule import build_box_datamodule
+from finetune.data.formats import FORMATS
+from finetune.errors import FinetuneError
+from finetune.models import backbones
+from finetune.models.builder import assemble
+from finetune.models.detectors import (
+    DetectorProblem,
+    backbone_of,
+    build_detector,
+    class_layers,
+    detector_names,
+    detector_on,
+)
+from finetune.models.sources import model_source_of
+from finetune.tasks.table import task_of
+from finetune.training.freezing import apply_freeze, plan_freeze
+from finetune.training.optim import plan_groups
+from finetune.training.plan_types import Built, RunPlan
+from finetune.training.validate import device_problems
+from finetune.weights.load_report import LoadReport
+from finetune.weights.loading import load_weights
+from finetune.weights.readers import SourceNotTrained
+from finetune.weights.sources import source_of
+
+DEFAULT_SIZE = 800  # torchvision's detectors resize the shorter side to 800 px
+CACHE_REASON = ("off: task=detection (the detector trains on whole images of any size; the "
+                "feature cache serves classifiers)")
+
+
+def input_size(cfg: DictConfig) -> int:
+    """The detector's shorter side: data.image_size, else the canvases' side, else 800."""
+    if cfg.data.image_size:
+        return int(cfg.data.image_size)
+    if cfg.data.name == "digit_canvases":
+        return int(cfg.data.canvases.size)
+    return DEFAULT_SIZE
+
+
+def detector_kwargs(cfg: DictConfig, size: int, prep: backbones.Preprocessing,
+                    by_name: bool) -> dict[str, Any]:
+    """What the detector's own transform needs: the sizes (torchvision's 800 / 1333 ratio;
+    SSD's are fixed by its name) and the normalization — a classifier's weights', or for a
+    detector by name its builder's own (what its COCO weights expect) unless data.mean /
+    data.std say otherwise."""
+    fixed = by_name and cfg.model.name.startswith("ssd")
+    sizes = {} if fixed else {"min_size": size, "max_size": max(size, round(size * 1333 / 800))}
+    if by_name:
+        return {**sizes, **({"image_mean": list(prep.mean)} if cfg.data.mean else {}),
+                **({"image_std": list(prep.std)} if cfg.data.std else {})}
+    return {**sizes, "image_mean": list(prep.mean), "image_std": list(prep.std)}
+
+
+def _config_problems(cfg: DictConfig) -> list[str]:
+    problems = config_problems(cfg) + device_problems(cfg.trainer)
+    name, by_name = cfg.model.name, cfg.model.name in detector_names()
+    if by_name:
+        if cfg.model.source != "torchvision":
+            problems.append(f"model.name={name} is a torchvision detector; set "
+                            "model.source=torchvision")
+        if cfg.surgery:
+            problems.append(f"surgery: changes a classifier before it becomes a detector's "
+                            f"backbone; {name} is a detector already (name a classifier, e.g. "
+                            "vgg16 or resnet50, to cut one)")
+        if cfg.model.detector.levels:
+            problems.append(f"model.detector.levels: names FPN levels of a classifier's maps; "
+                            f"{name} has its own backbone and neck")
+    else:
+        found = model_source_of(cfg).problems(name)
+        problems += [f"{p}; task=detection also takes torchvision's detectors by name "
+                     f"({', '.join(detector_names()[:4])}, ...)" for p in found]
+        if found:
+            return problems
+    if source_of(cfg).needs_model:
+        problems += source_of(cfg).problems(cfg)
+    return problems
+
+
+def _load(model: Any, cfg: DictConfig, head_paths: list[str], map_key: Any,
+          class_names: list[str] | None, load: bool, train_sources: bool,
+          notes: list[str]) -> LoadReport:
+    weights = cfg.weights if load else OmegaConf.merge(cfg.weights, {"source": "none"})
+    try:
+        return load_weights(model, weights, cfg.model.name, head_paths, map_key, class_names,
+                            train_sources)
+    except SourceNotTrained as err:
+        notes.append(str(err))
+        return load_weights(model, OmegaConf.merge(cfg.weights, {"source": "none"}),
+                            cfg.model.name, head_paths)
+
+
+def build_model(cfg: DictConfig, class_names: list[str], size: int,
+                prep: backbones.Preprocessing, load: bool, train_sources: bool,
+                problems: list[str], notes: list[str]) -> Built | None:
+    """The detector with its weights loaded (None: `problems` says why)."""
+    count, channels = len(class_names), cfg.data.channels
+    name = cfg.model.name
+    sizes = detector_kwargs(cfg, size, prep, name in detector_names())
+    if name in detector_names():
+        kwargs = {**sizes, **OmegaConf.to_container(cfg.model.kwargs, resolve=True)}
+        model = build_detector(name, count, **kwargs)
+        head_paths = class_layers(model)
+        report = _load(model, cfg, head_paths, None, class_names, load, train_sources, notes)
+        return Built(model, kwargs, head_paths, report, [])
+    user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    ops = OmegaConf.to_container(cfg.surgery, resolve=True)
+    assert isinstance(user_kwargs, dict) and isinstance(ops, list)
+    entry = source_of(cfg).entry(cfg)
+    kwargs = {**model_source_of(cfg).pretrained_kwargs(name, entry, size, channels), **user_kwargs}
+    start = len(problems)
+    parts = assemble(name, kwargs, None, 0.0, [], ops, size, channels, problems,
+                     model_source_of(cfg).name)
+    if parts is None or len(problems) > start:
+        return None
+    # the classifier's own tensors, by its own names (its classifier, if not cut, unused)
+    report = _load(parts.model, cfg, [], parts.operated.map_key, None, load, train_sources,
+                   notes)
+    levels = list(cfg.model.detector.levels)
+    detector_args = {**sizes, **OmegaConf.to_container(cfg.model.detector.kwargs, resolve=True)}
+    try:
+        backbone = backbone_of(parts.model, levels or None, size, channels)
+        model = detector_on(backbone, cfg.model.detector.head, count, **detector_args)
+    except DetectorProblem as err:
+        problems.append(f"model.name={name}: {err}")
+        return None
+    except RuntimeError as err:  # the classifier cannot take `size` px (pooling, a ViT)
+        first = str(err).strip().splitlines()[0]
+        problems.append(f"{name} cannot give feature maps of {size} px images ({first}); "
+                        "raise data.image_size or cut the classifier earlier")
+        return None
+    return Built(model, {"classifier": kwargs, "detector": cfg.model.detector.head,
+                         "levels": levels, **detector_args},
+                 class_layers(model), report, [])
+
+
+def dry_run_problem(model: torch.nn.Module, size: int, channels: int, name: str) -> str | None:
+    """One image through the detector in eval mode: a model that cannot take the run's
+    input size is one sentence now, not a traceback in the first step."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model([torch.zeros(channels, size, size)])
+    except (RuntimeError, AssertionError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (f"{name} as a detector cannot take {size} px images ({first}); raise "
+                "data.image_size or use FPN levels of larger maps")
+    finally:
+        model.train(was)
+    return None
+
+
+def plan_detector(plan: RunPlan, load: bool, train_sources: bool) -> RunPlan:
+    """Fill `plan` (a task=detection run's): data, model, weights, freeze and groups."""
+    cfg = plan.cfg
+    plan.problems += _config_problems(cfg)
+    if any(p.startswith(("model.", "weights.")) for p in plan.problems) \
+            or range_problems(cfg):
+        return plan  # the data is still read when only other keys are wrong: all at once
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    size = input_size(cfg)
+    try:
+        plan.entry = source_of(cfg).entry(cfg)
+        by_name = cfg.model.name in detector_names()
+        # a torchvision detector normalizes as its COCO weights did (ImageNet statistics);
+        # a classifier as its own weights did
+        entry = None if by_name else source_of(cfg).preprocessing_entry(cfg)
+        base = backbones.preprocessing(entry, size, cfg.data.mean, cfg.data.std,
+                                       cfg.data.channels)
+        plan.prep = backbones.Preprocessing(size, size, base.mean, base.std,
+                                            channels=cfg.data.channels)
+        data_format = FORMATS[cfg.data.name]
+        if data_format.holds == "boxes" and not data_format.problems(cfg.data):
+            plan.data = build_box_datamodule(cfg.data, cfg.head.num_classes, cfg.seed)
+            plan.class_names = plan.data.class_names
+            plan.problems += task_of(cfg).monitored_problems(cfg, len(plan.class_names))
+    except FinetuneError as err:
+        plan.problems += [p for p in err.problems if p not in plan.problems]
+    if plan.problems or plan.class_names is None:
+        return plan
+    built = build_model(cfg, plan.class_names, size, plan.prep, load, train_sources,
+                        plan.problems, plan.notes)
+    if built is None:
+        return plan
+    try:
+        plan.freeze = plan_freeze(built.model, cfg.freeze.train_from, cfg.freeze.bn,
+                                  cfg.freeze.modules, cfg.freeze.unfreeze)
+        plan.groups = plan_groups(built.model, cfg.optim, plan.freeze)
+    except FinetuneError as err:
+        plan.problems += err.problems
+        return plan
+    problem = dry_run_problem(built.model, size, cfg.data.channels, cfg.model.name)
+    if problem:
+        plan.problems.append(problem)
+        return plan
+    plan.built = built
+    apply_freeze(built.model, plan.freeze)
+    plan.cache_reason = CACHE_REASON
+    return plan
