@@ -72,7 +72,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     workers = a.workers if a.workers is not None else sorted(
         {0, 1, 2, max(1, cores // 2), max(1, cores - 1)})
-    from finetune.data.datamodule import _workers
+    from finetune.data.datamodule import loader_workers
 
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-data-"))
@@ -86,7 +86,7 @@ def main() -> None:
                          f"{per_second / max(1, n):.0f}"])
     report(f"Image-folder pipeline: {a.side}px files -> RandomResizedCrop {a.size} + flip + "
            f"normalize, batch {a.batch} (data.num_workers=auto picks "
-           f"{_workers('auto', False)} here)",
+           f"{loader_workers('auto', False)} here)",
            ["format", "workers", "images/s", "images/s per worker"], rows, a.out)
 
 

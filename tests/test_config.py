@@ -114,6 +114,7 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
         ["finetune", "recipe=quickstart", "head.num_classes=3"],
         ["finetune", "weights.source=local_dir", "weights.path=nowhere"],
         ["finetune", "weights.source=hf_hub", "weights.repo=../up"],
+        ["finetune", "recipe=digits_detection", "data=digits"],
         # a sweep whose settings are wrong stops before a job starts, without torch
         ["finetune", "-m", "recipe=quickstart", "sweep=optuna", "metric=val/loss",
          "hydra.sweep.dir=search"]]
@@ -121,17 +122,18 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
             "    sys.argv = [call[0], *call[1:]]\n"
             "    try:\n        runpy.run_module(call[0], run_name='__main__')\n        rc = 0\n"
             "    except SystemExit as done:\n        rc = done.code or 0\n"
-            "    results.append([call, rc, 'torch' in sys.modules, 'matplotlib' in sys.modules])\n"
+            "    results.append([call, rc, 'torch' in sys.modules,\n"
+            "                    'matplotlib' in sys.modules or 'PIL' in sys.modules])\n"
             "print('RESULTS', json.dumps(results))")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULTS"))
     for call, rc, torch_loaded, slow_loaded in json.loads(line.split(" ", 1)[1]):
         if "--help" in call:  # the helps come first: nothing slow was imported before them
-            assert not slow_loaded, (call, "--help imported matplotlib")
+            assert not slow_loaded, (call, "--help imported matplotlib or Pillow")
         expected = 2 if any(a in call for a in ("data.root=nowhere", "head.num_classes=3",
                                                 "weights.path=nowhere", "weights.repo=../up",
-                                                "metric=val/loss")) else 0
+                                                "metric=val/loss", "data=digits")) else 0
         assert rc == expected and not torch_loaded, (call, rc, torch_loaded,
                                                      result.stderr[-2000:])
     assert "finetune: error: data.root='nowhere': no such path" in result.stderr
@@ -140,6 +142,8 @@ def test_help_and_reading_commands_do_not_import_torch(tmp_path: Path) -> None:
     assert "finetune: error: weights.repo='../up' is not a Hugging Face repo id" in result.stderr
     assert "finetune: error: hydra.sweeper.direction=maximize but the jobs return " \
         "metric=val/loss" in result.stderr
+    assert "finetune: error: task=detection reads boxes, and data=digits holds class " \
+        "labels" in result.stderr
     assert not (tmp_path / "outputs").exists(), "a refused run leaves no run dir"
     for command in COMMANDS:
         assert f"finetune {command}: " in result.stdout

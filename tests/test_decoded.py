@@ -130,9 +130,9 @@ def test_cached_files_keep_their_loader_workers_and_workers_map_the_array(tmp_pa
 
     import numpy as np
 
-    from finetune.data.datamodule import _workers
+    from finetune.data.datamodule import loader_workers
 
-    if _workers("auto", False) == 0:
+    if loader_workers("auto", False) == 0:
         pytest.skip("one core: auto gives files no worker either")
     root = tmp_path / "images"
     write_digit_images(root, [0, 1, 2], 8, mode="RGB")

@@ -205,3 +205,88 @@ def test_canvases_validate_on_digit_images_training_never_saw() -> None:
                 crop = canvas.pixels[y1:y2, x1:x2]
                 places = rank[(crop.shape, crop.tobytes())]
                 assert any(seen(p) for p in places)
+
+
+def test_a_weights_problem_is_a_plan_problem(tmp_path: Path) -> None:
+    """A weights file that cannot satisfy weights.require is one sentence in the plan's
+    problems (what inspect and recipes validate list), not an exception out of it."""
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    problems = _problems("weights.source=file", f"weights.path={path}",
+                         "weights.require=[nothing.*]")
+    assert problems == [] or any(p.startswith("weights.require: 'nothing.*'") for p in problems)
+    cfg, _ = compose_config(["recipe=digits_detection", "weights.source=file",
+                             f"weights.path={path}", "weights.require=[nothing.*]"])
+    plan = plan_run(cfg)
+    assert len(plan.problems) == 1 and plan.problems[0].startswith(
+        "weights.require: 'nothing.*' matches no model tensor"), plan.problems
+
+
+def test_builder_arguments_that_load_or_do_not_exist_are_one_sentence() -> None:
+    problems = _problems("model.name=fasterrcnn_mobilenet_v3_large_320_fpn",
+                         "model.detector.levels=[]", "model.kwargs.weights_backbone=DEFAULT")
+    assert any(p.startswith("model.kwargs.weights_backbone: the builder would load weights by "
+                            "itself") for p in problems), problems
+    problems = _problems("model.detector.kwargs.box_batch_size_per_imag=64")
+    assert problems == ["model.detector.kwargs.box_batch_size_per_imag: FasterRCNN takes no "
+                        "such argument (it would be ignored); see its torchvision "
+                        "documentation for the names"], problems
+    problems = _problems("model.name=fasterrcnn_mobilenet_v3_large_320_fpn",
+                         "model.detector.levels=[]", "model.kwargs.box_score_thresh=0.1",
+                         "model.kwargs.rpn_batch_size=8")
+    assert problems == ["model.kwargs.rpn_batch_size: FasterRCNN takes no such argument (it "
+                        "would be ignored); see its torchvision documentation for the names"]
+    problems = _problems("model.name=fasterrcnn_mobilenet_v3_large_320_fpn",
+                         "model.detector.levels=[]", "model.kwargs.trainable_backbone_layers=2")
+    assert problems == ["model.kwargs.trainable_backbone_layers: torchvision applies it only "
+                        "where its builder loads the weights, and finetune loads them itself; "
+                        "freeze with freeze.train_from (e.g. backbone.body.layer3)"]
+
+
+def test_box_augmentations_unfreezing_and_groups_use_the_detectors_paths(tmp_path: Path
+                                                                       ) -> None:
+    """Box-aware v2 augmentations are tried on a real image with its boxes at plan time
+    (a bad one is one sentence); an unfreeze phase and an optimizer group name the
+    detector's own modules."""
+    root = write_canvases(tmp_path / "boxes", digit_canvases(6, size=64, digits=[3, 8]),
+                          "box_csv")
+    data = ["data=box_csv", f"data.root={root}", "data.image_size=64", "data.classes=null"]
+    plan_cfg, _ = compose_config([
+        "recipe=digits_detection", "weights.source=none", *data,
+        "data.augment=[RandomPhotometricDistort, RandomZoomOut, RandomIoUCrop]",
+        "freeze.train_from=backbone.fpn",
+        "freeze.unfreeze=[{epoch: 2, train_from: backbone.body.layer4}]",
+        "optim.groups=[{modules: roi_heads, lr: 0.05, name: heads}]"])
+    plan = plan_run(plan_cfg, load=False)
+    assert plan.problems == []
+    assert [s.epoch for s in plan.freeze.stages] == [0, 2]
+    heads = next(g for g in plan.groups if g.name == "heads")
+    assert heads.lr == 0.05 and all(n.startswith("roi_heads.") for n in heads.params)
+    image, target = plan.data.train_set[(0, 7)]
+    assert image.dtype == torch.float32 and target["boxes"].shape[1] == 4
+    problems = _problems(*data, "data.augment=[{RandomCrop: {size: 500}}]")
+    assert len(problems) == 1 and problems[0].startswith("data.augment: fails on a training "
+                                                         "image with its boxes"), problems
+
+
+def test_the_schemas_box_choices_are_the_readers_and_checks_own() -> None:
+    """The schema lists data.box_format and data.empty_images literally (so that config-only
+    commands do not import the readers); they stay the values the readers and checks take."""
+    from finetune.compose.schema import CHOICES
+    from finetune.data.box_checks import EMPTY_POLICIES
+    from finetune.data.boxes import BOX_FORMATS
+
+    assert CHOICES["data.box_format"] == BOX_FORMATS
+    assert CHOICES["data.empty_images"] == EMPTY_POLICIES
+
+
+def test_canvases_that_would_exhaust_memory_are_one_sentence() -> None:
+    # (just over the bound: were the check gone, making them would still fit this machine)
+    problems = _problems("data.canvases.count=17000", "data.canvases.size=256")
+    assert problems == ["data.canvases: 17000 canvases of 256x256 px are 1.0 GiB of pixels "
+                        "in memory; keep count x size x size under 1 GiB"], problems
+    from finetune.data.box_formats import DigitCanvases
+
+    at_most, _ = compose_config(["recipe=digits_detection", "data.canvases.count=16000",
+                                 "data.canvases.size=256"])  # just under 1 GiB
+    assert DigitCanvases().problems(at_most.data) == []

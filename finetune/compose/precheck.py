@@ -71,6 +71,22 @@ def memory_problem(cfg: Any, classes: int, available: int | None) -> str | None:
             "data.batch_size, data.image_size or the head's widths")
 
 
+def data_task_problem(data_format: Any, task: Any) -> str | None:
+    """Data of one kind (class labels, boxes) given to a task that reads the other: one
+    sentence naming what would fit (None: they match)."""
+    if data_format.holds == task.reads:
+        return None
+    if data_format.holds == "boxes":
+        readers = " | ".join(t.name for t in TASKS.values() if t.reads == "boxes")
+        return (f"data={data_format.name} holds boxes, which task={task.name} does not read; "
+                f"set task={readers} (docs/detection.md), or use data of class labels "
+                "(digits, imagefolder, csv)")
+    able = " | ".join(f.name for f in sorted(FORMATS.values(), key=lambda f: f.name)
+                      if f.holds == task.reads)
+    return (f"task={task.name} reads {task.reads}, and data={data_format.name} holds class "
+            f"labels; use data={able}")
+
+
 def config_problems(cfg: Any) -> list[str]:
     """Problems of the composed config alone: the weight source's (unless it needs the
     model: validate asks it then), the data's paths, the schedule, the optimizer, the
@@ -85,11 +101,7 @@ def config_problems(cfg: Any) -> list[str]:
     problems += data_problems
     task = task_of(cfg)
     problems += task.problems(cfg)
-    if data_format.holds == "boxes" and task.reads != "boxes":
-        readers = " | ".join(t.name for t in TASKS.values() if t.reads == "boxes")
-        problems.append(f"data={cfg.data.name} holds boxes, which task={task.name} does not "
-                        f"read; set task={readers} (docs/detection.md), or use data of class "
-                        "labels (digits, imagefolder, csv)")
+    problems += [mismatch] if (mismatch := data_task_problem(data_format, task)) else []
     names = None if data_problems else data_format.class_names(cfg.data)
     if in_range:  # (the estimate of values out of their ranges means nothing)
         classes = cfg.head.num_classes or (len(names) if names else 2)

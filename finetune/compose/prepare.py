@@ -107,7 +107,8 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
 
 
 # Free-form mappings of the schema: their keys are the user's, not Hydra's to know.
-FREE_FORM = ("model.kwargs", "weights.rename", "data.limit_per_class")  # mappings of any keys
+FREE_FORM = ("model.kwargs", "model.detector.kwargs", "weights.rename",
+             "data.limit_per_class")  # mappings of any keys
 
 
 # Recipe name -> file, for the recipe(s) this process was asked to run (read by the manifest).

@@ -16,8 +16,6 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.compose import allowlist
-from finetune.data.box_checks import EMPTY_POLICIES
-from finetune.data.boxes import BOX_FORMATS
 from finetune.errors import did_you_mean
 from finetune.extensions import TABLES
 from finetune.locations import CONF_DIR
@@ -304,8 +302,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sweep.pruner.name": PRUNERS,  # finetune/sweeps/study.py
     "trainer.early_stopping.monitor": (*CLASS_METRICS, *DETECTION_METRICS),
     "model.detector.head": ("fasterrcnn", "retinanet", "fcos"),  # finetune/models/detectors.py
-    "data.box_format": BOX_FORMATS,  # finetune/data/boxes.py
-    "data.empty_images": EMPTY_POLICIES,  # finetune/data/box_checks.py
+    "data.box_format": ("xyxy", "xywh", "cxcywh"),  # finetune/data/boxes.py BOX_FORMATS
+    "data.empty_images": ("keep", "refuse"),  # finetune/data/box_checks.py EMPTY_POLICIES
     "trainer.early_stopping.mode": ("auto", "min", "max"),
 }
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, DistributedSampler
 
 from finetune.data.box_checks import check_boxes
 from finetune.data.box_datasets import (
@@ -23,7 +21,8 @@ from finetune.data.box_datasets import (
     collate_boxes,
     items_of,
 )
-from finetune.data.datamodule import EpochShuffle, _workers, distributed
+from finetune.data.box_formats import DigitCanvases
+from finetune.data.datamodule import ImageDataModule, loader_workers
 from finetune.data.formats import FORMATS
 from finetune.errors import ConfigError, FinetuneError
 from finetune.registry import make_transform
@@ -43,24 +42,13 @@ class SeededBoxes(BoxDataset):
             return super().__getitem__(index)
 
 
-class BoxDataModule(pl.LightningDataModule):
-    """Train and val box datasets already split; list batches."""
+class BoxDataModule(ImageDataModule):
+    """Train and val box datasets already split; list batches (images differ in size and in
+    box count). The epoch order, its resume and DDP's shares are ImageDataModule's."""
 
-    def __init__(self, train: BoxDataset, val: BoxDataset, class_names: list[str],
-                 batch_size: int, num_workers: int, seed: int) -> None:
-        super().__init__()
-        self.train_set, self.val_set, self.class_names = train, val, class_names
-        self.test_set = None
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.start_epoch = 0
-        self.balanced = False
-        self.bad_images: list[tuple[str, str]] = []  # the pre-flight check refuses them instead
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next_epoch": self.trainer.current_epoch + 1 if self.trainer else 0}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.start_epoch = int(state.get("next_epoch", 0))
+    collate = staticmethod(collate_boxes)
+    # a batch of one image is fine here: BatchNorm sees its feature maps, not one value
+    drops_lone_batch = False
 
     def class_counts(self) -> list[int]:
         """Training boxes per class, in class order."""
@@ -69,23 +57,6 @@ class BoxDataModule(pl.LightningDataModule):
             for c in item.classes:
                 counts[c] += 1
         return counts
-
-    def _loader(self, dataset: BoxDataset, sampler: Any = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate_boxes, pin_memory=torch.cuda.is_available(),
-                          generator=torch.Generator().manual_seed(derive(self.seed, 3)))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, EpochShuffle(len(self.train_set), self.seed,
-                                                         self.start_epoch))
-
-    def val_dataloader(self) -> DataLoader:
-        rank, world = distributed()
-        if world > 1:  # each rank validates its share; the metric gathers them
-            return self._loader(self.val_set, DistributedSampler(
-                self.val_set, num_replicas=world, rank=rank, shuffle=False))
-        return self._loader(self.val_set)
 
 
 def _split(items: list[BoxItem], fraction: float, seed: int) -> tuple[list[BoxItem],
@@ -104,7 +75,7 @@ def read_box_items(cfg: Any, num_classes: int | None, seed: int
     """(training items, validation items, class names) of the data group `cfg`, after the
     label pre-flight check: every problem found raises, together."""
     data_format = FORMATS[cfg.name]
-    if hasattr(data_format, "canvases"):
+    if isinstance(data_format, DigitCanvases):  # generated: its own validation canvases
         names = data_format.class_names(cfg) or []
         if num_classes is not None and num_classes != len(names):
             raise FinetuneError(f"head.num_classes={num_classes}, but data.classes names "
@@ -113,7 +84,7 @@ def read_box_items(cfg: Any, num_classes: int | None, seed: int
                                 f"{len(names)} or leave it out")
         train, val = data_format.canvases(cfg, seed, cfg.val_fraction)
         return canvas_items(train, names), canvas_items(val, names), names
-    found, own_val = data_format.read_boxes(cfg)
+    found = data_format.read_boxes(cfg)
     classes = [str(c) for c in cfg.classes] if cfg.get("classes") else None
     checked = check_boxes(found, classes=classes, num_classes=num_classes,
                           empty=cfg.empty_images,
@@ -122,8 +93,6 @@ def read_box_items(cfg: Any, num_classes: int | None, seed: int
         raise ConfigError([f"data={cfg.name} ({cfg.root}): {p}" for p in checked.problems])
     names = classes or found.classes
     items = items_of(found, names)
-    if own_val is not None:
-        return items, items_of(own_val, names), names
     if len(items) < 2:
         raise FinetuneError(f"data.root={cfg.root}: {len(items)} image(s); a detector needs "
                             "at least one to train on and one to validate")
@@ -151,4 +120,4 @@ def build_box_datamodule(cfg: Any, num_classes: int | None, seed: int) -> BoxDat
                                 f"{' '.join(str(err).split())[:200]}; fix its arguments or "
                                 "remove it") from None
     return BoxDataModule(training, SeededBoxes(val, box_transform(False)), names,
-                         cfg.batch_size, _workers(cfg.num_workers, cfg.root is None), seed)
+                         cfg.batch_size, loader_workers(cfg.num_workers, cfg.root is None), seed)

@@ -74,6 +74,12 @@ class BoxDataset(Dataset):
         return len(self.items)
 
     @property
+    def paths(self) -> list[Path] | None:
+        """The image files, as ImageFiles has them (None: the images are in memory)."""
+        sources = [item.source for item in self.items]
+        return sources if all(isinstance(x, Path) for x in sources) else None  # type: ignore
+
+    @property
     def labels(self) -> list[tuple[int, ...]]:
         """Each item's box classes (what a task's `finish` reads of a validation set)."""
         return [item.classes for item in self.items]

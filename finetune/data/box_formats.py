@@ -12,51 +12,53 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from finetune.data.boxes import READERS, BoxSet
 from finetune.data.formats import FORMATS, DataFormat
 
 # What data=digit_canvases draws its training canvases from: each digit's first images; its
 # validation canvases use the rest (digits never seen in training).
 CANVAS_TRAIN_IMAGES = 130
+CANVAS_PIXELS = 2**30  # the most canvas pixels (bytes) data=digit_canvases makes
 
 
 class BoxFormat(DataFormat):
-    """Annotation files under data.root; every image they name must lie inside it."""
+    """Annotation files under data.root (every image they name must lie inside it), read by
+    the reader of the same name in finetune/data/boxes.py."""
 
     needs_root = True
     holds = "boxes"
-    layout = ""  # what data.root names, for the docs and messages
 
-    def class_names(self, cfg: Any) -> list[str] | None:
-        return super().class_names(cfg)  # the files' names are known when they are read
+    def read_boxes(self, cfg: Any) -> Any:
+        """The labelled boxes (a BoxSet; its problems are the pre-flight check's to say)."""
+        # lazy: the readers' PIL and numpy stay off the config-only commands' start-up
+        from finetune.data.boxes import READERS
 
-    def read_boxes(self, cfg: Any) -> tuple[BoxSet, BoxSet | None]:
-        """(the labelled boxes, a validation set of its own or None)."""
-        root = Path(str(cfg.root)).expanduser()
-        follow = bool(cfg.get("follow_links"))
-        if self.name == "box_csv":
-            return READERS[self.name](root, cfg.box_format, follow), None
-        return READERS[self.name](root, follow), None
+        return READERS[self.name](Path(str(cfg.root)).expanduser(),
+                                  bool(cfg.get("follow_links")))
 
 
 class BoxCsv(BoxFormat):
+    """path,x1,y1,x2,y2,label rows; the four numbers as data.box_format says."""
+
     name = "box_csv"
-    layout = "a CSV file of path,x1,y1,x2,y2,label rows (data.box_format: xyxy | xywh | cxcywh)"
+
+    def read_boxes(self, cfg: Any) -> Any:
+        # lazy: the readers' PIL and numpy stay off the config-only commands' start-up
+        from finetune.data.boxes import read_box_csv
+
+        return read_box_csv(Path(str(cfg.root)).expanduser(), cfg.box_format,
+                            bool(cfg.get("follow_links")))
 
 
 class Coco(BoxFormat):
-    name = "coco"
-    layout = "a COCO instances JSON file (images beside it or in its images/ folder)"
+    name = "coco"  # an instances JSON file, images beside it or in its images/ folder
 
 
 class Voc(BoxFormat):
-    name = "voc"
-    layout = "a Pascal VOC folder (Annotations/*.xml, JPEGImages/)"
+    name = "voc"  # a folder with Annotations/*.xml and JPEGImages/
 
 
 class Yolo(BoxFormat):
-    name = "yolo"
-    layout = "a YOLO folder (images/, labels/, data.yaml or classes.txt)"
+    name = "yolo"  # a folder with images/, labels/ and data.yaml or classes.txt
 
 
 class DigitCanvases(DataFormat):
@@ -68,6 +70,18 @@ class DigitCanvases(DataFormat):
 
     def class_names(self, cfg: Any) -> list[str] | None:
         return super().class_names(cfg) or [str(d) for d in range(10)]
+
+    def problems(self, cfg: Any) -> list[str]:
+        """Canvases a received recipe could make too many or too large to hold in memory."""
+        spec = cfg.get("canvases")
+        if spec is None or not all(isinstance(spec.get(k), int) for k in ("count", "size")):
+            return []  # (their types and ranges are checked with every other key)
+        pixels = spec.count * spec.size * spec.size
+        if pixels <= CANVAS_PIXELS:
+            return []
+        return [f"data.canvases: {spec.count} canvases of {spec.size}x{spec.size} px are "
+                f"{pixels / 2**30:.1f} GiB of pixels in memory; keep count x size x size "
+                f"under {CANVAS_PIXELS / 2**30:g} GiB"]
 
     def canvases(self, cfg: Any, seed: int, val_fraction: float) -> tuple[list[Any], list[Any]]:
         """(training canvases, validation canvases): the validation ones from other images

@@ -182,6 +182,10 @@ class ImageFiles(_Images):
 class ImageDataModule(pl.LightningDataModule):
     """Train and val datasets already split; loaders from the data config."""
 
+    collate: Any = None  # how a batch is put together (None: torch's default, stacked)
+    # drop a training epoch's last batch when it would hold one image (see _loader)
+    drops_lone_batch = True
+
     def __init__(self, train: Any, val: Any, class_names: list[str], batch_size: int,
                  num_workers: int, seed: int = 0, balanced: bool = False,
                  test: Any = None) -> None:
@@ -212,10 +216,10 @@ class ImageDataModule(pl.LightningDataModule):
         # A training epoch whose last batch would hold one image drops it (another image each
         # epoch: the order is shuffled): BatchNorm cannot train on one value per channel.
         size = len(sampler) if sampler is not None else len(dataset)
-        drop_last = sampler is not None and size > self.batch_size and \
-            size % self.batch_size == 1
+        drop_last = self.drops_lone_batch and sampler is not None and \
+            size > self.batch_size and size % self.batch_size == 1
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                          drop_last=drop_last,
+                          drop_last=drop_last, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(),
                           generator=torch.Generator().manual_seed(derive(self.seed, 3)))
@@ -258,7 +262,7 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.val_set)
 
 
-def _workers(setting: Any, in_memory: bool) -> int:
+def loader_workers(setting: Any, in_memory: bool) -> int:
     """`auto`: files are decoded in one process per core but one (at most 8); in-memory data
     is read in the training process on CPU (workers would only add copies), and by up to 4
     workers when a GPU trains (batches are then assembled while the GPU computes)."""
@@ -344,7 +348,7 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
         # run per item, and in the training process they would wait on each step (a run with
         # the cache was slower than one without where `auto` had given files 7 workers).
         make_eval(val), names, cfg.batch_size,
-        _workers(cfg.num_workers, in_memory), seed,
+        loader_workers(cfg.num_workers, in_memory), seed,
         cfg.get("sampler", "shuffle") == "balanced",
         make_eval(test) if test is not None and test.labels else None,
     )

@@ -14,7 +14,9 @@ classifier (the class layers, of another size, are reported new).
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -62,6 +64,21 @@ def class_layers(model: nn.Module) -> list[str]:
               "head.classification_head.cls_logits", "head.classification_head.module_list")
     names = {n for n, _ in model.named_modules()}
     return [w for w in wanted if w in names]
+
+
+def unknown_arguments(model: nn.Module, given: Iterable[str], name: str | None = None
+                      ) -> list[str]:
+    """The keys of `given` that neither the detector's class (and its bases) nor, for a
+    detector by `name`, its builder names: torchvision's detectors take **kwargs and hand them
+    to their transform, which ignores what it does not know — a misspelt option would do
+    nothing, silently."""
+    callables = [k.__init__ for k in type(model).__mro__ if "__init__" in vars(k)
+                 and k not in (nn.Module, object)]
+    if name is not None:
+        callables.append(torchvision.models.get_model_builder(name))
+    known = {p.name for c in callables for p in inspect.signature(c).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return [k for k in given if k not in known]
 
 
 def feature_channels(features: nn.Module, size: int, channels: int = 3

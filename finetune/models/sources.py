@@ -22,8 +22,8 @@ from finetune.extensions import Table
 
 # Builder arguments that would make a builder load weights by itself, unchecked and
 # unreported (and for timm, read files or fetch from the Hub): refused from every source.
-BUILDER_LOADS = ("weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
-                 "checkpoint_path", "cache_dir", "pretrained_strict")
+BUILDER_LOADS = ("weights", "weights_backbone", "pretrained", "pretrained_cfg",
+                 "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "pretrained_strict")
 
 
 class ModelSource:

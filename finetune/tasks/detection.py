@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.data.formats import FORMATS
 from finetune.tasks.base import Task
 
 # What validation measures (val/ + the metric's own keys); per-class AP is kept apart.
@@ -54,11 +53,6 @@ class Detection(Task):
                   "layers and losses, and the feature cache and these data keys serve "
                   "class labels); remove it (docs/detection.md)"
                   for key, given in refused.items() if given]
-        if FORMATS[data.name].holds != self.reads:
-            able = " | ".join(f.name for f in sorted(FORMATS.values(), key=lambda f: f.name)
-                              if f.holds == self.reads)
-            found.append(f"task=detection reads boxes, and data={data.name} holds class "
-                         f"labels; use data={able} (docs/detection.md)")
         return found
 
     def metric_set(self, num_classes: int) -> dict[str, Any]:

@@ -30,16 +30,15 @@ from finetune.models.detectors import (
     class_layers,
     detector_names,
     detector_on,
+    unknown_arguments,
 )
-from finetune.models.sources import model_source_of
+from finetune.models.sources import BUILDER_LOADS, builder_loads_problem, model_source_of
 from finetune.tasks.table import task_of
 from finetune.training.freezing import apply_freeze, plan_freeze
 from finetune.training.optim import plan_groups
 from finetune.training.plan_types import Built, RunPlan
 from finetune.training.validate import device_problems
-from finetune.weights.load_report import LoadReport
-from finetune.weights.loading import load_weights
-from finetune.weights.readers import SourceNotTrained
+from finetune.weights.loading import load_for_plan
 from finetune.weights.sources import source_of
 
 DEFAULT_SIZE = 800  # torchvision's detectors resize the shorter side to 800 px
@@ -74,6 +73,12 @@ def _config_problems(cfg: DictConfig) -> list[str]:
     problems = config_problems(cfg) + device_problems(cfg.trainer)
     name, by_name = cfg.model.name, cfg.model.name in detector_names()
     if by_name:
+        loads = sorted(set(cfg.model.kwargs) & set(BUILDER_LOADS))
+        problems += [builder_loads_problem(loads[0], "model.kwargs")] if loads else []
+        if "trainable_backbone_layers" in cfg.model.kwargs:
+            problems.append("model.kwargs.trainable_backbone_layers: torchvision applies it "
+                            "only where its builder loads the weights, and finetune loads them "
+                            "itself; freeze with freeze.train_from (e.g. backbone.body.layer3)")
         if cfg.model.source != "torchvision":
             problems.append(f"model.name={name} is a torchvision detector; set "
                             "model.source=torchvision")
@@ -95,50 +100,59 @@ def _config_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _load(model: Any, cfg: DictConfig, head_paths: list[str], map_key: Any,
-          class_names: list[str] | None, load: bool, train_sources: bool,
-          notes: list[str]) -> LoadReport:
-    weights = cfg.weights if load else OmegaConf.merge(cfg.weights, {"source": "none"})
-    try:
-        return load_weights(model, weights, cfg.model.name, head_paths, map_key, class_names,
-                            train_sources)
-    except SourceNotTrained as err:
-        notes.append(str(err))
-        return load_weights(model, OmegaConf.merge(cfg.weights, {"source": "none"}),
-                            cfg.model.name, head_paths)
+def _unknown(model: torch.nn.Module, given: dict[str, Any], name: str | None, where: str,
+             problems: list[str]) -> bool:
+    """Whether `given` (model.kwargs, model.detector.kwargs) holds arguments the detector
+    does not take, each one a problem."""
+    unknown = unknown_arguments(model, given, name)
+    problems += [f"{where}.{key}: {type(model).__name__} takes no such argument (it would "
+                 "be ignored); see its torchvision documentation for the names"
+                 for key in unknown]
+    return bool(unknown)
 
 
 def build_model(cfg: DictConfig, class_names: list[str], size: int,
-                prep: backbones.Preprocessing, load: bool, train_sources: bool,
+                prep: backbones.Preprocessing, entry: Any, load: bool, train_sources: bool,
                 problems: list[str], notes: list[str]) -> Built | None:
-    """The detector with its weights loaded (None: `problems` says why)."""
+    """The detector with its weights loaded (None: `problems` says why). `entry`: the
+    weights source's pretrained entry (plan_run's `plan.entry`)."""
     count, channels = len(class_names), cfg.data.channels
     name = cfg.model.name
     sizes = detector_kwargs(cfg, size, prep, name in detector_names())
-    if name in detector_names():
-        kwargs = {**sizes, **OmegaConf.to_container(cfg.model.kwargs, resolve=True)}
-        model = build_detector(name, count, **kwargs)
-        head_paths = class_layers(model)
-        report = _load(model, cfg, head_paths, None, class_names, load, train_sources, notes)
-        return Built(model, kwargs, head_paths, report, [])
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    ops = OmegaConf.to_container(cfg.surgery, resolve=True)
-    assert isinstance(user_kwargs, dict) and isinstance(ops, list)
-    entry = source_of(cfg).entry(cfg)
-    kwargs = {**model_source_of(cfg).pretrained_kwargs(name, entry, size, channels), **user_kwargs}
-    start = len(problems)
-    parts = assemble(name, kwargs, None, 0.0, [], ops, size, channels, problems,
-                     model_source_of(cfg).name)
-    if parts is None or len(problems) > start:
-        return None
-    # the classifier's own tensors, by its own names (its classifier, if not cut, unused)
-    report = _load(parts.model, cfg, [], parts.operated.map_key, None, load, train_sources,
-                   notes)
-    levels = list(cfg.model.detector.levels)
-    detector_args = {**sizes, **OmegaConf.to_container(cfg.model.detector.kwargs, resolve=True)}
+    detector_user = OmegaConf.to_container(cfg.model.detector.kwargs, resolve=True)
+    assert isinstance(user_kwargs, dict) and isinstance(detector_user, dict)
     try:
+        if name in detector_names():
+            kwargs = {**sizes, **user_kwargs}
+            model = build_detector(name, count, **kwargs)
+            if _unknown(model, user_kwargs, name, "model.kwargs", problems):
+                return None
+            head_paths = class_layers(model)
+            report = load_for_plan(model, cfg.weights, name, head_paths, None, class_names,
+                                   load, train_sources, notes)
+            return Built(model, kwargs, head_paths, report, [])
+        ops = OmegaConf.to_container(cfg.surgery, resolve=True)
+        assert isinstance(ops, list)
+        kwargs = {**model_source_of(cfg).pretrained_kwargs(name, entry, size, channels),
+                  **user_kwargs}
+        start = len(problems)
+        parts = assemble(name, kwargs, None, 0.0, [], ops, size, channels, problems,
+                         model_source_of(cfg).name)
+        if parts is None or len(problems) > start:
+            return None
+        # the classifier's own tensors, by its own names (its classifier, if not cut, unused)
+        report = load_for_plan(parts.model, cfg.weights, name, [], parts.operated.map_key,
+                               None, load, train_sources, notes)
+        levels = list(cfg.model.detector.levels)
+        detector_args = {**sizes, **detector_user}
         backbone = backbone_of(parts.model, levels or None, size, channels)
         model = detector_on(backbone, cfg.model.detector.head, count, **detector_args)
+        if _unknown(model, detector_user, None, "model.detector.kwargs", problems):
+            return None
+    except FinetuneError as err:  # the weights: a file, min_loaded, weights.require
+        problems.extend(err.problems)
+        return None
     except DetectorProblem as err:
         problems.append(f"model.name={name}: {err}")
         return None
@@ -197,8 +211,8 @@ def plan_detector(plan: RunPlan, load: bool, train_sources: bool) -> RunPlan:
         plan.problems += [p for p in err.problems if p not in plan.problems]
     if plan.problems or plan.class_names is None:
         return plan
-    built = build_model(cfg, plan.class_names, size, plan.prep, load, train_sources,
-                        plan.problems, plan.notes)
+    built = build_model(cfg, plan.class_names, size, plan.prep, plan.entry, load,
+                        train_sources, plan.problems, plan.notes)
     if built is None:
         return plan
     try:

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torchvision.models import WeightsEnum
 
@@ -29,8 +29,7 @@ from finetune.training.detection_plan import plan_detector
 from finetune.training.freezing import FreezePlan, apply_freeze
 from finetune.training.plan_types import Built, RunContext, RunPlan
 from finetune.training.validate import assemble_checked, validate
-from finetune.weights.loading import load_weights
-from finetune.weights.readers import SourceNotTrained
+from finetune.weights.loading import load_for_plan
 from finetune.weights.sources import source_of
 
 
@@ -165,14 +164,10 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     parts = checked.assembled
     model = parts.model
     build_kwargs = checked.build_kwargs
-    weights = cfg.weights if load else OmegaConf.merge(cfg.weights, {"source": "none"})
     try:
-        report = load_weights(model, weights, cfg.model.name, parts.head_paths,
-                              parts.operated.map_key, plan.class_names, train_sources)
-    except SourceNotTrained as err:
-        plan.notes.append(str(err))
-        report = load_weights(model, OmegaConf.merge(cfg.weights, {"source": "none"}),
-                              cfg.model.name, parts.head_paths)
+        report = load_for_plan(model, cfg.weights, cfg.model.name, parts.head_paths,
+                               parts.operated.map_key, plan.class_names, load, train_sources,
+                               plan.notes)
     except FinetuneError as err:
         plan.problems += err.problems
         return plan

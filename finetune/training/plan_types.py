@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from finetune.data.box_datamodule import BoxDataModule
 from finetune.data.datamodule import ImageDataModule
 from finetune.errors import ConfigError
 from finetune.models import backbones
@@ -66,7 +65,7 @@ class RunPlan:
     context: RunContext
     entry: WeightsEnum | dict[str, Any] | None = None  # torchvision's, or timm's config
     prep: backbones.Preprocessing | None = None
-    data: ImageDataModule | BoxDataModule | None = None
+    data: ImageDataModule | None = None  # (a BoxDataModule is one)
     class_names: list[str] | None = None
     built: Built | None = None
     freeze: FreezePlan | None = None

@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from finetune.data.box_datamodule import BoxDataModule
 from finetune.data.datamodule import ImageDataModule
 from finetune.errors import FinetuneError
 from finetune.models import backbones
@@ -119,10 +118,8 @@ def write_val_predictions(path: Path, data: Any, predictions: list[Any],
     """The final validation's predictions, as the task tabulates them: per image the file
     path (or index for in-memory data), true and predicted label (one class; or a label
     set, `;`-separated, decided at the tuned thresholds); per box for a detector."""
-    items = getattr(data.val_set, "paths", None) or [
-        getattr(x, "source", None) for x in getattr(data.val_set, "items", [])]
-    shown = [str(x) if isinstance(x, str | Path) else f"#{i}" for i, x in enumerate(
-        items[:len(predictions)] if items else [None] * len(predictions))]
+    items = getattr(data.val_set, "paths", None)
+    shown = [str(items[i]) if items is not None else f"#{i}" for i in range(len(predictions))]
     header, rows = task.val_prediction_table(shown, data.val_set.labels, predictions,
                                              finished, data.class_names)
     artifacts.write_csv(path, header, rows)
@@ -174,8 +171,7 @@ def evaluate_splits(run_dir: Path, cfg: DictConfig, model: nn.Module, data: Imag
 
 
 def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
-             freeze: FreezePlan, data: ImageDataModule | BoxDataModule,
-             prep: backbones.Preprocessing,
+             freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
              cache_report: dict[str, Any] | None = None, groups: list[Any] | None = None
              ) -> dict[str, Any]:

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from finetune.errors import FinetuneError
 from finetune.weights.load_report import LoadReport
+from finetune.weights.readers import SourceNotTrained
 from finetune.weights.sources import read_source
 
 log = logging.getLogger("finetune")
@@ -286,3 +288,19 @@ def load_weights(model: nn.Module, cfg: Any, model_name: str, head_paths: list[s
     check_min_loaded(report, model, head_paths, cfg.min_loaded, list(raw))
     check_require(report, model, list(cfg.require))
     return report
+
+
+def load_for_plan(model: nn.Module, cfg: Any, model_name: str, head_paths: list[str],
+                  surgery_map: Callable[[str], str] | None, class_names: list[str] | None,
+                  load: bool, train_sources: bool, notes: list[str]) -> LoadReport:
+    """load_weights as a plan does it: `load` False checks the config only (nothing read); a
+    recipe source not trained yet, where the plan may not train it (inspect), is a note in
+    `notes` and the model keeps its random start."""
+    weights = cfg if load else OmegaConf.merge(cfg, {"source": "none"})
+    try:
+        return load_weights(model, weights, model_name, head_paths, surgery_map, class_names,
+                            train_sources)
+    except SourceNotTrained as err:
+        notes.append(str(err))
+        return load_weights(model, OmegaConf.merge(cfg, {"source": "none"}), model_name,
+                            head_paths)
