@@ -75,8 +75,18 @@ def test_every_torchvision_detector_gets_k_plus_one_outputs(name: str) -> None:
     with torch.device("meta"):
         model = build_detector(name, len(CLASSES))
     assert _class_outputs(model) == len(CLASSES) + 1
-    if name.startswith("maskrcnn"):
-        assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == len(CLASSES) + 1
+    if name.startswith("maskrcnn"):  # its boxes: the mask branch is gone (no masks to train)
+        assert not model.roi_heads.has_mask()
+        assert not [n for n, _ in model.named_modules() if "mask" in n]
+
+
+def test_mask_rcnn_trains_its_boxes_without_masks() -> None:
+    """Box data has no masks: Mask R-CNN by name trains and finds boxes as a Faster R-CNN
+    with Mask R-CNN's box layers (a mask branch would fail its first step for want of
+    targets' masks)."""
+    torch.manual_seed(0)
+    _step_and_predict(build_detector("maskrcnn_resnet50_fpn", len(CLASSES), min_size=SIZE,
+                                     max_size=SIZE))
 
 
 def test_the_list_is_torchvisions_box_detectors() -> None:

@@ -149,6 +149,7 @@ RUN_ELSEWHERE = {
     "digits_source": "test_sharing.py::test_show_resolved_equals_what_the_run_records",
     # digits_transfer with a search: run as a sweep, shrunk (its real run is in README)
     "digits_transfer_splits": "test_sweeps.py::sweep",
+    "digits_detection_splits": "test_detection_training.py::sweep",
     # its COCO data is the user's; run on box_csv canvases, from random weights
     "fasterrcnn_vgg16_relu5_3":
         "test_detection_runs.py::test_the_seeds_vgg16_recipe_is_one_map_under_faster_rcnn",

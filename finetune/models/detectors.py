@@ -53,15 +53,22 @@ def build_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         raise DetectorProblem(f"model.name={name!r} is not one of torchvision's detectors "
                               f"({', '.join(detector_names())}); a classifier's features "
                               f"can go under one of {', '.join(HEADS)} instead")
-    return torchvision.models.get_model(name, weights=None, weights_backbone=None,
-                                        num_classes=num_classes + LABEL_OFFSET, **kwargs)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
+                                         num_classes=num_classes + LABEL_OFFSET, **kwargs)
+    if FAMILIES[name.split("_")[0]] == "boxes and masks":
+        # Mask R-CNN's boxes: its mask branch would need masks to train (segmentation's
+        # data), so it goes; its box layers and their COCO weights stay (the mask tensors
+        # of a COCO file are reported unused)
+        roi = model.roi_heads
+        roi.mask_roi_pool = roi.mask_head = roi.mask_predictor = None
+    return model
 
 
 def class_layers(model: nn.Module) -> list[str]:
     """The paths of a detector's layers sized by its classes (the head a new class list
     replaces): a pretrained tensor there is of other classes, and is reported new."""
-    wanted = ("roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits",
-              "head.classification_head.cls_logits", "head.classification_head.module_list")
+    wanted = ("roi_heads.box_predictor", "head.classification_head.cls_logits",
+              "head.classification_head.module_list")
     names = {n for n, _ in model.named_modules()}
     return [w for w in wanted if w in names]
 

@@ -16,8 +16,16 @@ from finetune.errors import FinetuneError
 from finetune.rundir import artifacts, html_report
 from finetune.rundir.verdict import short
 from finetune.sweeps.study import TRIALS_FILE, read_trials
+from finetune.tasks.detection import MAP_METRICS
 
-METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP")
+METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP",
+           *MAP_METRICS, "best/val/map")
+# the three score columns: a classifier's, or a detector's when the jobs are ranked by a
+# detection metric (the column names are those of leaderboard.csv)
+SCORES = {"labels": (("best_val_acc", "best/val/acc"), ("val_acc", "val/acc"),
+                     ("val_loss", "val/loss")),
+          "boxes": (("best_val_map", "best/val/map"), ("val_map", "val/map"),
+                    ("val_map_50", "val/map_50"))}
 ALL_LAYERS = "(all)"  # the split point of a job that trains every layer (train_from null)
 COLUMNS = ("rank", "job", "status", "overrides", "train_from", "lr", "trainable_params",
            "best_val_acc", "val_acc", "val_loss", "warnings", "epochs", "stopped_early_at",
@@ -206,7 +214,21 @@ def split_label(train_from: Any) -> str:
     return ALL_LAYERS if train_from in (None, "null", "None") else str(train_from)
 
 
-def rows(jobs: list[Job], root: Path, keys: list[str]) -> list[list[Any]]:
+def scores_of(metric: str) -> tuple[tuple[str, str], ...]:
+    """The score columns of a leaderboard ranked by `metric` (SCORES)."""
+    return SCORES["boxes" if metric in (*MAP_METRICS, "best/val/map") else "labels"]
+
+
+def columns(metric: str) -> list[str]:
+    """leaderboard.csv's header for jobs ranked by `metric`: COLUMNS, its score columns
+    those of the metric's kind."""
+    names = [name for name, _ in scores_of(metric)]
+    start = COLUMNS.index("best_val_acc")
+    return [*COLUMNS[:start], *names, *COLUMNS[start + 3:]]
+
+
+def rows(jobs: list[Job], root: Path, keys: list[str], metric: str = "val/acc"
+         ) -> list[list[Any]]:
     def fmt(value: Any, digits: int = 4) -> Any:
         return "" if value is None else round(value, digits) if isinstance(value, float) \
             else value
@@ -218,8 +240,8 @@ def rows(jobs: list[Job], root: Path, keys: list[str]) -> list[list[Any]]:
             " ".join(f"{k}={job.overrides[k]}" for k in keys if k in job.overrides),
             split_label(job.train_from), "" if job.lr is None else float(f"{job.lr:.4g}"),
             fmt(job.trainable_params),
-            fmt(job.values.get("best/val/acc")), fmt(job.values.get("val/acc")),
-            fmt(job.values.get("val/loss")), short(job.warnings), fmt(job.epochs),
+            *(fmt(job.values.get(key)) for _, key in scores_of(metric)),
+            short(job.warnings), fmt(job.epochs),
             fmt(job.stopped_at),
             fmt(job.train_seconds, 1),
             job.error,
@@ -330,7 +352,7 @@ def report(root: Path, metric: str = "", out: Path | None = None) -> dict[str, A
     jobs = with_study(jobs, read_trials(root / TRIALS_FILE), root, metric)
     keys = swept_keys(jobs)
     ranked = rank(jobs, metric)
-    header, body = list(COLUMNS), rows(ranked, root, keys)
+    header, body = columns(metric), rows(ranked, root, keys, metric)
     out = out or root
     artifacts.write_csv(out / "leaderboard.csv", header, body)
     counts = {s: sum(j.status == s for j in jobs)

@@ -34,7 +34,8 @@ class DetectorModule(FinetuneModule):
         loss = self.task.loss(losses, targets)
         size = len(images)
         for name, value in losses.items():
-            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size)
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size,
+                     sync_dist=True)  # once an epoch: every rank's share
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=size)
         return loss
 
@@ -57,7 +58,21 @@ class DetectorModule(FinetuneModule):
         self.per_class_ap = {} if per_class is None or classes is None else {
             int(c) - LABEL_OFFSET: float(v) for c, v in zip(
                 classes.reshape(-1).tolist(), per_class.reshape(-1).tolist(), strict=True)}
-        self.last_predictions = self._predictions
+        self.last_predictions = self._gathered(self._predictions)
+
+    def _gathered(self, predictions: list[dict[str, torch.Tensor]]
+                  ) -> list[dict[str, torch.Tensor]]:
+        """Every rank's boxes in the validation set's order: DistributedSampler (no shuffle)
+        gave rank r the items r, r + W, ... (padded with repeats to a multiple of W)."""
+        if self._trainer is None or self.trainer.world_size <= 1 \
+                or not torch.distributed.is_initialized():
+            return predictions
+        shares: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(shares, predictions)
+        joined = [share[i] for i in range(max(len(s) for s in shares)) for share in shares
+                  if i < len(share)]
+        data = getattr(self.trainer, "datamodule", None)
+        return joined[:len(data.val_set)] if data is not None else joined
 
     def summary(self, names: list[str]) -> dict[str, Any]:
         """AP per class at the last validation (-1: the class had no boxes there)."""

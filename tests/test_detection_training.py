@@ -1,0 +1,110 @@
+"""A detector trains as a classifier does: stopped and resumed it ends where the
+uninterrupted run does, bit for bit, across an unfreeze; under DDP on two CPU processes its
+ranks stay identical and its validation boxes are gathered in the data's order; a split
+sweep over the detector's own paths ranks its jobs by val/map."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import main_here, read_json, run_cli, train_here
+from safetensors.torch import load_file
+
+from finetune.commands.evaluate import evaluate_run
+
+TINY = ["recipe=digits_detection", "weights.source=none", "trainer.limit_train_batches=3",
+        "data.canvases.count=24", "data.canvases.size=64", "data.batch_size=4",
+        "trainer.enable_progress_bar=false"]
+# a stage that joins at epoch 1 with its own lr, momentum and weight decay in play
+PHASES = ["freeze.train_from=backbone.fpn", "sched.epochs=3",
+          "freeze.unfreeze=[{epoch:1,train_from:backbone.body.layer4,lr_mult:0.5}]"]
+
+
+def _boxes_by_item(path: Path) -> dict[str, list[list[str]]]:
+    found: dict[str, list[list[str]]] = defaultdict(list)
+    with open(path, newline="") as handle:
+        for row in list(csv.reader(handle))[1:]:
+            found[row[0]].append(row[1:])
+    return dict(found)
+
+
+def test_a_resumed_detector_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    whole = train_here(*TINY, *PHASES, "trainer.max_epochs=3", run_dir=tmp_path / "whole")
+    first = train_here(*TINY, *PHASES, "trainer.max_epochs=1", run_dir=tmp_path / "first")
+    last = train_here(*TINY, *PHASES, "trainer.max_epochs=3", f"resume={first}",
+                      run_dir=tmp_path / "last")
+    a, b = load_file(whole / "model.safetensors"), load_file(last / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = [torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=True) for run in (whole, last)]
+    assert ckpt[0]["finetune"] == ckpt[1]["finetune"] and ckpt[0]["epoch"] == 2
+    states = [c["optimizer_states"][0]["state"] for c in ckpt]
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 10
+    assert all(torch.equal(states[0][k]["momentum_buffer"], states[1][k]["momentum_buffer"])
+               for k in states[0])
+    assert read_json(last / "metrics.json")["val/map"] == read_json(whole / "metrics.json")[
+        "val/map"]
+    assert _boxes_by_item(whole / "val_predictions.csv") == _boxes_by_item(
+        last / "val_predictions.csv")
+
+
+def test_two_process_ddp_trains_a_detector(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = run_cli(*TINY, *PHASES, "trainer.max_epochs=2", "trainer.strategy=ddp",
+                     "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.run.dir={run}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    metrics = read_json(run / "metrics.json")
+    assert metrics["status"] == "complete" and metrics["world_size"] == 2
+    assert metrics["ddp"] == {"world_size": 2, "frozen_tensors_identical_across_ranks": True,
+                              "trained_tensors_identical_across_ranks": True}
+    assert result.stdout.count("finetune: done") == 1
+    # the frozen classifier is as built; the stage that joined at epoch 1 trained
+    weights = load_file(run / "model.safetensors")
+    assert "unfreeze at epoch 1: train_from: backbone.body.layer4" in (
+        run / "finetune.log").read_text()
+    assert any(k.startswith("backbone.body.layer4.") for k in weights)
+    # validation was split across the ranks and gathered in the data's order: every image
+    # once, each with the boxes the trained detector finds in it alone
+    gathered = _boxes_by_item(run / "val_predictions.csv")
+    evaluate_run(run, output=tmp_path / "eval")
+    alone = _boxes_by_item(tmp_path / "eval" / "eval_predictions.csv")
+    assert len(gathered) == metrics["val_images"] == 8
+    assert gathered == alone
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped detection split sweep, shrunk to three of its split points."""
+    cwd = tmp_path_factory.mktemp("detection_sweep")
+    result = run_cli("-m", "recipe=digits_detection_splits", *TINY[1:], "trainer.max_epochs=1",
+                     "freeze.train_from=backbone.body.layer4,backbone.fpn,rpn",
+                     "hydra.sweep.dir=sweep", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "sweep"
+
+
+def test_a_split_sweep_ranks_the_detectors_freeze_points_by_val_map(
+        sweep: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert len(jobs) == 3
+    trained = {read_json(j / "metrics.json")["train_from"]: read_json(j / "metrics.json")
+               for j in jobs}
+    assert set(trained) == {"backbone.body.layer4", "backbone.fpn", "rpn"}
+    counts = {k: m["trainable_params"] for k, m in trained.items()}
+    assert counts["backbone.body.layer4"] > counts["backbone.fpn"] > counts["rpn"]
+    code, out, err = main_here("report", str(sweep), capsys=capsys)
+    assert code == 0, err
+    with open(sweep / "leaderboard.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "ranked by val/map" in out and {"best_val_map", "val_map", "val_map_50"} <= set(rows[0])
+    values = [float(r["val_map"]) for r in rows]
+    assert values == sorted(values, reverse=True) and len(values) == 3
+    for row in rows:  # each figure is its job's
+        job = read_json(sweep / row["job"] / "metrics.json")
+        assert float(row["val_map"]) == pytest.approx(job["val/map"], abs=1e-4)
+        assert row["train_from"] == job["train_from"]
