@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from torch import nn
 
+    from finetune.rundir.box_inference import BoxPredictions
     from finetune.rundir.inference import Predictions
     from finetune.training.run import RunResult
 
@@ -43,18 +44,35 @@ def load(run_dir: str | Path, device: Any = None) -> nn.Module:
 
 
 def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64,
-            tta: str = "none") -> Predictions:
+            tta: str = "none") -> Predictions | BoxPredictions:
     """Top-k class names and probabilities for image files (a path, a folder, or a list of
     paths) from a model `load` returned, or from a run dir. `tta`: none | flip | crops |
-    flip+crops (test-time augmentation: the logits of each image's views averaged)."""
+    flip+crops (test-time augmentation: the logits of each image's views averaged). A
+    detection run's: the boxes scoring at least 0.5 per image (BoxPredictions; finer control
+    in finetune.rundir.box_inference.predict_boxes)."""
     # lazy: keeps torch off a torch-free path
     from torch import nn
 
     # lazy: `import finetune` stays torch-free
+    from finetune.errors import FinetuneError
+
+    # lazy: `import finetune` stays torch-free
     from finetune.rundir.inference import list_images, load_run, predict_images
+
+    # lazy: `import finetune` stays light
+    from finetune.tasks.table import task_of
 
     model = model_or_run if isinstance(model_or_run, nn.Module) else load_run(model_or_run)
     paths = ([Path(p) for p in images] if isinstance(images, list | tuple)
              else list_images(images))
+    manifest = getattr(model, "manifest", None)
+    if manifest is not None and task_of(manifest.task).model_kind == "detector":
+        # lazy: keeps torch off a torch-free path
+        from finetune.rundir.box_inference import DEFAULT_MIN_SCORE, predict_boxes
+
+        if tta != "none":
+            raise FinetuneError(f"tta={tta}: test-time augmentation averages a classifier's "
+                                "logits; a detection run finds boxes without it")
+        return predict_boxes(model, paths, min(batch_size, 4), min_score=DEFAULT_MIN_SCORE)
     return predict_images(model, paths, topk, batch_size, tta=tta)
 

@@ -354,3 +354,14 @@ def test_evaluate_with_tta_records_it_and_refuses_what_cannot_hold(
     code, _, err = main_here("evaluate", f"run={run}", "tta=flip", "calibrate=true",
                              f"output={tmp_path}", capsys=capsys)
     assert code == 2 and "calibrate=true with tta=flip: the temperature is fitted for" in err
+
+
+@pytest.mark.parametrize("given", ["min_score=0.5", "draw=drawn"])
+def test_box_options_of_predict_are_refused_for_a_classifier(
+        trained: tuple[Path, Path, Path], tmp_path: Path, given: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _, images, run = trained
+    code, _, err = main_here("predict", f"run={run}", f"input={images / 'val'}",
+                             f"output={tmp_path / 'p.csv'}", given, capsys=capsys)
+    assert code == 2 and "only for a detection run's boxes" in err, err
+    assert not (tmp_path / "p.csv").exists()

@@ -12,7 +12,9 @@ images) and eval_predictions.csv into the run dir (or output=DIR), and rebuilds 
 report.html. calibrate=true first fits a temperature on the run's own validation split and
 records it in the manifest: predict and export apply it from then on; eval.json shows the
 figures before and after. tta= evaluates with test-time augmentation (each image's views'
-logits averaged: its mirror, its five crops, or both); eval.json records it.
+logits averaged: its mirror, its five crops, or both); eval.json records it. A detection
+run is measured on box data (its own validation split, or all of any box data): mAP, AP per
+class, the PR curve and the worst images (docs/detection.md); batch_size defaults to 4 there.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from finetune.cli import help_text, parse_args, usage, wants_help
 from finetune.compose import gate
 from finetune.compose.prepare import compose_config
 from finetune.compose.schema import DataConfig
+from finetune.data.formats import FORMATS
 from finetune.errors import ConfigError, FinetuneError, run_entry_point
 from finetune.rundir.manifest import TEMPERATURES, temperature_holds
 from finetune.tasks.table import task_of
 
 COMMAND = "evaluate"
 ARGS: dict[str, str | None] = {"run": None, "split": "auto", "calibrate": "false",
-                               "tta": "none", "output": "", "batch_size": "64"}
+                               "tta": "none", "output": "", "batch_size": ""}
+DETECTOR_BATCH = 4  # a detector's images, each resized to its 800 px by default
 SPLITS = ("auto", "test", "val", "train", "all")
 EVAL = "eval.json"  # (html_report.EVAL_FILE: the run's page shows it)
 EVAL_PREDICTIONS = "eval_predictions.csv"
@@ -123,8 +127,10 @@ def temperature_problem(temperature: float, accuracy: float) -> str | None:
 
 def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto",
                  calibrate: bool = False, output: str | Path | None = None,
-                 batch_size: int = 64, tta: str = "none") -> tuple[dict[str, Any], Path]:
-    """Evaluate a run dir (see the module doc); returns (eval.json's content, its path)."""
+                 batch_size: int | None = None, tta: str = "none"
+                 ) -> tuple[dict[str, Any], Path]:
+    """Evaluate a run dir (see the module doc); returns (eval.json's content, its path).
+    `batch_size`: 64 images, 4 for a detector, unless given."""
     # lazy: keeps torch off a torch-free path
     from finetune.data.datamodule import build_datamodule
 
@@ -141,6 +147,10 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
                             "the plain predictions predict and export make; calibrate "
                             "first, then evaluate with tta=")
     model = load_run(run)
+    if task_of(model.manifest.task).model_kind == "detector":
+        return evaluate_detector(run, model, overrides, split, calibrate, output,
+                                 batch_size or DETECTOR_BATCH, tta)
+    batch_size = batch_size or 64
     net, transform = with_tta(model, tta)  # a wrong tta= is refused before the data is read
     manifest = model.manifest
     if not model.class_names:
@@ -188,6 +198,64 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
     return result, out_dir / EVAL
 
 
+def evaluate_detector(run: str | Path, model: Any, overrides: list[str], split: str,
+                      calibrate: bool, output: str | Path | None, batch_size: int, tta: str
+                      ) -> tuple[dict[str, Any], Path]:
+    """A detection run on labelled box data: its own validation split, or any box data's
+    (all of it); eval.json, eval_predictions.csv (one row per found box), eval_pr_curve.png,
+    and the run's report rebuilt."""
+    # lazy: keeps torch off a torch-free path
+    from finetune.data.box_datamodule import read_box_items
+
+    # lazy: keeps torch off a torch-free path
+    from finetune.data.box_datasets import BoxDataset, box_transform
+
+    # lazy: keeps torch off a torch-free path
+    from finetune.rundir import artifacts, box_evaluation, html_report
+
+    given = [k for k, v in (("calibrate=true", calibrate), (f"tta={tta}", tta != "none")) if v]
+    if given:
+        raise FinetuneError(f"{', '.join(given)}: for a classifier's probabilities; a "
+                            "detection run is evaluated on its boxes as found (remove it)")
+    if split not in ("auto", "val", "train", "all"):
+        raise FinetuneError(f"split={split}: box data has a validation split and no test split; "
+                            "use split=val, train or all")
+    data_cfg = data_config((model.manifest.config or {}).get("data"), list(overrides))
+    if FORMATS[data_cfg.name].holds != "boxes":
+        raise FinetuneError(f"data={data_cfg.name} holds class labels; a detection run is "
+                            f"evaluated on box data ({', '.join(box_data_names())})")
+    train, val, names = read_box_items(data_cfg, None, model.manifest.seed)
+    chosen = split if split != "auto" else ("all" if overrides else "val")
+    items = {"val": val, "train": train, "all": train + val}[chosen]
+    mapping = label_map(names, model.class_names)
+    dataset = BoxDataset(items, box_transform(False))
+    result, outputs = box_evaluation.evaluate_boxes(model, dataset, model.class_names,
+                                                    batch_size, mapping)
+    result = {"run": str(Path(run).resolve()), "split": chosen, "tta": "none",
+              "task": model.manifest.task,
+              "data": {"name": data_cfg.name, "root": data_cfg.get("root"),
+                       "overrides": list(overrides)}, **result}
+    out_dir = Path(output).expanduser() if output else Path(run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # lazy: matplotlib is slow to import; `--help` and a mistake must not pay for it
+    from finetune.rundir import plots
+
+    curve = out_dir / "eval_pr_curve.png"
+    plots.plot_pr_curve(result["pr_curve"], curve, f"{chosen} split")
+    result["pr_curve_png"] = html_report.png_uri(curve)
+    artifacts.write_csv(out_dir / EVAL_PREDICTIONS, box_evaluation.HEADER,
+                        box_evaluation.prediction_rows(outputs, model.class_names))
+    artifacts.write_json(out_dir / EVAL, result)
+    if out_dir.resolve() == Path(run).resolve():
+        html_report.write_run_report(Path(run))
+    return result, out_dir / EVAL
+
+
+def box_data_names() -> list[str]:
+    """The data formats that hold boxes."""
+    return [name for name, f in FORMATS.items() if f.holds == "boxes"]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if wants_help(argv):
@@ -197,11 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_args([a for a in argv if a not in data_args], ARGS, usage(COMMAND))
         try:
-            batch_size = int(args["batch_size"])
+            batch_size = int(args["batch_size"]) if args["batch_size"] else None
         except ValueError:
             raise FinetuneError(f"batch_size is a whole number; {usage(COMMAND)}") from None
         calibrate = args["calibrate"].lower()
-        if calibrate not in ("true", "false") or batch_size < 1:
+        if calibrate not in ("true", "false") or (batch_size is not None and batch_size < 1):
             raise FinetuneError(f"calibrate is true or false and batch_size >= 1; "
                                 f"{usage(COMMAND)}")
         result, path = evaluate_run(args["run"], data_args, args["split"], calibrate == "true",
@@ -211,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"finetune {COMMAND}: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     views = "" if result["tta"] == "none" else f" (tta={result['tta']})"
+    if "map" in result:  # a detector's
+        print(f"finetune {COMMAND}: {result['split']} split, {result['images']} images, "
+              f"{result['boxes']} boxes: mAP {result['map']:.4f}, mAP@0.5 "
+              f"{result['map_50']:.4f}, mAP@0.75 {result['map_75']:.4f}\n  {path}")
+        return
     line = (f"finetune {COMMAND}: {result['split']} split{views}, {result['images']} images: acc "
             f"{result['acc']:.4f}, macro F1 {result['macro/f1']:.4f}, ECE {result['ece']:.4f}")
     if "uncalibrated" in result:

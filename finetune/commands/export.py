@@ -40,10 +40,16 @@ def main(argv: list[str] | None = None) -> None:
         for line in err.problems:
             print(f"finetune export: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
-    tolerance = info["tolerance"]
-    parity = (f"max abs difference {info['parity_max_abs_diff']:.2e} (tolerance {tolerance})"
-              if info["parity_max_abs_diff"] is not None else
-              "parity not checked: onnxruntime is not installed")
+    tolerance = info.get("tolerance")
+    if "parity_boxes_compared" in info:  # a detector's
+        parity = (f"{info['parity_boxes_compared']} boxes as the model finds them: boxes within "
+                  f"{info['parity_max_box_diff']:.2e} px, scores within "
+                  f"{info['parity_max_score_diff']:.2e} (tolerance {tolerance['boxes']} px, "
+                  f"{tolerance['scores']})")
+    elif info.get("parity_max_abs_diff") is not None:
+        parity = f"max abs difference {info['parity_max_abs_diff']:.2e} (tolerance {tolerance})"
+    else:
+        parity = "parity not checked: onnxruntime is not installed"
     print(f"finetune export: {info['format']} -> {info['file']}\n"
           f"  {parity}; class names and preprocessing in {info['file']}.json")
 

@@ -170,7 +170,7 @@ def render(plan: dict[str, Any]) -> str:
                    f"{g['weight_decay']:g}{warm}, {g['tensors']} tensors, {g['params']:,} "
                    f"parameters (from {g['first']})")
     out += ["", f"== feature cache == {plan['feature_cache']}",
-            "", f"== output == {plan['output_shape']} per image (dry forward)", "",
+            "", f"== output == {output_line(plan['output_shape'])}", "",
             f"== modules == (head: {', '.join(plan['head_paths']) or 'none'})",
             f"  {'path':<34} {'type':<22} {'params':>12}  state"]
     for row in plan["modules"]:
@@ -226,6 +226,14 @@ def plugin_listing(tables: list[dict[str, Any]]) -> str:
         lines.append(f"{table['key']:<15} {', '.join(names)}")
         lines.append(f"{'':<15} entry point group: {table['group']}")
     return "\n".join(lines)
+
+
+def output_line(shape: list[int]) -> str:
+    """What the model gives per image: a classifier's shape, or a detector's boxes."""
+    if shape:
+        return f"{shape} per image (dry forward)"
+    return ("boxes (N, 4) x1, y1, x2, y2 in the image's pixels, labels (N,) and scores (N,) "
+            "per image: a detector (dry forward)")
 
 
 def main(argv: list[str] | None = None) -> None:

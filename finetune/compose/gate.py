@@ -301,11 +301,14 @@ def _check_schema_value(key: str, value: Any, where: str, probe: Any) -> list[st
     if key in CLI_ONLY and value not in (None, False):
         return [f"{where}: {key} cannot be set in a received recipe or run dir ({CLI_ONLY[key]}); "
                 "set it on the command line if you mean it"]
-    kwargs = schema.nest(key, value).get("model", {})  # model.kwargs.x=v and model={...} too
-    kwargs = kwargs.get("kwargs") if isinstance(kwargs, dict) else None
-    if isinstance(kwargs, dict) and set(kwargs) & set(BUILDER_LOADS):
-        return [f"{where}: " + builder_loads_problem(sorted(set(kwargs) & set(BUILDER_LOADS))[0],
-                                                     "model.kwargs")]
+    model = schema.nest(key, value).get("model", {})  # model.kwargs.x=v and model={...} too
+    model = model if isinstance(model, dict) else {}
+    detector = model.get("detector") if isinstance(model.get("detector"), dict) else {}
+    for path, kwargs in (("model.kwargs", model.get("kwargs")),
+                         ("model.detector.kwargs", detector.get("kwargs"))):
+        if isinstance(kwargs, dict) and set(kwargs) & set(BUILDER_LOADS):
+            return [f"{where}: " + builder_loads_problem(
+                sorted(set(kwargs) & set(BUILDER_LOADS))[0], path)]
     problems = allowlist.import_problems(schema.nest(key, value), where)
     problems += interpolation_problems(value, where, key)
     if problems:
@@ -417,10 +420,19 @@ def manifest_model_problems(manifest: dict[str, Any], where: str) -> list[str]:
     if not isinstance(model, dict) or not isinstance(head, dict):
         return [f"{where}: the manifest has no model and head description; it was changed "
                 "after the run"]
+    kwargs = model.get("build_kwargs") or {}
+    # a detector on a classifier records the classifier's builder arguments inside its own
+    # (`classifier`): both are gated, so neither can make a builder load or fetch anything
+    inner = kwargs.get("classifier") if isinstance(kwargs, dict) else None
+    outer = {k: v for k, v in kwargs.items() if k != "classifier"} if isinstance(
+        inner, dict) else None
     body: dict[str, Any] = {
-        "model": {"name": model.get("name"), "kwargs": model.get("build_kwargs") or {},
+        "model": {"name": model.get("name"), "kwargs": inner if outer is not None else kwargs,
                   "source": model.get("source") or "torchvision"},
         "head": {k: head[k] for k in ("type", "num_classes", "dropout", "hidden") if k in head},
         "surgery": manifest.get("surgery") or [],
     }
-    return recipe_problems(body, where)
+    problems = recipe_problems(body, where)
+    if outer is not None:
+        problems += recipe_problems({"model": {"detector": {"kwargs": outer}}}, where)
+    return problems

@@ -64,6 +64,13 @@ def box_transform(train: bool, flip: bool = True, augment: Sequence[v2.Transform
     return v2.Compose(steps)
 
 
+def image_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """Grey (height, width) or RGB (height, width, 3) uint8 pixels as a uint8 (3, height,
+    width) tensor: what a detector is given, in training and in use."""
+    tensor = torch.from_numpy(np.array(pixels, copy=not pixels.flags.writeable))
+    return tensor.expand(3, -1, -1) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
 class BoxDataset(Dataset):
     """Items through a v2 transform: (image, {"boxes", "labels"})."""
 
@@ -87,9 +94,8 @@ class BoxDataset(Dataset):
     def image(self, index: int) -> torch.Tensor:
         """The item's pixels as a uint8 (3, height, width) tensor."""
         source = self.items[index].source
-        pixels = np.asarray(open_rgb(source)) if isinstance(source, Path) else source
-        tensor = torch.from_numpy(np.array(pixels, copy=not pixels.flags.writeable))
-        return tensor.expand(3, -1, -1) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+        return image_tensor(np.asarray(open_rgb(source)) if isinstance(source, Path)
+                            else source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         item = self.items[index]

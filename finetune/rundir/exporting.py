@@ -5,7 +5,8 @@
 Exports the run's model as it was trained (surgery included; feature extractors too), checks
 parity against the eager model on a batch of another size (max abs difference printed, above
 1e-4 fails and nothing is left behind), and writes a JSON beside it with the class names and
-preprocessing.
+preprocessing. A detection run's detector is exported and checked on its boxes, labels and
+scores (finetune/rundir/detector_export.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from finetune.cli import usage
 from finetune.errors import FinetuneError
-from finetune.rundir import artifacts
+from finetune.rundir import artifacts, detector_export
 from finetune.rundir.inference import load_run
 from finetune.tasks.table import task_of
 
@@ -105,8 +106,9 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
         raise FinetuneError(f"format={fmt!r}: choose torchscript or onnx; "
                             f"{usage('export')}")
     model = load_run(run_dir, device="cpu")
+    detector = task_of(model.manifest.task).model_kind == "detector"
     temperature = model.manifest.temperature
-    if temperature != 1.0:  # calibrated (evaluate calibrate=true): the graph divides by it
+    if temperature != 1.0 and not detector:  # calibrated: the graph divides by it
         model = Calibrated(model, temperature)
     target = export_target(run_dir, fmt, output)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,13 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
     # like our temporary or external-data file) can be followed while the exporter writes.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        runner = (_torchscript if fmt == "torchscript" else _onnx)(model, staging / target.name)
+        checked: dict[str, Any] = {}
+        if detector:  # boxes, labels and scores of a list of images (detector_export.py)
+            make = detector_export.torchscript if fmt == "torchscript" else detector_export.onnx
+            found = make(model, staging / target.name)
+            checked = detector_export.parity(model, found, fmt) if found is not None else {}
+        runner = None if detector else (_torchscript if fmt == "torchscript" else _onnx)(
+            model, staging / target.name)
         difference = None
         if runner is not None:
             check = _example(model, 3)  # another batch size than traced with
@@ -134,6 +142,13 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
             os.replace(file, target.parent / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if detector:
+        info = {"format": fmt, "file": str(target), "run": str(Path(run_dir).resolve()),
+                "class_names": model.class_names, **detector_export.io_description(fmt),
+                **checked, "model_sha256": model.manifest.model_sha256,
+                "task": model.manifest.task, "torch": torch.__version__}
+        artifacts.write_json(info_file, info)
+        return info
     info = {"format": fmt, "file": str(target), "run": str(Path(run_dir).resolve()),
             "class_names": model.class_names, "preprocessing": model.preprocessing.to_dict(),
             "preprocessing_steps": model.preprocessing.steps(),  # `resize` is the short side

@@ -12,47 +12,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 from finetune import plugins
+from finetune.data.box_datasets import image_tensor
 from finetune.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageProblem, open_rgb
 from finetune.data.transforms import TTA, eval_transform, tta_transform
 from finetune.errors import FinetuneError
 from finetune.models.backbones import Preprocessing
 from finetune.models.builder import assemble
+from finetune.models.detectors import backbone_of, build_detector, detector_names, detector_on
 from finetune.rundir import artifacts
-from finetune.rundir.manifest import read_manifest
+from finetune.rundir.manifest import Manifest, read_manifest
 from finetune.tasks.table import DEFAULT as DEFAULT_TASK
 from finetune.tasks.table import task_of
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> nn.Module:
-    """The fine-tuned model of a run dir, in eval mode, with `class_names`, `transform` (the
-    eval preprocessing), `preprocessing` and `manifest` attached."""
+    """The fine-tuned model of a run dir, in eval mode, with `class_names`, `preprocessing`,
+    `manifest` and (a classifier's) `transform`, the eval preprocessing, attached; a
+    detector takes `detector_input`'s tensors."""
     plugins.load()  # a run dir may name an installed extension (a model source)
     manifest, weights_file = read_manifest(run_dir)
     task = task_of(getattr(manifest, "task", DEFAULT_TASK))
-    if task.model_kind != "classifier":
-        raise FinetuneError(f"run={run_dir}: a task={task.name} run; predict, evaluate and export "
-                            "load classifiers only so far (its "
-                            "model.safetensors holds the detector's tensors, its manifest.json "
-                            "how it was built; docs/detection.md)")
     prep = Preprocessing(**manifest.preprocessing)
-    head = manifest.head
     try:
-        parts = assemble(manifest.model_name, manifest.build_kwargs,
-                         None if head.get("type") == "none" else head["num_classes"],
-                         head["dropout"], head["hidden"], manifest.surgery, prep.crop,
-                         prep.channels, source=manifest.model_source)
+        model = (recorded_detector(manifest, prep) if task.model_kind == "detector"
+                 else recorded_classifier(manifest, prep))
     except FinetuneError:
         raise
     except Exception as err:  # values the gate lets through that the builders refuse
         raise FinetuneError(f"run={run_dir}: the model its manifest describes cannot be built "
                             f"({_first_line(err)}); the manifest was changed after the run"
                             ) from None
-    model = parts.model
     try:
         result = model.load_state_dict(load_file(str(weights_file)), strict=False)
     except RuntimeError as err:  # shapes that differ (strict=False still refuses those)
@@ -64,11 +60,45 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> n
                             f"{result.unexpected_keys[:3]})")
     model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Plain attributes, not submodules: the state dict and exports stay the model alone.
-    for name, value in (("class_names", manifest.class_names),
-                        ("transform", eval_transform(prep)), ("preprocessing", prep),
-                        ("manifest", manifest)):
+    # (a detector's own `transform` is its resizing and normalizing submodule: kept; its
+    # input is detector_input's)
+    attached = [("class_names", manifest.class_names), ("preprocessing", prep),
+                ("manifest", manifest)]
+    if task.model_kind != "detector":
+        attached.append(("transform", eval_transform(prep)))
+    for name, value in attached:
         object.__setattr__(model, name, value)
     return model
+
+
+def recorded_classifier(manifest: Manifest, prep: Preprocessing) -> nn.Module:
+    """The classifier (or feature extractor) a manifest describes, random weights."""
+    head = manifest.head
+    return assemble(manifest.model_name, manifest.build_kwargs,
+                    None if head.get("type") == "none" else head["num_classes"],
+                    head["dropout"], head["hidden"], manifest.surgery, prep.crop,
+                    prep.channels, source=manifest.model_source).model
+
+
+def recorded_detector(manifest: Manifest, prep: Preprocessing) -> nn.Module:
+    """The detector a manifest describes, random weights: torchvision's by name, or the
+    classifier, cut by the recorded surgery, under the recorded detector (the plan's
+    build_model records both; finetune/training/detection_plan.py)."""
+    kwargs, count = dict(manifest.build_kwargs), len(manifest.class_names or [])
+    if manifest.model_name in detector_names():
+        return build_detector(manifest.model_name, count, **kwargs)
+    classifier, head = kwargs.pop("classifier", {}), kwargs.pop("detector", "fasterrcnn")
+    levels = kwargs.pop("levels", [])
+    parts = assemble(manifest.model_name, classifier, None, 0.0, [], manifest.surgery,
+                     prep.crop, prep.channels, source=manifest.model_source)
+    backbone = backbone_of(parts.model, list(levels) or None, prep.crop, prep.channels)
+    return detector_on(backbone, head, count, **kwargs)
+
+
+def detector_input(image: Image.Image) -> torch.Tensor:
+    """A detector's input: the image's RGB pixels as floats in [0, 1], at its own size (the
+    detector resizes and normalizes), as in training (finetune/data/box_datasets.py)."""
+    return image_tensor(np.asarray(image.convert("RGB"))).float().div(255)
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Pictures of a run: learning curves, the validation confusion matrix, reliability."""
+"""Pictures of a run: learning curves, the validation confusion matrix, reliability, and a
+detector's precision-recall curves."""
 
 from __future__ import annotations
 
@@ -21,8 +22,13 @@ def save_png(fig: plt.Figure, path: Path) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+SCORES = (("val/acc", "val top-1"), ("val/acc_top5", "val top-5"),
+          ("val/map", "val mAP"), ("val/map_50", "val mAP@0.5"))
+
+
 def plot_curves(series: dict[str, dict[int, float]], path: Path) -> None:
-    """curves.png: training and validation loss, validation accuracy, per epoch.
+    """curves.png: training and validation loss, and the validation scores the run has
+    (accuracy; or a detector's mAP), per epoch.
 
     Args:
         series: metric -> {epoch: value}, as artifacts.epoch_metrics reads it.
@@ -32,12 +38,13 @@ def plot_curves(series: dict[str, dict[int, float]], path: Path) -> None:
         if key in series:
             epochs = sorted(series[key])
             ax_loss.plot(epochs, [series[key][e] for e in epochs], marker="o", label=label)
-    for key, label in (("val/acc", "val top-1"), ("val/acc_top5", "val top-5")):
+    for key, label in SCORES:
         if key in series:
             epochs = sorted(series[key])
             ax_acc.plot(epochs, [series[key][e] for e in epochs], marker="o", label=label)
     ax_loss.set(title="loss", xlabel="epoch")
-    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    ax_acc.set(title="mAP" if "val/map" in series else "accuracy", xlabel="epoch",
+               ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -84,4 +91,23 @@ def plot_reliability(bins: list[dict], path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax_n.bar(centers, [b.get("count") or 0 for b in bins], width=width * 0.95, color="gray")
     ax_n.set(xlabel="confidence", ylabel="images")
+    save_png(fig, path)
+
+
+def plot_pr_curve(curve: dict, path: Path, title: str = "") -> None:
+    """A detector's precision against recall per class at one IoU (box_evaluation's
+    `pr_curve`: COCO's 101 recall points; -1 where a recall was never reached)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    recall = curve.get("recall") or []
+    for name, precision in (curve.get("precision") or {}).items():
+        points = [(r, p) for r, p in zip(recall, precision, strict=False) if p is not None
+                  and p >= 0]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=str(name)[:24])
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
+           title=f"precision-recall at IoU {curve.get('iou', 0.5)}"
+                 f"{f': {title}' if title else ''}")
+    ax.grid(alpha=0.3)
+    if ax.lines and len(ax.lines) <= 20:
+        ax.legend(fontsize=8, loc="lower left")
     save_png(fig, path)

@@ -20,7 +20,7 @@ from finetune.data.datamodule import ImageDataModule
 from finetune.errors import FinetuneError
 from finetune.models import backbones
 from finetune.models.sources import model_source_of
-from finetune.rundir import artifacts, evaluation, html_report, plots
+from finetune.rundir import artifacts, box_evaluation, evaluation, html_report, plots
 from finetune.rundir.manifest import Manifest
 from finetune.rundir.verdict import learning_warnings
 from finetune.sweeps.pruning import PruneTrial
@@ -170,6 +170,15 @@ def evaluate_splits(run_dir: Path, cfg: DictConfig, model: nn.Module, data: Imag
     return flat
 
 
+def evaluate_box_split(run_dir: Path, model: nn.Module, data: ImageDataModule) -> None:
+    """A detector's validation split (box_evaluation.py), for the report: evaluation.json
+    (AP per class, the PR curve, the worst images) and pr_curve.png."""
+    result, _ = box_evaluation.evaluate_boxes(model, data.val_set, data.class_names)
+    plots.plot_pr_curve(result["pr_curve"], run_dir / artifacts.PR_CURVE, "val split")
+    result["pr_curve_png"] = html_report.png_uri(run_dir / artifacts.PR_CURVE)
+    artifacts.write_json(run_dir / artifacts.EVALUATION, {"val": result})
+
+
 def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
@@ -190,6 +199,8 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         optimizer_summary(cfg, built.model, groups or []))
     tested = {} if not task.evaluates or not (cfg.eval.report or data.test_set is not None) \
         else evaluate_splits(run_dir, cfg, built.model, data, trainer)
+    if task.model_kind == "detector" and cfg.eval.report:
+        evaluate_box_split(run_dir, built.model, data)
     series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
     plots.plot_curves(series, run_dir / artifacts.CURVES)
     if module.last_confusion is not None:

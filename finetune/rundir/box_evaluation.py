@@ -1,0 +1,199 @@
+"""How good a detector is on labelled images: COCO mAP, AP per class, the precision-recall
+curve, and the images it gets most wrong.
+
+One evaluation serves a detection run's validation split after training (evaluation.json,
+for its report) and `finetune evaluate` on any labelled box data (eval.json): the detector's
+boxes on every image under torch.inference_mode(), then torchmetrics' MeanAveragePrecision
+(faster-coco-eval backend, as in training) with its extended summary — mAP over IoU 0.5 to
+0.95, mAP@0.5, mAP@0.75, mAR@100, per class AP, AP@0.5 and recall, and the precision at
+each of COCO's 101 recall points at IoU 0.5 (the PR curve). The worst images are those with
+the most mistakes at IoU 0.5 among boxes scoring at least 0.5 (a true box no found box of
+its class matches: missed; a found box matching no true one: false), drawn with the true
+boxes in green and the found ones in red.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import box_iou
+
+from finetune.data.box_datasets import BoxDataset, collate_boxes
+from finetune.models.detectors import LABEL_OFFSET
+from finetune.rundir.box_inference import draw, found_boxes, png_bytes
+
+WORST_SHOWN = 8  # the worst images a report shows
+MATCH_IOU = 0.5  # a found box matches a true one of its class at this IoU (mAP@0.5's)
+SHOWN_SCORE = 0.5  # the boxes a person is shown (and that count as mistakes)
+THUMBNAIL = 192  # px, the longer side of a worst image in the report
+HEADER = ["item", "predicted", "score", "x1", "y1", "x2", "y2"]
+
+
+@dataclass
+class BoxOutputs:
+    """A detector's boxes on a set of images, the true boxes, and each image's name; labels
+    are the detector's (class index + LABEL_OFFSET)."""
+
+    found: list[dict[str, torch.Tensor]]  # boxes, scores, labels, on the CPU
+    targets: list[dict[str, torch.Tensor]]  # boxes, labels
+    items: list[str]
+
+
+def collect_boxes(model: nn.Module, dataset: BoxDataset, batch_size: int = 4,
+                  label_map: list[int] | None = None) -> BoxOutputs:
+    """The detector's boxes on every image of `dataset` (eval transform), in order.
+
+    Args:
+        label_map: the model's class index of each of the dataset's classes (evaluating on
+            data whose classes are a subset of the model's, matched by name).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    found, targets = [], []
+    remap = None if label_map is None else torch.as_tensor(label_map, dtype=torch.long)
+    with torch.inference_mode():
+        for images, truth in DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                        collate_fn=collate_boxes):
+            out = model([image.to(device) for image in images])
+            found += [{k: v.detach().cpu() for k, v in f.items()} for f in out]
+            for t in truth:
+                labels = t["labels"]
+                if remap is not None:
+                    labels = remap[labels - LABEL_OFFSET] + LABEL_OFFSET
+                targets.append({"boxes": t["boxes"].float(), "labels": labels})
+    model.train(was_training)
+    paths = dataset.paths
+    items = [str(p) for p in paths] if paths is not None else [f"#{i}" for i in
+                                                               range(len(found))]
+    return BoxOutputs(found, targets, items)
+
+
+def _per_class(values: Any) -> list[float]:
+    return [] if values is None else [float(v) for v in values.reshape(-1).tolist()]
+
+
+def _ap(curve: torch.Tensor) -> float | None:
+    """COCO's AP from the precision at its recall points (-1: the class had no true box)."""
+    kept = curve[curve > -1]
+    return round(float(kept.mean()), 6) if kept.numel() else None
+
+
+def box_metrics(outputs: BoxOutputs, class_names: list[str],
+                backend: str = "faster_coco_eval") -> dict[str, Any]:
+    """Every figure of a detection evaluation (see the module doc)."""
+    # this process's images alone: under DDP only rank zero evaluates (after training)
+    metric = MeanAveragePrecision(iou_type="bbox", class_metrics=True, extended_summary=True,
+                                  backend=backend, sync_on_compute=False)
+    metric.update(outputs.found, outputs.targets)
+    result = metric.compute()
+    classes = [int(c) for c in result["classes"].reshape(-1).tolist()]
+    ap, recall = _per_class(result.get("map_per_class")), _per_class(
+        result.get("mar_100_per_class"))
+    precision = result["precision"]  # (IoU thresholds, 101 recalls, classes, areas, max dets)
+    true_counts = torch.bincount(torch.cat([t["labels"] for t in outputs.targets] or [
+        torch.zeros(0, dtype=torch.long)]), minlength=len(class_names) + LABEL_OFFSET)
+    per_class, curves = [], {}
+    for i, name in enumerate(class_names):
+        label = i + LABEL_OFFSET
+        k = classes.index(label) if label in classes else None
+        curve = precision[0, :, k, 0, -1] if k is not None and precision.dim() == 5 else None
+        per_class.append({
+            "class": name, "ap": round(ap[k], 6) if k is not None and ap[k] > -1 else None,
+            "ap_50": _ap(curve) if curve is not None else None,
+            "recall": round(recall[k], 6) if k is not None and recall[k] > -1 else None,
+            "boxes": int(true_counts[label])})
+        if curve is not None and bool((curve > -1).any()):
+            curves[name] = [round(float(v), 4) for v in curve.tolist()]
+    scalars = {key: round(float(result[key]), 6) for key in ("map", "map_50", "map_75",
+                                                            "mar_100")}
+    return {"images": len(outputs.items), "boxes": int(true_counts.sum()), **scalars,
+            "per_class": per_class,
+            "pr_curve": {"iou": MATCH_IOU, "recall": [round(r / 100, 2) for r in range(101)],
+                         "precision": curves}}
+
+
+def mistakes(found: dict[str, torch.Tensor], truth: dict[str, torch.Tensor],
+             min_score: float = SHOWN_SCORE, iou: float = MATCH_IOU) -> tuple[int, int]:
+    """(missed, false) of one image: found boxes scoring at least `min_score`, best first,
+    each matched to the unmatched true box of its class it overlaps most (IoU >= `iou`)."""
+    keep = found["scores"] >= min_score
+    boxes, labels = found["boxes"][keep], found["labels"][keep]
+    order = found["scores"][keep].argsort(descending=True)
+    overlaps = box_iou(boxes, truth["boxes"]) if len(boxes) and len(truth["boxes"]) else None
+    matched: set[int] = set()
+    false = 0
+    for i in order.tolist():
+        best, best_iou = None, iou
+        for j in range(len(truth["boxes"])):
+            if j in matched or int(truth["labels"][j]) != int(labels[i]):
+                continue
+            value = float(overlaps[i, j]) if overlaps is not None else 0.0
+            if value >= best_iou:
+                best, best_iou = j, value
+        if best is None:
+            false += 1
+        else:
+            matched.add(best)
+    return len(truth["boxes"]) - len(matched), false
+
+
+def worst_images(outputs: BoxOutputs, dataset: BoxDataset, class_names: list[str],
+                 shown: int = WORST_SHOWN) -> list[dict[str, Any]]:
+    """The images with the most mistakes (missed + false boxes), worst first, each with its
+    true and found boxes drawn (a PNG data URI: the report needs no other file)."""
+    counted = [(i, *mistakes(f, t)) for i, (f, t) in enumerate(zip(
+        outputs.found, outputs.targets, strict=True))]
+    counted = sorted((c for c in counted if c[1] + c[2]), key=lambda c: (-(c[1] + c[2]), c[0]))
+    rows = []
+    for i, missed, false in counted[:shown]:
+        boxes = found_boxes(outputs.found[i], class_names, SHOWN_SCORE)
+        truth = [{"box": b.tolist()} for b in outputs.targets[i]["boxes"]]
+        rows.append({"item": outputs.items[i], "missed": missed, "false": false,
+                     "true_boxes": len(truth), "found_boxes": len(boxes),
+                     "thumbnail": thumbnail(dataset, i, boxes, truth)})
+    return rows
+
+
+def thumbnail(dataset: BoxDataset, index: int, found: list[dict[str, Any]],
+              truth: list[dict[str, Any]]) -> str | None:
+    """Image `index` with its boxes drawn, at most THUMBNAIL px, as a PNG data URI; None
+    when it cannot be read now."""
+    try:
+        pixels = dataset.image(index)
+    except (OSError, ValueError):
+        return None
+    # scaled to THUMBNAIL px first (small images enlarged, pixels kept sharp), then drawn:
+    # the boxes and their labels are as legible on an 8 px digit as on a photo
+    factor = THUMBNAIL / max(pixels.shape[-2:])
+    mode = "nearest" if factor > 1 else "area"
+    pixels = nn.functional.interpolate(pixels[None].float(), scale_factor=factor, mode=mode
+                                       )[0].round().clamp(0, 255).byte()
+    scaled = [[{**b, "box": [v * factor for v in b["box"]]} for b in boxes]
+              for boxes in (found, truth)]
+    image = draw(pixels, *scaled)
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def prediction_rows(outputs: BoxOutputs, class_names: list[str]) -> list[list[Any]]:
+    """One row per found box (HEADER): item, class, score, x1, y1, x2, y2, best first."""
+    return [[item, box["class"], box["score"], *box["box"]]
+            for item, found in zip(outputs.items, outputs.found, strict=True)
+            for box in found_boxes(found, class_names)]
+
+
+def evaluate_boxes(model: nn.Module, dataset: BoxDataset, class_names: list[str],
+                   batch_size: int = 4, label_map: list[int] | None = None
+                   ) -> tuple[dict[str, Any], BoxOutputs]:
+    """(every figure and the worst images, the outputs) of a detector on `dataset`."""
+    outputs = collect_boxes(model, dataset, batch_size, label_map)
+    result = box_metrics(outputs, class_names)
+    result["worst"] = worst_images(outputs, dataset, class_names)
+    result["match"] = {"iou": MATCH_IOU, "min_score": SHOWN_SCORE}
+    return result, outputs
