@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import REPO
 
 SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py",
-           "detection_transfer.py"]
+           "detection_transfer.py", "detection_overhead.py", "detection_eval.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
