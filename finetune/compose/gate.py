@@ -28,7 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, OverrideType
 
 from finetune import locations
-from finetune.compose import allowlist, schema
+from finetune.compose import allowlist, override_checks, schema
 from finetune.models.sources import BUILDER_LOADS, builder_loads_problem
 from finetune.sweeps.study import SAMPLERS
 
@@ -385,9 +385,9 @@ def override_problems(text: Any, where: str, sweep: bool = False) -> list[str]:
         return [f"{where}: {text!r} is a sweep; give one value"]
     if key in schema.GROUPS:
         options = _options(key)
-        values = schema.override_values(override)
+        values = override_checks.override_values(override)
         if values is None:
-            return [f"{where}: {text!r}: {schema.GLOB_PROBLEM}"]
+            return [f"{where}: {text!r}: {override_checks.GLOB_PROBLEM}"]
         return [f"{where}: {text!r}: {v!r} is not an option of {key} ({', '.join(options)})"
                 for v in values if not isinstance(v, str) or v not in options]
     problem = schema.check_key(key, where)
@@ -400,9 +400,9 @@ def override_problems(text: Any, where: str, sweep: bool = False) -> list[str]:
             return [f"{where}: {text!r}: interval bounds must be numbers"]
         values = bounds
     else:
-        values = schema.override_values(override)
+        values = override_checks.override_values(override)
         if values is None:
-            return [f"{where}: {text!r}: {schema.GLOB_PROBLEM}"]
+            return [f"{where}: {text!r}: {override_checks.GLOB_PROBLEM}"]
     probe = schema.new_probe()
     problems: list[str] = []
     for one in values:

@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune import locations, plugins
-from finetune.compose import gate, safe_files, schema
+from finetune.compose import gate, override_checks, safe_files, schema
 from finetune.errors import ConfigError, FinetuneError
 from finetune.locations import resolve_recipe
 from finetune.rundir import artifacts
@@ -183,7 +183,7 @@ def prepare(argv: list[str], cwd: Path | None = None, drop: frozenset[str] = fro
             # Hydra wants ++ for a key its mapping does not have yet
             argv[i] = f"++{argv[i]}"
         argv[i] = home_expanded(argv[i])
-    problems += schema.check_overrides([argv[i] for i in overrides
+    problems += override_checks.check_overrides([argv[i] for i in overrides
                                         if argv[i].partition("=")[0].lstrip("+") != "recipe"])
     if problems:
         raise ConfigError(problems)

@@ -10,15 +10,11 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Glob
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.compose import allowlist
 from finetune.errors import did_you_mean
 from finetune.extensions import TABLES
-from finetune.locations import CONF_DIR
 from finetune.sweeps.study import PRUNERS
 from finetune.tasks.detection import MAP_METRICS as DETECTION_METRICS
 
@@ -107,6 +103,29 @@ class GroupConfig:
     lr: float | None = None
     lr_mult: float | None = None
     weight_decay: float | None = None
+
+
+@dataclass
+class AdapterOverrideConfig:
+    """One entry of adapter.overrides."""
+
+    modules: Any = MISSING
+    rank: int | None = None
+    alpha: float | None = None
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA / DoRA adapters (finetune/models/adapters.py); type null: none."""
+
+    type: str | None = None  # lora | dora
+    modules: Any = field(default_factory=list)  # selectors of the Linear / Conv2d layers
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    overrides: list[AdapterOverrideConfig] = field(default_factory=list)
+    train_fully: Any = field(default_factory=list)  # selectors trained fully (the head always)
+    lr: float | None = None  # the adapter parameters' lr; null: optim.lr
 
 
 @dataclass
@@ -262,6 +281,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     surgery: list[Any] = field(default_factory=list)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -288,6 +308,7 @@ TABLE_KEYS = ("weights.source", "model.source", "data.name", "sched.name", "free
 CLASS_METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5")
 CHOICES: dict[str, tuple[str, ...]] = {
     "head.type": ("classifier", "none"),
+    "adapter.type": (None, "lora", "dora"),  # finetune/models/adapters.py ADAPTER_TYPES
     "data.channels": (1, 3),
     "data.interpolation": (None, "nearest", "bilinear", "bicubic", "lanczos"),
     "weights.on_shape_mismatch": ("skip", "error"),
@@ -414,82 +435,6 @@ def nest(key: str, value: Any) -> dict[str, Any]:
     for part in reversed(key.split(".")):
         node = {part: node}
     return node
-
-
-GLOB_PROBLEM = ("glob() picks among a config group's options and is not taken here; list "
-                "the values (a,b,c or choice(a,b,c))")
-
-
-def override_values(override: Any) -> list[Any] | None:
-    """The values an override sets (each value of a sweep); None for a glob(), which only
-    Hydra's config loader can expand."""
-    if not override.is_sweep_override():
-        return [override.value()]
-    if isinstance(override._value, Glob):
-        return None
-    return list(override.sweep_iterator())
-
-
-def _unclosed(override: str) -> bool:
-    """Whether the value opens more brackets than it closes (outside quotes)."""
-    depth, quote = 0, ""
-    for char in override.partition("=")[2]:
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in "[{(":
-            depth += 1
-        elif char in "]})":
-            depth -= 1
-    return depth > 0
-
-
-def check_overrides(overrides: list[str]) -> list[str]:
-    """Every unknown key, wrong type, bad choice or unknown group option in CLI overrides."""
-
-    errors: list[str] = []
-    probe = None
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as err:
-        cut = [o for o in overrides if _unclosed(o)]
-        if cut:  # `key={8: 18}` unquoted: the shell split it at the space
-            shown = cut[0].lstrip("+")
-            return [f"command line: {shown!r} is cut short: the shell splits a value at its "
-                    f"spaces; put the whole override in quotes ('{shown} ...') or write it "
-                    "without spaces"]
-        return [f"command line: {' '.join(str(err).split())}"]
-    for override in parsed:
-        key = override.key_or_group
-        if key.startswith("hydra") or key == "recipe" or override.is_delete():
-            continue
-        where = f"override '{override.input_line}'"
-        values = override_values(override)
-        if values is None:
-            if key not in GROUPS:
-                errors.append(f"{where}: {GLOB_PROBLEM}")
-            continue
-        nested = [allowlist.import_problems(nest(key, v), where) for v in values]
-        if any(nested):
-            errors += next(n for n in nested if n)
-            continue
-        if key in GROUPS:
-            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-            errors += [f"{where}: no {key} option '{v}'{did_you_mean(v, options)}; options: "
-                       f"{', '.join(options)}" for v in values if str(v) not in options]
-            continue
-        problem = check_key(key, where)
-        if problem:
-            errors.append(problem)
-            continue
-        for value in values:
-            probe = probe if probe is not None else OmegaConf.structured(Config)
-            problem = check_value(key, value, where, probe)
-            if problem:
-                errors.append(problem)
-                break
-    return errors
 
 
 def mix_enabled(data: Any) -> bool:
