@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import REPO
 
 SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py",
-           "detection_transfer.py", "detection_overhead.py", "detection_eval.py"]
+           "detection_transfer.py", "detection_overhead.py", "detection_eval.py",
+           "adapters.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

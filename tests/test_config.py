@@ -312,11 +312,13 @@ def test_every_range_is_checked_and_written_beside_its_key() -> None:
                             if x.startswith("  " * (depth - 1) + leaf + ":"))
                 assert allowed.text() in line.partition("#")[2], (option, key, line)
             continue
-        line = next(x for x in lines if x.startswith("  " * depth + leaf + ":"))
+        section = lines.index(next(x for x in lines if x.startswith(key.split(".")[0] + ":")))
+        line = next(x for x in lines[section:] if x.startswith("  " * depth + leaf + ":"))
         assert allowed.text() in line.partition("#")[2], (key, allowed.text(), line)
     for key, entry_fields in ENTRY_RANGES.items():
-        line = next(x for x in lines if x.startswith("  " * key.count(".")
-                                                     + key.split(".")[-1] + ":"))
+        section = lines.index(next(x for x in lines if x.startswith(key.split(".")[0] + ":")))
+        line = next(x for x in lines[section:] if x.startswith("  " * key.count(".")
+                                                               + key.split(".")[-1] + ":"))
         for name, allowed in entry_fields.items():
             assert f"{name} {allowed.text()}" in line, (key, name, line)
 

@@ -25,7 +25,8 @@ DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_siz
 # Recipes that read an image folder inspect on the digits instead.
 RECIPE_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9,
                     "resnet18_gradual": DIGITS_1_9, "convnext_tiny_9cls": DIGITS_1_9,
-                    "vit_small_lora_ready": DIGITS_1_9,
+                    "vit_small_lora_ready": DIGITS_1_9, "vit_small_lora": DIGITS_1_9,
+                    "resnet50_dora": DIGITS_1_9,
                     "fasterrcnn_vgg16_relu5_3": ["data=digit_canvases", "data.image_size=64",
                                                  "data.canvases.count=8",
                                                  "data.canvases.size=64"]}

@@ -18,7 +18,8 @@ DIGITS_1_9 = ["data=digits", "data.classes=[1,2,3,4,5,6,7,8,9]", "data.image_siz
 # Shipped recipes that read an image folder run on the digits in tests.
 RUN_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_1_9,
                  "resnet18_gradual": DIGITS_1_9, "vgg16_relu5_3": ["data.image_size=64"],
-                 "convnext_tiny_9cls": DIGITS_1_9, "vit_small_lora_ready": DIGITS_1_9}
+                 "convnext_tiny_9cls": DIGITS_1_9, "vit_small_lora_ready": DIGITS_1_9,
+                 "vit_small_lora": DIGITS_1_9, "resnet50_dora": DIGITS_1_9}
 # After SHRINK: runs long enough to reach every unfreeze phase (one batch an epoch).
 ONE_BATCH = ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1"]
 LONGER = {"resnet18_gradual": ["trainer.max_epochs=5", *ONE_BATCH],

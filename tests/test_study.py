@@ -209,9 +209,10 @@ def test_a_configuration_that_cannot_learn_is_pruned(tmp_path: Path) -> None:
                                                         abs=1e-6)}
     assert (sweep / "1" / "model.safetensors").is_file()
     assert f"pruned after epoch {epoch} of 3" in result
-    rows = {r[1]: r for r in report(sweep)["rows"]}
-    assert rows["1"][2] == "pruned" and rows["1"][12] == epoch
-    assert rows["0"][2] == "complete" and rows["0"][11] == 3
+    board = report(sweep)
+    rows = {r[1]: dict(zip(board["header"], r, strict=True)) for r in board["rows"]}
+    assert rows["1"]["status"] == "pruned" and rows["1"]["stopped_early_at"] == epoch
+    assert rows["0"]["status"] == "complete" and rows["0"]["epochs"] == 3
     assert "1 complete, 1 pruned" in report(sweep)["summary"]
     page = (sweep / "report.html").read_text()  # the sweep's page says so too
     assert '<td class="k">pruned</td>' in page

@@ -94,6 +94,9 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
                  splits: bool = False) -> dict[str, Any]:
     """The plan of a run as data (what `--json` prints)."""
     # lazy: keeps torch off a torch-free path
+    from finetune.models import adapters
+
+    # lazy: keeps torch off a torch-free path
     from finetune.training.plan import plan_run
 
     run_plan = plan_run(cfg, train_sources=False)
@@ -136,6 +139,14 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
         "modules": module_rows(built.model, set(freeze.eval_modules), depth, joins),
         "notes": notes,
     }
+    if built.adapter is not None:
+        adapted = sum(sizes[n] for n in sizes if adapters.is_adapter_param(n))
+        trainable = sum(sizes[n] for n in freeze.trainable)
+        plan["adapter"] = {**built.adapter.to_dict(), "layers": {
+            name: {"rank": r, "alpha": a} for name, (r, a) in built.adapter.targets.items()},
+            "adapter_params": adapted, "trainable_params": trainable,
+            "base_params": total - adapted,
+            "trainable_share": round(trainable / (total - adapted), 6)}
     if keys:
         fate = {k: "loaded" for k in built.report.loaded} | {k: "new" for k in built.report.new}
         plan["keys"] = [{"key": k, "shape": list(v.shape), "fate": fate.get(k, "-")}
@@ -153,9 +164,20 @@ def render(plan: dict[str, Any]) -> str:
            plan["load_report"]["table"], ""]
     out += [f"note: {n}" for n in plan["notes"]]
     freeze = plan["freeze"]
-    out += [f"== freeze == train from {freeze['train_from'] or 'the first layer'}: "
+    start = ("adapters on the frozen base model" if "adapter" in plan
+             else f"train from {freeze['train_from'] or 'the first layer'}")
+    out += [f"== freeze == {start}: "
             f"{freeze['trainable_tensors']} tensors train, {freeze['frozen_tensors']} frozen, "
             f"{len(freeze['bn_eval'])} BatchNorm layers in eval mode (bn: {freeze['bn']})", ""]
+    if "adapter" in plan:
+        a = plan["adapter"]
+        out += [f"== adapter == {a['type']} on {a['modules']} layers ({a['selector']}); "
+                f"{a['adapter_params']:,} adapter parameters; {a['trainable_params']:,} "
+                f"train, {100 * a['trainable_share']:.2f}% of the base model's "
+                f"{a['base_params']:,}; trained fully: {', '.join(a['train_fully'])}"]
+        out += [f"  {name:<40} rank {v['rank']:>4}  alpha {v['alpha']:g}"
+                for name, v in a["layers"].items()]
+        out.append("")
     out += ["== phases == (what trains from each epoch on)"]
     for phase in freeze["phases"]:
         out.append(f"  epoch {phase['epoch']:>3}: {phase['selector']:<28} {phase['params']:>4} "

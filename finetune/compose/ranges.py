@@ -60,6 +60,10 @@ RANGES: dict[str, Range] = {
     "model.ema.start_epoch": AT_LEAST_0,
     "head.num_classes": Range(1, MAX_CLASSES),
     "head.dropout": FRACTION_OPEN,
+    "adapter.rank": Range(1, 4096),
+    "adapter.alpha": POSITIVE,
+    "adapter.dropout": FRACTION_OPEN,
+    "adapter.lr": POSITIVE,
     "optim.lr": POSITIVE,
     "optim.weight_decay": AT_LEAST_0,
     "optim.momentum": FRACTION_OPEN,
@@ -119,6 +123,7 @@ ITEM_RANGES: dict[str, Range] = {
 }
 # each field of each entry of a list of mappings
 ENTRY_RANGES: dict[str, dict[str, Range]] = {
+    "adapter.overrides": {"rank": Range(1, 4096), "alpha": POSITIVE},
     "optim.groups": {"lr": POSITIVE, "lr_mult": POSITIVE, "weight_decay": AT_LEAST_0},
     "freeze.unfreeze": {"epoch": AT_LEAST_0, "lr": POSITIVE, "lr_mult": POSITIVE,
                         "warmup_epochs": AT_LEAST_0},

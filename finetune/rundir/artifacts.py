@@ -22,12 +22,14 @@ from finetune.compose import safe_files
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:  # reading a run dir (report, recipes) imports no torch
+    import torch
     from torch import nn
 
 # Every file a run dir holds, named once.
 METRICS = "metrics.json"  # status and final metrics; written last (complete) or on a stop
 LOAD_REPORT = "load_report.json"
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"  # adapter.type: the adapter and fully trained tensors alone
 MANIFEST = "manifest.json"
 METRICS_CSV = "metrics.csv"  # Lightning's CSV logger, one row per logged step / epoch
 CURVES = "curves.png"
@@ -285,11 +287,16 @@ def read_json(path: Path, what: str = "file") -> Any:
 
 def save_weights(model: nn.Module, path: Path) -> str:
     """The state dict as safetensors (tensors only, no pickle); returns the file's sha256."""
+    return save_tensors(model.state_dict(), path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Named tensors as safetensors (no pickle); returns the file's sha256."""
     # lazy: safetensors is slow to import; only this path needs it
     from safetensors.torch import save
 
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    write_bytes(path, save(tensors))
+    plain = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    write_bytes(path, save(plain))
     return file_sha256(path)
 
 

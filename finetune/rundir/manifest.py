@@ -68,6 +68,7 @@ class Manifest:
     temperature: float = 1.0  # softmax(logits / temperature): set by evaluate calibrate=true
     calibration: dict[str, Any] = field(default_factory=dict)  # how the temperature was fit
     optimizer: dict[str, Any] = field(default_factory=dict)  # name and the planned groups
+    adapter: dict[str, Any] = field(default_factory=dict)  # adapter.type: merged into weights
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -139,7 +140,9 @@ class Manifest:
                    calibration=data.get("calibration") if isinstance(
                        data.get("calibration"), dict) else {},
                    optimizer=data.get("optimizer") if isinstance(data.get("optimizer"),
-                                                                 dict) else {})
+                                                                 dict) else {},
+                   adapter=data.get("adapter") if isinstance(data.get("adapter"), dict)
+                   else {})
 
 
 def _preprocessing_problems(recorded: Any, where: str) -> list[str]:

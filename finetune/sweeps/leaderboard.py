@@ -28,8 +28,8 @@ SCORES = {"labels": (("best_val_acc", "best/val/acc"), ("val_acc", "val/acc"),
                     ("val_map_50", "val/map_50"))}
 ALL_LAYERS = "(all)"  # the split point of a job that trains every layer (train_from null)
 COLUMNS = ("rank", "job", "status", "overrides", "train_from", "lr", "trainable_params",
-           "best_val_acc", "val_acc", "val_loss", "warnings", "epochs", "stopped_early_at",
-           "train_seconds", "error")
+           "trainable_share", "best_val_acc", "val_acc", "val_loss", "warnings", "epochs",
+           "stopped_early_at", "train_seconds", "error")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Job:
     train_from: str | None = None
     lr: float | None = None
     trainable_params: int | None = None
+    trainable_share: float | None = None  # of all parameters (an adapter's included)
     epochs: int | None = None
     stopped_at: int | None = None  # the epoch early stopping ended the run, if it did
     train_seconds: float | None = None
@@ -114,6 +115,9 @@ def _read_job(job_dir: Path) -> Job:
     job.train_from = train_from if isinstance(train_from, str) or train_from is None else None
     job.lr = _number(metrics.get("lr", optim.get("lr")))
     job.trainable_params = _whole(metrics.get("trainable_params"))
+    total = _whole(metrics.get("total_params"))
+    job.trainable_share = (job.trainable_params / total if total and job.trainable_params
+                           is not None else None)
     job.metric = metrics.get("metric") if isinstance(metrics.get("metric"), str) else None
     if job.status == "failed":
         errors = metrics.get("error", [])
@@ -239,7 +243,7 @@ def rows(jobs: list[Job], root: Path, keys: list[str], metric: str = "val/acc"
             i, str(job.dir.relative_to(root)) or ".", job.status,
             " ".join(f"{k}={job.overrides[k]}" for k in keys if k in job.overrides),
             split_label(job.train_from), "" if job.lr is None else float(f"{job.lr:.4g}"),
-            fmt(job.trainable_params),
+            fmt(job.trainable_params), fmt(job.trainable_share, 6),
             *(fmt(job.values.get(key)) for _, key in scores_of(metric)),
             short(job.warnings), fmt(job.epochs),
             fmt(job.stopped_at),

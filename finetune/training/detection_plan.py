@@ -71,6 +71,10 @@ def detector_kwargs(cfg: DictConfig, size: int, prep: backbones.Preprocessing,
 
 def _config_problems(cfg: DictConfig) -> list[str]:
     problems = config_problems(cfg) + device_problems(cfg.trainer)
+    if cfg.adapter.type is not None:
+        problems.append("adapter.type with task=detection: adapters are built for "
+                        "classifiers so far; fine-tune the detector with freeze.train_from "
+                        "instead")
     name, by_name = cfg.model.name, cfg.model.name in detector_names()
     if by_name:
         loads = sorted(set(cfg.model.kwargs) & set(BUILDER_LOADS))

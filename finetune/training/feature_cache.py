@@ -66,8 +66,9 @@ def mode_of(setting: Any) -> str:
 
 
 def config_conflicts(setting: Any, augment: list[Any], unfreeze: list[Any],
-                     train_from: Any, modules: list[Any]) -> list[str]:
-    """Why `freeze.cache=true` cannot hold for this config (empty: it may)."""
+                     train_from: Any, modules: list[Any], adapter: bool = False) -> list[str]:
+    """Why `freeze.cache=true` cannot hold for this config (empty: it may). An adapter
+    freezes its base: the layers before the first adapted one are a prefix."""
     if str(setting).lower() != "true":
         return []
     problems = []
@@ -79,7 +80,7 @@ def config_conflicts(setting: Any, augment: list[Any], unfreeze: list[Any],
         problems.append(f"freeze.cache=true but freeze.unfreeze opens frozen layers at epoch "
                         f"{unfreeze[0]['epoch']}: their outputs change then; drop the phases "
                         "or use freeze.cache=auto (off here)")
-    if train_from is None and not modules:
+    if train_from is None and not modules and not adapter:
         problems.append("freeze.cache=true but nothing is frozen (freeze.train_from is null): "
                         "there is no frozen prefix to cache; set freeze.train_from")
     return problems

@@ -141,9 +141,15 @@ def _order(model: nn.Module) -> Any:
 
 
 def plan_freeze(model: nn.Module, train_from: Any = None, bn: str = "frozen",
-                modules: Any = None, unfreeze: Any = ()) -> FreezePlan:
+                modules: Any = None, unfreeze: Any = (), *,
+                frozen_region: set[str] | None = None, frozen_own: set[str] | None = None
+                ) -> FreezePlan:
     """Resolve the freeze config against the model: every selector checked, every stage's
     trainable set computed.
+
+    `frozen_region` and `frozen_own` freeze more from the start: modules (with what they
+    hold) and modules' own parameters only ("" for the model's), as an adapter's base model
+    is (finetune/models/adapters.py); unfreeze phases take them out as they do the rest.
 
     Raises:
         FinetuneError: a selector that matches nothing, nothing trainable at the start, or a
@@ -152,8 +158,8 @@ def plan_freeze(model: nn.Module, train_from: Any = None, bn: str = "frozen",
     if bn not in BN_POLICIES:
         raise FinetuneError(f"freeze.bn={bn!r} is not one of {', '.join(BN_POLICIES)}")
     start = resolve_train_from(model, train_from)
-    region = before(model, start) if start is not None else set()
-    held = held_before(model, start) if start is not None else set()
+    region = (before(model, start) if start is not None else set()) | set(frozen_region or ())
+    held = (held_before(model, start) if start is not None else set()) | set(frozen_own or ())
     if as_list(modules):
         region |= set(select_modules(model, modules, "freeze.modules"))
     trainable, eval_modules = _state(model, region, bn, held)

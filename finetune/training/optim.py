@@ -177,12 +177,13 @@ class GroupPlan:
 
 
 def stage_groups(model: nn.Module, cfg: Any, plan: FreezePlan, index: int,
-                 specs: list[GroupSpec], taken: set[str]) -> list[GroupPlan]:
+                 specs: list[GroupSpec], taken: set[str], no_decay_more: tuple[str, ...] = ()
+                 ) -> list[GroupPlan]:
     """The groups of the parameters that join at stage `index`, named (names in `taken`
     get the stage's epoch appended, and are added to it)."""
     stage: Stage = plan.stages[index]
     units, unit_map = layer_map(model) if cfg.get("layer_decay") else ([], {})
-    no_decay = [str(t) for t in cfg.get("no_decay") or []]
+    no_decay = [str(t) for t in cfg.get("no_decay") or []] + list(no_decay_more)
     buckets: dict[tuple[str, str, bool], dict[str, Any]] = {}
     for name in stage.params:
         spec = next((s for s in specs if inside(owner(name), s.modules)), None)
@@ -217,19 +218,23 @@ def stage_groups(model: nn.Module, cfg: Any, plan: FreezePlan, index: int,
     return groups
 
 
-def plan_groups(model: nn.Module, cfg: Any, plan: FreezePlan) -> list[GroupPlan]:
+def plan_groups(model: nn.Module, cfg: Any, plan: FreezePlan,
+                first: list[GroupSpec] | None = None, no_decay_more: tuple[str, ...] = ()
+                ) -> list[GroupPlan]:
     """The optimizer groups of every stage of `plan`, in join order (the same every time: a
-    resumed run rebuilds the groups it saved). `cfg` is the optim group.
+    resumed run rebuilds the groups it saved). `cfg` is the optim group; `first`: groups
+    that come before `optim.groups` (an adapter's), `no_decay_more`: globs of parameter
+    names without weight decay beside `optim.no_decay`.
 
     Raises:
         FinetuneError: an optim.groups entry without modules, with lr and lr_mult, or whose
             selector matches nothing.
     """
-    specs = group_specs(model, cfg.get("groups"))
+    specs = [*(first or []), *group_specs(model, cfg.get("groups"))]
     taken: set[str] = set()
     groups: list[GroupPlan] = []
     for index in range(len(plan.stages)):
-        groups += stage_groups(model, cfg, plan, index, specs, taken)
+        groups += stage_groups(model, cfg, plan, index, specs, taken, no_decay_more)
     return groups
 
 

@@ -21,12 +21,13 @@ from finetune.compose.ranges import range_problems
 from finetune.compose.schema import mix_enabled
 from finetune.data.datamodule import build_datamodule
 from finetune.errors import ConfigError, FinetuneError
-from finetune.models import backbones, surgery
+from finetune.models import adapters, backbones, surgery
 from finetune.models.sources import model_source_of
 from finetune.tasks.table import task_of
 from finetune.training import feature_cache as cache
 from finetune.training.detection_plan import plan_detector
-from finetune.training.freezing import FreezePlan, apply_freeze
+from finetune.training.freezing import FreezePlan, apply_freeze, plan_freeze
+from finetune.training.optim import GroupPlan, GroupSpec, plan_groups
 from finetune.training.plan_types import Built, RunContext, RunPlan
 from finetune.training.validate import assemble_checked, validate
 from finetune.weights.loading import load_for_plan
@@ -99,6 +100,24 @@ def single_value_norm_problem(model: nn.Module, fixed: list[str], batch_size: in
             f"channel at {crop} px, which it cannot do with one image per batch; use "
             "data.batch_size >= 2, or freeze those layers (frozen BatchNorm keeps its "
             "statistics)")
+
+
+def adapt(cfg: DictConfig, built: Built, adapter: adapters.AdapterPlan
+          ) -> tuple[FreezePlan, list[GroupPlan]]:
+    """Put the adapters into the loaded model; its freeze plan (the base frozen but for the
+    adapters, the head and adapter.train_fully; freeze.unfreeze phases as declared) and its
+    optimizer groups (the adapters' own first, at adapter.lr; DoRA's scales without decay)."""
+    model = built.model
+    built.base_sha256 = adapters.base_sha256(model, adapter)
+    adapters.inject(model, adapter)
+    built.adapter = adapter
+    region, own = adapters.frozen_base(model, adapter)
+    freeze = plan_freeze(model, None, cfg.freeze.bn, None, cfg.freeze.unfreeze,
+                         frozen_region=region, frozen_own=own)
+    start = freeze.stages[0]  # its groups: "adapter" and the modules trained fully
+    start.name, start.selector = "fully", f"adapters + {', '.join(adapter.train_fully)}"
+    group = GroupSpec("adapter", adapters.adapter_modules(model), adapter.lr, None, None)
+    return freeze, plan_groups(model, cfg.optim, freeze, [group], (adapters.MAGNITUDE,))
 
 
 def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool = True,
@@ -186,6 +205,12 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
             f"{len(plan.class_names)} (or leave the classifier to head.num_classes)")
         return plan
     plan.freeze, plan.groups = checked.freeze, checked.groups
+    if checked.adapter is not None:
+        try:
+            plan.freeze, plan.groups = adapt(cfg, plan.built, checked.adapter)
+        except FinetuneError as err:
+            plan.problems += err.problems
+            return plan
     apply_freeze(model, plan.freeze)
     problem = single_value_norm_problem(model, plan.freeze.eval_modules, cfg.data.batch_size,
                                         plan.prep.crop, plan.prep.channels)

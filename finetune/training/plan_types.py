@@ -15,6 +15,7 @@ from torchvision.models import WeightsEnum
 from finetune.data.datamodule import ImageDataModule
 from finetune.errors import ConfigError
 from finetune.models import backbones
+from finetune.models.adapters import AdapterPlan
 from finetune.training import feature_cache as cache
 from finetune.training.freezing import FreezePlan
 from finetune.training.optim import GroupPlan
@@ -45,14 +46,16 @@ class RunContext:
 
 @dataclass
 class Built:
-    """The model as built, and how: builder arguments, head paths, the weight load, and the
-    output shape of one image in a dry forward."""
+    """The model as built, and how: builder arguments, head paths, the weight load, the
+    output shape of one image in a dry forward, and its adapters."""
 
     model: nn.Module
     build_kwargs: dict[str, Any]
     head_paths: list[str]
     report: LoadReport
     output_shape: list[int]
+    adapter: AdapterPlan | None = None  # adapter.type: the adapters in `model`
+    base_sha256: str | None = None  # the base weights the adapters apply to
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import nn
 
 from finetune.data.datamodule import ImageDataModule
 from finetune.errors import FinetuneError
-from finetune.models import backbones
+from finetune.models import adapters, backbones
 from finetune.models.sources import model_source_of
 from finetune.rundir import artifacts, box_evaluation, evaluation, html_report, plots
 from finetune.rundir.manifest import Manifest
@@ -70,8 +70,12 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
                    thresholds: dict[str, float] | None = None,
                    optimizer: dict[str, Any] | None = None) -> str:
     """model.safetensors and manifest.json: what is needed to use the model. Returns the
-    weights' sha256."""
-    model_sha = artifacts.save_weights(built.model, run_dir / artifacts.WEIGHTS)
+    weights' sha256. With adapters, model.safetensors holds them merged (the plain
+    architecture) and adapter.safetensors the adapter alone."""
+    model, adapter = built.model, {}
+    if built.adapter is not None:
+        model, adapter = save_adapter(run_dir, built, prep)
+    model_sha = artifacts.save_weights(model, run_dir / artifacts.WEIGHTS)
     surgery_ops = OmegaConf.to_container(cfg.surgery, resolve=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(surgery_ops, list) and isinstance(config, dict)
@@ -93,8 +97,48 @@ def write_manifest(run_dir: Path, cfg: DictConfig, context: RunContext, built: B
         seed=cfg.seed, versions=artifacts.library_versions(), config=config,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), balance=balance or {}, ema=ema or {},
         task=cfg.task, thresholds=thresholds or {}, optimizer=optimizer or {},
+        adapter=adapter,
     ).write(run_dir)
     return model_sha
+
+
+# merged and adapted outputs may differ by float rounding only: past this (relative to the
+# outputs' largest magnitude) the merge is wrong and nothing is saved
+MERGE_TOLERANCE = 1e-4
+
+
+def save_adapter(run_dir: Path, built: Built, prep: backbones.Preprocessing
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """adapter.safetensors (the adapters and the modules trained fully), and the model with
+    its adapters merged, checked against the adapted one on a fixed random batch. Returns
+    the merged model and what the manifest records."""
+    plan = built.adapter
+    assert plan is not None
+    sha = artifacts.save_tensors(adapters.adapter_state(built.model, plan),
+                                 run_dir / artifacts.ADAPTER)
+    merged = adapters.merged_copy(built.model)
+    batch = torch.randn(2, prep.channels, prep.crop, prep.crop,
+                        generator=torch.Generator().manual_seed(0))
+    device = next(built.model.parameters()).device
+    modes = built.model.training
+    built.model.eval()
+    merged.eval()
+    with torch.inference_mode():
+        adapted, plain = (out[0] if isinstance(out, tuple | list) else out  # (aux logits)
+                          for out in (built.model(batch.to(device)), merged(batch.to(device))))
+    built.model.train(modes)
+    scale = max(1.0, float(adapted.abs().max()))
+    gap = float((adapted - plain).abs().max()) / scale
+    if not gap <= MERGE_TOLERANCE:
+        raise FinetuneError(f"merging the adapters changed the model's outputs by {gap:.2e} "
+                            f"(relative; at most {MERGE_TOLERANCE:g} is rounding); "
+                            f"{artifacts.ADAPTER} is saved, the merged model is not")
+    trainable = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in merged.parameters())
+    return merged, {**plan.to_dict(), "file": artifacts.ADAPTER, "sha256": sha,
+                    "base_sha256": built.base_sha256, "merge_max_diff": gap,
+                    "trainable_params": trainable, "trainable_share": round(trainable / total,
+                                                                             6)}
 
 
 def save_extractor(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
@@ -300,8 +344,9 @@ def nonfinite_message(found: list[str]) -> str:
             "32-true); the run dir keeps its files for a look, but the run is not complete")
 
 
-SUMMARY_FILES = ("model.safetensors", "metrics.json", "load_report.json", "manifest.json",
-                 "curves.png", "confusion_matrix.png", "report.html", "checkpoints/")
+SUMMARY_FILES = ("model.safetensors", "adapter.safetensors", "metrics.json", "load_report.json",
+                 "manifest.json", "curves.png", "confusion_matrix.png", "report.html",
+                 "checkpoints/")
 
 
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.compose.precheck import config_problems
 from finetune.errors import ConfigError, FinetuneError
+from finetune.models import adapters
 from finetune.models.builder import Assembled, assemble
 from finetune.models.sources import model_source_of
 from finetune.training import feature_cache as cache
@@ -44,7 +45,9 @@ def validate(cfg: DictConfig) -> None:
     attempt(lambda: cache.mode_of(cfg.freeze.cache))
     problems += cache.config_conflicts(cfg.freeze.cache, list(cfg.data.augment),
                                        list(cfg.freeze.unfreeze), cfg.freeze.train_from,
-                                       list(cfg.freeze.modules))
+                                       list(cfg.freeze.modules),
+                                       cfg.adapter.type is not None)
+    problems += adapters.config_conflicts(cfg)
     if problems:
         raise ConfigError(problems)
 
@@ -75,6 +78,7 @@ class Checked:
     problems: list[str]
     build_kwargs: dict[str, Any]
     groups: list[GroupPlan] = field(default_factory=list)
+    adapter: adapters.AdapterPlan | None = None  # adapter.type: which layers get one
 
 
 def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Any,
@@ -95,12 +99,17 @@ def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Any,
     if assembled is None:
         return Checked(None, None, problems, kwargs)
     model = assembled.model
+    # with an adapter, the freeze plan is made once the adapters are in (training/plan.py)
+    plain = cfg.adapter.type is None
     plan = attempt(lambda: plan_freeze(model, cfg.freeze.train_from, cfg.freeze.bn,
-                                       cfg.freeze.modules, cfg.freeze.unfreeze))
+                                       cfg.freeze.modules, cfg.freeze.unfreeze if plain
+                                       else ()))
     groups = attempt(lambda: plan_groups(model, cfg.optim, plan)) if plan else None
+    adapter = attempt(lambda: adapters.plan_adapter(model, cfg.adapter, assembled.head_paths))
     keys = list(model.state_dict())
     for pattern in cfg.weights.require:
         if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
             problems.append(f"weights.require: {pattern!r} matches no model tensor; keys look "
                             f"like {keys[0]!r}")
-    return Checked(assembled if not problems else None, plan, problems, kwargs, groups or [])
+    return Checked(assembled if not problems else None, plan, problems, kwargs, groups or [],
+                   adapter)
