@@ -22,11 +22,11 @@ from torch import nn
 from torchvision.utils import draw_bounding_boxes
 
 from finetune.data.box_datasets import image_tensor
-from finetune.data.images import ImageProblem, open_rgb
+from finetune.data.images import open_rgb
 from finetune.errors import FinetuneError
 from finetune.models.detectors import LABEL_OFFSET
 from finetune.rundir import artifacts
-from finetune.rundir.inference import detector_input, max_pixels_of
+from finetune.rundir.inference import detector_input, max_pixels_of, read_batches
 
 DEFAULT_MIN_SCORE = 0.5  # what a person looks at; evaluation keeps every box (mAP needs them)
 BOX_HEADER = ["path", "class", "score", "x1", "y1", "x2", "y2"]
@@ -71,30 +71,14 @@ def predict_boxes(model: nn.Module, paths: list[Path], batch_size: int = 8,
     out = BoxPredictions(list(model.class_names or []), min_score,
                          max_pixels or max_pixels_of(model))
     device = next(model.parameters()).device
-    batch: list[torch.Tensor] = []
-    names: list[str] = []
-
-    def flush() -> None:
+    for names, batch in read_batches(paths, detector_input, batch_size, out.max_pixels,
+                                     out.unreadable):
         with torch.inference_mode():
             found = model([image.to(device) for image in batch])
         for path, image, result in zip(names, batch, found, strict=True):
             out.rows.append({"path": path, "width": int(image.shape[-1]),
                              "height": int(image.shape[-2]),
                              "boxes": found_boxes(result, out.classes, min_score)})
-        batch.clear()
-        names.clear()
-
-    for path in paths:
-        try:
-            batch.append(detector_input(open_rgb(path, out.max_pixels)))
-        except ImageProblem as err:
-            out.unreadable.append((str(path), str(err)))
-            continue
-        names.append(str(path))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
     return out
 
 

@@ -8,6 +8,7 @@ API is finetune.load / finetune.predict.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,28 @@ def max_pixels_of(model: nn.Module) -> int:
         value, bool) and value >= 1 else DEFAULT_MAX_PIXELS
 
 
+def read_batches(paths: list[Path], transform: Callable[[Image.Image], torch.Tensor],
+                 batch_size: int, max_pixels: int, unreadable: list[tuple[str, str]]
+                 ) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+    """The images of `paths` read as RGB, transformed and grouped `batch_size` at a time
+    (with their paths); an image that cannot be read (or is over `max_pixels`) is added to
+    `unreadable` with the reason and skipped."""
+    batch: list[torch.Tensor] = []
+    names: list[str] = []
+    for path in paths:
+        try:
+            batch.append(transform(open_rgb(path, max_pixels)))
+        except ImageProblem as err:
+            unreadable.append((str(path), str(err)))
+            continue
+        names.append(str(path))
+        if len(batch) == batch_size:
+            yield names, batch
+            batch, names = [], []
+    if batch:
+        yield names, batch
+
+
 def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_size: int = 64,
                    max_pixels: int | None = None, tta: str = "none") -> Predictions:
     """Classify `paths` with a model from `load_run`; unreadable images (and those over
@@ -184,29 +207,12 @@ def predict_images(model: nn.Module, paths: list[Path], topk: int = 3, batch_siz
     task = task_of(out.task)
     device = next(model.parameters()).device
     net, transform = with_tta(model, tta)
-    batch: list[torch.Tensor] = []
-    names: list[str] = []
-
-    def flush() -> None:
+    for names, batch in read_batches(paths, transform, batch_size,
+                                     max_pixels or max_pixels_of(model), out.unreadable):
         with torch.inference_mode():
             logits = net(torch.stack(batch).to(device))
             rows = task.predict(logits.cpu(), out.classes, topk, manifest)
         out.rows += [{"path": path, **row} for path, row in zip(names, rows, strict=True)]
-        batch.clear()
-        names.clear()
-
-    limit = max_pixels or max_pixels_of(model)
-    for path in paths:
-        try:
-            batch.append(transform(open_rgb(path, limit)))
-        except ImageProblem as err:
-            out.unreadable.append((str(path), str(err)))
-            continue
-        names.append(str(path))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
     return out
 
 
