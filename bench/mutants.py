@@ -688,6 +688,21 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "    if cfg.freeze.train_from is not None or as_list(cfg.freeze.modules):",
      "    if False:",
      "tests/test_adapters.py -k cannot_go_with"),
+    ("a step's FLOPs counted without its backward",
+     "finetune/training/flops.py",
+     "                total.backward()\n",
+     "                pass\n",
+     "tests/test_flops.py -k backward_only"),
+    ("the 16-bit and float32 peaks swapped",
+     "finetune/training/flops.py",
+     "    column = 0 if str(precision) in SIXTEEN_BIT else 1",
+     "    column = 1 if str(precision) in SIXTEEN_BIT else 0",
+     "tests/test_flops.py -k peak"),
+    ("the FLOPs of the whole model counted where the feature cache runs the suffix",
+     "finetune/training/lightning_module.py",
+     "        return suffix if suffix is not None else self.model",
+     "        return self.model",
+     "tests/test_flops.py -k records"),
 ]
 
 

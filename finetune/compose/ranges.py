@@ -99,6 +99,7 @@ RANGES: dict[str, Range] = {
     "trainer.log_every_n_steps": AT_LEAST_1,
     "trainer.check_val_every_n_epoch": AT_LEAST_1,
     "trainer.gradient_clip_val": POSITIVE,
+    "trainer.peak_tflops": POSITIVE,
     "trainer.accumulate_grad_batches": AT_LEAST_1,
     "trainer.num_sanity_val_steps": AT_LEAST_0,
     "trainer.early_stopping.patience": AT_LEAST_1,

@@ -235,6 +235,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     num_sanity_val_steps: int = 0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    peak_tflops: float | None = None  # the device's peak for the MFU; null: the table's
 
 
 @dataclass

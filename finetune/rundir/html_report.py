@@ -37,6 +37,7 @@ from finetune.rundir.html_parts import (
     short,
     table,
 )
+from finetune.rundir.verdict import speed_line
 
 REPORT = artifacts.REPORT
 EVAL_FILE = "eval.json"  # what `finetune evaluate` writes into a run dir
@@ -168,7 +169,7 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
            f"{headline} {num(metrics.get(f'best/{headline}'))} at epoch "
            f"{metrics.get('best/epoch')} · "
            f"{count(metrics.get('trainable_params'))} of {count(metrics.get('total_params'))} "
-           "parameters trained")
+           "parameters trained" + (f" · {speed}" if (speed := speed_line(metrics)) else ""))
     warnings = [w for w in metrics.get("warnings") or [] if isinstance(w, str)] \
         if isinstance(metrics.get("warnings"), list) else []
     status = metrics.get("status", "unknown")

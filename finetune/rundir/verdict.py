@@ -61,3 +61,23 @@ def short(warnings: Any) -> str:
     if not isinstance(warnings, list):
         return ""
     return "; ".join(str(w).split(":", 1)[0][:40] for w in warnings if isinstance(w, str))
+
+
+def speed_line(metrics: dict[str, Any]) -> str:
+    """Where the training time went, one line: steady-state images/s (all devices), the share
+    spent waiting for input, and the MFU (or the achieved TFLOP/s where no peak is known)."""
+    rate = metrics.get("train_images_per_second")
+    if not isinstance(rate, int | float):
+        return ""
+    parts = [f"{rate:,.0f} images/s"]
+    wait = metrics.get("input_wait_share")
+    if isinstance(wait, int | float):
+        parts.append(f"input wait {100 * wait:.1f}%")
+    mfu, achieved = metrics.get("mfu"), metrics.get("train_tflops_per_device")
+    if isinstance(mfu, int | float):
+        parts.append(f"MFU {100 * mfu:.1f}% of {metrics.get('peak_tflops'):g} TFLOP/s "
+                     f"({metrics.get('peak_source')})")
+    elif isinstance(achieved, int | float):
+        parts.append(f"{achieved:.3g} TFLOP/s per device (no peak known: "
+                     "trainer.peak_tflops gives the MFU)")
+    return ", ".join(parts)

@@ -16,6 +16,7 @@ from torch.optim.swa_utils import get_ema_avg_fn
 
 from finetune.rundir import artifacts
 from finetune.rundir.artifacts import write_stream
+from finetune.training.flops import step_flops
 
 log = logging.getLogger("finetune")
 
@@ -38,6 +39,7 @@ class ThroughputMeter(pl.Callback):
         self._start = self._epoch_start = self._last = 0.0
         self._images, self._waiting = 0, 0.0
         self._batch_end: float | None = None
+        self.flops_per_image: float | None = None  # of a training step (flops.step_flops)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -47,6 +49,10 @@ class ThroughputMeter(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
+        network = getattr(pl_module, "step_network", None)
+        if self.flops_per_image is None and network is not None and isinstance(
+                batch[0], torch.Tensor):  # counted once, on meta tensors: no compute
+            self.flops_per_image = step_flops(network, batch[0])
         now = time.perf_counter()
         if self.first_step_seconds is None and self.launched is not None:
             self.first_step_seconds = time.time() - self.launched

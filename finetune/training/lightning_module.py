@@ -101,9 +101,17 @@ class FinetuneModule(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self._forward(x)
 
+    @property
+    def step_network(self) -> nn.Module:
+        """The network a training step runs (uncompiled): the model, or the suffix the
+        feature cache leaves; what the step's FLOPs are counted on."""
+        suffix = self.__dict__.get("_suffix")
+        return suffix if suffix is not None else self.model
+
     def use_features(self, suffix: nn.Module) -> None:
         """Batches now hold the frozen prefix's outputs (the feature cache): steps run the
         suffix, which shares its modules (and so its parameters) with the model."""
+        object.__setattr__(self, "_suffix", suffix)
         forward = torch.compile(suffix) if self.compile_forward else suffix
         object.__setattr__(self, "_forward", forward)
 

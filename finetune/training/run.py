@@ -343,6 +343,7 @@ def make_trainer(cfg: DictConfig, run_dir: Path,
         callbacks.append(BestWeights(cfg.metric))
     callbacks += extra or []
     stopping = trainer_kwargs.pop("early_stopping")
+    trainer_kwargs.pop("peak_tflops")  # the MFU's (finetune/training/flops.py)
     if stopping["patience"] is not None:
         callbacks.append(StopEarly(stopping["monitor"], stopping["patience"], stopping["mode"],
                                    stopping["min_delta"]))

@@ -22,11 +22,12 @@ from finetune.models import adapters, backbones
 from finetune.models.sources import model_source_of
 from finetune.rundir import artifacts, box_evaluation, evaluation, html_report, plots
 from finetune.rundir.manifest import Manifest
-from finetune.rundir.verdict import learning_warnings
+from finetune.rundir.verdict import learning_warnings, speed_line
 from finetune.sweeps.pruning import PruneTrial
 from finetune.tasks.base import Task
 from finetune.tasks.table import DEFAULT as DEFAULT_TASK
 from finetune.tasks.table import task_of
+from finetune.training import flops
 from finetune.training.callbacks import (
     EMA,
     BestWeights,
@@ -257,6 +258,8 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
     accs = series.get(task.headline, {})
     best_epoch = max(accs, key=lambda e: accs[e]) if accs else None
     throughput = meter.images_per_second
+    peak, peak_source = flops.peak_of(trainer.strategy.root_device, trainer.precision,
+                                      cfg.trainer.peak_tflops)
     world = trainer.world_size
     wait = meter.input_wait_share
     if wait is not None:
@@ -286,6 +289,8 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         # all ranks together (rank zero's rate x the number of ranks)
         "train_images_per_second": round(throughput * world, 2) if throughput else None,
         "input_wait_share": round(wait, 4) if wait is not None else None,
+        **flops.utilisation(meter.flops_per_image, throughput, peak),
+        "peak_tflops": peak, "peak_source": peak_source,
         "first_step_seconds": round(meter.first_step_seconds, 3)
         if meter.first_step_seconds is not None else None,
         "world_size": world,
@@ -363,6 +368,7 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
         f"{metrics['best/epoch']})" if best is not None else
         f"finetune: done in {metrics['train_seconds']:.1f} s; no validation ran",
         f"  run dir: {run_dir}",
+        *([f"  speed: {speed}"] if (speed := speed_line(metrics)) else []),
         "  " + "  ".join(name for name in SUMMARY_FILES if (run_dir / name.rstrip("/")).exists()
                          and (not name.endswith("/") or any((run_dir / name).iterdir()))),
     ]
