@@ -703,6 +703,21 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "        return suffix if suffix is not None else self.model",
      "        return self.model",
      "tests/test_flops.py -k records"),
+    ("the found rate read at the lowest loss itself, not a tenth of it",
+     "finetune/training/lr_finder.py",
+     "    return float(best_lr) / 10",
+     "    return float(best_lr)",
+     "tests/test_lr_finder.py -k tenth"),
+    ("the groups not planned again from the found rate",
+     "finetune/training/run.py",
+     "        plan.groups = optimizer_groups(cfg, built.model, freeze, built.adapter)\n",
+     "",
+     "tests/test_lr_finder.py -k no_trace"),
+    ("optim.lr=auto accepted with DDP",
+     "finetune/training/lr_finder.py",
+     "    if many:\n",
+     "    if False:\n",
+     "tests/test_lr_finder.py -k one_sentence"),
 ]
 
 

@@ -36,7 +36,9 @@ TRANSFORMS: dict[str, type[v2.Transform]] = {
 
 def optimizer_kwargs(cfg: Any) -> dict[str, Any]:
     """The arguments each optimizer takes from the optim group."""
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    kwargs: dict[str, Any] = {"weight_decay": cfg.weight_decay}
+    if isinstance(cfg.lr, int | float):  # (optim.lr=auto before it is found: every group
+        kwargs["lr"] = cfg.lr  # carries its own rate)
     if cfg.name == "sgd":
         kwargs.update(momentum=cfg.momentum, nesterov=bool(cfg.get("nesterov", False)))
     elif cfg.name == "rmsprop":

@@ -296,7 +296,7 @@ def test_every_range_is_checked_and_written_beside_its_key() -> None:
         "data.batch_size=0: must be in [1, 65536]", "trainer.max_epochs=-1: must be >= 1",
         "trainer.accumulate_grad_batches=0: must be >= 1",
         "head.hidden[0]=0: must be in [1, 65536]",
-        "data.image_size=0: must be in [8, 8192]", "optim.lr=0.0: must be > 0",
+        "data.image_size=0: must be in [8, 8192]", "optim.lr=0: must be > 0",
         "optim.groups[0].lr=-0.1: must be > 0",
         "freeze.unfreeze[0].epoch=-1: must be >= 0"}
     for start in expected:

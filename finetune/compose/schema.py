@@ -131,7 +131,7 @@ class AdapterConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1.0e-3
+    lr: Any = 1.0e-3  # > 0, or auto (finetune/training/lr_finder.py)
     weight_decay: float = 0.0
     momentum: float = 0.9
     nesterov: bool = False

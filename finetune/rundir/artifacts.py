@@ -37,6 +37,7 @@ CONFUSION = "confusion_matrix.png"
 VAL_PREDICTIONS = "val_predictions.csv"
 TEST_PREDICTIONS = "test_predictions.csv"  # the test split's, with confidences
 EVALUATION = "evaluation.json"  # per class, calibration, wrong images: val and test splits
+LR_FIND = "lr_find.png"  # optim.lr=auto: the learning-rate finder's curve
 PR_CURVE = "pr_curve.png"  # a detector's precision-recall curves on the validation split
 RELIABILITY = "reliability.png"  # the reliability diagram (test split when there is one)
 REPORT = "report.html"  # the page a person opens (finetune/rundir/html_report.py)

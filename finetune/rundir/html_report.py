@@ -248,6 +248,12 @@ def run_report(run_dir: Path) -> str:
                        [[g.get("name"), g.get("join_epoch"), g.get("lr"),
                          g.get("weight_decay"), g.get("tensors"), g.get("parameters")]
                         for g in groups], {1, 2, 3, 4, 5}) if groups else ""))
+    found_lr = metrics.get("lr_finder") if isinstance(metrics.get("lr_finder"), dict) else {}
+    if found_lr:  # optim.lr=auto: the range test the rate came from
+        rate = found_lr.get("suggested")
+        rate_text = f"{rate:.3g}" if isinstance(rate, float) else "—"
+        freeze_body += (f"<p>optim.lr=auto: {esc(rate_text)}, {esc(found_lr.get('rule'))}</p>"
+                        + img(png_uri(run_dir / artifacts.LR_FIND), "learning-rate finder"))
     curves = img(png_uri(run_dir / artifacts.CURVES), "learning curves")
     sections = [
         section("recipe", "Recipe and command", recipe_body, command),

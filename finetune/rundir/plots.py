@@ -111,3 +111,19 @@ def plot_pr_curve(curve: dict, path: Path, title: str = "") -> None:
     if ax.lines and len(ax.lines) <= 20:
         ax.legend(fontsize=8, loc="lower left")
     save_png(fig, path)
+
+
+def plot_lr_find(lrs: list[float], losses: list[float], suggested: float, path: Path) -> None:
+    """The learning-rate finder's curve: the smoothed training loss against the learning rate
+    (log scale), the suggested rate marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    points = [(lr, loss) for lr, loss in zip(lrs, losses, strict=False)
+              if math.isfinite(loss)]
+    if points:
+        ax.plot(*zip(*points, strict=True), color="#1f77b4")
+    ax.axvline(suggested, color="#d62728", linestyle="--", label=f"suggested {suggested:.3g}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)",
+           title="learning-rate finder (optim.lr=auto)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_png(fig, path)

@@ -25,6 +25,8 @@ from finetune.registry import make_optimizer
 from finetune.training.freezing import FreezePlan, Stage, plan_freeze
 from finetune.training.schedules import SCHEDULES, LRShape
 
+LR_AUTO = "auto"  # optim.lr: found by the learning-rate finder (finetune/training/lr_finder.py)
+LR_PLACEHOLDER = 1.0e-3  # the rate an optim.lr=auto run is planned at until it is found
 # Warm-up starts from this fraction of the configured learning rate.
 WARMUP_START = 0.01
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
@@ -41,6 +43,19 @@ class GroupSpec:
     lr: float | None
     lr_mult: float | None
     weight_decay: float | None
+
+
+def is_auto(value: Any) -> bool:
+    """Whether an `optim.lr` value asks for the learning-rate finder."""
+    return isinstance(value, str) and value.strip().lower() == LR_AUTO
+
+
+def base_lr(cfg: Any) -> float:
+    """`optim.lr` as a number: the placeholder while `auto` is not found yet (and for a value
+    that is not a rate, which the plan reports as a problem of its own)."""
+    lr = cfg.lr
+    return float(lr) if isinstance(lr, int | float) and not isinstance(lr, bool) \
+        else LR_PLACEHOLDER
 
 
 def group_specs(model: nn.Module, entries: Any) -> list[GroupSpec]:
@@ -189,12 +204,12 @@ def stage_groups(model: nn.Module, cfg: Any, plan: FreezePlan, index: int,
         spec = next((s for s in specs if inside(owner(name), s.modules)), None)
         if spec is not None:
             base = spec.name
-            lr = spec.lr if spec.lr is not None else cfg.lr * (spec.lr_mult or 1.0)
+            lr = spec.lr if spec.lr is not None else base_lr(cfg) * (spec.lr_mult or 1.0)
             wd = spec.weight_decay if spec.weight_decay is not None else cfg.weight_decay
         else:
             base = stage.name
-            lr = (stage.lr if stage.lr is not None else cfg.lr * (stage.lr_mult or 1.0)) \
-                if index > 0 else cfg.lr
+            lr = (stage.lr if stage.lr is not None else base_lr(cfg) * (stage.lr_mult or 1.0)) \
+                if index > 0 else base_lr(cfg)
             wd = cfg.weight_decay
         unit = unit_map[name] if units else ""
         if units:

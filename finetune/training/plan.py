@@ -25,9 +25,10 @@ from finetune.models import adapters, backbones, surgery
 from finetune.models.sources import model_source_of
 from finetune.tasks.table import task_of
 from finetune.training import feature_cache as cache
+from finetune.training import lr_finder
 from finetune.training.detection_plan import plan_detector
 from finetune.training.freezing import FreezePlan, apply_freeze, plan_freeze
-from finetune.training.optim import GroupPlan, GroupSpec, plan_groups
+from finetune.training.optim import LR_PLACEHOLDER, GroupPlan, GroupSpec, is_auto, plan_groups
 from finetune.training.plan_types import Built, RunContext, RunPlan
 from finetune.training.validate import assemble_checked, validate
 from finetune.weights.loading import load_for_plan
@@ -116,8 +117,17 @@ def adapt(cfg: DictConfig, built: Built, adapter: adapters.AdapterPlan
                          frozen_region=region, frozen_own=own)
     start = freeze.stages[0]  # its groups: "adapter" and the modules trained fully
     start.name, start.selector = "fully", f"adapters + {', '.join(adapter.train_fully)}"
+    return freeze, optimizer_groups(cfg, model, freeze, adapter)
+
+
+def optimizer_groups(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
+                     adapter: adapters.AdapterPlan | None) -> list[GroupPlan]:
+    """The optimizer groups of a classifier's run at `optim.lr` (again once optim.lr=auto
+    is found): with adapters, theirs first (adapter.lr; DoRA's scales without decay)."""
+    if adapter is None:
+        return plan_groups(model, cfg.optim, freeze)
     group = GroupSpec("adapter", adapters.adapter_modules(model), adapter.lr, None, None)
-    return freeze, plan_groups(model, cfg.optim, freeze, [group], (adapters.MAGNITUDE,))
+    return plan_groups(model, cfg.optim, freeze, [group], (adapters.MAGNITUDE,))
 
 
 def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool = True,
@@ -133,6 +143,12 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
 
     plugins.load()  # a sweep's worker process or finetune.train: the tables it may name
     plan = RunPlan(cfg, context or RunContext())
+    plan.problems += lr_finder.lr_problems(cfg, task_of(cfg).model_kind)
+    if is_auto(cfg.optim.lr):
+        plan.lr_auto = True
+        plan.notes.append(f"optim.lr=auto: Lightning's learning-rate finder picks the rate "
+                          f"before the run trains; until then the groups below use "
+                          f"{LR_PLACEHOLDER:g}")
     if task_of(cfg).model_kind == "detector":
         return plan_detector(plan, load, train_sources)
     try:

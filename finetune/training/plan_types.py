@@ -76,6 +76,7 @@ class RunPlan:
     cache_cut: cache.Cut | None = None
     cache_reason: str = "off: nothing trains"
     class_weights: list[float] | None = None  # loss.class_weights, resolved
+    lr_auto: bool = False  # optim.lr=auto: planned at a placeholder until the finder runs
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

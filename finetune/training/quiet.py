@@ -58,6 +58,16 @@ def _not_font_cache(record: logging.LogRecord) -> bool:
     return "building the font cache" not in record.getMessage()
 
 
+# Lightning's "`weights_only` was not set, defaulting to `False`." when its learning-rate finder
+# saves the model before its range test (optim.lr=auto): a file of its own, restored and
+# deleted at once; nothing to set.
+CHECKPOINT_LOGGER = "pytorch_lightning.trainer.connectors.checkpoint_connector"
+
+
+def _not_weights_only_echo(record: logging.LogRecord) -> bool:
+    return "`weights_only` was not set" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def quiet_output(level: str = "info") -> Iterator[None]:
     """Filter the third-party noise for the duration of a run (`level`: info | debug)."""
@@ -69,6 +79,8 @@ def quiet_output(level: str = "info") -> Iterator[None]:
     levels = [logger.level for logger in loggers + hub]
     fonts = logging.getLogger(FONT_CACHE_LOGGER)
     fonts.addFilter(_not_font_cache)
+    saving = logging.getLogger(CHECKPOINT_LOGGER)
+    saving.addFilter(_not_weights_only_echo)
     with warnings.catch_warnings():
         for pattern, _why in FILTERED_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
@@ -82,6 +94,7 @@ def quiet_output(level: str = "info") -> Iterator[None]:
             for logger, old in zip(loggers + hub, levels, strict=True):
                 logger.setLevel(old)
             fonts.removeFilter(_not_font_cache)
+            saving.removeFilter(_not_weights_only_echo)
 
 
 class TerminalFormatter(logging.Formatter):

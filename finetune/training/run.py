@@ -46,7 +46,8 @@ from finetune.training.callbacks import (
 from finetune.training.detection_module import DetectorModule
 from finetune.training.lightning_module import FinetuneModule, StepOptions
 from finetune.training.loggers import LOGGERS
-from finetune.training.plan import RunContext, RunPlan, plan_run
+from finetune.training.lr_finder import find_lr
+from finetune.training.plan import RunContext, RunPlan, optimizer_groups, plan_run
 from finetune.training.quiet import quiet_output
 from finetune.training.resume import check_resumable, resume_checkpoint
 from finetune.training.save import (
@@ -169,6 +170,20 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     log_built(cfg, built)
     if is_main_process():
         artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
+    task = task_of(cfg)
+
+    def make_module() -> FinetuneModule:
+        return MODULES[task.model_kind](
+            built.model, num_classes, freeze, cfg.optim, cfg.sched, task=task,
+            options=StepOptions(cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
+                                cfg.model.channels_last, cfg.model.compile),
+            groups=plan.groups, class_weights=plan.class_weights,
+            mix=batch_mix(cfg, num_classes))
+
+    found = None
+    if plan.lr_auto:  # the rate first; then every group again from it
+        found = find_lr(cfg, data, run_dir, make_module)
+        plan.groups = optimizer_groups(cfg, built.model, freeze, built.adapter)
     log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
              trainable_summary(built.model))
     if freeze.eval_modules:
@@ -182,12 +197,7 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     for stage in freeze.stages[1:]:
         log.info("plan: at epoch %d, %s unfreezes (%d parameter tensors, group %s)",
                  stage.epoch, stage.selector, len(stage.params), stage.name)
-    task = task_of(cfg)
-    module = MODULES[task.model_kind](
-        built.model, num_classes, freeze, cfg.optim, cfg.sched, task=task,
-        options=StepOptions(cfg.loss.label_smoothing, cfg.loss.aux_weight, cfg.seed,
-                            cfg.model.channels_last, cfg.model.compile),
-        groups=plan.groups, class_weights=plan.class_weights, mix=batch_mix(cfg, num_classes))
+    module = make_module()
     checkpoint = resume_checkpoint(cfg.resume, run_dir)
     history = (check_resumable(checkpoint, module, cfg.trainer.max_epochs,
                                ema=cfg.model.ema.decay is not None)
@@ -217,7 +227,7 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     for ranked in sorted(kept.glob("best.ckpt")) + sorted(kept.glob("top-epoch*.ckpt")):
         artifacts.link_if_identical(ranked, kept / artifacts.LAST_CHECKPOINT)
     metrics = save_run(run_dir, cfg, context, built, freeze, data, prep, module, trainer, meter,
-                       cache_info(features), plan.groups)
+                       cache_info(features), plan.groups, found)
     if cfg.eval.report:
         write_report(run_dir)
     for logger in trainer.loggers[1:]:  # the chosen logger's, after the CSV one

@@ -227,8 +227,8 @@ def evaluate_box_split(run_dir: Path, model: nn.Module, data: ImageDataModule) -
 def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
-             cache_report: dict[str, Any] | None = None, groups: list[Any] | None = None
-             ) -> dict[str, Any]:
+             cache_report: dict[str, Any] | None = None, groups: list[Any] | None = None,
+             lr_found: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weights, manifest, plots, the evaluation of val and test, then metrics.json last: its
     status says the run is complete."""
     weights, task = module.class_weight, module.task
@@ -310,6 +310,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **module.summary(data.class_names),
         "train_from": freeze.train_from,
         "lr": float(cfg.optim.lr),
+        **({"lr_finder": lr_found} if lr_found else {}),
         "metric": cfg.metric,
         **({"feature_cache": cache_report} if cache_report else {}),
     }
