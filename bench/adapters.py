@@ -7,8 +7,11 @@ convolutions of layer3 and layer4 (under 2% of the parameters); rank-8 LoRA and 
 stage's convolutions with the frozen BatchNorm layers' statistics updating (`freeze.bn=train`:
 the new digits shift them). The head trains fully in each.
 Per row: the share of parameters that train, val/acc, training seconds and images/s, the
-size of what the run must keep (adapter.safetensors against model.safetensors), and AdamW's
-state (two float32 moments per trained parameter). Medians over --repeats seeds.
+size of what the run must keep (adapter.safetensors against model.safetensors), AdamW's
+state (two float32 moments per trained parameter), and the activations one training step
+keeps for its backward (the bytes of every tensor autograd saves, counted once each, for a
+batch of 64 — the memory an adapter saves besides the optimizer's). Medians over --repeats
+seeds.
 
     python bench/adapters.py              # the figures in BENCHMARKS.md
     python bench/adapters.py --smoke      # tiny, no figures
@@ -22,11 +25,17 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import framework_run, median, report
 
+from finetune.compose.prepare import compose_config
+from finetune.training.plan import plan_run
+
 SHARED = ["recipe=quickstart", "trainer.enable_progress_bar=false", "eval.report=false",
           "checkpoint.keep=none"]
+PLANNED = ("adapter", "freeze")  # the overrides that change what a step keeps
 LAYER34 = "[layer3.*.conv*,layer4.*.conv*]"
 ALL_CONVS = "[layer*.*.conv*]"  # every 3x3 convolution of the four stages
 ROWS = {
@@ -40,6 +49,27 @@ ROWS = {
         "adapter.type=dora", f"adapter.modules={ALL_CONVS}", "freeze.bn=train",
         "optim.lr=1e-2"],
 }
+
+
+def saved_megabytes(overrides: list[str], batch: int = 64) -> float:
+    """MB of the tensors autograd keeps for the backward of one training step of the run's
+    model as planned (frozen parts need none), each storage counted once."""
+    cfg, _ = compose_config(["recipe=quickstart", "weights.source=none", *overrides])
+    plan = plan_run(cfg, load=False)
+    plan.raise_problems()
+    model = plan.built.model.train()
+    seen: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.randn(batch, 3, 32, 32)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(x).logsumexp(1).mean()
+    loss.backward()
+    return sum(seen.values()) / 2**20
 
 
 def main() -> None:
@@ -68,10 +98,13 @@ def main() -> None:
                      f"{median([m['train_seconds'] for m in metrics]):.1f}",
                      f"{median([m['train_images_per_second'] for m in metrics]):.0f}",
                      f"{median([p.stat().st_size for p in kept]) / 2**20:.2f}",
-                     f"{2 * 4 * trained / 2**20:.1f}", len(runs)])
+                     f"{2 * 4 * trained / 2**20:.1f}",
+                     f"{saved_megabytes([o for o in extra if o.startswith(PLANNED)]):.1f}",
+                     len(runs)])
     report("Adapters against full fine-tuning: ResNet-18, digits 0-4 -> 5-9, 3 epochs, 32 px",
            ["fine-tuning", "trainable share", "val/acc", "val/acc per seed", "train s",
-            "img/s", "MB kept", "AdamW state MB", "runs"], rows, args.out)
+            "img/s", "MB kept", "AdamW state MB", "saved activations MB (batch 64)", "runs"],
+           rows, args.out)
 
 
 if __name__ == "__main__":
