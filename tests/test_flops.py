@@ -47,6 +47,20 @@ def test_counting_touches_no_weight_buffer_gradient_or_random_stream() -> None:
     assert torch.equal(rng, torch.get_rng_state())
 
 
+class _Checks(nn.Module):
+    """A forward that refuses an input it cannot use (here: one without data, as meta
+    tensors are) with an error of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:
+            raise ValueError("this model needs real inputs")
+        return x * 2
+
+
+def test_a_step_the_counter_cannot_follow_counts_nothing_and_stops_nothing() -> None:
+    assert step_flops(_Checks(), torch.ones(2, 3)) is None
+
+
 def test_the_peak_comes_from_the_key_the_table_or_nowhere() -> None:
     assert peak_of(torch.device("cpu"), "32-true", 2.5) == (2.5, "trainer.peak_tflops")
     assert peak_of(torch.device("cpu"), "bf16-mixed", None)[0] is None
