@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py",
            "detection_transfer.py", "detection_overhead.py", "detection_eval.py",
-           "adapters.py"]
+           "adapters.py", "uint8.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

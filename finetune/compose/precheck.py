@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from finetune.compose.ranges import range_problems
+from finetune.compose.ranges import planned_batch_size, range_problems
 from finetune.compose.schema import mix_enabled
 from finetune.data.formats import FORMATS
 from finetune.tasks.table import TASKS, task_of
@@ -52,7 +52,7 @@ def memory_floor(cfg: Any, classes: int) -> int:
     inputs, the head's weights with their gradients and two optimizer moments (its input
     width taken as 512, below most backbones'), and fake data held in memory."""
     size = cfg.data.image_size or 224
-    inputs = cfg.data.batch_size * cfg.data.channels * size * size * 4
+    inputs = planned_batch_size(cfg.data.batch_size) * cfg.data.channels * size * size * 4
     widths = [512, *cfg.head.hidden, classes] if cfg.head.type != "none" else [0]
     head = sum(a * b for a, b in itertools.pairwise(widths)) * 4 * 4
     fake = cfg.data.fake_size * 3 * size * size if cfg.data.name == "fake" else 0

@@ -51,6 +51,20 @@ MAX_IMAGE_SIZE = 8192  # px per side
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 MAX_WIDTH = 65_536  # a hidden layer of the head
 MAX_BATCH = 65_536
+BATCH_AUTO = "auto"  # data.batch_size: found by the batch-size finder (training/batch_finder.py)
+BATCH_PLACEHOLDER = 2  # the size an `auto` run is planned at until it is found (the first tried)
+
+
+def is_auto_batch(value: Any) -> bool:
+    """Whether a `data.batch_size` value asks for the batch-size finder."""
+    return isinstance(value, str) and value.strip().lower() == BATCH_AUTO
+
+
+def planned_batch_size(value: Any) -> int:
+    """`data.batch_size` as a number: the placeholder while `auto` is not found yet (and for a
+    value that is not a number, which the plan reports as a problem of its own)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) \
+        else BATCH_PLACEHOLDER
 FRACTION_OPEN = Range(0, 1, high_open=True)  # [0, 1)
 
 # key -> range (null, where the key allows it, is always fine)

@@ -182,7 +182,7 @@ class DataConfig:
     root: str | None = None
     classes: list[Any] | None = None
     image_size: int | None = None
-    batch_size: int = 32
+    batch_size: Any = 32  # images per step, or auto (training/batch_finder.py)
     val_fraction: float = 0.2
     test_fraction: float | None = None  # a stratified test split held out first (null: none)
     folds: int | None = None  # k-fold cross-validation: K folds (null: one val_fraction split)
@@ -201,6 +201,7 @@ class DataConfig:
     follow_links: bool = False  # images outside data.root (links, ../ paths): command line only
     max_image_pixels: int = 89_478_485
     decode_cache: Any = "auto"  # auto | true | false: image files decoded once (decoded.py)
+    uint8_batches: Any = "auto"  # auto | true | false: normalized on the device (datamodule)
     sampler: str = "shuffle"
     mix: MixConfig = field(default_factory=MixConfig)
     limit_per_class: dict[Any, Any] = field(default_factory=dict)  # class -> at most N images
@@ -397,9 +398,17 @@ def check_key(path: str, where: str) -> str | None:
     return None
 
 
+# Keys typed Any in the schema because they take a whole number or `auto`: checked here.
+NUMBER_OR_AUTO = {"data.batch_size": "a whole number of images per step, e.g. 64, or auto "
+                                     "(the largest that fits the GPU)"}
+
+
 def check_value(path: str, value: Any, where: str, probe: Any = None) -> str | None:
     """None when `value` fits the type and choices of `path`, else one message. `probe`: a
     structured Config to try the value on (made once per batch of checks: it is slow)."""
+    if path in NUMBER_OR_AUTO and not (isinstance(value, int) and not isinstance(value, bool)) \
+            and not (isinstance(value, str) and value.strip().lower() == "auto"):
+        return f"{where}: {path}={value!r} has the wrong type (give {NUMBER_OR_AUTO[path]})"
     options = choices_of(path)
     if options is not None and value not in options:
         return (f"{where}: {path}={value!r} is not one of {', '.join(map(str, options))}"

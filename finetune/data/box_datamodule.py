@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from finetune.compose.ranges import planned_batch_size
 from finetune.data.box_checks import check_boxes
 from finetune.data.box_datasets import (
     BoxDataset,
@@ -120,4 +121,5 @@ def build_box_datamodule(cfg: Any, num_classes: int | None, seed: int) -> BoxDat
                                 f"{' '.join(str(err).split())[:200]}; fix its arguments or "
                                 "remove it") from None
     return BoxDataModule(training, SeededBoxes(val, box_transform(False)), names,
-                         cfg.batch_size, loader_workers(cfg.num_workers, cfg.root is None), seed)
+                         planned_batch_size(cfg.batch_size),
+                         loader_workers(cfg.num_workers, cfg.root is None), seed)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms import v2
 
 from finetune.compose.precheck import single_class_problem
+from finetune.compose.ranges import planned_batch_size
 from finetune.data import decoded_cache
 from finetune.data.decoded_cache import Rows
 from finetune.data.formats import (
@@ -27,7 +28,13 @@ from finetune.data.splits import (
     limit_per_class,
     stratified_split,
 )
-from finetune.data.transforms import check_augment, eval_transform, resize_crop, train_transform
+from finetune.data.transforms import (
+    batch_normalize,
+    check_augment,
+    eval_transform,
+    resize_crop,
+    train_transform,
+)
 from finetune.errors import FinetuneError
 from finetune.models.backbones import Preprocessing
 from finetune.seeding import derive
@@ -82,6 +89,9 @@ class _Images(Dataset):
 
     def __init__(self, transform: Any, random: bool) -> None:
         self.transform, self.random = transform, random
+        # what the items are (the feature cache's key): the whole transform, also where its
+        # last steps run on the device (data.uint8_batches) or its first came from the cache
+        self.described = transform
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -166,12 +176,12 @@ class ImageFiles(_Images):
         super().__init__(transform, random)
         self.paths, self.labels, self.max_pixels = paths, labels, max_pixels
         self.root = root  # the data's own folder: a report shows thumbnails of files in it
-        self.described = transform  # what the items are (the feature cache's key)
         self.rows = None
         if decoded is not None:
             array, index, skip = decoded
             self.rows = Rows(array, [index[p] for p in paths])
-            self.transform = v2.Compose(list(transform.transforms[skip:]))
+            # (nothing left: a uint8 eval item is the decoded row itself)
+            self.transform = v2.Compose(list(transform.transforms[skip:]) or [v2.Identity()])
 
     def load(self, i: int) -> Any:
         if self.rows is not None:
@@ -183,6 +193,10 @@ class ImageDataModule(pl.LightningDataModule):
     """Train and val datasets already split; loaders from the data config."""
 
     collate: Any = None  # how a batch is put together (None: torch's default, stacked)
+    # data.uint8_batches: the items stop at uint8 and this (to float, normalize) runs on each
+    # batch once it is on the device; None: the items are normalized in the loader
+    on_device: Any = None
+    uint8 = False  # whether the run's loaders give uint8 (kept when a feature cache takes over)
     # drop a training epoch's last batch when it would hold one image (see _loader)
     drops_lone_batch = True
 
@@ -201,6 +215,14 @@ class ImageDataModule(pl.LightningDataModule):
         # iterator (workers prefetch from the sampler) before it calls set_epoch.
         self.start_epoch = 0
         self.bad_images: list[tuple[str, str]] = []  # (path, reason): skipped, undecodable
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A uint8 batch (data.uint8_batches) becomes what the loader would have given: float,
+        normalized, here on the device (a quarter of the bytes crossed to it)."""
+        if self.on_device is None:
+            return batch
+        images, *rest = batch
+        return [self.on_device(images), *rest]
 
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints are written at the end of an epoch: a resumed run starts the next one.
@@ -276,10 +298,33 @@ def loader_workers(setting: Any, in_memory: bool) -> int:
     raise FinetuneError(f"data.num_workers={setting!r}: use auto or a whole number >= 0")
 
 
+def uint8_batches(setting: Any, accelerator: Any) -> bool:
+    """data.uint8_batches: true, false, or auto: on where the run trains on an accelerator
+    (uint8 crosses to it, a quarter of float32's bytes, and it normalizes faster than the
+    loader's cores); off on CPU, where in-memory images are normalized once, before the run."""
+    mode = str(setting).lower()
+    if mode not in ("auto", "true", "false"):
+        raise FinetuneError(f"data.uint8_batches={setting!r}: use auto, true or false")
+    if mode != "auto":
+        return mode == "true"
+    return on_accelerator(accelerator)
+
+
+def on_accelerator(accelerator: Any) -> bool:
+    """Whether `trainer.accelerator` trains on something other than the CPU (auto: a CUDA or
+    Apple GPU is present)."""
+    name = str(accelerator).lower()
+    if name == "auto":
+        return torch.cuda.is_available() or torch.backends.mps.is_available()
+    return name != "cpu"
+
+
 def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
-                     task: str = DEFAULT_TASK, epochs: int = 1) -> ImageDataModule:
+                     task: str = DEFAULT_TASK, epochs: int = 1,
+                     uint8: bool = False) -> ImageDataModule:
     """The datamodule for `cfg` (the data group): split, transforms and loaders. `epochs`:
-    how often the run reads the training set (data.decode_cache=auto caches when > 1)."""
+    how often the run reads the training set (data.decode_cache=auto caches when > 1);
+    `uint8`: the training and validation items stop at uint8, normalized on the device."""
     full, val, names, *rest = task_of(task).read(FORMATS[cfg.name], cfg, prep.crop, seed)
     test: Split | None = rest[0] if rest else None
     bad: list[tuple[str, str]] = []
@@ -335,23 +380,32 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     if augment:
         check_augment(training, prep, augment,
                       open_rgb(train.items[0], max_pixels) if not in_memory else train.items[0])
-    def make_eval(part: Split, transform: Any = None) -> Any:
+
+    def make_eval(part: Split, transform: Any = None, normalize: bool = True) -> Any:
         if transform is None:
-            return dataset(part.items, part.labels, eval_transform(prep), **extra)
+            made = dataset(part.items, part.labels, eval_transform(prep, normalize), **extra)
+            made.described = eval_transform(prep)
+            return made
         # another transform reads the files themselves (decoded rows are one view's pixels)
         return dataset(part.items, part.labels, transform,
                        **{k: v for k, v in extra.items() if k != "decoded"})
 
+    train_set = dataset(train.items, train.labels,
+                        train_transform(prep, augment, normalize=False) if uint8 else training,
+                        bool(augment), **extra)
+    train_set.described = training
     data = ImageDataModule(
-        dataset(train.items, train.labels, training, bool(augment), **extra),
+        train_set,
         # Decoded images keep the files' workers: the augmentation and normalization still
         # run per item, and in the training process they would wait on each step (a run with
         # the cache was slower than one without where `auto` had given files 7 workers).
-        make_eval(val), names, cfg.batch_size,
+        make_eval(val, normalize=not uint8), names, planned_batch_size(cfg.batch_size),
         loader_workers(cfg.num_workers, in_memory), seed,
         cfg.get("sampler", "shuffle") == "balanced",
         make_eval(test) if test is not None and test.labels else None,
     )
+    data.uint8 = uint8
+    data.on_device = batch_normalize(prep) if uint8 else None
     data.splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
     data.make_eval = make_eval
     data.bad_images = bad

@@ -13,9 +13,10 @@ from finetune.models.backbones import Preprocessing
 from finetune.registry import make_transform
 
 
-def eval_transform(prep: Preprocessing) -> v2.Compose:
-    """The deterministic transform used for validation and prediction."""
-    return v2.Compose([*resize_crop(prep), *_to_normalized(prep)])
+def eval_transform(prep: Preprocessing, normalize: bool = True) -> v2.Compose:
+    """The deterministic transform used for validation and prediction; without `normalize`
+    it stops at uint8 (`data.uint8_batches`: the batch is normalized on the device)."""
+    return v2.Compose([*resize_crop(prep), *(_to_normalized(prep) if normalize else [])])
 
 
 # Test-time augmentation (evaluate / predict `tta=`): the views of each image whose logits are
@@ -41,10 +42,20 @@ def tta_transform(prep: Preprocessing, tta: str) -> v2.Compose:
     return v2.Compose([*plain[:-1], v2.FiveCrop(prep.crop), *_to_normalized(prep), _Stacked()])
 
 
-def train_transform(prep: Preprocessing, augment: list[Any]) -> v2.Compose:
-    """Resize and crop as in eval, then the configured augmentations, then normalize."""
+def train_transform(prep: Preprocessing, augment: list[Any], normalize: bool = True
+                    ) -> v2.Compose:
+    """Resize and crop as in eval, then the configured augmentations (on uint8 pixels), then
+    normalize (left to the device without `normalize`)."""
     extra = [make_transform(spec, prep.crop) for spec in augment]
-    return v2.Compose([*resize_crop(prep), *extra, *_to_normalized(prep)])
+    return v2.Compose([*resize_crop(prep), *extra,
+                       *(_to_normalized(prep) if normalize else [])])
+
+
+def batch_normalize(prep: Preprocessing) -> v2.Compose:
+    """The transforms' last two steps (to float in [0, 1], then mean and std), for a whole
+    uint8 batch on the device: elementwise, so each image gets bit for bit what the per-image
+    transform gives it."""
+    return v2.Compose(_to_normalized(prep))
 
 
 def check_augment(transform: v2.Compose, prep: Preprocessing, augment: list[Any],

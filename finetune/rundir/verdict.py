@@ -64,12 +64,18 @@ def short(warnings: Any) -> str:
 
 
 def speed_line(metrics: dict[str, Any]) -> str:
-    """Where the training time went, one line: steady-state images/s (all devices), the share
-    spent waiting for input, and the MFU (or the achieved TFLOP/s where no peak is known)."""
+    """Where the training time went, one line: steady-state images/s (all devices), the batch
+    when the finder chose it, uint8 batches when they were, the share spent waiting for input,
+    and the MFU (or the achieved TFLOP/s where no peak is known)."""
     rate = metrics.get("train_images_per_second")
     if not isinstance(rate, int | float):
         return ""
     parts = [f"{rate:,.0f} images/s"]
+    found = metrics.get("batch_size_finder")
+    if isinstance(found, dict) and isinstance(found.get("found"), int):
+        parts.append(f"batch {found['found']} (data.batch_size=auto: {found.get('stopped_at')})")
+    if metrics.get("uint8_batches") is True:
+        parts.append("uint8 batches")
     wait = metrics.get("input_wait_share")
     if isinstance(wait, int | float):
         parts.append(f"input wait {100 * wait:.1f}%")

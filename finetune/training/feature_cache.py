@@ -203,7 +203,8 @@ class FeatureCache(pl.Callback):
                     computed = self.compute(
                         dataset if start is None else stored[split], device, start, wanted,
                         max(64, getattr(data, "batch_size", 64)), data.num_workers,
-                        getattr(pl_module, "channels_last", False))
+                        getattr(pl_module, "channels_last", False),
+                        getattr(data, "on_device", None))
                 for point in wanted[1:]:
                     self._keep(computed[point], keys[point], split)
                 features = self._keep(computed[end], key, split)
@@ -214,6 +215,7 @@ class FeatureCache(pl.Callback):
             if self.directory and start != end else []
         data.train_set, data.val_set = sets["train"], sets["val"]
         data.num_workers = 0  # indexing memory: workers would only add copies
+        data.on_device = None  # features, not uint8 images: nothing to normalize
         pl_module.use_features(self.cut.suffix)
         shape = list(sets["train"].features.shape[1:])
         size = sum(s.features.nbytes for s in sets.values())
@@ -237,10 +239,11 @@ class FeatureCache(pl.Callback):
 
     @torch.no_grad()
     def compute(self, source: Any, device: torch.device, start: str | None, wanted: list[str],
-                batch_size: int, num_workers: int = 0, channels_last: bool = False
-                ) -> dict[str, torch.Tensor]:
+                batch_size: int, num_workers: int = 0, channels_last: bool = False,
+                on_device: Any = None) -> dict[str, torch.Tensor]:
         """The features at each `wanted` bottleneck, from the images of a dataset (`start`
-        None) or from stored features at `start`, in batches of the same size either way."""
+        None; uint8 images go through `on_device` once moved) or from stored features at
+        `start`, in batches of the same size either way."""
         if start is None:
             batches = (images for images, _ in DataLoader(
                 source, batch_size=batch_size, num_workers=num_workers,
@@ -256,6 +259,8 @@ class FeatureCache(pl.Callback):
         chunks: dict[str, list[torch.Tensor]] = {p: [] for p in ends}
         for x in batches:
             x = x.to(device, non_blocking=True)
+            if start is None and on_device is not None:
+                x = on_device(x)
             if start is None and channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for point, stage in stages:

@@ -45,14 +45,7 @@ def lr_problems(cfg: DictConfig, task_kind: str) -> list[str]:
     if not is_auto(lr):
         return []
     problems = []
-    trainer = cfg.trainer
-    devices = trainer.devices
-    many = (str(trainer.strategy).startswith("ddp") or int(trainer.num_nodes) > 1
-            or (isinstance(devices, int) and devices > 1)
-            or (not isinstance(devices, int | str) and len(devices) > 1)
-            or (str(devices) == "auto" and str(trainer.accelerator) in ("auto", "gpu", "cuda")
-                and torch.cuda.device_count() > 1))
-    if many:
+    if several_processes(cfg):
         problems.append("optim.lr=auto with several processes (DDP): the learning-rate finder "
                         "runs in one; find the rate in a one-device run (trainer.devices=1) "
                         "and give it as optim.lr")
@@ -65,6 +58,17 @@ def lr_problems(cfg: DictConfig, task_kind: str) -> list[str]:
     return problems
 
 
+def several_processes(cfg: DictConfig) -> bool:
+    """Whether the run trains in several processes (DDP: a strategy, nodes or devices)."""
+    trainer = cfg.trainer
+    devices = trainer.devices
+    return (str(trainer.strategy).startswith("ddp") or int(trainer.num_nodes) > 1
+            or (isinstance(devices, int) and devices > 1)
+            or (not isinstance(devices, int | str) and len(devices) > 1)
+            or (str(devices) == "auto" and str(trainer.accelerator) in ("auto", "gpu", "cuda")
+                and torch.cuda.device_count() > 1))
+
+
 def find_lr(cfg: DictConfig, data: pl.LightningDataModule, run_dir: Path,
             make_module: Callable[[], pl.LightningModule]) -> dict[str, Any]:
     """Run the range test on a module from `make_module` (over the run's model), set
@@ -74,6 +78,7 @@ def find_lr(cfg: DictConfig, data: pl.LightningDataModule, run_dir: Path,
     from pytorch_lightning.tuner import Tuner
 
     module = make_module()
+    start_epoch = data.start_epoch  # restoring the finder's checkpoint would move it
     epochs = math.ceil(STEPS / _batches_per_epoch(cfg, data))
     trainer = pl.Trainer(  # no validation (the finder reads the training loss), no files
         default_root_dir=run_dir, accelerator=cfg.trainer.accelerator, devices=1,
@@ -88,6 +93,7 @@ def find_lr(cfg: DictConfig, data: pl.LightningDataModule, run_dir: Path,
     with contextlib.redirect_stderr(io.StringIO()):
         finder = Tuner(trainer).lr_find(module, datamodule=data, min_lr=MIN_LR, max_lr=MAX_LR,
                                         num_training=STEPS, update_attr=False)
+    data.start_epoch = start_epoch
     lrs, losses = (finder.results["lr"], finder.results["loss"]) if finder else ([], [])
     suggested = suggest(lrs, losses)
     if suggested is None:

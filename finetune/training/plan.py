@@ -17,15 +17,20 @@ from torchvision.models import WeightsEnum
 
 from finetune import plugins
 from finetune.compose.precheck import num_classes_problem
-from finetune.compose.ranges import range_problems
+from finetune.compose.ranges import (
+    BATCH_PLACEHOLDER,
+    is_auto_batch,
+    planned_batch_size,
+    range_problems,
+)
 from finetune.compose.schema import mix_enabled
-from finetune.data.datamodule import build_datamodule
+from finetune.data.datamodule import build_datamodule, uint8_batches
 from finetune.errors import ConfigError, FinetuneError
 from finetune.models import adapters, backbones, surgery
 from finetune.models.sources import model_source_of
 from finetune.tasks.table import task_of
+from finetune.training import batch_finder, lr_finder
 from finetune.training import feature_cache as cache
-from finetune.training import lr_finder
 from finetune.training.detection_plan import plan_detector
 from finetune.training.freezing import FreezePlan, apply_freeze, plan_freeze
 from finetune.training.optim import LR_PLACEHOLDER, GroupPlan, GroupSpec, is_auto, plan_groups
@@ -64,7 +69,7 @@ def check_num_classes(configured: int | None, class_names: list[str]) -> int:
 def cache_decision(cfg: DictConfig, model: nn.Module, freeze: FreezePlan,
                    train_images: int) -> tuple[cache.Cut | None, str]:
     """Whether this run caches the frozen prefix, and why (also what `inspect` shows)."""
-    limit, batch = cfg.trainer.limit_train_batches, cfg.data.batch_size
+    limit, batch = cfg.trainer.limit_train_batches, planned_batch_size(cfg.data.batch_size)
     per_epoch = (min(1.0, float(limit)) if isinstance(limit, float)
                  else min(1.0, int(limit) * batch / max(1, train_images)))
     return cache.decide(cfg.freeze.cache, model, len(freeze.stages) > 1, bool(cfg.data.augment),
@@ -144,12 +149,22 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     plugins.load()  # a sweep's worker process or finetune.train: the tables it may name
     plan = RunPlan(cfg, context or RunContext())
     plan.problems += lr_finder.lr_problems(cfg, task_of(cfg).model_kind)
+    plan.problems += batch_finder.batch_problems(cfg, task_of(cfg).model_kind)
+    if is_auto_batch(cfg.data.batch_size):
+        plan.batch_auto = True
+        plan.notes.append(f"data.batch_size=auto: Lightning's batch-size finder picks the "
+                          f"largest batch that fits the device before the run trains; until "
+                          f"then the plan uses {BATCH_PLACEHOLDER}")
     if is_auto(cfg.optim.lr):
         plan.lr_auto = True
         plan.notes.append(f"optim.lr=auto: Lightning's learning-rate finder picks the rate "
                           f"before the run trains; until then the groups below use "
                           f"{LR_PLACEHOLDER:g}")
     if task_of(cfg).model_kind == "detector":
+        if str(cfg.data.uint8_batches).lower() == "true":
+            plan.problems.append("data.uint8_batches=true with task=detection: torchvision's "
+                                 "detectors take float images and normalize them inside the "
+                                 "model; leave it auto")
         return plan_detector(plan, load, train_sources)
     try:
         validate(cfg)
@@ -171,8 +186,9 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
     if cfg.head.type != "none":
         if not any(p.startswith(("data.", "data=")) for p in plan.problems):  # (said once)
             try:
-                plan.data = build_datamodule(cfg.data, plan.prep, cfg.seed, cfg.task,
-                                             epochs=cfg.trainer.max_epochs or 1)
+                plan.data = build_datamodule(
+                    cfg.data, plan.prep, cfg.seed, cfg.task, epochs=cfg.trainer.max_epochs or 1,
+                    uint8=uint8_batches(cfg.data.uint8_batches, cfg.trainer.accelerator))
                 check_num_classes(cfg.head.num_classes, plan.data.class_names)
                 plan.class_names = plan.data.class_names
                 task = task_of(cfg)
@@ -228,7 +244,8 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
             plan.problems += err.problems
             return plan
     apply_freeze(model, plan.freeze)
-    problem = single_value_norm_problem(model, plan.freeze.eval_modules, cfg.data.batch_size,
+    problem = single_value_norm_problem(model, plan.freeze.eval_modules,
+                                        planned_batch_size(cfg.data.batch_size),
                                         plan.prep.crop, plan.prep.channels)
     if problem:
         plan.problems.append(problem)

@@ -77,6 +77,7 @@ class RunPlan:
     cache_reason: str = "off: nothing trains"
     class_weights: list[float] | None = None  # loss.class_weights, resolved
     lr_auto: bool = False  # optim.lr=auto: planned at a placeholder until the finder runs
+    batch_auto: bool = False  # data.batch_size=auto: likewise, until the batch-size finder
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

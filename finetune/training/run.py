@@ -31,6 +31,7 @@ from finetune.rundir import artifacts
 from finetune.sweeps.pruning import pruning_callback
 from finetune.tasks.table import task_of
 from finetune.training import feature_cache as cache
+from finetune.training.batch_finder import find_batch_size
 from finetune.training.callbacks import (
     EMA,
     AtomicCheckpointIO,
@@ -180,9 +181,11 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
             groups=plan.groups, class_weights=plan.class_weights,
             mix=batch_mix(cfg, num_classes))
 
-    found = None
-    if plan.lr_auto:  # the rate first; then every group again from it
-        found = find_lr(cfg, data, run_dir, make_module)
+    found: dict[str, Any] = {}
+    if plan.batch_auto:  # the batch first: the rate is found at it
+        found["batch_size_finder"] = find_batch_size(cfg, data, run_dir, make_module)
+    if plan.lr_auto:  # then the rate; then every group again from it
+        found["lr_finder"] = find_lr(cfg, data, run_dir, make_module)
         plan.groups = optimizer_groups(cfg, built.model, freeze, built.adapter)
     log.info("plan: train from %s; %s", freeze.train_from or "the first layer",
              trainable_summary(built.model))

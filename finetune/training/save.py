@@ -228,7 +228,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
              cache_report: dict[str, Any] | None = None, groups: list[Any] | None = None,
-             lr_found: dict[str, Any] | None = None) -> dict[str, Any]:
+             found: dict[str, Any] | None = None) -> dict[str, Any]:
     """Weights, manifest, plots, the evaluation of val and test, then metrics.json last: its
     status says the run is complete."""
     weights, task = module.class_weight, module.task
@@ -289,6 +289,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         # all ranks together (rank zero's rate x the number of ranks)
         "train_images_per_second": round(throughput * world, 2) if throughput else None,
         "input_wait_share": round(wait, 4) if wait is not None else None,
+        "uint8_batches": bool(getattr(data, "uint8", False)),
         **flops.utilisation(meter.flops_per_image, throughput, peak),
         "peak_tflops": peak, "peak_source": peak_source,
         "first_step_seconds": round(meter.first_step_seconds, 3)
@@ -310,7 +311,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **module.summary(data.class_names),
         "train_from": freeze.train_from,
         "lr": float(cfg.optim.lr),
-        **({"lr_finder": lr_found} if lr_found else {}),
+        **(found or {}),  # what the finders found (lr_finder, batch_size_finder)
         "metric": cfg.metric,
         **({"feature_cache": cache_report} if cache_report else {}),
     }
