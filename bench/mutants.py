@@ -758,6 +758,10 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a batch size that is not a number passes", "finetune/compose/schema.py",
      "    if path in NUMBER_OR_AUTO and not", "    if False and not",
      "tests/test_batch_finder.py -k not_a_number"),
+    ("a source's composed key kept after its recipe file changed", "finetune/weights/readers.py",
+     "    memo = (tuple(args), tuple(sorted(env.items())), _inputs_state(path))",
+     "    memo = (tuple(args), tuple(sorted(env.items())))",
+     "tests/test_sources.py -k changes"),
 ]
 
 

@@ -14,7 +14,7 @@ from tests.conftest import REPO
 
 SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py",
            "detection_transfer.py", "detection_overhead.py", "detection_eval.py",
-           "adapters.py", "uint8.py"]
+           "adapters.py", "uint8.py", "time_to_accuracy.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

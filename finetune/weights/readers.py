@@ -321,12 +321,7 @@ def read_recipe(spec: str, overrides: list[str], train: bool = True
     env = {k: v for k, v in os.environ.items()
            if k not in ("FINETUNE_LAUNCHED", "FINETUNE_RUN_RECIPES")}
     env[_CHAIN_ENV] = os.pathsep.join([*chain, str(path)])
-    composed = subprocess.run([sys.executable, "-m", "finetune", *args, "--cfg", "job",
-                               "--resolve"], capture_output=True, text=True, env=env)
-    if composed.returncode:
-        raise FinetuneError(f"weights.recipe={spec}: the source recipe does not compose: "
-                            f"{composed.stderr.strip().splitlines()[-1]}")
-    key = hashlib.sha256(composed.stdout.encode()).hexdigest()[:12]
+    key = _composed_key(spec, args, env, path)
     run_dir = sources_dir() / f"{name}-{key}"
     # Runs that need the same source at once: the first trains it, the others wait and reuse.
     with artifacts.lock_run_dir(sources_dir(), wait=True, name=f".{name}-{key}.lock"):
@@ -334,6 +329,39 @@ def read_recipe(spec: str, overrides: list[str], train: bool = True
     tensors, report = read_run(run_dir, source="recipe")
     report.run = {**(report.run or {}), "recipe": name, "config_sha256": key}
     return tensors, report
+
+
+# The composed source config's key, per process: the jobs of a sweep ask for the same source
+# with the same arguments, and composing it is a child interpreter (most of a job's own time).
+# Remembered only while every file it can read is as it was (recipe folders and conf/).
+_COMPOSED: dict[tuple[Any, ...], str] = {}
+
+
+def _inputs_state(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """Path, size and modification time of every YAML a recipe's composition can read."""
+    folders = {path.parent, *locations.recipe_dirs(), locations.CONF_DIR}
+    found = []
+    for folder in sorted(folders):
+        for file in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
+            stat = file.stat()
+            found.append((str(file), stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
+
+
+def _composed_key(spec: str, args: list[str], env: dict[str, str], path: Path) -> str:
+    """The hash of the source recipe's resolved config (`python -m finetune ARGS --cfg job
+    --resolve`, in a child process as a job of its own), computed once per process for the
+    same arguments, environment and recipe files."""
+    memo = (tuple(args), tuple(sorted(env.items())), _inputs_state(path))
+    if memo in _COMPOSED:
+        return _COMPOSED[memo]
+    composed = subprocess.run([sys.executable, "-m", "finetune", *args, "--cfg", "job",
+                               "--resolve"], capture_output=True, text=True, env=env)
+    if composed.returncode:
+        raise FinetuneError(f"weights.recipe={spec}: the source recipe does not compose: "
+                            f"{composed.stderr.strip().splitlines()[-1]}")
+    _COMPOSED[memo] = key = hashlib.sha256(composed.stdout.encode()).hexdigest()[:12]
+    return key
 
 
 def _train_or_reuse(spec: str, name: str, key: str, run_dir: Path, args: list[str],
