@@ -762,6 +762,12 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "    memo = (tuple(args), tuple(sorted(env.items())), _inputs_state(path))",
      "    memo = (tuple(args), tuple(sorted(env.items())))",
      "tests/test_sources.py -k changes"),
+    ("a new head drawn from the global stream again", "finetune/training/validate.py",
+     "        seed_heads(model, assembled.head_paths, cfg.seed, class_names)\n", "",
+     "tests/test_train_e2e.py -k new_head"),
+    ("a new head's seed without the class names", "finetune/models/heads.py",
+     "torch.manual_seed(derive(seed, zlib.crc32(names), 5))",
+     "torch.manual_seed(derive(seed, 5))", "tests/test_heads.py -k new_head"),
 ]
 
 

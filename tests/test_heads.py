@@ -107,3 +107,27 @@ def test_conv_head_mlp_for_squeezenet() -> None:
     heads.replace_heads(model, 3, hidden=[16])
     assert isinstance(model.classifier[1][0], nn.Conv2d)
     assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def _fresh_head(seed: int, classes: list[str], stream: int, hidden: tuple[int, ...] = ()
+                ) -> list[torch.Tensor]:
+    torch.manual_seed(stream)  # the global stream at build time: it must not matter
+    model = torchvision.models.resnet18()
+    paths = heads.replace_heads(model, len(classes), hidden=hidden)
+    heads.seed_heads(model, paths, seed, classes)
+    return [p.detach().clone() for p in model.fc.parameters()]
+
+
+def test_a_new_head_starts_from_its_seed_and_classes_only() -> None:
+    """Every case of the rule: the same seed and classes give the same start whatever the
+    global stream held; another class list or another seed gives another; every layer of an
+    MLP head is drawn again."""
+    base = _fresh_head(0, ["5", "6", "7"], stream=1)
+    again = _fresh_head(0, ["5", "6", "7"], stream=2)
+    assert all(torch.equal(a, b) for a, b in zip(base, again, strict=True))
+    for other in (_fresh_head(0, ["0", "1", "2"], 1), _fresh_head(1, ["5", "6", "7"], 1)):
+        assert not torch.equal(base[0], other[0])
+        corr = torch.corrcoef(torch.stack([base[0].flatten(), other[0].flatten()]))[0, 1]
+        assert abs(float(corr)) < 0.2
+    mlp = [_fresh_head(0, ["a", "b"], s, hidden=(16,)) for s in (1, 2)]
+    assert len(mlp[0]) == 4 and all(torch.equal(a, b) for a, b in zip(*mlp, strict=True))

@@ -159,6 +159,25 @@ def test_a_run_dir_is_a_weight_source(quickstart_runs: list[Path], tmp_path: Pat
     assert report["head_reset"] is None and report["run"]["recipe"] == "quickstart"
 
 
+def test_a_new_head_is_not_the_sources_head_again(quickstart_runs: list[Path]) -> None:
+    """The source (digits 0-4) was trained from scratch with the quickstart's seed; the
+    quickstart's head for 5-9 starts new, not from the draw the source's head started from
+    (which its short training hardly moved: correlation 0.97 when both came from the global
+    stream, and a head-only fine-tune that learned half as fast)."""
+    from finetune.compose.prepare import compose_config
+    from finetune.training.plan import plan_run
+
+    source = next((quickstart_runs[0].parents[2] / "home" / "sources").glob("digits_source-*"))
+    cfg, _ = compose_config(["recipe=quickstart", *SHRINK, "weights.source=run",
+                             f"weights.path={source}"])
+    plan = plan_run(cfg)
+    plan.raise_problems()
+    assert plan.built is not None and plan.built.report.head_reset
+    new = plan.built.model.fc.weight.detach().flatten()
+    old = load_file(source / "model.safetensors")["fc.weight"].flatten()
+    assert abs(float(torch.corrcoef(torch.stack([new, old]))[0, 1])) < 0.3
+
+
 def test_same_recipe_and_seed_give_the_same_run(quickstart_runs: list[Path]) -> None:
     first, second = (read_json(run / "metrics.json") for run in quickstart_runs)
     for key in ("val/acc", "val/loss", "val/f1"):

@@ -14,6 +14,7 @@ from finetune.compose.precheck import config_problems
 from finetune.errors import ConfigError, FinetuneError
 from finetune.models import adapters
 from finetune.models.builder import Assembled, assemble
+from finetune.models.heads import seed_heads
 from finetune.models.sources import model_source_of
 from finetune.training import feature_cache as cache
 from finetune.training.freezing import FreezePlan, plan_freeze
@@ -99,6 +100,8 @@ def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Any,
     if assembled is None:
         return Checked(None, None, problems, kwargs)
     model = assembled.model
+    if class_names is not None:
+        seed_heads(model, assembled.head_paths, cfg.seed, class_names)
     # with an adapter, the freeze plan is made once the adapters are in (training/plan.py)
     plain = cfg.adapter.type is None
     plan = attempt(lambda: plan_freeze(model, cfg.freeze.train_from, cfg.freeze.bn,
