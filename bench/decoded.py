@@ -7,6 +7,8 @@ epoch, where the cache is filled, is left out) with data.decode_cache=false and 
 the final val/acc of both (the same tensors: it must be the same).
 
     python bench/decoded.py --sizes 32 --workers 0,2,auto   # the figures in BENCHMARKS.md
+    python bench/decoded.py --matrix --sizes 32,64,128 --workers 0,2 --epochs 3
+                                         # end to end, auto against false, every cell
     python bench/decoded.py --smoke      # CI: tiny, no figures
 
 Prints a Markdown table (medians of --repeats runs); --out FILE appends it there.
@@ -15,9 +17,13 @@ Prints a Markdown table (medians of --repeats runs); --out FILE appends it there
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import framework_run, median, report
 
 
-def jpeg_folder(root: Path, per_class: int, side: int) -> Path:
+def jpeg_folder(root: Path, per_class: int, side: int, suffix: str = "jpg") -> Path:
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -36,7 +42,7 @@ def jpeg_folder(root: Path, per_class: int, side: int) -> Path:
         for k in np.flatnonzero(digits.target == digit)[:per_class]:
             pixels = np.round(digits.images[k] * 255 / 16).astype(np.uint8)
             image = Image.fromarray(pixels).resize((side, side), Image.BICUBIC).convert("RGB")
-            image.save(folder / f"{k}.jpg", quality=90)
+            image.save(folder / f"{k}.{suffix}", **({"quality": 90} if suffix == "jpg" else {}))
     return root
 
 
@@ -64,6 +70,74 @@ def loader_rate(root: Path, size: int, setting: str, epochs: int = 2) -> float:
     return rate
 
 
+def timed_run(overrides: list[str]) -> tuple[float, dict[str, Any]]:
+    """Wall time of `python -m finetune OVERRIDES` from launch to exit, with a
+    $FINETUNE_HOME of its own (an empty decoded-image cache: every run pays its own
+    decoding, as a user's first run on a folder does); its metrics."""
+    home, before = tempfile.mkdtemp(prefix="bench-home-"), os.environ.get("FINETUNE_HOME")
+    os.environ["FINETUNE_HOME"] = home
+    started = time.perf_counter()
+    try:
+        metrics = framework_run(overrides)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        if before is None:
+            os.environ.pop("FINETUNE_HOME", None)
+        else:
+            os.environ["FINETUNE_HOME"] = before
+    return time.perf_counter() - started, metrics
+
+
+def matrix(a: argparse.Namespace) -> None:
+    """End to end, `data.decode_cache=auto` (what a run chooses) against `false`, in every
+    cell of workers x frozen backbone or not x image size x PNG or JPEG; and the loader
+    alone with the cache on and off per size and format."""
+    per_class, sizes, workers = (6, [16], ["0"]) if a.smoke else (
+        a.per_class, [int(x) for x in a.sizes.split(",")], a.workers.split(","))
+    work = Path(tempfile.mkdtemp(prefix="bench-matrix-"))
+    folders = {kind: jpeg_folder(work / kind, per_class, a.side, suffix)
+               for kind, suffix in (("PNG", "png"), ("JPEG", "jpg"))}
+    backbones = {"frozen backbone (train_from=fc)": ["freeze.train_from=fc",
+                                                      "data.augment=[]"],
+                 "trained end to end": []}
+    rows, loader_rows = [], []
+    for kind, root in folders.items():
+        for size in sizes:
+            for label, extra in backbones.items():
+                for count in workers:
+                    walls: dict[str, list[float]] = {"false": [], "auto": []}
+                    chosen = ""
+                    for _ in range(1 if a.smoke else a.repeats):
+                        for setting in ("false", "auto"):
+                            wall, metrics = timed_run([
+                                "recipe=base", "weights.source=none", "data=imagefolder",
+                                f"data.root={root}", f"data.image_size={size}",
+                                "data.batch_size=32", f"trainer.max_epochs={a.epochs}",
+                                f"data.decode_cache={setting}", f"data.num_workers={count}",
+                                "checkpoint.keep=none", "eval.report=false", *extra])
+                            walls[setting].append(wall)
+                            if setting == "auto":
+                                chosen = metrics.get("decode_cache", {}).get("status", "?")
+                    off, auto = median(walls["false"]), median(walls["auto"])
+                    rows.append([kind, f"{size} px", label, count, f"{off:.1f}", chosen,
+                                 f"{auto:.1f}", f"**{off / auto:.2f}x**"])
+                    print(rows[-1], flush=True)
+            if not a.smoke:
+                loader = [median([loader_rate(root, size, setting) for _ in range(a.repeats)])
+                          for setting in ("false", "true")]
+                loader_rows.append([kind, f"{size} px", f"{loader[0]:.0f}", f"{loader[1]:.0f}",
+                                    f"**{loader[1] / loader[0]:.2f}x**"])
+    source = f"{a.side}x{a.side} digit images, {10 * per_class} in all"
+    report(f"Decoded-image cache, the training loader alone ({source}; "
+           "python bench/decoded.py --matrix)",
+           ["format", "input", "images/s without", "images/s with", "speed-up"],
+           loader_rows, a.out)
+    report(f"Decoded-image cache end to end: data.decode_cache=auto against false, command "
+           f"wall time ({source}, {a.epochs} epochs; python bench/decoded.py --matrix)",
+           ["format", "input", "backbone", "data.num_workers", "false s", "auto chose",
+            "auto s", "speed-up"], rows, a.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -76,7 +150,15 @@ def main() -> None:
                         help="data.num_workers values to measure, comma-separated (0,2,auto)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--matrix", action="store_true",
+                        help="end to end, auto against false, in every cell (workers x frozen "
+                             "or not x --sizes x PNG and JPEG)")
+    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--side", type=int, default=256, help="the image files' side, px")
     a = parser.parse_args()
+    if a.matrix:
+        matrix(a)
+        return
     per_class, sizes = (6, [32]) if a.smoke else (120, [int(x) for x in a.sizes.split(",")])
     frozen = [f"freeze.train_from={a.train_from}", "freeze.cache=false"] if a.train_from else []
     repeats, epochs = (1, 2) if a.smoke else (a.repeats, a.epochs)

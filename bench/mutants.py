@@ -768,6 +768,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a new head's seed without the class names", "finetune/models/heads.py",
      "torch.manual_seed(derive(seed, zlib.crc32(names), 5))",
      "torch.manual_seed(derive(seed, 5))", "tests/test_heads.py -k new_head"),
+    ("a run decodes its files though its feature cache reads them once", "finetune/training/run.py",
+     "data.decode_images(features_cached=plan.cache_cut is not None)",
+     "data.decode_images(features_cached=False)", "tests/test_decoded.py -k reads_them_again"),
+    ("decode_cache=auto ignores the feature cache", "finetune/data/decoded_cache.py",
+     "    if features_cached:\n", "    if False:\n", "tests/test_decoded.py -k every_case"),
 ]
 
 

@@ -148,3 +148,49 @@ def test_cached_files_keep_their_loader_workers_and_workers_map_the_array(tmp_pa
     again = pickle.loads(sent)
     assert isinstance(again.array, np.memmap) and again.array.filename == rows.array.filename
     assert torch.equal(again(0), rows(0))
+
+
+def test_auto_decides_on_every_case_and_says_why() -> None:
+    prep = Preprocessing(24, 24, IMAGENET_MEAN, IMAGENET_STD)
+    cases = {  # (setting, epochs, features cached, images): (on, words of the reason)
+        ("false", 5, False, 10): (False, "data.decode_cache=false"),
+        ("true", 1, True, 10): (True, "data.decode_cache=true"),
+        ("auto", 1, False, 10): (False, "one-epoch"),
+        ("auto", 5, True, 10): (False, "freeze.cache"),
+        ("auto", 5, False, 10**7): (False, "over auto's 4 GiB"),
+        ("auto", 5, False, 10): (True, "on (auto): 5 epochs"),
+    }
+    for (setting, epochs, cached, count), (on, words) in cases.items():
+        got, reason = decoded.decide(setting, count, prep, epochs, cached)
+        assert got == on and words in reason, (setting, epochs, cached, count, reason)
+    with pytest.raises(Exception, match="use auto, true or false"):
+        decoded.decide("sometimes", 10, prep)
+
+
+def test_a_run_decodes_its_files_only_when_it_reads_them_again(tmp_path: Path) -> None:
+    """auto with a frozen prefix whose features are computed once reads every image once: no
+    decoded copy is written; trained end to end over two epochs, the run decodes them once.
+    Both say why in metrics.json, and inspect says it before anything runs."""
+    from finetune.commands.inspect import inspect_plan, render
+    from tests.conftest import read_json, train_here
+
+    root = tmp_path / "images"
+    write_digit_images(root, [0, 1, 2], 6, mode="RGB")
+    common = ["recipe=base", "weights.source=none", "model.name=resnet18", "data=imagefolder",
+              f"data.root={root}", "data.image_size=16", "trainer.max_epochs=2",
+              "eval.report=false", "data.num_workers=0", "data.augment=[]"]
+    folder = decoded.cache_folder()
+    before = set(folder.glob("*.u8")) if folder.is_dir() else set()
+    head = train_here(*common, "freeze.train_from=fc", run_dir=tmp_path / "head")
+    info = read_json(head / "metrics.json")["decode_cache"]
+    assert info["status"] == "off" and "freeze.cache" in info["reason"]
+    assert read_json(head / "metrics.json")["feature_cache"]["status"] != "off"
+    assert (set(folder.glob("*.u8")) if folder.is_dir() else set()) == before
+    whole = train_here(*common, run_dir=tmp_path / "whole")
+    info = read_json(whole / "metrics.json")["decode_cache"]
+    assert info["status"] == "on" and "2 epochs" in info["reason"]
+    assert len(set(folder.glob("*.u8")) - before) == 1
+    for split, words in (("fc", "freeze.cache"), ("null", "on (auto): 2 epochs")):
+        cfg, _ = compose_config([*common, f"freeze.train_from={split}"])
+        plan = inspect_plan(cfg, "base")
+        assert words in plan["decode_cache"] and words in render(plan)

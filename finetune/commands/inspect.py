@@ -135,6 +135,8 @@ def inspect_plan(cfg: DictConfig, recipe: str, depth: int = 2, keys: bool = Fals
                    "bn": freeze.bn, "bn_eval": freeze.eval_modules, "phases": phases},
         "optimizer": {"name": cfg.optim.name, "groups": groups},
         "feature_cache": cached,
+        "decode_cache": run_plan.data.decode_choice(run_plan.cache_cut is not None)
+        if run_plan.data is not None else None,
         "output_shape": built.output_shape,
         "modules": module_rows(built.model, set(freeze.eval_modules), depth, joins),
         "notes": notes,
@@ -192,6 +194,8 @@ def render(plan: dict[str, Any]) -> str:
                    f"{g['weight_decay']:g}{warm}, {g['tensors']} tensors, {g['params']:,} "
                    f"parameters (from {g['first']})")
     out += ["", f"== feature cache == {plan['feature_cache']}",
+            *([f"== decoded-image cache == {plan['decode_cache']}"]
+              if plan["decode_cache"] else []),
             "", f"== output == {output_line(plan['output_shape'])}", "",
             f"== modules == (head: {', '.join(plan['head_paths']) or 'none'})",
             f"  {'path':<34} {'type':<22} {'params':>12}  state"]

@@ -178,10 +178,14 @@ class ImageFiles(_Images):
         self.root = root  # the data's own folder: a report shows thumbnails of files in it
         self.rows = None
         if decoded is not None:
-            array, index, skip = decoded
-            self.rows = Rows(array, [index[p] for p in paths])
-            # (nothing left: a uint8 eval item is the decoded row itself)
-            self.transform = v2.Compose(list(transform.transforms[skip:]) or [v2.Identity()])
+            self.use_decoded(*decoded)
+
+    def use_decoded(self, array: Any, index: dict[Path, int], skip: int) -> None:
+        """Read items from the decoded array (each path's row), past the transform's first
+        `skip` steps, which made it."""
+        self.rows = Rows(array, [index[p] for p in self.paths])
+        # (nothing left: a uint8 eval item is the decoded row itself)
+        self.transform = v2.Compose(list(self.transform.transforms[skip:]) or [v2.Identity()])
 
     def load(self, i: int) -> Any:
         if self.rows is not None:
@@ -215,6 +219,20 @@ class ImageDataModule(pl.LightningDataModule):
         # iterator (workers prefetch from the sampler) before it calls set_epoch.
         self.start_epoch = 0
         self.bad_images: list[tuple[str, str]] = []  # (path, reason): skipped, undecodable
+        # image files: decode(features_cached) decides on the decoded-image cache, and
+        # decode_info says what it decided and why (None: in-memory data, or not decided)
+        self.decode: Any = None
+        self.decode_info: dict[str, str] | None = None
+
+    def decode_images(self, features_cached: bool = False) -> None:
+        """Decide on the decoded-image cache (data.decode_cache) and, when on, decode the image
+        files into it, once; a no-op for in-memory data and after the first call."""
+        if self.decode is not None and self.decode_info is None:
+            self.decode(features_cached)
+
+    def decode_choice(self, features_cached: bool = False) -> str | None:
+        """What decode_images would decide, and why, without decoding (None: in-memory data)."""
+        return self.decode(features_cached, now=False)[1] if self.decode is not None else None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """A uint8 batch (data.uint8_batches) becomes what the loader would have given: float,
@@ -321,10 +339,13 @@ def on_accelerator(accelerator: Any) -> bool:
 
 def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
                      task: str = DEFAULT_TASK, epochs: int = 1,
-                     uint8: bool = False) -> ImageDataModule:
+                     uint8: bool = False, decode_now: bool = True) -> ImageDataModule:
     """The datamodule for `cfg` (the data group): split, transforms and loaders. `epochs`:
     how often the run reads the training set (data.decode_cache=auto caches when > 1);
-    `uint8`: the training and validation items stop at uint8, normalized on the device."""
+    `uint8`: the training and validation items stop at uint8, normalized on the device;
+    `decode_now` False: image files are decoded into the decoded-image cache only when
+    `decode_images` is called (a run decides once it knows whether its feature cache reads
+    the images once)."""
     full, val, names, *rest = task_of(task).read(FORMATS[cfg.name], cfg, prep.crop, seed)
     test: Split | None = rest[0] if rest else None
     bad: list[tuple[str, str]] = []
@@ -365,14 +386,6 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     in_memory = isinstance(full.items, torch.Tensor)
     extra: dict[str, Any] = {} if in_memory else {
         "max_pixels": max_pixels, "root": FORMATS[cfg.name].files_root(cfg)}
-    if not in_memory:
-        every = list(dict.fromkeys([*train.items, *val.items,
-                                    *(test.items if test is not None else [])]))
-        if decoded_cache.wanted(cfg.get("decode_cache", "false"), len(every), prep, epochs):
-            first = v2.Compose(resize_crop(prep))
-            array = decoded_cache.decoded(every, prep, first, max_pixels)
-            extra["decoded"] = (array, {p: i for i, p in enumerate(every)},
-                                len(first.transforms))
     dataset = TensorImages if in_memory else ImageFiles
     augment = OmegaConf.to_container(cfg.augment) if OmegaConf.is_config(cfg.augment) \
         else list(cfg.augment)
@@ -409,4 +422,28 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
     data.splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
     data.make_eval = make_eval
     data.bad_images = bad
+    if not in_memory:
+        every = list(dict.fromkeys([*train.items, *val.items,
+                                    *(test.items if test is not None else [])]))
+
+        def decode(features_cached: bool, now: bool = True) -> tuple[bool, str]:
+            on, reason = decoded_cache.decide(cfg.get("decode_cache", "false"), len(every), prep,
+                                              epochs, features_cached)
+            if not now:
+                return on, reason
+            data.decode_info = {"status": "on" if on else "off", "reason": reason}
+            if not on:
+                return on, reason
+            first = v2.Compose(resize_crop(prep))
+            array = decoded_cache.decoded(every, prep, first, max_pixels)
+            extra["decoded"] = (array, {p: i for i, p in enumerate(every)},
+                                len(first.transforms))
+            for made in (data.train_set, data.val_set, data.test_set):
+                if made is not None:
+                    made.use_decoded(*extra["decoded"])
+            return on, reason
+
+        data.decode = decode
+        if decode_now:
+            data.decode_images()
     return data

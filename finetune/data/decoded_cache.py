@@ -58,15 +58,34 @@ def key_of(paths: list[Path], prep: Preprocessing, max_pixels: int) -> str:
     return digest.hexdigest()
 
 
-def wanted(setting: Any, count: int, prep: Preprocessing, epochs: int = 1) -> bool:
-    """data.decode_cache: true, false, or auto: on when the run reads the images more than
-    once (several epochs; a one-epoch run would decode them once either way) and the decoded
-    set is at most 4 GiB."""
+def decide(setting: Any, count: int, prep: Preprocessing, epochs: int = 1,
+           features_cached: bool = False) -> tuple[bool, str]:
+    """data.decode_cache: whether this run decodes its image files once into the cache, and
+    why (for the log and metrics.json). true and false are obeyed; auto caches only where it
+    saves work: the run reads the images more than once (a one-epoch run, or one whose frozen
+    prefix's features are computed once from the images (freeze.cache), reads each image once:
+    decoding them into the cache first would add a write and a read) and the decoded set is
+    at most 4 GiB."""
     mode = str(setting).lower()
     if mode not in ("auto", "true", "false"):
         raise FinetuneError(f"data.decode_cache={setting!r}: use auto, true or false")
     size = count * prep.channels * prep.crop * prep.crop
-    return mode == "true" or (mode == "auto" and epochs > 1 and size <= AUTO_LIMIT_BYTES)
+    held = f"{count:,} images, {size / 2**20:,.1f} MB decoded at {prep.crop} px"
+    if mode == "false":
+        return False, "off (data.decode_cache=false)"
+    if mode == "true":
+        return True, f"on (data.decode_cache=true): {held}"
+    if epochs <= 1:
+        return False, ("off: a one-epoch run reads each image once; decoding them into the "
+                       "cache first would not save work (data.decode_cache=true forces it)")
+    if features_cached:
+        return False, ("off: the frozen prefix's features are computed once from the images "
+                       "(freeze.cache), so each image is read once (data.decode_cache=true "
+                       "forces it)")
+    if size > AUTO_LIMIT_BYTES:
+        return False, (f"off: {held}, over auto's {AUTO_LIMIT_BYTES >> 30} GiB "
+                       "(data.decode_cache=true forces it)")
+    return True, f"on (auto): {epochs} epochs read {held}"
 
 
 def _record(key: str) -> Path:

@@ -188,7 +188,8 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
             try:
                 plan.data = build_datamodule(
                     cfg.data, plan.prep, cfg.seed, cfg.task, epochs=cfg.trainer.max_epochs or 1,
-                    uint8=uint8_batches(cfg.data.uint8_batches, cfg.trainer.accelerator))
+                    uint8=uint8_batches(cfg.data.uint8_batches, cfg.trainer.accelerator),
+                    decode_now=False)  # a run decides once it knows its feature cache
                 check_num_classes(cfg.head.num_classes, plan.data.class_names)
                 plan.class_names = plan.data.class_names
                 task = task_of(cfg)

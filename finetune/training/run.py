@@ -169,6 +169,9 @@ def _run(cfg: DictConfig, context: RunContext) -> float:
     log.info("data: %s, %d classes, %d train / %d val images, %s", cfg.data.name, num_classes,
              len(data.train_set), len(data.val_set), prep.to_dict())
     log_built(cfg, built)
+    data.decode_images(features_cached=plan.cache_cut is not None)
+    if data.decode_info is not None:
+        log.info("data: decoded-image cache %s", data.decode_info["reason"])
     if is_main_process():
         artifacts.write_json(run_dir / artifacts.LOAD_REPORT, built.report.to_dict())
     task = task_of(cfg)
