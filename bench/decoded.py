@@ -9,6 +9,8 @@ the final val/acc of both (the same tensors: it must be the same).
     python bench/decoded.py --sizes 32 --workers 0,2,auto   # the figures in BENCHMARKS.md
     python bench/decoded.py --matrix --sizes 32,64,128 --workers 0,2 --epochs 3
                                          # end to end, auto against false, every cell
+    python bench/decoded.py --matrix --loader-only --side 1024 --sizes 64,224
+                                         # the loader alone, photo-sized files
     python bench/decoded.py --smoke      # CI: tiny, no figures
 
 Prints a Markdown table (medians of --repeats runs); --out FILE appends it there.
@@ -103,7 +105,7 @@ def matrix(a: argparse.Namespace) -> None:
     rows, loader_rows = [], []
     for kind, root in folders.items():
         for size in sizes:
-            for label, extra in backbones.items():
+            for label, extra in backbones.items() if not a.loader_only else ():
                 for count in workers:
                     walls: dict[str, list[float]] = {"false": [], "auto": []}
                     chosen = ""
@@ -132,6 +134,8 @@ def matrix(a: argparse.Namespace) -> None:
            "python bench/decoded.py --matrix)",
            ["format", "input", "images/s without", "images/s with", "speed-up"],
            loader_rows, a.out)
+    if a.loader_only:
+        return
     report(f"Decoded-image cache end to end: data.decode_cache=auto against false, command "
            f"wall time ({source}, {a.epochs} epochs; python bench/decoded.py --matrix)",
            ["format", "input", "backbone", "data.num_workers", "false s", "auto chose",
@@ -153,6 +157,8 @@ def main() -> None:
     parser.add_argument("--matrix", action="store_true",
                         help="end to end, auto against false, in every cell (workers x frozen "
                              "or not x --sizes x PNG and JPEG)")
+    parser.add_argument("--loader-only", action="store_true",
+                        help="with --matrix: the loader-alone table only")
     parser.add_argument("--per-class", type=int, default=40)
     parser.add_argument("--side", type=int, default=256, help="the image files' side, px")
     a = parser.parse_args()

@@ -4,7 +4,8 @@ finetune and with a plain PyTorch loop.
 The digits transfer of the quickstart: a ResNet-18 trained on the digits 0-4 (the recipe
 digits_source, trained once here), fine-tuned on 5-9 three ways — the head alone, layer4 and
 the head, everything. Both sides start from the same weights, see the same images in the
-same order (the framework's own split, transform and epoch order), with the same optimizer
+same order (the framework's own split, transform and epoch orders, written as tensors for the
+plain loop beforehand, so that it imports neither finetune nor Lightning), with the same optimizer
 (AdamW, lr 1e-3, weight decay 1e-4), one-cycle schedule, batch and epochs. Each runs as a
 command of its own (`python -m finetune ...`, `python bench/time_to_accuracy.py --plain ...`),
 printing a line after each epoch's validation; this script stamps the lines as they arrive.
@@ -60,56 +61,74 @@ def reached(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, acc in curve if acc >= target), None)
 
 
-def plain(a: argparse.Namespace) -> None:
-    """The hand-written loop (run as its own command): prints `epoch N of E: val/acc X`."""
+def prepare_plain_data(work: Path, size: int, batch: int, epochs: int) -> Path:
+    """The framework's own split, transform (no augmentation: the digits have none) and epoch
+    orders, written once as tensors for the plain loop, which then imports nothing of
+    finetune (nor Lightning, which finetune's datamodule imports)."""
     import torch
-    import torch.nn.functional as F
-    import torchvision
-    from safetensors.torch import load_file
+    from safetensors.torch import save_file
 
     from finetune.compose.prepare import compose_config
     from finetune.data.datamodule import EpochShuffle, build_datamodule
     from finetune.training.plan import preprocessing_for
 
-    torch.manual_seed(0)
     cfg, _ = compose_config(["recipe=quickstart", "weights.source=none",
-                             f"data.image_size={a.size}", f"data.batch_size={a.batch}"])
+                             f"data.image_size={size}", f"data.batch_size={batch}"])
     data = build_datamodule(cfg.data, preprocessing_for(cfg), cfg.seed, uint8=False)
+    train, val = data.train_set, data.val_set
+    tensors = {"x_train": torch.stack([train[i][0] for i in range(len(train))]),
+               "y_train": torch.tensor([train[i][1] for i in range(len(train))]),
+               "x_val": torch.stack([val[i][0] for i in range(len(val))]),
+               "y_val": torch.tensor([val[i][1] for i in range(len(val))])}
+    for epoch in range(epochs):
+        tensors[f"order{epoch}"] = torch.tensor(
+            [i for i, _ in EpochShuffle(len(train), cfg.seed, epoch)])
+    path = work / f"plain-data-{size}.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def plain(a: argparse.Namespace) -> None:
+    """The hand-written loop (run as its own command): prints `epoch N of E: val/acc X`. It
+    imports torch, torchvision and safetensors only."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    data = load_file(a.data)
     model = torchvision.models.resnet18(num_classes=5)
     state = {k: v for k, v in load_file(Path(a.source) / "model.safetensors").items()
              if not k.startswith("fc.")}
     model.load_state_dict(state, strict=False)
+    names = [name for name, _ in model.named_children()]
     frozen = [] if a.train_from == "none" else [
-        m for name, m in model.named_children()
-        if list(dict(model.named_children())).index(name)
-        < list(dict(model.named_children())).index(a.train_from)]
+        module for name, module in model.named_children()
+        if names.index(name) < names.index(a.train_from)]
     for module in frozen:
         module.requires_grad_(False)
         module.eval()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-3, weight_decay=1e-4)
-    train, val = data.train_set, data.val_set
-    steps = a.epochs * -(-len(train) // a.batch)
+    x_train, y_train = data["x_train"], data["y_train"]
+    steps = a.epochs * -(-len(y_train) // a.batch)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps)
-    x_val = torch.stack([val[i][0] for i in range(len(val))])
-    y_val = torch.tensor([val[i][1] for i in range(len(val))])
     for epoch in range(a.epochs):
         model.train()
         for module in frozen:
             module.eval()
-        order = [i for i, _ in EpochShuffle(len(train), cfg.seed, epoch)]
+        order = data[f"order{epoch}"]
         for first in range(0, len(order), a.batch):
-            items = [train[i] for i in order[first:first + a.batch]]
-            x = torch.stack([x for x, _ in items])
-            y = torch.tensor([y for _, y in items])
-            loss = F.cross_entropy(model(x), y)
+            chosen = order[first:first + a.batch]
+            loss = F.cross_entropy(model(x_train[chosen]), y_train[chosen])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
         model.eval()
         with torch.no_grad():
-            accuracy = float((model(x_val).argmax(1) == y_val).float().mean())
+            accuracy = float((model(data["x_val"]).argmax(1) == data["y_val"]).float().mean())
         print(f"epoch {epoch} of {a.epochs}: val/acc {accuracy:.4g}", flush=True)
 
 
@@ -123,6 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--train-from", default="none", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.plain:
@@ -136,13 +156,14 @@ def main() -> None:
                     f"data.image_size={a.size}", *(["trainer.max_epochs=1"] if a.smoke else []),
                     "eval.report=false", "trainer.enable_progress_bar=false",
                     f"hydra.run.dir={source}"], cwd=work, check=True, capture_output=True)
+    tensors = prepare_plain_data(work, a.size, a.batch, a.epochs)
     rows = []
     chosen = {"head only": "fc"} if a.smoke else ROWS
     for label, train_from in chosen.items():
         ours, theirs, targets, finals = [], [], [], []
         for r in range(a.repeats):
             hand = stamped([sys.executable, str(REPO / "bench" / "time_to_accuracy.py"),
-                            "--plain", f"--source={source}", f"--size={a.size}",
+                            "--plain", f"--source={source}", f"--data={tensors}",
                             f"--epochs={a.epochs}", f"--batch={a.batch}",
                             f"--train-from={train_from or 'none'}"], work)
             framework = stamped([
