@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import QUICK, problems_here, read_json, train_here
 from omegaconf import OmegaConf
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import balanced_accuracy_score, recall_score
 
 from finetune.compose.schema import DataConfig
 from finetune.data.datamodule import EpochShuffle, build_datamodule
@@ -25,21 +25,29 @@ IMBALANCED = [*QUICK, "data.classes=null", "head.num_classes=null", "data.batch_
               "checkpoint.keep=none"]
 
 
-def _balanced_accuracy(run: Path) -> float:
+def _accuracies(run: Path) -> tuple[float, float]:
+    """(balanced accuracy, the mean recall of the minority classes 5-9) on the validation set."""
     with open(run / "val_predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return balanced_accuracy_score([r["label"] for r in rows], [r["predicted"] for r in rows])
+    truth, said = [r["label"] for r in rows], [r["predicted"] for r in rows]
+    minority = recall_score(truth, said, labels=[str(d) for d in range(5, 10)],
+                            average="macro", zero_division=0)
+    return balanced_accuracy_score(truth, said), minority
 
 
 def test_class_weights_and_the_sampler_lift_balanced_accuracy(tmp_path: Path) -> None:
     """The same seed and budget (one epoch from scratch), plain, with loss.class_weights=auto
-    and with data.sampler=balanced: the minority classes are recalled far better (here 0.47
-    -> 0.78 and 0.84; docs/training.md has longer runs)."""
+    and with data.sampler=balanced: the minority classes are recalled far better. What the
+    remedies are for is measured directly — the minority classes' recall (on one compute
+    thread, seeds 0, 1, 2: plain 0.00 / 0.05 / 0.07, weighted 0.63 / 0.50 / 0.70, sampled
+    0.30 / 0.55 / 0.68) — and balanced accuracy must rise too (docs/training.md has longer
+    runs)."""
     plain = train_here(*IMBALANCED, run_dir=tmp_path / "plain")
     weighted = train_here(*IMBALANCED, "loss.class_weights=auto", run_dir=tmp_path / "weighted")
     sampled = train_here(*IMBALANCED, "data.sampler=balanced", run_dir=tmp_path / "sampled")
-    assert _balanced_accuracy(weighted) > _balanced_accuracy(plain) + 0.15
-    assert _balanced_accuracy(sampled) > _balanced_accuracy(plain) + 0.15
+    base = _accuracies(plain)
+    for remedy in (_accuracies(weighted), _accuracies(sampled)):
+        assert remedy[1] > base[1] + 0.2 and remedy[0] > base[0] + 0.05, (remedy, base)
     assert read_json(sampled / "manifest.json")["balance"]["sampler"] == "balanced"
     balance = read_json(weighted / "manifest.json")["balance"]
     counts = balance["class_counts"]
