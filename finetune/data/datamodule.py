@@ -219,20 +219,25 @@ class ImageDataModule(pl.LightningDataModule):
         # iterator (workers prefetch from the sampler) before it calls set_epoch.
         self.start_epoch = 0
         self.bad_images: list[tuple[str, str]] = []  # (path, reason): skipped, undecodable
-        # image files: decode(features_cached) decides on the decoded-image cache, and
-        # decode_info says what it decided and why (None: in-memory data, or not decided)
-        self.decode: Any = None
-        self.decode_info: dict[str, str] | None = None
+        # image files: decide(features_cached) says whether the decoded-image cache is on, and
+        # why; attach_decoded() decodes them into it and reads the datasets' items from there
+        self.decide_decoding: Any = None
+        self.attach_decoded: Any = None
+        self.decode_info: dict[str, str] | None = None  # what was decided (None: not yet)
 
     def decode_images(self, features_cached: bool = False) -> None:
         """Decide on the decoded-image cache (data.decode_cache) and, when on, decode the image
         files into it, once; a no-op for in-memory data and after the first call."""
-        if self.decode is not None and self.decode_info is None:
-            self.decode(features_cached)
+        if self.decide_decoding is None or self.decode_info is not None:
+            return
+        on, reason = self.decide_decoding(features_cached)
+        self.decode_info = {"status": "on" if on else "off", "reason": reason}
+        if on:
+            self.attach_decoded()
 
     def decode_choice(self, features_cached: bool = False) -> str | None:
         """What decode_images would decide, and why, without decoding (None: in-memory data)."""
-        return self.decode(features_cached, now=False)[1] if self.decode is not None else None
+        return self.decide_decoding(features_cached)[1] if self.decide_decoding else None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """A uint8 batch (data.uint8_batches) becomes what the loader would have given: float,
@@ -426,14 +431,7 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
         every = list(dict.fromkeys([*train.items, *val.items,
                                     *(test.items if test is not None else [])]))
 
-        def decode(features_cached: bool, now: bool = True) -> tuple[bool, str]:
-            on, reason = decoded_cache.decide(cfg.get("decode_cache", "false"), len(every), prep,
-                                              epochs, features_cached)
-            if not now:
-                return on, reason
-            data.decode_info = {"status": "on" if on else "off", "reason": reason}
-            if not on:
-                return on, reason
+        def attach() -> None:
             first = v2.Compose(resize_crop(prep))
             array = decoded_cache.decoded(every, prep, first, max_pixels)
             extra["decoded"] = (array, {p: i for i, p in enumerate(every)},
@@ -441,9 +439,10 @@ def build_datamodule(cfg: Any, prep: Preprocessing, seed: int,
             for made in (data.train_set, data.val_set, data.test_set):
                 if made is not None:
                     made.use_decoded(*extra["decoded"])
-            return on, reason
 
-        data.decode = decode
+        data.decide_decoding = lambda features_cached: decoded_cache.decide(
+            cfg.get("decode_cache", "false"), len(every), prep, epochs, features_cached)
+        data.attach_decoded = attach
         if decode_now:
             data.decode_images()
     return data

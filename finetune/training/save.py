@@ -314,7 +314,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         **(found or {}),  # what the finders found (lr_finder, batch_size_finder)
         "metric": cfg.metric,
         **({"feature_cache": cache_report} if cache_report else {}),
-        **({"decode_cache": data.decode_info} if getattr(data, "decode_info", None) else {}),
+        **({"decode_cache": data.decode_info} if data.decode_info else {}),
     }
     artifacts.write_json(run_dir / artifacts.METRICS, metrics)  # NaN as null, status failed
     if nonfinite:
