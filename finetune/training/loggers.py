@@ -86,6 +86,13 @@ class WandB(RunLogger):
         experiment.summary.update({k: v for k, v in metrics.items()
                                    if isinstance(v, int | float) and not isinstance(v, bool)})
         experiment.finish()
+        # lazy: an optional extra (finetune[wandb])
+        import wandb
+
+        # finish() returns once the service has the run's last record, not once its file is
+        # closed; tearing the service down waits for that, so the run dir is whole when the
+        # run says it is done (a sweep's next job starts a new service).
+        wandb.teardown()
 
 
 LOGGERS = Table("logger.name", "finetune.loggers", "logger")
