@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from finetune.rundir.box_inference import BoxPredictions
     from finetune.rundir.inference import Predictions
+    from finetune.rundir.mask_inference import MaskPredictions
     from finetune.training.run import RunResult
 
 __version__ = "0.1.0"
@@ -44,12 +45,13 @@ def load(run_dir: str | Path, device: Any = None) -> nn.Module:
 
 
 def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64,
-            tta: str = "none") -> Predictions | BoxPredictions:
+            tta: str = "none") -> Predictions | BoxPredictions | MaskPredictions:
     """Top-k class names and probabilities for image files (a path, a folder, or a list of
     paths) from a model `load` returned, or from a run dir. `tta`: none | flip | crops |
     flip+crops (test-time augmentation: the logits of each image's views averaged). A
     detection run's: the boxes scoring at least 0.5 per image (BoxPredictions; finer control
-    in finetune.rundir.box_inference.predict_boxes)."""
+    in finetune.rundir.box_inference.predict_boxes). A segmentation run's: a mask of class ids
+    per image, at its own size (MaskPredictions)."""
     # lazy: keeps torch off a torch-free path
     from torch import nn
 
@@ -74,5 +76,13 @@ def predict(model_or_run: Any, images: Any, topk: int = 3, batch_size: int = 64,
             raise FinetuneError(f"tta={tta}: test-time augmentation averages a classifier's "
                                 "logits; a detection run finds boxes without it")
         return predict_boxes(model, paths, min(batch_size, 4), min_score=DEFAULT_MIN_SCORE)
+    if manifest is not None and task_of(manifest.task).model_kind == "segmenter":
+        # lazy: keeps torch off a torch-free path
+        from finetune.rundir.mask_inference import predict_masks
+
+        if tta != "none":
+            raise FinetuneError(f"tta={tta}: test-time augmentation averages a classifier's "
+                                "logits; a segmentation run gives masks without it")
+        return predict_masks(model, paths, min(batch_size, 8))
     return predict_images(model, paths, topk, batch_size, tta=tta)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.data import box_formats
+from finetune.data import box_formats, mask_formats
 from finetune.data import formats as data_formats
 from finetune.errors import ConfigError
 from finetune.extensions import TABLES, load_plugins
@@ -20,8 +20,8 @@ from finetune.training import bn_policies, loggers, schedules
 from finetune.weights import sources as weight_sources
 
 # The modules that own a table (imported above for the tables they fill).
-TABLE_MODULES = (weight_sources, model_sources, data_formats, box_formats, schedules, bn_policies,
-                 loggers, tasks)
+TABLE_MODULES = (weight_sources, model_sources, data_formats, box_formats, mask_formats,
+                 schedules, bn_policies, loggers, tasks)
 
 _loaded: list[bool] = []
 

@@ -187,7 +187,8 @@ def trust_weights_file(path: Path) -> None:
 
 
 def save_torchvision_checkpoint(torch_home: Path, model_name: str, weights: str = "DEFAULT",
-                                trust: bool = True) -> tuple[Path, dict[str, torch.Tensor]]:
+                                trust: bool = True, **kwargs: object
+                                ) -> tuple[Path, dict[str, torch.Tensor]]:
     """A state dict (random weights, no accuracy) under torchvision's own cache file name;
     its hash cannot match the one in the name, so (unless `trust` is False) it is listed in
     trusted_weights.txt."""
@@ -195,7 +196,7 @@ def save_torchvision_checkpoint(torch_home: Path, model_name: str, weights: str 
     path = torch_home / "hub" / "checkpoints" / Path(entry.url).name
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1)
-    state = torchvision.models.get_model(model_name, weights=None).state_dict()
+    state = torchvision.models.get_model(model_name, weights=None, **kwargs).state_dict()
     torch.save(state, path)
     if trust:
         trust_weights_file(path)
@@ -213,8 +214,11 @@ def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def torch_home_vgg(torch_home: Path) -> Path:
-    """torch_home plus vgg16 (IMAGENET1K_V1): 528 MB, so only for the tests that need it."""
+    """torch_home plus vgg16 (IMAGENET1K_V1, 528 MB) and deeplabv3_resnet50
+    (COCO_WITH_VOC_LABELS_V1, 161 MB), so only for the tests that need them."""
     save_torchvision_checkpoint(torch_home, "vgg16", "IMAGENET1K_V1")
+    save_torchvision_checkpoint(torch_home, "deeplabv3_resnet50", "COCO_WITH_VOC_LABELS_V1",
+                                aux_loss=True, weights_backbone=None)
     return torch_home
 
 

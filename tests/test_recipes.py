@@ -29,7 +29,9 @@ RECIPE_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_
                     "resnet50_dora": DIGITS_1_9,
                     "fasterrcnn_vgg16_relu5_3": ["data=digit_canvases", "data.image_size=64",
                                                  "data.canvases.count=8",
-                                                 "data.canvases.size=64"]}
+                                                 "data.canvases.size=64"],
+                    "deeplabv3_resnet50_seg": ["data=digit_masks", "data.image_size=64",
+                                               "data.canvases.count=8"]}
 
 
 @pytest.fixture
@@ -169,3 +171,21 @@ def test_validate_refuses_what_used_to_crash_later(override: str) -> None:
     problems, _ = validate_recipe("quickstart", ["weights.source=none", override])
     assert len(problems) == 1 and problems[0].startswith(override.partition("=")[0].split(
         ".")[0]), problems
+
+
+def test_deeplabv3_recipe_loads_torchvisions_weights_but_the_class_layers(
+        offline_home: Path) -> None:
+    """deeplabv3_resnet50_seg on 6 classes: every tensor of torchvision's file (ours, random)
+    loads but the 21-class layers of the classifier and its auxiliary twin, which are new;
+    the stem stays frozen."""
+    cfg, _ = compose_config(["recipe=deeplabv3_resnet50_seg",
+                             *RECIPE_OVERRIDES["deeplabv3_resnet50_seg"]])
+    plan = plan_run(cfg)
+    assert plan.problems == [] and plan.built.head_paths == ["classifier.4", "aux_classifier.4"]
+    report = plan.built.report
+    assert sorted(s["key"] for s in report.shape_skipped) == [
+        "aux_classifier.4.bias", "aux_classifier.4.weight", "classifier.4.bias",
+        "classifier.4.weight"]
+    assert report.missing == [] and report.unexpected == []
+    frozen = [n for n, p in plan.built.model.named_parameters() if not p.requires_grad]
+    assert frozen == ["backbone.conv1.weight", "backbone.bn1.weight", "backbone.bn1.bias"]

@@ -150,6 +150,10 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
     if task_of(model.manifest.task).model_kind == "detector":
         return evaluate_detector(run, model, overrides, split, calibrate, output,
                                  batch_size or DETECTOR_BATCH, tta)
+    if task_of(model.manifest.task).model_kind == "segmenter":
+        raise FinetuneError(f"run={run}: evaluate does not measure segmentation runs yet; "
+                            "their metrics.json holds the validation's mIoU and IoU per class "
+                            "(docs/segmentation.md)")
     batch_size = batch_size or 64
     net, transform = with_tta(model, tta)  # a wrong tta= is refused before the data is read
     manifest = model.manifest

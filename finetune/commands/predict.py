@@ -7,7 +7,10 @@ tta= averages the logits of each image's views: its mirror (flip), its five crop
 both (ten views); slower by as many views. A detection run writes one CSV row per box found
 (path, class, score, x1, y1, x2, y2 in the image's pixels) with a score of at least min_score,
 and a JSON beside it with every image's boxes; draw=DIR also writes each image with its boxes
-drawn (batch_size defaults to 4 for a detector).
+drawn (batch_size defaults to 4 for a detector). A segmentation run writes a palette PNG mask
+per image into <output stem>_masks/ beside the CSV (one row per image: its mask file and the
+share of its pixels per class); draw=DIR also writes each image with its classes' colours over
+it.
 (The work is in finetune/rundir/inference.py and box_inference.py; this module is only the
 command.)
 """
@@ -75,9 +78,12 @@ def main(argv: list[str] | None = None) -> None:
 
         model = load_run(args["run"])
         paths = list_images(args["input"])
-        if task_of(model.manifest.task).model_kind == "detector":
+        kind = task_of(model.manifest.task).model_kind
+        if kind == "detector":
             predictions, written = predict_boxes(args, model, paths, batch_size, max_pixels,
                                                  min_score)
+        elif kind == "segmenter":
+            predictions, written = predict_masks(args, model, paths, batch_size, max_pixels)
         else:
             predictions, written = predict_classes(args, model, paths, topk, batch_size,
                                                    max_pixels, min_score)
@@ -138,6 +144,26 @@ def predict_boxes(args: dict[str, str], model: Any, paths: list[Path],
         written.append(f"{len(drawn)} drawn images in {args['draw']}")
     return predictions, written
 
+
+
+def predict_masks(args: dict[str, str], model: Any, paths: list[Path],
+                  batch_size: int | None, max_pixels: int | None) -> tuple[Any, list[str]]:
+    """A segmentation model's mask per image: palette PNGs beside the CSV, overlays in
+    draw=DIR."""
+    # lazy: keeps torch off a torch-free path
+    from finetune.rundir import mask_inference
+
+    given = [k for k in ("min_score",) if args[k]] + (["tta"] if args["tta"] != "none" else [])
+    if given:
+        raise FinetuneError(f"{', '.join(given)}: not taken by a segmentation run's masks "
+                            f"(remove {given[0]}=)")
+    predictions = mask_inference.predict_masks(model, paths, batch_size or DETECTOR_BATCH,
+                                               max_pixels)
+    _report_unreadable(predictions, args["input"])
+    written = mask_inference.write_mask_predictions(
+        predictions, Path(args["output"]).expanduser(),
+        Path(args["draw"]).expanduser() if args["draw"] else None)
+    return predictions, written
 
 
 if __name__ == "__main__":

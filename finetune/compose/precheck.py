@@ -76,11 +76,12 @@ def data_task_problem(data_format: Any, task: Any) -> str | None:
     sentence naming what would fit (None: they match)."""
     if data_format.holds == task.reads:
         return None
-    if data_format.holds == "boxes":
-        readers = " | ".join(t.name for t in TASKS.values() if t.reads == "boxes")
-        return (f"data={data_format.name} holds boxes, which task={task.name} does not read; "
-                f"set task={readers} (docs/detection.md), or use data of class labels "
-                "(digits, imagefolder, csv)")
+    if data_format.holds != "labels":
+        readers = " | ".join(t.name for t in TASKS.values() if t.reads == data_format.holds)
+        page = {"boxes": "detection", "masks": "segmentation"}.get(data_format.holds, "data")
+        return (f"data={data_format.name} holds {data_format.holds}, which task={task.name} "
+                f"does not read; set task={readers} (docs/{page}.md), or use data of "
+                f"{task.reads if task.reads != 'labels' else 'class labels'}")
     able = " | ".join(f.name for f in sorted(FORMATS.values(), key=lambda f: f.name)
                       if f.holds == task.reads)
     return (f"task={task.name} reads {task.reads}, and data={data_format.name} holds class "

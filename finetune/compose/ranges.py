@@ -106,6 +106,7 @@ RANGES: dict[str, Range] = {
     "data.mix.prob": Range(0, 1),
     "data.fake_classes": Range(2, MAX_CLASSES),
     "data.canvases.count": Range(2, 100_000),
+    "data.ignore_index": Range(0, 65_535),
     "data.canvases.size": Range(16, MAX_IMAGE_SIZE),
     "data.canvases.per_canvas": Range(1, 64),
     "trainer.max_epochs": AT_LEAST_1,

@@ -18,6 +18,7 @@ from finetune.errors import did_you_mean
 from finetune.extensions import TABLES
 from finetune.sweeps.study import PRUNERS
 from finetune.tasks.detection import MAP_METRICS as DETECTION_METRICS
+from finetune.tasks.segmentation import MASK_METRICS
 
 
 @dataclass
@@ -34,6 +35,12 @@ class DetectorConfig:
 
 
 @dataclass
+class SegmenterConfig:
+    head: str = "deeplabv3"  # task=segmentation on a classifier: deeplabv3 | fcn
+    node: str = "auto"  # the classifier's top-level module whose map the head reads; auto
+
+
+@dataclass
 class ModelConfig:
     source: str = "torchvision"
     name: str = "resnet18"
@@ -42,6 +49,7 @@ class ModelConfig:
     compile: bool = False
     ema: EmaConfig = field(default_factory=EmaConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
 
 @dataclass
@@ -209,6 +217,7 @@ class DataConfig:
     box_format: str = "xyxy"  # data=box_csv: the four numbers' meaning
     empty_images: str = "keep"  # task=detection: images without boxes (negatives) or refuse
     canvases: CanvasConfig = field(default_factory=CanvasConfig)
+    ignore_index: int = 255  # task=segmentation: the mask value that marks unlabelled pixels
 
 
 @dataclass
@@ -321,11 +330,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("info", "debug"),
     "checkpoint.keep": ("auto", "last", "best", "both", "none",
                         *(f"top{k}" for k in range(2, 11))),
-    "metric": (*CLASS_METRICS, "best/val/acc", "val/mAP", *DETECTION_METRICS),
+    "metric": (*CLASS_METRICS, "best/val/acc", "val/mAP", *DETECTION_METRICS, *MASK_METRICS),
     "eval.checkpoint": ("last", "best"),
     "sweep.pruner.name": PRUNERS,  # finetune/sweeps/study.py
-    "trainer.early_stopping.monitor": (*CLASS_METRICS, *DETECTION_METRICS),
+    "trainer.early_stopping.monitor": (*CLASS_METRICS, *DETECTION_METRICS, *MASK_METRICS),
     "model.detector.head": ("fasterrcnn", "retinanet", "fcos"),  # finetune/models/detectors.py
+    "model.segmenter.head": ("deeplabv3", "fcn"),  # finetune/models/segmenters.py HEADS
     "data.box_format": ("xyxy", "xywh", "cxcywh"),  # finetune/data/boxes.py BOX_FORMATS
     "data.empty_images": ("keep", "refuse"),  # finetune/data/box_checks.py EMPTY_POLICIES
     "trainer.early_stopping.mode": ("auto", "min", "max"),

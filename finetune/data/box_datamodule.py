@@ -60,8 +60,7 @@ class BoxDataModule(ImageDataModule):
         return counts
 
 
-def _split(items: list[BoxItem], fraction: float, seed: int) -> tuple[list[BoxItem],
-                                                                         list[BoxItem]]:
+def split_items(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """A seeded random validation share (at least one image, at least one left to train)."""
     order = list(range(len(items)))
     random.Random(derive(seed, 7)).shuffle(order)
@@ -97,7 +96,7 @@ def read_box_items(cfg: Any, num_classes: int | None, seed: int
     if len(items) < 2:
         raise FinetuneError(f"data.root={cfg.root}: {len(items)} image(s); a detector needs "
                             "at least one to train on and one to validate")
-    train, val = _split(items, cfg.val_fraction, seed)
+    train, val = split_items(items, cfg.val_fraction, seed)
     return train, val, names
 
 

@@ -90,7 +90,7 @@ class DigitCanvases(DataFormat):
         from finetune.data.canvases import digit_canvases
 
         spec = cfg.canvases
-        digits = [int(c) for c in self.class_names(cfg) or []]
+        digits = [int(c) for c in DigitCanvases.class_names(self, cfg) or []]
         val_count = max(1, round(spec.count * val_fraction))
         common = {"size": spec.size, "digits": digits, "per_canvas": (1, spec.per_canvas),
                   "scales": tuple(spec.scales)}

@@ -36,8 +36,10 @@ def check_name(name: str) -> None:
 
 def weights_enum(model_name: str, weights_name: str) -> WeightsEnum:
     """The torchvision weights entry, e.g. ('resnet50', 'IMAGENET1K_V2'); DEFAULT works too
-    (a detector's too: the plan of task=detection asks for those by name)."""
-    if model_name not in torchvision.models.list_models(module=torchvision.models.detection):
+    (a detector's or a segmentation model's too: their plans ask for those by name)."""
+    if model_name not in (torchvision.models.list_models(module=torchvision.models.detection)
+                          + torchvision.models.list_models(
+                              module=torchvision.models.segmentation)):
         check_name(model_name)
     enum_cls = torchvision.models.get_model_weights(model_name)
     members = [m.name for m in enum_cls]

@@ -106,6 +106,10 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
         raise FinetuneError(f"format={fmt!r}: choose torchscript or onnx; "
                             f"{usage('export')}")
     model = load_run(run_dir, device="cpu")
+    if task_of(model.manifest.task).model_kind == "segmenter":
+        raise FinetuneError(f"run={run_dir}: export does not take segmentation runs yet; "
+                            "finetune.load(run_dir) gives the model in PyTorch "
+                            "(docs/segmentation.md)")
     detector = task_of(model.manifest.task).model_kind == "detector"
     temperature = model.manifest.temperature
     if temperature != 1.0 and not detector:  # calibrated: the graph divides by it

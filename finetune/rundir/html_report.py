@@ -38,6 +38,7 @@ from finetune.rundir.html_parts import (
     table,
 )
 from finetune.rundir.verdict import speed_line
+from finetune.tasks.table import TASKS, task_of
 
 REPORT = artifacts.REPORT
 EVAL_FILE = "eval.json"  # what `finetune evaluate` writes into a run dir
@@ -154,7 +155,9 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
              f"classes · images: train {metrics.get('train_images')}, val "
              f"{metrics.get('val_images')}, test {test if test is not None else 'none'}")
     boxes = any(is_box_result(r) for r in results.values())
-    headline = str(metrics.get("metric") or "val/acc") if boxes else "val/acc"
+    task = str(manifest.get("task") or metrics.get("task") or "")
+    headline = str(metrics.get("metric") or "val/acc") if boxes \
+        else (task_of(task).headline if task in TASKS else "val/acc")
     if boxes:  # a detector's: mAP figures, nothing to calibrate
         figures = figures_table(results)
     elif results:
@@ -191,7 +194,8 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
                "optimistic. " + ("Evaluate it on boxes it never saw (finetune evaluate run=DIR "
                                  "data=... data.root=...) for a figure to sign off." if boxes
                                  else "Hold some out (data.test_fraction=0.2, or a test/ "
-                                 "folder) for a figure to sign off."))
+                                 "folder) for a figure to sign off." if headline == "val/acc"
+                                 else "Check it on data it never saw before relying on it."))
     temperature = manifest.get("temperature", 1.0)
     calibration = manifest.get("calibration") if isinstance(manifest.get("calibration"),
                                                                dict) else {}
@@ -207,6 +211,20 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
     return (f'<div id="verdict"><p class="muted">{esc(facts)}</p>'
             f'<div class="verdict {box[0]}">{box[1]}</div>{figures}'
             f'<p class="muted">{esc(run)}</p><p>{esc(calibrated)}</p></div>')
+
+
+def _mask_sections(metrics: dict[str, Any], run_dir: Path) -> list[str]:
+    """IoU per class and the confusion matrix over the validation pixels."""
+    iou = metrics["val/iou_per_class"]
+    rows = [[name, value if isinstance(value, int | float) else "— (absent)"]
+            for name, value in iou.items()]
+    worst = min(((v, n) for n, v in iou.items() if isinstance(v, int | float)), default=None)
+    return [section("iou-per-class", "IoU per class",
+                    table(["class", "IoU (last validation)"], rows, {1}),
+                    f"worst {worst[1]} {num(worst[0])}" if worst else "no class measured"),
+            section("confusion", "Confusion matrix (validation pixels)",
+                    img(png_uri(run_dir / artifacts.CONFUSION), "confusion matrix over pixels"),
+                    "rows: true class, columns: predicted")]
 
 
 def run_report(run_dir: Path) -> str:
@@ -263,7 +281,10 @@ def run_report(run_dir: Path) -> str:
         section("curves", "Curves", curves, "loss and accuracy per epoch"),
     ]
     found = {k: v for k, v in results.items() if is_box_result(v)}  # a detector's
-    sections += box_sections(found) if found else _evaluation_sections(results)
+    if isinstance(metrics.get("val/iou_per_class"), dict):  # a segmentation model's
+        sections += _mask_sections(metrics, run_dir)
+    else:
+        sections += box_sections(found) if found else _evaluation_sections(results)
     head = (f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(run_dir.resolve())} · created "
             f"{esc(manifest.get('created'))}</p>")
     return page(title, head + _verdict(metrics, manifest, results) + "".join(sections))

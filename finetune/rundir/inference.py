@@ -27,6 +27,7 @@ from finetune.errors import FinetuneError
 from finetune.models.backbones import Preprocessing
 from finetune.models.builder import assemble
 from finetune.models.detectors import backbone_of, build_detector, detector_names, detector_on
+from finetune.models.segmenters import build_segmenter, segmenter_names, segmenter_on
 from finetune.rundir import artifacts
 from finetune.rundir.manifest import Manifest, read_manifest
 from finetune.tasks.table import DEFAULT as DEFAULT_TASK
@@ -43,6 +44,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> n
     prep = Preprocessing(**manifest.preprocessing)
     try:
         model = (recorded_detector(manifest, prep) if task.model_kind == "detector"
+                 else recorded_segmenter(manifest, prep) if task.model_kind == "segmenter"
                  else recorded_classifier(manifest, prep))
     except FinetuneError:
         raise
@@ -65,7 +67,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> n
     # input is detector_input's)
     attached = [("class_names", manifest.class_names), ("preprocessing", prep),
                 ("manifest", manifest)]
-    if task.model_kind != "detector":
+    if task.model_kind == "classifier":
         attached.append(("transform", eval_transform(prep)))
     for name, value in attached:
         object.__setattr__(model, name, value)
@@ -94,6 +96,19 @@ def recorded_detector(manifest: Manifest, prep: Preprocessing) -> nn.Module:
                      prep.crop, prep.channels, source=manifest.model_source)
     backbone = backbone_of(parts.model, list(levels) or None, prep.crop, prep.channels)
     return detector_on(backbone, head, count, **kwargs)
+
+
+def recorded_segmenter(manifest: Manifest, prep: Preprocessing) -> nn.Module:
+    """The segmentation model a manifest describes, random weights: torchvision's by name,
+    or the classifier, cut by the recorded surgery, under the recorded head at the recorded
+    node (finetune/training/segmentation_plan.py records both)."""
+    kwargs, count = dict(manifest.build_kwargs), len(manifest.class_names or [])
+    if manifest.model_name in segmenter_names():
+        return build_segmenter(manifest.model_name, count, **kwargs)
+    parts = assemble(manifest.model_name, kwargs.get("classifier", {}), None, 0.0, [],
+                     manifest.surgery, prep.crop, prep.channels, source=manifest.model_source)
+    return segmenter_on(parts.model, str(kwargs.get("segmenter", "deeplabv3")),
+                        str(kwargs.get("node", "auto")), count, prep.crop, prep.channels)
 
 
 def detector_input(image: Image.Image) -> torch.Tensor:

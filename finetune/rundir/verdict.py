@@ -17,8 +17,8 @@ EXPLODED = 2.0  # a val/loss this many times a uniform guess's (ln K) has explod
 
 
 def learning_warnings(confusion: list[list[int]] | None, class_names: list[str],
-                      val_loss: float | None, series: dict[str, dict[int, float]]
-                      ) -> list[str]:
+                      val_loss: float | None, series: dict[str, dict[int, float]],
+                      counted: str = "images", accuracy: str = "val/acc") -> list[str]:
     """Every sign that the run learned nothing, one sentence each ([] when none).
 
     Args:
@@ -27,6 +27,8 @@ def learning_warnings(confusion: list[list[int]] | None, class_names: list[str],
         class_names: the run's classes.
         val_loss: the final val/loss.
         series: metric -> {epoch: value}, from metrics.csv.
+        counted: what the confusion matrix counts (images; pixels for segmentation).
+        accuracy: the name of its accuracy (val/acc; val/pixel_acc).
     """
     found: list[str] = []
     k = len(class_names)
@@ -34,13 +36,13 @@ def learning_warnings(confusion: list[list[int]] | None, class_names: list[str],
         total = sum(sum(row) for row in confusion)
         predicted = [j for j in range(k) if sum(row[j] for row in confusion) > 0]
         if total >= 2 and len(predicted) == 1:
-            found.append(f"one class predicted: every one of the {total} validation images is "
+            found.append(f"one class predicted: every one of the {total} validation {counted} is "
                          f"called {class_names[predicted[0]]!r}")
         if total:
-            accuracy = sum(confusion[i][i] for i in range(k)) / total
+            hits = sum(confusion[i][i] for i in range(k)) / total
             majority = max(sum(row) for row in confusion) / total
-            if accuracy <= majority:
-                found.append(f"at chance: val/acc {accuracy:.4f} is no better than always "
+            if hits <= majority:
+                found.append(f"at chance: {accuracy} {hits:.4f} is no better than always "
                              f"answering the most common class ({majority:.4f})")
     if val_loss is not None and k >= 2 and (not math.isfinite(val_loss)
                                             or val_loss > EXPLODED * math.log(k)):

@@ -44,6 +44,8 @@ class Task:
     model_kind = "classifier"
     # the metric a finished run's summary leads with (and ranks its best epoch by)
     headline = "val/acc"
+    # what its confusion matrix counts, and the name of that matrix's accuracy
+    counted, accuracy = "images", "val/acc"
 
     def metrics(self) -> tuple[str, ...]:
         """The metrics a run of this task can monitor (`metric=`, early stopping)."""

@@ -13,11 +13,12 @@ from finetune.tasks.base import Task
 from finetune.tasks.classification import Multiclass
 from finetune.tasks.detection import Detection
 from finetune.tasks.multilabel import Multilabel
+from finetune.tasks.segmentation import Segmentation
 
 DEFAULT = "multiclass"  # a run dir written before the task was recorded
 
 TASKS = Table("task", "finetune.tasks", "task")
-TASKS.add(Multiclass(), Multilabel(), Detection())
+TASKS.add(Multiclass(), Multilabel(), Detection(), Segmentation())
 
 
 def task_of(cfg_or_name: Any) -> Task:

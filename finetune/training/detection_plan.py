@@ -22,7 +22,6 @@ from finetune.data.box_datamodule import build_box_datamodule
 from finetune.data.formats import FORMATS
 from finetune.errors import FinetuneError
 from finetune.models import backbones
-from finetune.models.builder import assemble
 from finetune.models.detectors import (
     DetectorProblem,
     backbone_of,
@@ -37,7 +36,7 @@ from finetune.tasks.table import task_of
 from finetune.training.freezing import apply_freeze, plan_freeze
 from finetune.training.optim import plan_groups
 from finetune.training.plan_types import Built, RunPlan
-from finetune.training.validate import device_problems
+from finetune.training.validate import device_problems, loaded_classifier
 from finetune.weights.loading import load_for_plan
 from finetune.weights.sources import source_of
 
@@ -136,21 +135,13 @@ def build_model(cfg: DictConfig, class_names: list[str], size: int,
             report = load_for_plan(model, cfg.weights, name, head_paths, None, class_names,
                                    load, train_sources, notes)
             return Built(model, kwargs, head_paths, report, [])
-        ops = OmegaConf.to_container(cfg.surgery, resolve=True)
-        assert isinstance(ops, list)
-        kwargs = {**model_source_of(cfg).pretrained_kwargs(name, entry, size, channels),
-                  **user_kwargs}
-        start = len(problems)
-        parts = assemble(name, kwargs, None, 0.0, [], ops, size, channels, problems,
-                         model_source_of(cfg).name)
-        if parts is None or len(problems) > start:
+        found = loaded_classifier(cfg, entry, size, load, train_sources, problems, notes)
+        if found is None:
             return None
-        # the classifier's own tensors, by its own names (its classifier, if not cut, unused)
-        report = load_for_plan(parts.model, cfg.weights, name, [], parts.operated.map_key,
-                               None, load, train_sources, notes)
+        classifier, kwargs, report = found
         levels = list(cfg.model.detector.levels)
         detector_args = {**sizes, **detector_user}
-        backbone = backbone_of(parts.model, levels or None, size, channels)
+        backbone = backbone_of(classifier, levels or None, size, channels)
         model = detector_on(backbone, cfg.model.detector.head, count, **detector_args)
         if _unknown(model, detector_user, None, "model.detector.kwargs", problems):
             return None

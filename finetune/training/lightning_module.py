@@ -25,7 +25,10 @@ log = logging.getLogger("finetune")
 
 
 def split_outputs(output: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(logits, auxiliary logits): inception_v3 / googlenet return a tuple in training."""
+    """(logits, auxiliary logits): inception_v3 / googlenet return a tuple in training,
+    torchvision's segmentation models {"out": ..., "aux": ...}."""
+    if isinstance(output, dict):
+        return output["out"], [output["aux"]] if output.get("aux") is not None else []
     if isinstance(output, tuple):
         return output[0], [aux for aux in output[1:] if aux is not None]
     return output, []

@@ -7,7 +7,6 @@ with every path checked (finetune.validate.assemble_checked), then the weights l
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -35,7 +34,8 @@ from finetune.training.detection_plan import plan_detector
 from finetune.training.freezing import FreezePlan, apply_freeze, plan_freeze
 from finetune.training.optim import LR_PLACEHOLDER, GroupPlan, GroupSpec, is_auto, plan_groups
 from finetune.training.plan_types import Built, RunContext, RunPlan
-from finetune.training.validate import assemble_checked, validate
+from finetune.training.segmentation_plan import plan_segmenter
+from finetune.training.validate import assemble_checked, single_value_norm_problem, validate
 from finetune.weights.loading import load_for_plan
 from finetune.weights.sources import source_of
 
@@ -84,28 +84,6 @@ def input_size_problem(cfg: DictConfig, crop: int, build_kwargs: dict[str, Any],
     hint = model_source_of(cfg).size_hint(name, build_kwargs, crop)
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return f"{name} cannot take {crop} px inputs ({first}); {hint}"
-
-
-def single_value_norm_problem(model: nn.Module, fixed: list[str], batch_size: int, crop: int,
-                              channels: int) -> str | None:
-    """A batch of one image where a BatchNorm that trains sees one value per channel (a 1x1
-    map at this input size, or after a Linear layer): it cannot compute a variance, and
-    the first step would stop with a traceback."""
-    if batch_size != 1:
-        return None
-    norms = [name for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in fixed]
-    if not norms:
-        return None
-    shapes = surgery.io_shapes(model, crop, norms, channels)
-    single = [n for n in norms if n in shapes and math.prod(shapes[n][0][2:]) == 1]
-    if not single:
-        return None
-    more = f" (and {len(single) - 1} more)" if len(single) > 1 else ""
-    return (f"data.batch_size=1: the BatchNorm layer {single[0]}{more} trains on one value per "
-            f"channel at {crop} px, which it cannot do with one image per batch; use "
-            "data.batch_size >= 2, or freeze those layers (frozen BatchNorm keeps its "
-            "statistics)")
 
 
 def adapt(cfg: DictConfig, built: Built, adapter: adapters.AdapterPlan
@@ -166,6 +144,8 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
                                  "detectors take float images and normalize them inside the "
                                  "model; leave it auto")
         return plan_detector(plan, load, train_sources)
+    if task_of(cfg).model_kind == "segmenter":
+        return plan_segmenter(plan, load, train_sources)
     try:
         validate(cfg)
     except ConfigError as err:

@@ -60,12 +60,14 @@ from finetune.training.save import (
     save_run,
     write_report,
 )
+from finetune.training.segmentation_module import SegmenterModule
 
 log = logging.getLogger("finetune")
 
 # the LightningModule of each kind of model a task trains (Task.model_kind)
 MODULES: dict[str, type[FinetuneModule]] = {"classifier": FinetuneModule,
-                                            "detector": DetectorModule}
+                                            "detector": DetectorModule,
+                                            "segmenter": SegmenterModule}
 
 
 def is_main_process() -> bool:

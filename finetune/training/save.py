@@ -270,7 +270,7 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
     nonfinite = [f"{k}={v}" for k, v in final.items() if not math.isfinite(v)]
     warnings = learning_warnings(
         module.last_confusion.tolist() if module.last_confusion is not None else None,
-        data.class_names, final.get("val/loss"), series)
+        data.class_names, final.get("val/loss"), series, task.counted, task.accuracy)
     metrics = {
         "status": "failed" if nonfinite else "complete",
         **({"error": [nonfinite_message(nonfinite)]} if nonfinite else {}),

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from finetune.compose.precheck import config_problems
 from finetune.errors import ConfigError, FinetuneError
-from finetune.models import adapters
+from finetune.models import adapters, surgery
 from finetune.models.builder import Assembled, assemble
 from finetune.models.heads import seed_heads
 from finetune.models.sources import model_source_of
 from finetune.training import feature_cache as cache
 from finetune.training.freezing import FreezePlan, plan_freeze
 from finetune.training.optim import GroupPlan, plan_groups
+from finetune.weights.loading import load_for_plan
 from finetune.weights.sources import source_of
 
 
@@ -116,3 +119,48 @@ def assemble_checked(cfg: DictConfig, class_names: list[str] | None, entry: Any,
                             f"like {keys[0]!r}")
     return Checked(assembled if not problems else None, plan, problems, kwargs, groups or [],
                    adapter)
+
+
+def single_value_norm_problem(model: nn.Module, fixed: list[str], batch_size: int, crop: int,
+                              channels: int) -> str | None:
+    """A batch of one image where a BatchNorm that trains sees one value per channel (a 1x1
+    map at this input size, or after a Linear layer): it cannot compute a variance, and
+    the first step would stop with a traceback."""
+    if batch_size != 1:
+        return None
+    norms = [name for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in fixed]
+    if not norms:
+        return None
+    shapes = surgery.io_shapes(model, crop, norms, channels)
+    single = [n for n in norms if n in shapes and math.prod(shapes[n][0][2:]) == 1]
+    if not single:
+        return None
+    more = f" (and {len(single) - 1} more)" if len(single) > 1 else ""
+    return (f"data.batch_size=1: the BatchNorm layer {single[0]}{more} trains on one value per "
+            f"channel at {crop} px, which it cannot do with one image per batch; use "
+            "data.batch_size >= 2, or freeze those layers (frozen BatchNorm keeps its "
+            "statistics)")
+
+
+def loaded_classifier(cfg: DictConfig, entry: Any, size: int, load: bool, train_sources: bool,
+                      problems: list[str], notes: list[str]
+                      ) -> tuple[nn.Module, dict[str, Any], Any] | None:
+    """The classifier a detector or segmentation model is built on: assembled without a head,
+    cut by the surgery, its pretrained tensors loaded by its own names (its classifier, if not
+    cut, unused); (model, builder arguments, load report), or None (`problems` says why).
+    Raises FinetuneError for the weights (a file, min_loaded, weights.require)."""
+    name, channels = cfg.model.name, cfg.data.channels
+    ops = OmegaConf.to_container(cfg.surgery, resolve=True)
+    user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
+    assert isinstance(ops, list) and isinstance(user_kwargs, dict)
+    kwargs = {**model_source_of(cfg).pretrained_kwargs(name, entry, size, channels),
+              **user_kwargs}
+    start = len(problems)
+    parts = assemble(name, kwargs, None, 0.0, [], ops, size, channels, problems,
+                     model_source_of(cfg).name)
+    if parts is None or len(problems) > start:
+        return None
+    report = load_for_plan(parts.model, cfg.weights, name, [], parts.operated.map_key, None,
+                           load, train_sources, notes)
+    return parts.model, kwargs, report
