@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import csv
 import json
 import os
 import platform
@@ -67,6 +68,13 @@ def framework_run(overrides: list[str]) -> dict[str, Any]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["run_dir"] = str(run_dir)
     return metrics
+
+
+def framework_losses(run_dir: str) -> dict[int, float]:
+    """Global step -> logged training loss."""
+    with open(Path(run_dir) / "metrics.csv", newline="") as handle:
+        return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(handle)
+                if r.get("train/loss_step")}
 
 
 def report(title: str, header: list[str], rows: list[list[Any]], out: Path | None) -> str:

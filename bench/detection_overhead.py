@@ -18,7 +18,6 @@ Prints a Markdown table (medians of --repeats runs); --out FILE appends it there
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import framework_run, median, report
+from _common import framework_losses, framework_run, median, report
 
 from finetune.compose.prepare import compose_config
 from finetune.data.box_datasets import collate_boxes
@@ -83,13 +82,6 @@ def plain_loop(a: argparse.Namespace) -> tuple[float, list[float]]:
         if epoch == 1:
             seconds = time.perf_counter() - start
     return images / seconds, losses
-
-
-def framework_losses(run_dir: str) -> dict[int, float]:
-    """Global step -> logged training loss."""
-    with open(Path(run_dir) / "metrics.csv", newline="") as handle:
-        return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(handle)
-                if r.get("train/loss_step")}
 
 
 def main() -> None:

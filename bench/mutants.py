@@ -801,7 +801,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "finetune/training/segmentation_plan.py",
      '        seed_heads(model, ["classifier"], cfg.seed, class_names)\n', "",
      "tests/test_segmentation.py -k own_stream"),
-    ("per-image scores count unlabelled pixels", "finetune/training/segmentation_module.py",
+    ("per-image scores count unlabelled pixels", "finetune/tasks/segmentation.py",
      "matrices = torch.bincount(index[labelled], minlength=count * classes * classes)",
      "matrices = torch.bincount(index.reshape(-1), minlength=count * classes * classes)",
      "tests/test_segmentation.py -k unlabelled_pixels"),
@@ -815,6 +815,17 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("a by-name model's unknown kwargs pass", "finetune/training/segmentation_plan.py",
      "            unknown = unknown_arguments(model, user_kwargs, name)",
      "            unknown = []", "tests/test_segmentation.py -k one_sentence"),
+    ("evaluate reads a mask folder's ids as the run's, not by name",
+     "finetune/commands/evaluate.py",
+     "        model, dataset, model.class_names, batch_size, mapping,",
+     "        model, dataset, model.class_names, batch_size, None,",
+     "tests/test_segmentation.py -k matched_by_name"),
+    ("the report's worst images are the best ones", "finetune/rundir/mask_evaluation.py",
+     "    for i in order[:WORST]:", "    for i in order[::-1][:WORST]:",
+     "tests/test_segmentation.py -k worst_images"),
+    ("DDP's padded validation image kept", "finetune/training/segmentation_module.py",
+     "                kept = kept[:len(data.val_set)] if data is not None else kept",
+     "                kept = kept", "tests/test_segmentation.py -k two_process"),
 ]
 
 

@@ -24,7 +24,6 @@ Prints a Markdown table (medians of --repeats runs); --out FILE appends it there
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import framework_run, median, report
+from _common import framework_losses, framework_run, median, report
 
 CLASSES = 10
 
@@ -170,13 +169,6 @@ def device_loop(a: argparse.Namespace, init: Path, steps: int) -> float:
     if a.device == "cuda":
         torch.cuda.synchronize()
     return steps * a.batch / (time.perf_counter() - start)
-
-
-def framework_losses(run_dir: str) -> dict[int, float]:
-    """Global step -> logged training loss."""
-    with open(Path(run_dir) / "metrics.csv", newline="") as handle:
-        return {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(handle)
-                if r.get("train/loss_step")}
 
 
 def main() -> None:

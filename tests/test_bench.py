@@ -14,6 +14,7 @@ from tests.conftest import REPO
 
 SCRIPTS = ["overhead.py", "frozen.py", "data.py", "fastpaths.py", "cache.py",
            "detection_transfer.py", "detection_overhead.py", "detection_eval.py",
+           "segmentation_overhead.py",
            "adapters.py", "uint8.py", "time_to_accuracy.py"]
 
 

@@ -298,7 +298,7 @@ def test_a_tampered_temperature_is_refused(tested_run: Path, tmp_path: Path) -> 
         finetune.load(run)
 
 
-@pytest.mark.parametrize("task", ["segmentation", ["multiclass"], "multilabel"])
+@pytest.mark.parametrize("task", ["keypoints", ["multiclass"], "multilabel"])
 def test_a_manifests_task_must_be_installed(tested_run: Path, tmp_path: Path,
                                             task: object) -> None:
     """A run dir names its task: one this machine has is used (multilabel then predicts
@@ -315,7 +315,8 @@ def test_a_manifests_task_must_be_installed(tested_run: Path, tmp_path: Path,
         assert finetune.load(run).manifest.task == "multilabel"
         return
     with pytest.raises(FinetuneError, match=r"the manifest's task .* is not one of multiclass, "
-                                            r"multilabel, detection \(a task a plugin adds "):
+                                            r"multilabel, detection, segmentation \(a task a "
+                                            r"plugin adds "):
         finetune.load(run)
 
 

@@ -65,6 +65,17 @@ def test_palette_and_grey_masks_read_as_their_ids(tmp_path: Path) -> None:
     assert check_masks(found, 255, None) == []
 
 
+def test_sixteen_bit_grey_masks_hold_ids_past_255(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (4, 2)).save(tmp_path / "images" / "a.png")
+    ids = np.array([[0, 300, 300, 1], [2, 255, 299, 0]], dtype=np.uint16)
+    Image.fromarray(ids).save(tmp_path / "masks" / "a.png")
+    found = read_mask_folder(tmp_path, "mask_folders", [str(i) for i in range(301)])
+    assert np.array_equal(mask_ids(found.pairs[0].mask), ids.astype(np.int64))
+    assert check_masks(found, 255, None) == []
+
+
 def test_the_class_table_comes_from_the_config_classes_txt_or_voc(tmp_path: Path) -> None:
     _pair(tmp_path, "a", _ids(1))
     assert read_mask_folder(tmp_path, "mask_folders", ["x", "y"]).classes == ["x", "y"]

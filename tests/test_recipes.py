@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from safetensors.torch import load_file
 
 from finetune import locations
 from finetune.commands.inspect import inspect_plan, render
@@ -174,10 +175,10 @@ def test_validate_refuses_what_used_to_crash_later(override: str) -> None:
 
 
 def test_deeplabv3_recipe_loads_torchvisions_weights_but_the_class_layers(
-        offline_home: Path) -> None:
-    """deeplabv3_resnet50_seg on 6 classes: every tensor of torchvision's file (ours, random)
+        offline_home: Path, tmp_path: Path) -> None:
+    """deeplabv3_resnet50_seg on 11 classes: every tensor of torchvision's file (ours, random)
     loads but the 21-class layers of the classifier and its auxiliary twin, which are new;
-    the stem stays frozen."""
+    the stem stays frozen; it trains (its auxiliary head too) and writes its run dir."""
     cfg, _ = compose_config(["recipe=deeplabv3_resnet50_seg",
                              *RECIPE_OVERRIDES["deeplabv3_resnet50_seg"]])
     plan = plan_run(cfg)
@@ -189,3 +190,14 @@ def test_deeplabv3_recipe_loads_torchvisions_weights_but_the_class_layers(
     assert report.missing == [] and report.unexpected == []
     frozen = [n for n, p in plan.built.model.named_parameters() if not p.requires_grad]
     assert frozen == ["backbone.conv1.weight", "backbone.bn1.weight", "backbone.bn1.bias"]
+    run = train_here("recipe=deeplabv3_resnet50_seg", *RECIPE_OVERRIDES["deeplabv3_resnet50_seg"],
+                     "data.batch_size=2", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                     "trainer.limit_val_batches=1", run_dir=tmp_path / "run")
+    metrics = read_json(run / "metrics.json")
+    assert metrics["status"] == "complete" and 0 <= metrics["val/miou"] <= 1
+    trained = load_file(run / "model.safetensors")
+    assert trained["aux_classifier.4.weight"].shape[0] == 11  # the background and ten digits
+    loaded = torch.load(offline_home / "hub" / "checkpoints" / Path(
+        torchvision.models.get_model_weights("deeplabv3_resnet50")["COCO_WITH_VOC_LABELS_V1"].url
+    ).name, weights_only=True)
+    assert torch.equal(trained["backbone.conv1.weight"], loaded["backbone.conv1.weight"])

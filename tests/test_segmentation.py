@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import main_here, read_json, train_here, trust_weights_file
+from conftest import main_here, read_json, run_cli, train_here, trust_weights_file
 from PIL import Image
 from safetensors.torch import load_file
 
 import finetune
 from finetune.compose.prepare import compose_config
 from finetune.data.canvases import digit_canvases
+from finetune.data.masks import canvas_mask
 from finetune.models.segmenters import (
     SegmenterProblem,
     build_segmenter,
@@ -30,9 +31,8 @@ from finetune.models.segmenters import (
     segmenter_on,
 )
 from finetune.rundir.mask_inference import palette
-from finetune.tasks.segmentation import IGNORED, Segmentation, scores
+from finetune.tasks.segmentation import IGNORED, Segmentation, image_scores, scores
 from finetune.training.plan import plan_run
-from finetune.training.segmentation_module import image_scores
 
 TINY = ["recipe=digits_segmentation", "weights.source=none", "data.canvases.count=24",
         "data.canvases.size=32", "data.batch_size=4", "trainer.limit_train_batches=2",
@@ -314,15 +314,91 @@ def test_predict_writes_palette_masks_overlays_and_shares(frozen_run: Path, tmp_
         assert drawn.size == (40, 24 + 8 * i) and drawn.mode == "RGB"
 
 
-def test_the_report_shows_iou_per_class_and_export_evaluate_refuse(
-        frozen_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_report_shows_iou_per_class_and_the_worst_images(frozen_run: Path) -> None:
+    """The run's own evaluation of its validation split (evaluation.json) agrees with what
+    validation logged, and the report shows it: IoU per class, the pixel confusion matrix,
+    the worst images beside their true and predicted masks."""
     page = (frozen_run / "report.html").read_text()
     metrics = read_json(frozen_run / "metrics.json")
-    assert "IoU per class" in page and "Confusion matrix (validation pixels)" in page
+    [val] = read_json(frozen_run / "evaluation.json").values()
+    assert val["miou"] == pytest.approx(metrics["val/miou"], abs=1e-5)
+    assert val["images"] == metrics["val_images"]
+    assert [c["class"] for c in val["per_class"]] == ["background", "5", "6", "7", "8", "9"]
+    for row in val["per_class"]:
+        logged = metrics["val/iou_per_class"][row["class"]]
+        assert row["iou"] == pytest.approx(logged, abs=1e-5) if logged is not None \
+            else row["iou"] is None
+    assert len(val["worst"]) == min(6, val["images"])
+    assert [w["miou"] for w in val["worst"]] == sorted(w["miou"] for w in val["worst"])
+    assert all(w["thumbnail"].startswith("data:image/png;base64,") for w in val["worst"])
+    for heading in ("IoU per class", "Confusion matrix (validation pixels)",
+                    "Worst images (lowest mIoU)"):
+        assert heading in page
     assert f"best val/miou {metrics['best/val/miou']:.4f} at epoch 0" in page
-    for command, extra in (("export", ["format=onnx"]), ("evaluate", ["data=digit_masks"])):
-        code, _, err = main_here(command, f"run={frozen_run}", *extra, capsys=capsys)
-        assert code == 2 and "segmentation runs yet" in err and "Traceback" not in err
+
+
+def test_evaluate_measures_other_masks_matched_by_name(frozen_run: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """A mask folder whose class table names the run's classes in another order: its ids
+    are mapped by name; the figures are the confusion matrix's; a class the run lacks is
+    one sentence."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    names = ["6", "background", "5"]  # ids 0, 1, 2 in this folder
+    run_index = {"background": 0, "5": 1, "6": 2}
+    for i in range(3):
+        [canvas] = digit_canvases(1, size=32, digits=[5, 6], seed=20 + i, start=130)
+        mask = canvas_mask(canvas, ["background", "5", "6"])  # the run's ids...
+        by_folder = np.vectorize({0: 1, 1: 2, 2: 0}.get)(mask)  # ...as the folder numbers them
+        Image.fromarray(canvas.pixels).save(root / "images" / f"{i}.png")
+        Image.fromarray(by_folder.astype(np.uint8), mode="L").save(root / "masks" / f"{i}.png")
+    out = tmp_path / "eval"
+    code, printed, err = main_here("evaluate", f"run={frozen_run}", "data=mask_folders",
+                                   f"data.root={root}", f"data.classes=[{','.join(names)}]",
+                                   f"output={out}", capsys=capsys)
+    assert code == 0, err
+    result = read_json(out / "eval.json")
+    assert result["images"] == 3 and result["split"] == "all" and "mIoU" in printed
+    confusion = torch.tensor(result["confusion"])
+    assert result["miou"] == pytest.approx(float(scores(confusion)["miou"]), abs=1e-6)
+    truth = confusion.sum(1)  # true pixels per run class: the canvases' own counts
+    model = finetune.load(frozen_run)
+    size = model.preprocessing.crop
+    expected = torch.zeros(6, dtype=torch.int64)
+    for i in range(3):
+        ids = torch.from_numpy(np.asarray(Image.open(root / "masks" / f"{i}.png"),
+                                          dtype=np.int64))
+        ids = torch.nn.functional.interpolate(ids[None, None].float(), size=(size, size),
+                                              mode="nearest")[0, 0].long()
+        for folder_id, name in enumerate(names):
+            expected[run_index[name]] += int((ids == folder_id).sum())
+    assert torch.equal(truth, expected)
+    rows = list(csv.DictReader((out / "eval_predictions.csv").read_text().splitlines()))
+    assert [Path(r["item"]).name for r in rows] == ["0.png", "1.png", "2.png"]
+    code, _, err = main_here("evaluate", f"run={frozen_run}", "data=mask_folders",
+                             f"data.root={root}", "data.classes=[background,5,cat]",
+                             f"output={out}", capsys=capsys)
+    assert code == 2 and "the class cat is not among the run's 6 classes" in err
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_is_checked_on_the_class_maps(frozen_run: Path, tmp_path: Path, fmt: str
+                                             ) -> None:
+    from finetune.rundir.exporting import export
+
+    info = export(frozen_run, fmt, tmp_path / "out" / "")
+    assert info["parity_max_abs_diff"] <= info["tolerance"]
+    assert info["parity_pixel_agreement"] == 1.0
+    assert info["output_shape"] == ["batch", 6, 32, 32] and info["task"] == "segmentation"
+    assert "argmax over the classes" in info["outputs"]
+    if fmt == "torchscript":
+        loaded = torch.jit.load(info["file"])
+        model = finetune.load(frozen_run)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.inference_mode():
+            assert torch.allclose(loaded(x), model(x)["out"], atol=1e-4)
 
 
 @pytest.mark.parametrize("name,kwargs", [("lraspp_mobilenet_v3_large", []),
@@ -361,3 +437,66 @@ def test_digits_segmentation_learns_from_the_digits_classifier(tmp_path: Path) -
     assert metrics["val/miou"] >= MIOU_FLOOR, metrics
     assert all(v > 0.3 for v in metrics["val/iou_per_class"].values()), metrics
     assert json.loads((run / "load_report.json").read_text())["source"] == "recipe"
+
+
+def test_a_split_sweep_ranks_the_encoders_freeze_points_by_val_miou(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli("-m", *TINY, "trainer.max_epochs=1",
+                     "freeze.train_from=classifier,backbone.layer2,backbone.layer1",
+                     "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    code, out, err = main_here("report", str(sweep), capsys=capsys)
+    assert code == 0 and "ranked by val/miou" in out, err
+    rows = list(csv.DictReader((sweep / "leaderboard.csv").read_text().splitlines()))
+    assert {"best_val_miou", "val_miou", "val_pixel_acc"} <= set(rows[0]) and len(rows) == 3
+    values = [float(r["val_miou"]) for r in rows]
+    assert values == sorted(values, reverse=True)
+    for row in rows:  # each figure is its job's
+        job = read_json(sweep / row["job"] / "metrics.json")
+        assert float(row["val_miou"]) == pytest.approx(job["val/miou"], abs=1e-4)
+        assert row["train_from"] == job["train_from"]
+    assert {r["train_from"] for r in rows} == {"classifier", "backbone.layer2",
+                                                "backbone.layer1"}
+
+
+def test_two_process_ddp_trains_a_segmentation_model(tmp_path: Path) -> None:
+    """Its ranks stay identical; its validation images' scores are gathered in the data's
+    order, each as the trained model scores that image alone."""
+    run = tmp_path / "run"
+    result = run_cli(*TINY, "trainer.max_epochs=1", "trainer.limit_val_batches=null",
+                     "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                     "data.canvases.count=28", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    metrics = read_json(run / "metrics.json")
+    assert metrics["world_size"] == 2 and metrics["val_images"] == 7  # odd: a padded share
+    assert metrics["ddp"] == {"world_size": 2, "frozen_tensors_identical_across_ranks": True,
+                              "trained_tensors_identical_across_ranks": True}
+    gathered = list(csv.DictReader((run / "val_predictions.csv").read_text().splitlines()))
+    [alone] = read_json(run / "evaluation.json").values()
+    rows = {w["item"]: w for w in alone["worst"]}
+    assert [r["item"] for r in gathered] == [f"#{i}" for i in range(7)]
+    for row in gathered:
+        if row["item"] in rows:  # the worst images, scored alone after training
+            assert float(row["miou"]) == pytest.approx(rows[row["item"]]["miou"], abs=1e-3)
+
+
+def test_hostile_text_in_a_segmentation_run_dir_is_escaped(frozen_run: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    """Class names and item names come from received data: the page escapes them, and a
+    thumbnail that is not a PNG data URI is dropped."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(frozen_run, run)
+    evaluation = read_json(run / "evaluation.json")
+    evaluation["val"]["per_class"][1]["class"] = "<script>alert(1)</script>"
+    evaluation["val"]["worst"][0]["item"] = "<img src=x onerror=alert(2)>.png"
+    evaluation["val"]["worst"][0]["thumbnail"] = "javascript:alert(3)"
+    (run / "evaluation.json").write_text(json.dumps(evaluation))
+    code, _, err = main_here("report", str(run), capsys=capsys)
+    assert code == 0, err
+    page = (run / "report.html").read_text()
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
+    assert "<img src=x" not in page and "javascript:alert(3)" not in page

@@ -154,6 +154,12 @@ RUN_ELSEWHERE = {
     # its COCO data is the user's; run on box_csv canvases, from random weights
     "fasterrcnn_vgg16_relu5_3":
         "test_detection_runs.py::test_the_seeds_vgg16_recipe_is_one_map_under_faster_rcnn",
+    # its masks are the user's; run on digit masks from torchvision's file (ours, random)
+    "deeplabv3_resnet50_seg":
+        "test_recipes.py::test_deeplabv3_recipe_loads_torchvisions_weights_but_the_class_layers",
+    # the recipe as shipped, with a floor on what it learns
+    "digits_segmentation":
+        "test_segmentation.py::test_digits_segmentation_learns_from_the_digits_classifier",
 }
 
 
@@ -164,12 +170,13 @@ def _overrides(name: str) -> list[str]:
     return overrides
 
 
-@pytest.mark.parametrize("name", [n for n in SHIPPED
-                                  if n not in ("vgg16_relu5_3", "fasterrcnn_vgg16_relu5_3")])
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n not in (
+    "vgg16_relu5_3", "fasterrcnn_vgg16_relu5_3", "deeplabv3_resnet50_seg")])
 def test_every_shipped_recipe_validates(name: str, torch_home: Path, recipes_hub: Path,
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """(vgg16_relu5_3 and fasterrcnn_vgg16_relu5_3 are inspected with their weights in
-    test_recipes.py: the 528 MB vgg16 file is written once, there.)"""
+    """(vgg16_relu5_3, fasterrcnn_vgg16_relu5_3 and deeplabv3_resnet50_seg are inspected with
+    their weights in test_recipes.py: the 528 MB vgg16 file and the 161 MB DeepLabv3 file are
+    written once, there.)"""
     from finetune.commands.recipes import validate_recipe
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))

@@ -15,6 +15,9 @@ figures before and after. tta= evaluates with test-time augmentation (each image
 logits averaged: its mirror, its five crops, or both); eval.json records it. A detection
 run is measured on box data (its own validation split, or all of any box data): mAP, AP per
 class, the PR curve and the worst images (docs/detection.md); batch_size defaults to 4 there.
+A segmentation run is measured on masks the same way (its validation split, or all of any
+mask data, classes matched by name, at the run's input size): mIoU, pixel accuracy, Dice, IoU
+per class, the pixel confusion matrix and the worst images (docs/segmentation.md).
 """
 
 from __future__ import annotations
@@ -151,9 +154,8 @@ def evaluate_run(run: str | Path, overrides: list[str] = (), split: str = "auto"
         return evaluate_detector(run, model, overrides, split, calibrate, output,
                                  batch_size or DETECTOR_BATCH, tta)
     if task_of(model.manifest.task).model_kind == "segmenter":
-        raise FinetuneError(f"run={run}: evaluate does not measure segmentation runs yet; "
-                            "their metrics.json holds the validation's mIoU and IoU per class "
-                            "(docs/segmentation.md)")
+        return evaluate_segmenter(run, model, overrides, split, calibrate, output,
+                                  batch_size or DETECTOR_BATCH, tta)
     batch_size = batch_size or 64
     net, transform = with_tta(model, tta)  # a wrong tta= is refused before the data is read
     manifest = model.manifest
@@ -217,19 +219,8 @@ def evaluate_detector(run: str | Path, model: Any, overrides: list[str], split: 
     # lazy: keeps torch off a torch-free path
     from finetune.rundir import artifacts, box_evaluation, html_report
 
-    given = [k for k, v in (("calibrate=true", calibrate), (f"tta={tta}", tta != "none")) if v]
-    if given:
-        raise FinetuneError(f"{', '.join(given)}: for a classifier's probabilities; a "
-                            "detection run is evaluated on its boxes as found (remove it)")
-    if split not in ("auto", "val", "train", "all"):
-        raise FinetuneError(f"split={split}: box data has a validation split and no test split; "
-                            "use split=val, train or all")
-    data_cfg = data_config((model.manifest.config or {}).get("data"), list(overrides))
-    if FORMATS[data_cfg.name].holds != "boxes":
-        raise FinetuneError(f"data={data_cfg.name} holds class labels; a detection run is "
-                            f"evaluated on box data ({', '.join(box_data_names())})")
+    data_cfg, chosen = _data_of(model, overrides, split, calibrate, tta, "boxes")
     train, val, names = read_box_items(data_cfg, None, model.manifest.seed)
-    chosen = split if split != "auto" else ("all" if overrides else "val")
     items = {"val": val, "train": train, "all": train + val}[chosen]
     mapping = label_map(names, model.class_names)
     dataset = BoxDataset(items, box_transform(False))
@@ -255,9 +246,72 @@ def evaluate_detector(run: str | Path, model: Any, overrides: list[str], split: 
     return result, out_dir / EVAL
 
 
-def box_data_names() -> list[str]:
-    """The data formats that hold boxes."""
-    return [name for name, f in FORMATS.items() if f.holds == "boxes"]
+def evaluate_segmenter(run: str | Path, model: Any, overrides: list[str], split: str,
+                       calibrate: bool, output: str | Path | None, batch_size: int, tta: str
+                       ) -> tuple[dict[str, Any], Path]:
+    """A segmentation run on masks: its own validation split, or any mask data's (all of it;
+    classes matched by name); eval.json (mIoU, IoU per class, the pixel confusion matrix, the
+    worst images), eval_predictions.csv (one row per image), and the run's report rebuilt."""
+    # lazy: keeps torch off a torch-free path
+    from finetune.data.mask_datamodule import (
+        MaskDataset,
+        mask_transform,
+        read_mask_items,
+    )
+
+    # lazy: keeps torch off a torch-free path
+    from finetune.rundir import artifacts, html_report, mask_evaluation
+
+    data_cfg, chosen = _data_of(model, overrides, split, calibrate, tta, "masks")
+    train, val, names = read_mask_items(data_cfg, None, model.manifest.seed)
+    items = {"val": val, "train": train, "all": train + val}[chosen]
+    mapping = label_map(names, model.class_names)
+    prep = model.preprocessing  # the run's input size, whatever the data's config says
+    dataset = MaskDataset(items, mask_transform(prep.crop, prep, False),
+                          int(data_cfg.ignore_index))
+    paths = dataset.paths
+    result, rows = mask_evaluation.evaluate_masks(
+        model, dataset, model.class_names, batch_size, mapping,
+        [str(p) for p in paths] if paths is not None else None)
+    result = {"run": str(Path(run).resolve()), "split": chosen, "tta": "none",
+              "task": model.manifest.task,
+              "data": {"name": data_cfg.name, "root": data_cfg.get("root"),
+                       "overrides": list(overrides)}, **result}
+    out_dir = Path(output).expanduser() if output else Path(run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.write_csv(out_dir / EVAL_PREDICTIONS, mask_evaluation.HEADER, rows)
+    artifacts.write_json(out_dir / EVAL, result)
+    if out_dir.resolve() == Path(run).resolve():
+        html_report.write_run_report(Path(run))
+    return result, out_dir / EVAL
+
+
+def _data_of(model: Any, overrides: list[str], split: str, calibrate: bool, tta: str,
+             holds: str) -> tuple[Any, str]:
+    """(the data config, the split) a detection or segmentation run is evaluated on: its own
+    validation split by default, all of any data of `holds` (boxes, masks) given."""
+    kind = {"boxes": "detection", "masks": "segmentation"}.get(holds, "")
+    given = [k for k, v in (("calibrate=true", calibrate), (f"tta={tta}", tta != "none")) if v]
+    if given:
+        raise FinetuneError(f"{', '.join(given)}: for a classifier's probabilities; a {kind} "
+                            f"run is evaluated on its {holds} as found (remove it)")
+    if split not in ("auto", "val", "train", "all"):
+        raise FinetuneError(f"split={split}: {holds[:-2] if holds == 'boxes' else 'mask'} data "
+                            "has a validation split and no test split; use split=val, train "
+                            "or all")
+    data_cfg = data_config((model.manifest.config or {}).get("data"), list(overrides))
+    held = FORMATS[data_cfg.name].holds
+    if held != holds:
+        raise FinetuneError(f"data={data_cfg.name} holds "
+                            f"{'class labels' if held == 'labels' else held}; a {kind} run is "
+                            f"evaluated on {holds[:-2] if holds == 'boxes' else 'mask'} data "
+                            f"({', '.join(data_names(holds))})")
+    return data_cfg, split if split != "auto" else ("all" if overrides else "val")
+
+
+def data_names(holds: str) -> list[str]:
+    """The data formats that hold `holds` (boxes, masks)."""
+    return [name for name, f in FORMATS.items() if f.holds == holds]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,6 +337,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"finetune {COMMAND}: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
     views = "" if result["tta"] == "none" else f" (tta={result['tta']})"
+    if "miou" in result:  # a segmentation model's
+        print(f"finetune {COMMAND}: {result['split']} split, {result['images']} images, "
+              f"{result['pixels']} labelled pixels: mIoU {result['miou']:.4f}, pixel accuracy "
+              f"{result['pixel_acc']:.4f}, Dice {result['dice']:.4f}\n  {path}")
+        return
     if "map" in result:  # a detector's
         print(f"finetune {COMMAND}: {result['split']} split, {result['images']} images, "
               f"{result['boxes']} boxes: mAP {result['map']:.4f}, mAP@0.5 "

@@ -6,7 +6,8 @@ Exports the run's model as it was trained (surgery included; feature extractors 
 parity against the eager model on a batch of another size (max abs difference printed, above
 1e-4 fails and nothing is left behind), and writes a JSON beside it with the class names and
 preprocessing. A detection run's detector is exported and checked on its boxes, labels and
-scores (finetune/rundir/detector_export.py).
+scores (finetune/rundir/detector_export.py). A segmentation run's model is exported with its
+class maps as the output, checked on them and on the share of pixels whose class agrees.
 """
 
 from __future__ import annotations
@@ -89,6 +90,20 @@ class Calibrated(nn.Module):
         return self.model(x) / self.temperature
 
 
+class ClassMaps(nn.Module):
+    """A segmentation model with its "out" maps as the one output (batch, classes, height,
+    width); the run's attributes kept."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        for name in ("class_names", "preprocessing", "manifest"):
+            object.__setattr__(self, name, getattr(model, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
 def export_target(run_dir: str | Path, fmt: str, output: str | Path | None) -> Path:
     """The file to write: `output` when it names a file; inside it when it is a folder (one
     that exists, or ends with /, or has no suffix); model.<format> in the run dir by default."""
@@ -107,9 +122,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
                             f"{usage('export')}")
     model = load_run(run_dir, device="cpu")
     if task_of(model.manifest.task).model_kind == "segmenter":
-        raise FinetuneError(f"run={run_dir}: export does not take segmentation runs yet; "
-                            "finetune.load(run_dir) gives the model in PyTorch "
-                            "(docs/segmentation.md)")
+        model = ClassMaps(model)  # the graph's one output: the class maps
     detector = task_of(model.manifest.task).model_kind == "detector"
     temperature = model.manifest.temperature
     if temperature != 1.0 and not detector:  # calibrated: the graph divides by it
@@ -130,11 +143,14 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
             checked = detector_export.parity(model, found, fmt) if found is not None else {}
         runner = None if detector else (_torchscript if fmt == "torchscript" else _onnx)(
             model, staging / target.name)
-        difference = None
+        difference = agreement = None
         if runner is not None:
             check = _example(model, 3)  # another batch size than traced with
             with torch.inference_mode():
-                difference = float((runner(check) - model(check)).abs().max())
+                exported, eager = runner(check), model(check)
+            difference = float((exported - eager).abs().max())
+            if eager.dim() == 4:  # class maps: how many pixels get the same class
+                agreement = float((exported.argmax(1) == eager.argmax(1)).float().mean())
             if difference > TOLERANCE:
                 raise FinetuneError(f"parity check failed: max abs difference {difference:.3g} "
                                     f"> {TOLERANCE} between the {fmt} export and the model; "
@@ -160,6 +176,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
                             model.preprocessing.crop],
             "output_shape": ["batch", *model.manifest.output_shape],
             "parity_max_abs_diff": difference, "tolerance": TOLERANCE,
+            **({"parity_pixel_agreement": agreement} if agreement is not None else {}),
             "model_sha256": model.manifest.model_sha256,
             # how to read the outputs, as the run's task says (softmax over classes and
             # the temperature; or a sigmoid per label and its threshold)

@@ -37,6 +37,7 @@ from finetune.rundir.html_parts import (
     short,
     table,
 )
+from finetune.rundir.mask_report import is_mask_result, mask_figures, mask_sections
 from finetune.rundir.verdict import speed_line
 from finetune.tasks.table import TASKS, task_of
 
@@ -160,6 +161,8 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
         else (task_of(task).headline if task in TASKS else "val/acc")
     if boxes:  # a detector's: mAP figures, nothing to calibrate
         figures = figures_table(results)
+    elif any(is_mask_result(r) for r in results.values()):  # a segmentation model's
+        figures = mask_figures(results)
     elif results:
         figures = table(["evaluated on", "images", "accuracy", "macro F1", "ECE", "loss"],
                          [[label, r.get("images"), r.get("acc"), r.get("macro/f1"), r.get("ece"),
@@ -195,11 +198,13 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
                                  "data=... data.root=...) for a figure to sign off." if boxes
                                  else "Hold some out (data.test_fraction=0.2, or a test/ "
                                  "folder) for a figure to sign off." if headline == "val/acc"
-                                 else "Check it on data it never saw before relying on it."))
+                                 else "Evaluate it on masks it never saw (finetune evaluate "
+                                 "run=DIR data=mask_folders data.root=...) for a figure to "
+                                 "sign off."))
     temperature = manifest.get("temperature", 1.0)
     calibration = manifest.get("calibration") if isinstance(manifest.get("calibration"),
                                                                dict) else {}
-    if not results or boxes:
+    if not results or boxes or any(is_mask_result(r) for r in results.values()):
         calibrated = ""
     elif temperature != 1.0:
         calibrated = (f"Calibrated: temperature {num(temperature)}, fitted on "
@@ -211,20 +216,6 @@ def _verdict(metrics: dict[str, Any], manifest: dict[str, Any],
     return (f'<div id="verdict"><p class="muted">{esc(facts)}</p>'
             f'<div class="verdict {box[0]}">{box[1]}</div>{figures}'
             f'<p class="muted">{esc(run)}</p><p>{esc(calibrated)}</p></div>')
-
-
-def _mask_sections(metrics: dict[str, Any], run_dir: Path) -> list[str]:
-    """IoU per class and the confusion matrix over the validation pixels."""
-    iou = metrics["val/iou_per_class"]
-    rows = [[name, value if isinstance(value, int | float) else "— (absent)"]
-            for name, value in iou.items()]
-    worst = min(((v, n) for n, v in iou.items() if isinstance(v, int | float)), default=None)
-    return [section("iou-per-class", "IoU per class",
-                    table(["class", "IoU (last validation)"], rows, {1}),
-                    f"worst {worst[1]} {num(worst[0])}" if worst else "no class measured"),
-            section("confusion", "Confusion matrix (validation pixels)",
-                    img(png_uri(run_dir / artifacts.CONFUSION), "confusion matrix over pixels"),
-                    "rows: true class, columns: predicted")]
 
 
 def run_report(run_dir: Path) -> str:
@@ -281,8 +272,9 @@ def run_report(run_dir: Path) -> str:
         section("curves", "Curves", curves, "loss and accuracy per epoch"),
     ]
     found = {k: v for k, v in results.items() if is_box_result(v)}  # a detector's
-    if isinstance(metrics.get("val/iou_per_class"), dict):  # a segmentation model's
-        sections += _mask_sections(metrics, run_dir)
+    masks = {k: v for k, v in results.items() if is_mask_result(v)}
+    if masks or isinstance(metrics.get("val/iou_per_class"), dict):  # a segmentation model's
+        sections += mask_sections(masks, metrics, run_dir)
     else:
         sections += box_sections(found) if found else _evaluation_sections(results)
     head = (f"<h1>{esc(title)}</h1><p class=\"muted\">{esc(run_dir.resolve())} · created "

@@ -40,6 +40,22 @@ def scores(confusion: Any) -> dict[str, Any]:
             "dice": dice.nanmean(), "iou": iou}
 
 
+def image_scores(logits: Any, target: Any) -> Any:
+    """(pixel accuracy, mIoU) of each image of a batch: logits (B, K, H, W), target (B, H, W)
+    with unlabelled pixels negative."""
+    # lazy: keeps torch off a torch-free path
+    import torch
+
+    count, classes = logits.shape[0], logits.shape[1]
+    predicted = logits.argmax(1)
+    labelled = target >= 0
+    which = torch.arange(count, device=target.device).view(-1, 1, 1).expand_as(target)
+    index = (which * classes + target.clamp(min=0)) * classes + predicted
+    matrices = torch.bincount(index[labelled], minlength=count * classes * classes)
+    found = [scores(m) for m in matrices.view(count, classes, classes)]
+    return torch.tensor([[float(f["pixel_acc"]), float(f["miou"])] for f in found])
+
+
 class Segmentation(Task):
     """One class per pixel; the monitored metric is val/miou (higher is better)."""
 
@@ -99,6 +115,10 @@ class Segmentation(Task):
         """Per image: its pixel accuracy and its mean IoU over the classes it holds or was
         given (what the report ranks the worst images by); the module fills it in."""
         raise NotImplementedError("the segmenter module keeps per-image scores itself")
+
+    def export_outputs(self, manifest: Any) -> dict[str, Any]:
+        return {"outputs": "class scores per pixel (batch, classes, height, width) at the "
+                           "input's size; a pixel's class is the argmax over the classes"}
 
     def val_prediction_table(self, items: list[str], labels: list[Any], kept: list[Any],
                              finished: dict[str, Any], names: list[str]

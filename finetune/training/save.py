@@ -20,7 +20,14 @@ from finetune.data.datamodule import ImageDataModule
 from finetune.errors import FinetuneError
 from finetune.models import adapters, backbones
 from finetune.models.sources import model_source_of
-from finetune.rundir import artifacts, box_evaluation, evaluation, html_report, plots
+from finetune.rundir import (
+    artifacts,
+    box_evaluation,
+    evaluation,
+    html_report,
+    mask_evaluation,
+    plots,
+)
 from finetune.rundir.manifest import Manifest
 from finetune.rundir.verdict import learning_warnings, speed_line
 from finetune.sweeps.pruning import PruneTrial
@@ -224,6 +231,17 @@ def evaluate_box_split(run_dir: Path, model: nn.Module, data: ImageDataModule) -
     artifacts.write_json(run_dir / artifacts.EVALUATION, {"val": result})
 
 
+def evaluate_mask_split(run_dir: Path, model: nn.Module, data: ImageDataModule) -> None:
+    """A segmentation model's validation split (mask_evaluation.py), for the report:
+    evaluation.json (IoU per class, the pixel confusion matrix, the worst images drawn beside
+    their true and predicted masks)."""
+    paths = data.val_set.paths
+    result, _ = mask_evaluation.evaluate_masks(
+        model, data.val_set, data.class_names,
+        items=[str(p) for p in paths] if paths is not None else None)
+    artifacts.write_json(run_dir / artifacts.EVALUATION, {"val": result})
+
+
 def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
              freeze: FreezePlan, data: ImageDataModule, prep: backbones.Preprocessing,
              module: FinetuneModule, trainer: pl.Trainer, meter: ThroughputMeter,
@@ -246,6 +264,8 @@ def save_run(run_dir: Path, cfg: DictConfig, context: RunContext, built: Built,
         else evaluate_splits(run_dir, cfg, built.model, data, trainer)
     if task.model_kind == "detector" and cfg.eval.report:
         evaluate_box_split(run_dir, built.model, data)
+    if task.model_kind == "segmenter" and cfg.eval.report:
+        evaluate_mask_split(run_dir, built.model, data)
     series = artifacts.epoch_metrics(run_dir / artifacts.METRICS_CSV)
     plots.plot_curves(series, run_dir / artifacts.CURVES)
     if module.last_confusion is not None:

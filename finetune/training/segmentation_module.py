@@ -12,21 +12,8 @@ from typing import Any
 
 import torch
 
-from finetune.tasks.segmentation import scores
+from finetune.tasks.segmentation import image_scores, scores
 from finetune.training.lightning_module import FinetuneModule
-
-
-def image_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(pixel accuracy, mIoU) of each image of a batch: logits (B, K, H, W), target (B, H, W)
-    with unlabelled pixels negative."""
-    count, classes = logits.shape[0], logits.shape[1]
-    predicted = logits.argmax(1)
-    labelled = target >= 0
-    which = torch.arange(count, device=target.device).view(-1, 1, 1).expand_as(target)
-    index = (which * classes + target.clamp(min=0)) * classes + predicted
-    matrices = torch.bincount(index[labelled], minlength=count * classes * classes)
-    found = [scores(m) for m in matrices.view(count, classes, classes)]
-    return torch.tensor([[float(f["pixel_acc"]), float(f["miou"])] for f in found])
 
 
 class SegmenterModule(FinetuneModule):
@@ -56,6 +43,8 @@ class SegmenterModule(FinetuneModule):
             if self.trainer.world_size > 1:  # rank r validated the items r, r + W, ...
                 gathered = self.all_gather(kept)
                 kept = gathered.transpose(0, 1).reshape(-1, kept.shape[1])
+                data = getattr(self.trainer, "datamodule", None)  # (padded to a multiple of W)
+                kept = kept[:len(data.val_set)] if data is not None else kept
             self.last_predictions = kept.cpu().tolist()
         if self._val_count and not self.trainer.sanity_checking \
                 and self.trainer.lr_scheduler_configs:
