@@ -826,6 +826,11 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
     ("DDP's padded validation image kept", "finetune/training/segmentation_module.py",
      "                kept = kept[:len(data.val_set)] if data is not None else kept",
      "                kept = kept", "tests/test_segmentation.py -k two_process"),
+    ("a mask past Pillow's pixel limit is a traceback", "finetune/data/masks.py",
+     "        except (OSError, Image.DecompressionBombError):  # (a bomb: too many pixels)\n"
+     "            unreadable.append(name)",
+     "        except OSError:\n            unreadable.append(name)",
+     "tests/test_masks.py -k bomb"),
 ]
 
 

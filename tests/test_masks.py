@@ -124,6 +124,17 @@ def test_every_problem_of_the_masks_is_named_at_once(tmp_path: Path) -> None:
         read_mask_folder(tmp_path, "mask_folders", CLASSES), 0, None))
 
 
+def test_a_decompression_bomb_is_an_unreadable_file_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses images past twice its pixel limit with its own error; a received mask
+    (or image) that large is named with the unreadable ones."""
+    _pair(tmp_path, "big", _ids(1, size=16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels > 2 x 100
+    problems = check_masks(read_mask_folder(tmp_path, "mask_folders", CLASSES), 255, None)
+    assert problems == ["1 file(s) that cannot be read as images, e.g. big.png; replace or "
+                        "remove them"]
+
+
 def test_a_mask_outside_the_data_root_is_refused(tmp_path: Path) -> None:
     root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
     _pair(root, "a", _ids(1))

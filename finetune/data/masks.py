@@ -158,13 +158,13 @@ def check_masks(found: MaskSet, ignore_index: int, num_classes: int | None) -> l
         except ValueError as err:
             colour.append(f"{name} ({err})")
             continue
-        except OSError:
+        except (OSError, Image.DecompressionBombError):  # (a bomb: too many pixels)
             unreadable.append(name)
             continue
         try:
             with Image.open(pair.image) as image:
                 size = image.size
-        except OSError:
+        except (OSError, Image.DecompressionBombError):  # (a bomb: too many pixels)
             unreadable.append(pair.image.name)
             continue
         if size != (ids.shape[1], ids.shape[0]):
