@@ -111,11 +111,6 @@ class Segmentation(Task):
         return functional.cross_entropy(logits, target, weight=weight, ignore_index=IGNORED,
                                         label_smoothing=label_smoothing)
 
-    def kept(self, logits: Any) -> Any:
-        """Per image: its pixel accuracy and its mean IoU over the classes it holds or was
-        given (what the report ranks the worst images by); the module fills it in."""
-        raise NotImplementedError("the segmenter module keeps per-image scores itself")
-
     def export_outputs(self, manifest: Any) -> dict[str, Any]:
         return {"outputs": "class scores per pixel (batch, classes, height, width) at the "
                            "input's size; a pixel's class is the argmax over the classes"}

@@ -116,8 +116,7 @@ def build_model(cfg: DictConfig, class_names: list[str], size: int, entry: Any, 
                         "raise data.image_size or cut the classifier earlier")
         return None
     return Built(model, {"classifier": kwargs, "segmenter": head,
-                         "node": model.backbone.return_layers and next(
-                             iter(model.backbone.return_layers))},
+                         "node": next(iter(model.backbone.return_layers))},
                  ["classifier"], report, [count, size, size])
 
 
