@@ -1,5 +1,6 @@
-"""A detector's training speed: `python -m finetune recipe=digits_detection` against a
-hand-written torchvision loop on the same detector and data.
+"""A detector's training speed: `python -m finetune recipe=digits_detection` (or
+digits_instances: a Mask R-CNN and its masks) against a hand-written torchvision loop on the
+same detector and data.
 
 Both train the same Faster R-CNN (the recipe's ResNet-18 with an FPN on layer2-layer4, from
 the same random initial weights: the plan builds it under the same seed) on the same digit
@@ -11,6 +12,7 @@ counted. The training losses are compared at every step the framework logs.
 
     python bench/detection_overhead.py            # the figures in BENCHMARKS.md
     python bench/detection_overhead.py --smoke    # tiny, no figures
+    python bench/detection_overhead.py --recipe digits_instances --canvases 120
 
 Prints a Markdown table (medians of --repeats runs); --out FILE appends it there.
 """
@@ -35,6 +37,8 @@ from finetune.training.plan import plan_run
 
 def args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="digits_detection",
+                        help="digits_detection | digits_instances")
     parser.add_argument("--canvases", type=int, default=240, help="2/3 of them train")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
@@ -45,7 +49,7 @@ def args_parser() -> argparse.ArgumentParser:
 
 
 def overrides(a: argparse.Namespace) -> list[str]:
-    return ["recipe=digits_detection", "weights.source=none", "seed=0",
+    return [f"recipe={a.recipe}", "weights.source=none", "seed=0",
             f"data.canvases.count={a.canvases}", f"data.canvases.size={a.size}",
             f"data.batch_size={a.batch}", "data.num_workers=0", "trainer.max_epochs=2",
             "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]
@@ -99,7 +103,8 @@ def main() -> None:
         # the framework logs the loss of step s (0-based) at global step s + 1
         curve.append(max(abs(losses[step - 1] - loss) for step, loss in theirs.items()
                          if 0 < step <= len(losses)))
-    report(f"Detector overhead: Faster R-CNN (ResNet-18 FPN) on {a.size} px canvases, batch "
+    kind = "Mask R-CNN" if a.recipe == "digits_instances" else "Faster R-CNN"
+    report(f"Detector overhead: {kind} (ResNet-18 FPN) on {a.size} px canvases, batch "
            f"{a.batch}, CPU",
            ["plain loop img/s", "framework img/s", "ratio", "max loss difference (per step)",
             "framework input wait", "runs"],

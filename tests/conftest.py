@@ -214,11 +214,14 @@ def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def torch_home_vgg(torch_home: Path) -> Path:
-    """torch_home plus vgg16 (IMAGENET1K_V1, 528 MB) and deeplabv3_resnet50
-    (COCO_WITH_VOC_LABELS_V1, 161 MB), so only for the tests that need them."""
+    """torch_home plus vgg16 (IMAGENET1K_V1, 528 MB), deeplabv3_resnet50
+    (COCO_WITH_VOC_LABELS_V1, 161 MB) and maskrcnn_resnet50_fpn (COCO_V1, 170 MB), so only
+    for the tests that need them."""
     save_torchvision_checkpoint(torch_home, "vgg16", "IMAGENET1K_V1")
     save_torchvision_checkpoint(torch_home, "deeplabv3_resnet50", "COCO_WITH_VOC_LABELS_V1",
                                 aux_loss=True, weights_backbone=None)
+    save_torchvision_checkpoint(torch_home, "maskrcnn_resnet50_fpn", "COCO_V1",
+                                weights_backbone=None)
     return torch_home
 
 

@@ -305,13 +305,13 @@ def test_parity_pairs_boxes_of_equal_score_and_catches_a_moved_box(
 
     want = _found((0, 0, 10, 10, 1, 0.5), (20, 20, 30, 30, 1, 0.5), (5, 5, 9, 9, 2, 0.4))
     swapped = {k: v[[1, 0, 2]] for k, v in want.items()}
-    assert paired(want, swapped) == (0.0, 0.0)
+    assert paired(want, swapped) == (0.0, 0.0, 0.0)
     moved = {k: v.clone() for k, v in want.items()}
     moved["boxes"][0, 0] += 1.0
     assert paired(want, moved)[0] == pytest.approx(1.0)
     relabelled = {k: v.clone() for k, v in want.items()}
     relabelled["labels"][2] = 1
-    assert paired(want, relabelled) == (float("inf"), float("inf"))
+    assert paired(want, relabelled) == (float("inf"), float("inf"), float("inf"))
     run, _ = detection_run
     model = finetune.load(run, device="cpu")
 

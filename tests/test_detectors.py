@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.detection import MaskRCNN
 
 from finetune.data.canvases import digit_canvases
+from finetune.data.instance_masks import canvas_instances
 from finetune.models.detectors import (
     HEADS,
     LABEL_OFFSET,
@@ -35,7 +38,9 @@ def _batch(count: int = 2) -> tuple[list[torch.Tensor], list[dict[str, torch.Ten
     canvases = digit_canvases(count, size=SIZE, digits=[1, 4, 7], seed=0)
     images = [torch.from_numpy(c.pixels).float().div(255).expand(3, -1, -1) for c in canvases]
     targets = [{"boxes": torch.tensor([b[:4] for b in c.boxes], dtype=torch.float32),
-                "labels": torch.tensor([CLASSES.index(b[4]) + LABEL_OFFSET for b in c.boxes])}
+                "labels": torch.tensor([CLASSES.index(b[4]) + LABEL_OFFSET for b in c.boxes]),
+                "masks": torch.from_numpy(np.stack(canvas_instances(c.pixels, c.boxes))
+                                          ).to(torch.uint8)}
                for c in canvases]
     return images, targets
 
@@ -47,6 +52,8 @@ def _step_and_predict(model: nn.Module) -> None:
     model.train()
     losses = model(images, targets)
     assert losses and all(math.isfinite(float(v.detach())) for v in losses.values()), losses
+    masked = isinstance(model, MaskRCNN) and model.roi_heads.mask_predictor is not None
+    assert ("loss_mask" in losses) == masked
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]
     sum(losses.values()).backward()
@@ -61,6 +68,8 @@ def _step_and_predict(model: nn.Module) -> None:
         assert boxes.shape[1:] == (4,) and len(labels) == len(boxes) == len(output["scores"])
         assert ((boxes >= 0) & (boxes <= SIZE)).all()
         assert set(labels.tolist()) <= {1, 2, 3}
+        if masked:  # a mask per box, the image's size
+            assert output["masks"].shape == (len(boxes), 1, SIZE, SIZE)
 
 
 def _class_outputs(model: nn.Module) -> int:
@@ -158,5 +167,6 @@ def test_what_cannot_be_a_detector_is_one_sentence() -> None:
                                               r"not all nodes of the backbone"):
         backbone_of(resnet, ["layer2", "layer9"], SIZE)
     with pytest.raises(DetectorProblem, match=r"^head='ssd': a classifier's features go "
-                                              r"under one of fasterrcnn, retinanet, fcos$"):
+                                              r"under one of fasterrcnn, retinanet, fcos, "
+                                              r"maskrcnn$"):
         detector_on(SingleMap(resnet.layer1, 64), "ssd", 3)

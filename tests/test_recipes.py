@@ -32,7 +32,10 @@ RECIPE_OVERRIDES = {"resnet50_9cls": DIGITS_1_9, "resnet50_custom_head": DIGITS_
                                                  "data.canvases.count=8",
                                                  "data.canvases.size=64"],
                     "deeplabv3_resnet50_seg": ["data=digit_masks", "data.image_size=64",
-                                               "data.canvases.count=8"]}
+                                               "data.canvases.count=8"],
+                    "maskrcnn_resnet50_fpn_inst": ["data=digit_canvases", "data.image_size=64",
+                                                   "data.canvases.count=8",
+                                                   "data.canvases.size=64"]}
 
 
 @pytest.fixture
@@ -52,7 +55,9 @@ def test_inspect_runs_on_every_shipped_recipe(name: str, offline_home: Path, tmp
     text = render(plan)
     assert plan["recipe"]["name"] == name
     assert plan["modules"][0]["path"] == "(model)"
-    assert plan["output_shape"] or plan["config"]["task"] == "detection"  # boxes: any count
+    # boxes: any count
+    assert plan["output_shape"] or plan["config"]["task"] in ("detection",
+                                                              "instance_segmentation")
     assert "== optimizer ==" in text and "weights:" in text
     assert f"== feature cache == {plan['feature_cache']}" in text
     if plan["config"]["weights"]["source"] == "recipe":
@@ -201,3 +206,33 @@ def test_deeplabv3_recipe_loads_torchvisions_weights_but_the_class_layers(
         torchvision.models.get_model_weights("deeplabv3_resnet50")["COCO_WITH_VOC_LABELS_V1"].url
     ).name, weights_only=True)
     assert torch.equal(trained["backbone.conv1.weight"], loaded["backbone.conv1.weight"])
+
+
+def test_maskrcnn_recipe_replaces_both_predictors_and_loads_the_rest(
+        offline_home: Path, tmp_path: Path) -> None:
+    """maskrcnn_resnet50_fpn_inst on the ten digits: every tensor of torchvision's COCO file
+    (ours, random) loads but the 91-class box and mask predictors, which are new and sized
+    for ten classes and the background; the stem and layer1 stay frozen; one step trains and
+    the run measures mask mAP."""
+    overrides = RECIPE_OVERRIDES["maskrcnn_resnet50_fpn_inst"]
+    cfg, _ = compose_config(["recipe=maskrcnn_resnet50_fpn_inst", *overrides])
+    plan = plan_run(cfg)
+    assert plan.problems == [] and plan.built.head_paths == [
+        "roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits"]
+    report = plan.built.report
+    assert sorted(s["key"] for s in report.shape_skipped) == [
+        "roi_heads.box_predictor.bbox_pred.bias", "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.mask_predictor.mask_fcn_logits.bias",
+        "roi_heads.mask_predictor.mask_fcn_logits.weight"]
+    assert report.missing == [] and report.unexpected == []
+    trainable = {n.split(".")[2] for n, p in plan.built.model.named_parameters()
+                 if p.requires_grad and n.startswith("backbone.body.")}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    run = train_here("recipe=maskrcnn_resnet50_fpn_inst", *overrides, "data.batch_size=2",
+                     "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                     "trainer.limit_val_batches=1", run_dir=tmp_path / "run")
+    metrics = read_json(run / "metrics.json")
+    assert metrics["status"] == "complete" and 0 <= metrics["val/mask_map"] <= 1
+    trained = load_file(run / "model.safetensors")
+    assert trained["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 11

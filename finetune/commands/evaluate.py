@@ -220,10 +220,11 @@ def evaluate_detector(run: str | Path, model: Any, overrides: list[str], split: 
     from finetune.rundir import artifacts, box_evaluation, html_report
 
     data_cfg, chosen = _data_of(model, overrides, split, calibrate, tta, "boxes")
-    train, val, names = read_box_items(data_cfg, None, model.manifest.seed)
+    masks = task_of(model.manifest.task).instance_masks
+    train, val, names = read_box_items(data_cfg, None, model.manifest.seed, masks)
     items = {"val": val, "train": train, "all": train + val}[chosen]
     mapping = label_map(names, model.class_names)
-    dataset = BoxDataset(items, box_transform(False))
+    dataset = BoxDataset(items, box_transform(False), masks)
     result, outputs = box_evaluation.evaluate_boxes(model, dataset, model.class_names,
                                                     batch_size, mapping)
     result = {"run": str(Path(run).resolve()), "split": chosen, "tta": "none",

@@ -18,6 +18,7 @@ from finetune.errors import did_you_mean
 from finetune.extensions import TABLES
 from finetune.sweeps.study import PRUNERS
 from finetune.tasks.detection import MAP_METRICS as DETECTION_METRICS
+from finetune.tasks.instances import MASK_MAP_METRICS
 from finetune.tasks.segmentation import MASK_METRICS
 
 
@@ -29,7 +30,8 @@ class EmaConfig:
 
 @dataclass
 class DetectorConfig:
-    head: str = "fasterrcnn"  # task=detection on a classifier: fasterrcnn | retinanet | fcos
+    # task=detection on a classifier: fasterrcnn | retinanet | fcos; instance masks: maskrcnn
+    head: str = "fasterrcnn"
     levels: list[str] = field(default_factory=list)  # FPN levels by node; []: one map
     kwargs: dict[str, Any] = field(default_factory=dict)  # to the detector (min_size, ...)
 
@@ -330,11 +332,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("info", "debug"),
     "checkpoint.keep": ("auto", "last", "best", "both", "none",
                         *(f"top{k}" for k in range(2, 11))),
-    "metric": (*CLASS_METRICS, "best/val/acc", "val/mAP", *DETECTION_METRICS, *MASK_METRICS),
+    "metric": (*CLASS_METRICS, "best/val/acc", "val/mAP", *DETECTION_METRICS, *MASK_METRICS,
+               *MASK_MAP_METRICS[:4]),
     "eval.checkpoint": ("last", "best"),
     "sweep.pruner.name": PRUNERS,  # finetune/sweeps/study.py
-    "trainer.early_stopping.monitor": (*CLASS_METRICS, *DETECTION_METRICS, *MASK_METRICS),
-    "model.detector.head": ("fasterrcnn", "retinanet", "fcos"),  # finetune/models/detectors.py
+    "trainer.early_stopping.monitor": (*CLASS_METRICS, *DETECTION_METRICS, *MASK_METRICS,
+                                       *MASK_MAP_METRICS[:4]),
+    # finetune/models/detectors.py HEADS
+    "model.detector.head": ("fasterrcnn", "retinanet", "fcos", "maskrcnn"),
     "model.segmenter.head": ("deeplabv3", "fcn"),  # finetune/models/segmenters.py HEADS
     "data.box_format": ("xyxy", "xywh", "cxcywh"),  # finetune/data/boxes.py BOX_FORMATS
     "data.empty_images": ("keep", "refuse"),  # finetune/data/box_checks.py EMPTY_POLICIES

@@ -2,8 +2,9 @@
 what a reader could not read, class ids and names the classes do not have, head.num_classes
 against the data, image files missing or not images, sizes that differ from the annotation,
 boxes outside their image or of no area, four numbers that look like another box format than
-the one declared, and images without boxes where they are refused. Each problem is one
-sentence with a count and a first example. Nothing here imports torch.
+the one declared, images without boxes where they are refused, and — for instance masks —
+objects without a segmentation, segmentations that do not fit their image, and empty masks.
+Each problem is one sentence with a count and a first example. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from finetune.data.boxes import Box, BoxedImage, BoxSet, image_size
+from finetune.data.instance_masks import MaskShapeError, decode
 
 # A box may reach this many pixels past the image's edge (annotation tools round outward).
 EDGE_TOLERANCE = 1.0
@@ -63,13 +65,14 @@ def format_problem(boxes: list[tuple[Box, tuple[int, int]]], declared: str) -> s
 
 def check_boxes(found: BoxSet, *, classes: list[str] | None = None,
                 num_classes: int | None = None, empty: str = "keep",
-                box_format: str | None = None) -> Checked:
+                box_format: str | None = None, masks: bool = False) -> Checked:
     """Every problem of `found` at once (see the module's docstring).
 
     `classes`: data.classes when given (the names a run trains; a box of another class is a
     problem); `num_classes`: head.num_classes when set (the object classes, background not
     counted); `empty`: what images without boxes are (keep: negatives, refuse: a problem);
-    `box_format`: the format a CSV declared (its four numbers are checked against the other).
+    `box_format`: the format a CSV declared (its four numbers are checked against the other);
+    `masks`: every object needs a segmentation that is a mask of its image (instance masks).
     """
     problems = list(found.problems)
     names = [str(c) for c in classes] if classes else found.classes
@@ -110,6 +113,8 @@ def check_boxes(found: BoxSet, *, classes: list[str] | None = None,
     problems += _counted(resized, "image(s) differ in size from their annotation",
                          "the boxes were drawn on another version of the image")
     problems += _box_problems(found.images, sizes, box_format)
+    if masks:
+        problems += mask_problems(found.images, sizes)
     negatives = [str(i.path.name) for i in found.images if not i.boxes]
     if found.images and len(negatives) == len(found.images):
         problems.append(f"none of the {len(found.images)} images has a box; the annotations "
@@ -137,3 +142,31 @@ def _box_problems(images: Iterable[BoxedImage], sizes: dict[str, tuple[int, int]
                       "fix or remove them"),
             *_counted(outside, "box(es) reach outside their image",
                       f"fix them (a box may reach {EDGE_TOLERANCE:g} pixel past an edge)")]
+
+
+def mask_problems(images: Iterable[BoxedImage], sizes: dict[str, tuple[int, int] | None]
+                  ) -> list[str]:
+    """Objects whose segmentation is missing, cannot be read as a mask of their image, or
+    covers no pixel (each decoded once, at the image file's size)."""
+    missing, unreadable, empty = [], [], []
+    for image in images:
+        size = sizes.get(str(image.path))
+        if size is None:
+            continue  # the image itself is a problem already
+        for box in image.boxes:
+            if box.shape is None or box.shape == []:
+                missing.append(box.where)
+                continue
+            try:
+                mask = decode(box.shape, size[1], size[0])
+            except MaskShapeError as err:
+                unreadable.append(f"{box.where} ({err})")
+                continue
+            if not mask.any():
+                empty.append(box.where)
+    return [*_counted(missing, "object(s) have no segmentation (polygons or RLE)",
+                      "an instance mask needs one per object: add it, or train task=detection "
+                      "on the boxes alone"),
+            *_counted(unreadable, "segmentation(s) cannot be read as masks of their image",
+                      "fix or remove them"),
+            *_counted(empty, "segmentation(s) cover no pixel", "fix or remove them")]

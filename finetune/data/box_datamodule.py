@@ -70,10 +70,11 @@ def split_items(items: list[Any], fraction: float, seed: int) -> tuple[list[Any]
             [x for i, x in enumerate(items) if i in val])
 
 
-def read_box_items(cfg: Any, num_classes: int | None, seed: int
+def read_box_items(cfg: Any, num_classes: int | None, seed: int, masks: bool = False
                    ) -> tuple[list[BoxItem], list[BoxItem], list[str]]:
     """(training items, validation items, class names) of the data group `cfg`, after the
-    label pre-flight check: every problem found raises, together."""
+    label pre-flight check (with `masks`, of every object's mask too): every problem found
+    raises, together."""
     data_format = FORMATS[cfg.name]
     if isinstance(data_format, DigitCanvases):  # generated: its own validation canvases
         names = data_format.class_names(cfg) or []
@@ -88,7 +89,8 @@ def read_box_items(cfg: Any, num_classes: int | None, seed: int
     classes = [str(c) for c in cfg.classes] if cfg.get("classes") else None
     checked = check_boxes(found, classes=classes, num_classes=num_classes,
                           empty=cfg.empty_images,
-                          box_format=cfg.box_format if cfg.name == "box_csv" else None)
+                          box_format=cfg.box_format if cfg.name == "box_csv" else None,
+                          masks=masks)
     if checked.problems:
         raise ConfigError([f"data={cfg.name} ({cfg.root}): {p}" for p in checked.problems])
     names = classes or found.classes
@@ -100,9 +102,11 @@ def read_box_items(cfg: Any, num_classes: int | None, seed: int
     return train, val, names
 
 
-def build_box_datamodule(cfg: Any, num_classes: int | None, seed: int) -> BoxDataModule:
-    """The datamodule of box data `cfg` (the data group); `num_classes`: head.num_classes."""
-    train, val, names = read_box_items(cfg, num_classes, seed)
+def build_box_datamodule(cfg: Any, num_classes: int | None, seed: int, masks: bool = False
+                         ) -> BoxDataModule:
+    """The datamodule of box data `cfg` (the data group); `num_classes`: head.num_classes;
+    `masks`: the targets hold each object's mask too (instance masks)."""
+    train, val, names = read_box_items(cfg, num_classes, seed, masks)
     if cfg.train_size is not None and cfg.train_size < len(train):
         keep = sorted(random.Random(derive(seed, 8)).sample(range(len(train)), cfg.train_size))
         train = [train[i] for i in keep]
@@ -110,7 +114,7 @@ def build_box_datamodule(cfg: Any, num_classes: int | None, seed: int) -> BoxDat
         else list(cfg.augment)
     augment = [make_transform(spec, cfg.image_size or 800, f"data.augment[{i}]")
                for i, spec in enumerate(specs)]
-    training = SeededBoxes(train, box_transform(True, flip=False, augment=augment))
+    training = SeededBoxes(train, box_transform(True, flip=False, augment=augment), masks)
     if augment:  # an augmentation that cannot work is refused now, naming it
         try:
             with torch.random.fork_rng(devices=[]):
@@ -119,6 +123,6 @@ def build_box_datamodule(cfg: Any, num_classes: int | None, seed: int) -> BoxDat
             raise FinetuneError(f"data.augment: fails on a training image with its boxes: "
                                 f"{' '.join(str(err).split())[:200]}; fix its arguments or "
                                 "remove it") from None
-    return BoxDataModule(training, SeededBoxes(val, box_transform(False)), names,
+    return BoxDataModule(training, SeededBoxes(val, box_transform(False), masks), names,
                          planned_batch_size(cfg.batch_size),
                          loader_workers(cfg.num_workers, cfg.root is None), seed)

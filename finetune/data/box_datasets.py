@@ -2,7 +2,9 @@
 the detector resizes) and its target — boxes as tv_tensors.BoundingBoxes (x1,y1,x2,y2 in
 pixels) and labels offset for the background — through torchvision.transforms.v2, which
 moves the boxes with the pixels; SanitizeBoundingBoxes drops what an augmentation left
-without area. Batches are lists (images differ in size and in box count).
+without area. For instance masks the target also holds each object's mask, a tv_tensors.Mask
+(objects, height, width) that moves with the pixels too. Batches are lists (images differ in
+size and in box count).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torchvision.transforms import v2
 from finetune.data.boxes import BoxSet
 from finetune.data.canvases import Canvas
 from finetune.data.images import open_rgb
+from finetune.data.instance_masks import canvas_instances, decode
 from finetune.models.detectors import LABEL_OFFSET
 
 
@@ -32,20 +35,24 @@ class BoxItem:
     source: Path | np.ndarray
     boxes: tuple[tuple[float, float, float, float], ...]
     classes: tuple[int, ...]
+    # each object's mask: its COCO segmentation as written, or a boolean array (canvases)
+    shapes: tuple[Any, ...] = ()
 
 
 def items_of(found: BoxSet, class_names: list[str]) -> list[BoxItem]:
     """A checked BoxSet's images as items, classes by their place in `class_names`."""
     index = {n: i for i, n in enumerate(class_names)}
     return [BoxItem(i.path, tuple((b.x1, b.y1, b.x2, b.y2) for b in i.boxes),
-                    tuple(index[b.label] for b in i.boxes)) for i in found.images]
+                    tuple(index[b.label] for b in i.boxes),
+                    tuple(b.shape for b in i.boxes)) for i in found.images]
 
 
 def canvas_items(canvases: list[Canvas], class_names: list[str]) -> list[BoxItem]:
     """Digit canvases (finetune/data/canvases.py) as items."""
     index = {n: i for i, n in enumerate(class_names)}
     return [BoxItem(c.pixels, tuple(tuple(map(float, b[:4])) for b in c.boxes),
-                    tuple(index[b[4]] for b in c.boxes)) for c in canvases]
+                    tuple(index[b[4]] for b in c.boxes),
+                    tuple(canvas_instances(c.pixels, c.boxes))) for c in canvases]
 
 
 def box_transform(train: bool, flip: bool = True, augment: Sequence[v2.Transform] = ()
@@ -72,10 +79,12 @@ def image_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 
 class BoxDataset(Dataset):
-    """Items through a v2 transform: (image, {"boxes", "labels"})."""
+    """Items through a v2 transform: (image, {"boxes", "labels"}), and "masks" when `masks`
+    (instance masks: the items' shapes, checked by the pre-flight check)."""
 
-    def __init__(self, items: list[BoxItem], transform: v2.Transform) -> None:
-        self.items, self.transform = items, transform
+    def __init__(self, items: list[BoxItem], transform: v2.Transform, masks: bool = False
+                 ) -> None:
+        self.items, self.transform, self.masks = items, transform, masks
 
     def __len__(self) -> int:
         return len(self.items)
@@ -105,9 +114,21 @@ class BoxDataset(Dataset):
                 torch.tensor(item.boxes, dtype=torch.float32).reshape(-1, 4),
                 format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=tuple(pixels.shape[-2:])),
             "labels": torch.tensor(item.classes, dtype=torch.int64) + LABEL_OFFSET}
+        if self.masks:
+            target["masks"] = tv_tensors.Mask(self.object_masks(index, *pixels.shape[-2:]))
         image, target = self.transform(tv_tensors.Image(pixels), target)
         return image.as_subclass(torch.Tensor), {
-            "boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"]}
+            key: value.as_subclass(torch.Tensor) if isinstance(value, tv_tensors.TVTensor)
+            else value for key, value in target.items()}
+
+    def object_masks(self, index: int, height: int, width: int) -> torch.Tensor:
+        """The item's objects as a uint8 (objects, height, width) tensor."""
+        shapes = self.items[index].shapes
+        arrays = [shape if isinstance(shape, np.ndarray) else decode(shape, height, width)
+                  for shape in shapes]
+        if not arrays:
+            return torch.zeros(0, height, width, dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays).astype(np.uint8))
 
 
 def collate_boxes(batch: list[tuple[torch.Tensor, dict[str, Any]]]

@@ -51,6 +51,7 @@ class BoxCsv(BoxFormat):
 
 class Coco(BoxFormat):
     name = "coco"  # an instances JSON file, images beside it or in its images/ folder
+    instance_masks = True  # its `segmentation`: polygons or RLE
 
 
 class Voc(BoxFormat):
@@ -67,6 +68,7 @@ class DigitCanvases(DataFormat):
 
     name = "digit_canvases"
     holds = "boxes"
+    instance_masks = True  # each digit's inked pixels
 
     def class_names(self, cfg: Any) -> list[str] | None:
         return super().class_names(cfg) or [str(d) for d in range(10)]

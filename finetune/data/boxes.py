@@ -36,7 +36,8 @@ MAX_LABEL_FILE_BYTES = 1 << 20  # one image's annotation file (VOC XML, YOLO txt
 @dataclass(frozen=True)
 class Box:
     """One box in pixels (x1, y1, x2, y2) and its class name; `where` says which row or
-    object of which file it came from."""
+    object of which file it came from; `shape`: the object's COCO `segmentation` as written
+    (polygons or RLE; None: the format has none), read by finetune/data/instance_masks.py."""
 
     x1: float
     y1: float
@@ -44,6 +45,7 @@ class Box:
     y2: float
     label: str
     where: str
+    shape: Any = None
 
 
 @dataclass
@@ -156,7 +158,8 @@ def read_coco(path: Path, follow_links: bool = False) -> BoxSet:
     """A COCO instances JSON: `images` (id, file_name relative to the JSON's folder or its
     `images/`, width, height), `annotations` (image_id, bbox x,y,w,h, category_id,
     iscrowd: crowd boxes are not objects to find and are left out, as COCO's evaluation
-    does) and `categories` (id, name; their order is the class order)."""
+    does; `segmentation` kept as written, for instance masks) and `categories` (id, name;
+    their order is the class order)."""
     data = load_json_object(path, "data.root:")
     problems: list[str] = []
     categories = data.get("categories")
@@ -204,7 +207,8 @@ def read_coco(path: Path, follow_links: bool = False) -> BoxSet:
             unknown.setdefault(str(category), []).append(where)
             continue
         x1, y1, x2, y2 = to_xyxy(*numbers, "xywh")  # type: ignore[arg-type]
-        images[image_id].boxes.append(Box(x1, y1, x2, y2, name_of[category], where))
+        images[image_id].boxes.append(Box(x1, y1, x2, y2, name_of[category], where,
+                                          ann.get("segmentation")))
     if orphans:
         problems.append(f"data.root: {path}: {len(orphans)} annotation(s) name an image id "
                         f"that `images` does not list (e.g. {orphans[0]})")

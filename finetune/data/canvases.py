@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from finetune.data.instance_masks import canvas_instances, encode
+
 
 @dataclass(frozen=True)
 class Canvas:
@@ -66,7 +68,8 @@ def digit_canvases(count: int, size: int = 64, digits: list[int] | None = None,
 
 def write_canvases(root: Path, canvases: list[Canvas], box_format: str) -> Path:
     """The canvases as PNG files under `root` with their annotations as `box_format` lays
-    them out (box_csv: root/boxes.csv; coco: root/annotations.json beside images/; voc:
+    them out (box_csv: root/boxes.csv; coco: root/annotations.json beside images/, each
+    digit's mask too; voc:
     root/Annotations and root/JPEGImages; yolo: root/images, root/labels and
     root/data.yaml). Returns what data.root names."""
     root.mkdir(parents=True, exist_ok=True)
@@ -87,12 +90,14 @@ def write_canvases(root: Path, canvases: list[Canvas], box_format: str) -> Path:
                 rows.writerows([[rel, *b] for b in canvas.boxes] or [[rel, "", "", "", "",
                                                                       ""]])
         return root / "boxes.csv"
-    if box_format == "coco":
+    if box_format == "coco":  # each digit's inked pixels its mask, as uncompressed RLE
         ids = {n: i + 1 for i, n in enumerate(names)}
         annotations = [{"id": 0, "image_id": i, "category_id": ids[b[4]],
                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": 0,
-                        "area": (b[2] - b[0]) * (b[3] - b[1])}
-                       for i, c in enumerate(canvases) for b in c.boxes]
+                        "area": int(m.sum()), "segmentation": encode(m)}
+                       for i, c in enumerate(canvases)
+                       for b, m in zip(c.boxes, canvas_instances(c.pixels, c.boxes),
+                                       strict=True)]
         for n, entry in enumerate(annotations):
             entry["id"] = n + 1
         size = canvases[0].pixels.shape if canvases else (0, 0)

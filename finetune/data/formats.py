@@ -26,6 +26,7 @@ class DataFormat:
     needs_root = False  # data.root names a file or folder that must exist
     label_sets = ""  # task=multilabel: how its label sets are given ("" = it has none)
     holds = "labels"  # what it annotates: class labels, or boxes (task=detection)
+    instance_masks = False  # boxes with each object's mask (task=instance_segmentation)
 
     def problems(self, cfg: Any) -> list[str]:
         """What the data group lacks for this format (checked before anything is read)."""

@@ -1,5 +1,6 @@
 """Detectors: torchvision's by name with their class layers sized for the data, or any
-classifier's features under a Faster R-CNN, RetinaNet or FCOS.
+classifier's features under a Faster R-CNN, RetinaNet, FCOS or — for instance masks — a
+Mask R-CNN (its box and mask predictors both sized for the data).
 
 One rule for the classes, torchvision's own (its COCO weights have 91 outputs for 80
 classes and a background slot): a detector for K object classes has K + 1 outputs, output 0
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
@@ -33,7 +34,9 @@ LABEL_OFFSET = 1  # the data's class i is the detector's label i + 1; 0 is the b
 # torchvision's detectors by name, and what they find
 FAMILIES = {"fasterrcnn": "boxes", "maskrcnn": "boxes and masks", "retinanet": "boxes",
             "fcos": "boxes", "ssd300": "boxes", "ssdlite320": "boxes"}
-HEADS = ("fasterrcnn", "retinanet", "fcos")  # what a classifier's features can go under
+# what a classifier's features can go under (maskrcnn: instance masks)
+HEADS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
+MASK_FAMILY = "boxes and masks"
 
 
 class DetectorProblem(Exception):
@@ -46,16 +49,27 @@ def detector_names() -> list[str]:
             if n.split("_")[0] in FAMILIES]
 
 
-def build_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+def finds_masks(name_or_head: str) -> bool:
+    """Whether a detector by name (maskrcnn_resnet50_fpn) or a head (maskrcnn) finds masks."""
+    return FAMILIES.get(name_or_head.split("_")[0]) == MASK_FAMILY
+
+
+def build_detector(name: str, num_classes: int, masks: bool = False, **kwargs: Any
+                   ) -> nn.Module:
     """torchvision's detector `name` for `num_classes` object classes (K + 1 outputs),
-    random weights; `kwargs` go to its builder (min_size, max_size, box_score_thresh...)."""
+    random weights; `kwargs` go to its builder (min_size, max_size, box_score_thresh...).
+    `masks`: keep Mask R-CNN's mask branch (instance masks); otherwise it goes."""
     if name not in detector_names():
         raise DetectorProblem(f"model.name={name!r} is not one of torchvision's detectors "
                               f"({', '.join(detector_names())}); a classifier's features "
                               f"can go under one of {', '.join(HEADS)} instead")
+    if masks and not finds_masks(name):
+        raise DetectorProblem(f"{name} finds no masks; instance masks need a Mask R-CNN "
+                              f"({', '.join(n for n in detector_names() if finds_masks(n))}), "
+                              "or a classifier under model.detector.head=maskrcnn")
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
                                          num_classes=num_classes + LABEL_OFFSET, **kwargs)
-    if FAMILIES[name.split("_")[0]] == "boxes and masks":
+    if finds_masks(name) and not masks:
         # Mask R-CNN's boxes: its mask branch would need masks to train (segmentation's
         # data), so it goes; its box layers and their COCO weights stay (the mask tensors
         # of a COCO file are reported unused)
@@ -67,8 +81,8 @@ def build_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 def class_layers(model: nn.Module) -> list[str]:
     """The paths of a detector's layers sized by its classes (the head a new class list
     replaces): a pretrained tensor there is of other classes, and is reported new."""
-    wanted = ("roi_heads.box_predictor", "head.classification_head.cls_logits",
-              "head.classification_head.module_list")
+    wanted = ("roi_heads.box_predictor", "roi_heads.mask_predictor.mask_fcn_logits",
+              "head.classification_head.cls_logits", "head.classification_head.module_list")
     names = {n for n, _ in model.named_modules()}
     return [w for w in wanted if w in names]
 
@@ -161,10 +175,12 @@ def backbone_of(classifier: nn.Module, nodes: list[str] | None, size: int,
 
 
 def detector_on(backbone: nn.Module, head: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """A `head` detector (fasterrcnn, retinanet, fcos) on `backbone` (SingleMap or WithFPN)
-    for `num_classes` object classes; `kwargs` go to the detector (min_size, max_size...).
-    One map gets one anchor level of five sizes and RoI pooling on it, as torchvision's
-    fine-tuning tutorial builds it by hand; an FPN one size per level."""
+    """A `head` detector (fasterrcnn, retinanet, fcos, maskrcnn) on `backbone` (SingleMap or
+    WithFPN) for `num_classes` object classes; `kwargs` go to the detector (min_size,
+    max_size...). One map gets one anchor level of five sizes and RoI pooling on it, as
+    torchvision's fine-tuning tutorial builds it by hand; an FPN one size per level. Mask
+    R-CNN pools 14 px for its masks where Faster R-CNN pools 7 for its boxes (torchvision's
+    own sizes)."""
     if head not in HEADS:
         raise DetectorProblem(f"head={head!r}: a classifier's features go under one of "
                               f"{', '.join(HEADS)}")
@@ -181,5 +197,9 @@ def detector_on(backbone: nn.Module, head: str, num_classes: int, **kwargs: Any)
         return RetinaNet(backbone, outputs, anchor_generator=anchors, **kwargs)
     names = [str(i) for i in range(levels - (0 if levels == 1 else 1))]
     pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    if head == "maskrcnn":
+        masks = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
+        return MaskRCNN(backbone, outputs, rpn_anchor_generator=anchors, box_roi_pool=pool,
+                        mask_roi_pool=masks, **kwargs)
     return FasterRCNN(backbone, outputs, rpn_anchor_generator=anchors, box_roi_pool=pool,
                       **kwargs)

@@ -10,6 +10,12 @@ each of COCO's 101 recall points at IoU 0.5 (the PR curve). The worst images are
 the most mistakes at IoU 0.5 among boxes scoring at least 0.5 (a true box no found box of
 its class matches: missed; a found box matching no true one: false), drawn with the true
 boxes in green and the found ones in red.
+
+A Mask R-CNN's masks (a dataset that holds them) are measured as they come, batch by batch,
+by a second MeanAveragePrecision with iou_type segm, which keeps them run-length encoded:
+an image's masks are image-sized, and holding every one until the end would not fit in
+memory on real data. Its figures are mask_map, mask_map_50, mask_map_75, mask_mar_100 and a
+mask AP per class; the rest (the curve, the worst images, the rows) is the boxes'.
 """
 
 from __future__ import annotations
@@ -43,11 +49,20 @@ class BoxOutputs:
     found: list[dict[str, torch.Tensor]]  # boxes, scores, labels, on the CPU
     targets: list[dict[str, torch.Tensor]]  # boxes, labels
     items: list[str]
+    # the masks measured as they came (None: the detector or the data has none)
+    mask_metric: MeanAveragePrecision | None = None
+
+
+def _map(iou_type: str, backend: str = "faster_coco_eval") -> MeanAveragePrecision:
+    # this process's images alone: under DDP only rank zero evaluates (after training)
+    return MeanAveragePrecision(iou_type=iou_type, class_metrics=True, extended_summary=True,
+                                backend=backend, sync_on_compute=False)
 
 
 def collect_boxes(model: nn.Module, dataset: BoxDataset, batch_size: int = 4,
                   label_map: list[int] | None = None) -> BoxOutputs:
-    """The detector's boxes on every image of `dataset` (eval transform), in order.
+    """The detector's boxes on every image of `dataset` (eval transform), in order, and its
+    masks measured when the dataset holds them.
 
     Args:
         label_map: the model's class index of each of the dataset's classes (evaluating on
@@ -57,22 +72,31 @@ def collect_boxes(model: nn.Module, dataset: BoxDataset, batch_size: int = 4,
     was_training = model.training
     model.eval()
     found, targets = [], []
+    masks = _map("segm") if dataset.masks else None
     remap = None if label_map is None else torch.as_tensor(label_map, dtype=torch.long)
     with torch.inference_mode():
         for images, truth in DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                         collate_fn=collate_boxes):
-            out = model([image.to(device) for image in images])
-            found += [{k: v.detach().cpu() for k, v in f.items()} for f in out]
+            out = [{k: v.detach().cpu() for k, v in f.items()}
+                   for f in model([image.to(device) for image in images])]
+            batch_targets = []
             for t in truth:
                 labels = t["labels"]
                 if remap is not None:
                     labels = remap[labels - LABEL_OFFSET] + LABEL_OFFSET
-                targets.append({"boxes": t["boxes"].float(), "labels": labels})
+                batch_targets.append({"boxes": t["boxes"].float(), "labels": labels})
+            if masks is not None and all("masks" in f for f in out):
+                masks.update([{**f, "masks": f["masks"][:, 0] > 0.5} for f in out],
+                             [{**b, "masks": t["masks"].bool()}
+                              for b, t in zip(batch_targets, truth, strict=True)])
+            found += [{k: v for k, v in f.items() if k != "masks"} for f in out]
+            targets += batch_targets
     model.train(was_training)
     paths = dataset.paths
     items = [str(p) for p in paths] if paths is not None else [f"#{i}" for i in
                                                                range(len(found))]
-    return BoxOutputs(found, targets, items)
+    return BoxOutputs(found, targets, items,
+                      masks if masks is not None and masks.detection_mask else None)
 
 
 def _per_class(values: Any) -> list[float]:
@@ -88,9 +112,7 @@ def _ap(curve: torch.Tensor) -> float | None:
 def box_metrics(outputs: BoxOutputs, class_names: list[str],
                 backend: str = "faster_coco_eval") -> dict[str, Any]:
     """Every figure of a detection evaluation (see the module doc)."""
-    # this process's images alone: under DDP only rank zero evaluates (after training)
-    metric = MeanAveragePrecision(iou_type="bbox", class_metrics=True, extended_summary=True,
-                                  backend=backend, sync_on_compute=False)
+    metric = _map("bbox", backend)
     metric.update(outputs.found, outputs.targets)
     result = metric.compute()
     classes = [int(c) for c in result["classes"].reshape(-1).tolist()]
@@ -113,10 +135,31 @@ def box_metrics(outputs: BoxOutputs, class_names: list[str],
             curves[name] = [round(float(v), 4) for v in curve.tolist()]
     scalars = {key: round(float(result[key]), 6) for key in ("map", "map_50", "map_75",
                                                             "mar_100")}
+    if outputs.mask_metric is not None:
+        scalars.update(_mask_figures(outputs.mask_metric.compute(), per_class,
+                                     any(len(f["scores"]) for f in outputs.found)))
     return {"images": len(outputs.items), "boxes": int(true_counts.sum()), **scalars,
             "per_class": per_class,
             "pr_curve": {"iou": MATCH_IOU, "recall": [round(r / 100, 2) for r in range(101)],
                          "precision": curves}}
+
+
+def _mask_figures(result: dict[str, Any], per_class: list[dict[str, Any]], found: bool
+                  ) -> dict[str, float]:
+    """The mask figures (mask_map...), each class's mask AP added to its row. With true
+    objects and nothing found they are 0, as the box figures are (torchmetrics says -1,
+    "not measured", for masks there)."""
+    classes = [int(c) for c in result["classes"].reshape(-1).tolist()]
+    ap = _per_class(result.get("map_per_class"))
+    ap = ap if len(ap) == len(classes) else [-1.0] * len(classes)  # none measured: one -1
+    for i, row in enumerate(per_class):
+        k = classes.index(i + LABEL_OFFSET) if i + LABEL_OFFSET in classes else None
+        row["mask_ap"] = round(ap[k], 6) if k is not None and ap[k] > -1 else None
+    if not found:
+        for row in per_class:
+            row["mask_ap"] = 0.0 if row["boxes"] else None
+    return {f"mask_{key}": round(float(result[key]) if found else 0.0, 6)
+            for key in ("map", "map_50", "map_75", "mar_100")}
 
 
 def mistakes(found: dict[str, torch.Tensor], truth: dict[str, torch.Tensor],

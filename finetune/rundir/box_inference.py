@@ -5,7 +5,10 @@ The detector comes from `load_run` (finetune/rundir/inference.py), rebuilt from 
 manifest with its weights loaded strictly; each image goes in at its own size as floats in
 [0, 1], as in training (the detector resizes and normalizes), in batches under
 torch.inference_mode(). Boxes are x1, y1, x2, y2 in the image's own pixels; a box is kept
-when its score is at least `min_score`. The CLI is finetune/commands/predict.py.
+when its score is at least `min_score`. A Mask R-CNN's objects each carry their mask too —
+its pixels above one half, as COCO's uncompressed RLE of the image's own size in the JSON,
+their count in the CSV, and filled in on the drawn copies. The CLI is
+finetune/commands/predict.py.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from finetune.data.box_datasets import image_tensor
 from finetune.data.images import open_rgb
+from finetune.data.instance_masks import decode, encode
 from finetune.errors import FinetuneError
 from finetune.models.detectors import LABEL_OFFSET
 from finetune.rundir import artifacts
@@ -30,6 +34,7 @@ from finetune.rundir.inference import detector_input, max_pixels_of, read_batche
 
 DEFAULT_MIN_SCORE = 0.5  # what a person looks at; evaluation keeps every box (mAP needs them)
 BOX_HEADER = ["path", "class", "score", "x1", "y1", "x2", "y2"]
+MASK_ALPHA = 0.45  # how opaque a drawn mask is
 
 
 @dataclass
@@ -47,17 +52,23 @@ class BoxPredictions:
 def found_boxes(found: dict[str, torch.Tensor], classes: list[str], min_score: float = 0.0
                 ) -> list[dict[str, Any]]:
     """A detector's output for one image as plain boxes (class name, score, x1, y1, x2, y2),
-    best first, those scoring at least `min_score`."""
+    best first, those scoring at least `min_score`; with a Mask R-CNN's masks, each box's
+    mask (COCO RLE) and its pixel count."""
     scores = found["scores"].float().cpu()
     order = [i for i in scores.argsort(descending=True).tolist()
              if float(scores[i]) >= min_score]
     boxes, labels = found["boxes"].float().cpu(), found["labels"].cpu()
+    masks = found.get("masks")
     out = []
     for i in order:
         label = int(labels[i]) - LABEL_OFFSET
-        out.append({"class": classes[label] if 0 <= label < len(classes) else str(label),
-                    "score": round(float(scores[i]), 4),
-                    "box": [round(float(v), 1) for v in boxes[i].tolist()]})
+        entry = {"class": classes[label] if 0 <= label < len(classes) else str(label),
+                 "score": round(float(scores[i]), 4),
+                 "box": [round(float(v), 1) for v in boxes[i].tolist()]}
+        if masks is not None:
+            pixels = (masks[i, 0] > 0.5).cpu().numpy()
+            entry["mask"], entry["mask_pixels"] = encode(pixels), int(pixels.sum())
+        out.append(entry)
     return out
 
 
@@ -92,15 +103,19 @@ def write_box_predictions(predictions: BoxPredictions, path: Path) -> Path:
     """The CSV at `path` (one row per box: path, class, score, x1, y1, x2, y2; an image with
     no box has none) and the JSON beside it (every image, its size and its boxes, and the
     images that could not be read); returns the JSON's path."""
-    rows = [[row["path"], box["class"], box["score"], *box["box"]]
+    masked = any("mask" in box for row in predictions.rows for box in row["boxes"])
+    rows = [[row["path"], box["class"], box["score"], *box["box"],
+             *([box.get("mask_pixels")] if masked else [])]
             for row in predictions.rows for box in row["boxes"]]
     artifacts.refuse_links(path)
-    artifacts.write_csv(path, BOX_HEADER, rows)
+    artifacts.write_csv(path, [*BOX_HEADER, *(["mask_pixels"] if masked else [])], rows)
     target = json_path(path)
     artifacts.refuse_links(target)
     artifacts.write_json(target, {
         "classes": predictions.classes, "min_score": predictions.min_score,
-        "box_format": "xyxy (pixels of the image as read)", "images": predictions.rows,
+        "box_format": "xyxy (pixels of the image as read)",
+        **({"mask_format": "COCO RLE, uncompressed, of the image's size"} if masked else {}),
+        "images": predictions.rows,
         "unreadable": [{"path": p, "reason": r} for p, r in predictions.unreadable]})
     return target
 
@@ -108,8 +123,12 @@ def write_box_predictions(predictions: BoxPredictions, path: Path) -> Path:
 def draw(pixels: torch.Tensor, found: list[dict[str, Any]],
          truth: list[dict[str, Any]] | None = None, width: int = 2) -> torch.Tensor:
     """uint8 (3, H, W) pixels with boxes drawn: true ones (when given) in green, found ones
-    in red with their class and score."""
+    in red with their class and score, and their masks (when found) filled in."""
     image = pixels
+    shapes = [decode(f["mask"], *pixels.shape[-2:]) for f in found if "mask" in f]
+    if shapes:
+        image = draw_segmentation_masks(image, torch.from_numpy(np.stack(shapes)),
+                                        alpha=MASK_ALPHA)
     if truth:
         image = draw_bounding_boxes(image, torch.tensor([t["box"] for t in truth]).reshape(-1, 4),
                                     colors="lime", width=width)

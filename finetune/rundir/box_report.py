@@ -1,5 +1,6 @@
 """The parts of a detection run's report page: its figures per evaluation (mAP, mAP@0.5,
-mAP@0.75, mAR@100), AP per class, the precision-recall curves, and the worst images with
+mAP@0.75, mAR@100; of the masks too for instance segmentation), AP per class, the
+precision-recall curves, and the worst images with
 their true (green) and found (red) boxes drawn — from evaluation.json and eval.json as
 finetune/rundir/box_evaluation.py writes them. Every text is escaped (html_parts)."""
 
@@ -11,6 +12,7 @@ from typing import Any
 from finetune.rundir.html_parts import esc, img, num, section, table
 
 FIGURES = ("map", "map_50", "map_75", "mar_100")
+MASK_FIGURES = tuple(f"mask_{key}" for key in FIGURES)  # an instance segmenter's
 
 
 def is_box_result(result: dict[str, Any]) -> bool:
@@ -18,12 +20,20 @@ def is_box_result(result: dict[str, Any]) -> bool:
     return "map" in result
 
 
+def _has_masks(results: dict[str, dict[str, Any]]) -> bool:
+    return any("mask_map" in r for r in results.values())
+
+
 def figures_table(results: dict[str, dict[str, Any]]) -> str:
-    """One row per evaluation: images, true boxes, mAP, mAP@0.5, mAP@0.75, mAR@100."""
-    return table(["evaluated on", "images", "true boxes", "mAP", "mAP@0.5", "mAP@0.75",
-                  "mAR@100"],
-                 [[label, r.get("images"), r.get("boxes"), *(r.get(k) for k in FIGURES)]
-                  for label, r in results.items()], {1, 2, 3, 4, 5, 6})
+    """One row per evaluation: images, true boxes, mAP, mAP@0.5, mAP@0.75, mAR@100 (of the
+    masks first, when measured)."""
+    names = ["mAP", "mAP@0.5", "mAP@0.75", "mAR@100"]
+    keys, heads = FIGURES, [f"box {n}" if _has_masks(results) else n for n in names]
+    if _has_masks(results):
+        keys, heads = (*MASK_FIGURES, *FIGURES), [*(f"mask {n}" for n in names), *heads]
+    return table(["evaluated on", "images", "true boxes", *heads],
+                 [[label, r.get("images"), r.get("boxes"), *(r.get(k) for k in keys)]
+                  for label, r in results.items()], set(range(1, 3 + len(keys))))
 
 
 def box_sections(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -31,11 +41,14 @@ def box_sections(results: dict[str, dict[str, Any]]) -> list[str]:
     parts: dict[str, list[str]] = {"ap-per-class": [], "pr-curve": [], "worst": []}
     for label, result in results.items():
         heading = f"<h3>{esc(label)}: {esc(result.get('images', '?'))} images</h3>"
-        rows = [[r.get("class"), r.get("ap"), r.get("ap_50"), r.get("recall"), r.get("boxes")]
+        masked = "mask_map" in result
+        rows = [[r.get("class"), *([r.get("mask_ap")] if masked else []), r.get("ap"),
+                 r.get("ap_50"), r.get("recall"), r.get("boxes")]
                 for r in result.get("per_class", []) if isinstance(r, dict)]
         parts["ap-per-class"].append(heading + table(
-            ["class", "AP (IoU 0.5:0.95)", "AP@0.5", "recall (100 boxes)", "true boxes"], rows,
-            {1, 2, 3, 4}))
+            ["class", *(["mask AP (IoU 0.5:0.95)"] if masked else []), "box AP (IoU 0.5:0.95)"
+             if masked else "AP (IoU 0.5:0.95)", "AP@0.5", "recall (100 boxes)", "true boxes"],
+            rows, set(range(1, 5 + masked))))
         parts["pr-curve"].append(heading + img(result.get("pr_curve_png"),
                                                f"precision-recall curves, {label}"))
         match = result.get("match") if isinstance(result.get("match"), dict) else {}

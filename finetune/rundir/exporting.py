@@ -164,7 +164,8 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
         shutil.rmtree(staging, ignore_errors=True)
     if detector:
         info = {"format": fmt, "file": str(target), "run": str(Path(run_dir).resolve()),
-                "class_names": model.class_names, **detector_export.io_description(fmt),
+                "class_names": model.class_names,
+                **detector_export.io_description(fmt, detector_export.finds_masks(model)),
                 **checked, "model_sha256": model.manifest.model_sha256,
                 "task": model.manifest.task, "torch": torch.__version__}
         artifacts.write_json(info_file, info)

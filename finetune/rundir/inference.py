@@ -89,7 +89,8 @@ def recorded_detector(manifest: Manifest, prep: Preprocessing) -> nn.Module:
     build_model records both; finetune/training/detection_plan.py)."""
     kwargs, count = dict(manifest.build_kwargs), len(manifest.class_names or [])
     if manifest.model_name in detector_names():
-        return build_detector(manifest.model_name, count, **kwargs)
+        return build_detector(manifest.model_name, count,
+                              task_of(manifest.task).instance_masks, **kwargs)
     classifier, head = kwargs.pop("classifier", {}), kwargs.pop("detector", "fasterrcnn")
     levels = kwargs.pop("levels", [])
     parts = assemble(manifest.model_name, classifier, None, 0.0, [], manifest.surgery,

@@ -17,19 +17,25 @@ from finetune.rundir import artifacts, html_report
 from finetune.rundir.verdict import short
 from finetune.sweeps.study import TRIALS_FILE, read_trials
 from finetune.tasks.detection import MAP_METRICS
+from finetune.tasks.instances import MASK_MAP_METRICS
 from finetune.tasks.segmentation import MASK_METRICS
 
 METRICS = ("val/acc", "val/loss", "val/f1", "val/acc_top5", "best/val/acc", "val/mAP",
-           *MAP_METRICS, "best/val/map", *MASK_METRICS[:-1], "best/val/miou")
+           *MAP_METRICS, "best/val/map", *MASK_METRICS[:-1], "best/val/miou",
+           *MASK_MAP_METRICS[:4], "best/val/mask_map")
 PIXEL_METRICS = (*MASK_METRICS[:-1], "best/val/miou")  # a segmentation run's (not val/loss)
-# the three score columns: a classifier's, or a detector's (a segmentation model's) when the
-# jobs are ranked by a detection (segmentation) metric (the column names are leaderboard.csv's)
+INSTANCE_METRICS = (*MASK_MAP_METRICS[:4], "best/val/mask_map")  # an instance segmenter's
+# the three score columns: a classifier's, or a detector's (a segmentation model's, an instance
+# segmenter's) when the jobs are ranked by a detection (segmentation, mask mAP) metric (the
+# column names are leaderboard.csv's)
 SCORES = {"labels": (("best_val_acc", "best/val/acc"), ("val_acc", "val/acc"),
                      ("val_loss", "val/loss")),
           "boxes": (("best_val_map", "best/val/map"), ("val_map", "val/map"),
                     ("val_map_50", "val/map_50")),
           "masks": (("best_val_miou", "best/val/miou"), ("val_miou", "val/miou"),
-                    ("val_pixel_acc", "val/pixel_acc"))}
+                    ("val_pixel_acc", "val/pixel_acc")),
+          "instances": (("best_val_mask_map", "best/val/mask_map"),
+                        ("val_mask_map", "val/mask_map"), ("val_map", "val/map"))}
 ALL_LAYERS = "(all)"  # the split point of a job that trains every layer (train_from null)
 COLUMNS = ("rank", "job", "status", "overrides", "train_from", "lr", "trainable_params",
            "trainable_share", "best_val_acc", "val_acc", "val_loss", "warnings", "epochs",
@@ -226,6 +232,8 @@ def scores_of(metric: str) -> tuple[tuple[str, str], ...]:
     """The score columns of a leaderboard ranked by `metric` (SCORES)."""
     if metric in PIXEL_METRICS:
         return SCORES["masks"]
+    if metric in INSTANCE_METRICS:
+        return SCORES["instances"]
     return SCORES["boxes" if metric in (*MAP_METRICS, "best/val/map") else "labels"]
 
 

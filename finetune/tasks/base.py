@@ -44,6 +44,8 @@ class Task:
     model_kind = "classifier"
     # the metric a finished run's summary leads with (and ranks its best epoch by)
     headline = "val/acc"
+    # whether its model finds each object's mask (instance segmentation: a Mask R-CNN)
+    instance_masks = False
     # what its confusion matrix counts, and the name of that matrix's accuracy
     counted, accuracy = "images", "val/acc"
 

@@ -22,9 +22,20 @@ class Detection(Task):
     reads = "boxes"
     model_kind = "detector"
     headline = "val/map"
+    page = "docs/detection.md"  # where its refusals send a reader
+    # the AP per class a run's summary and evaluation lead with: the metric's key of it
+    per_class_key = "val/map_per_class"
 
     def metrics(self) -> tuple[str, ...]:
         return MAP_METRICS
+
+    def scalars(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The figures of a validation worth logging, by the names this task monitors."""
+        return {k: v for k, v in result.items() if k in self.metrics()}
+
+    def metric_found(self, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The detector's output as the metric takes it."""
+        return found
 
     def counts_classes_early(self) -> bool:
         return False  # the classes are in the annotation files: the pre-flight check counts
@@ -49,9 +60,9 @@ class Detection(Task):
             f"freeze.cache={cfg.freeze.cache}": cfg.freeze.cache is True
                 or str(cfg.freeze.cache).lower() == "true",
         }
-        found += [f"{key}: not taken with task=detection (the detector has its own class "
+        found += [f"{key}: not taken with task={self.name} (the detector has its own class "
                   "layers and losses, and the feature cache and these data keys serve "
-                  "class labels); remove it (docs/detection.md)"
+                  f"class labels); remove it ({self.page})"
                   for key, given in refused.items() if given]
         return found
 
@@ -59,8 +70,9 @@ class Detection(Task):
         # lazy: keeps torch off a torch-free path
         from torchmetrics.detection import MeanAveragePrecision
 
-        return {"map": MeanAveragePrecision(iou_type="bbox", class_metrics=True,
-                                            backend="faster_coco_eval")}
+        return {"map": MeanAveragePrecision(iou_type=("bbox", "segm") if self.instance_masks
+                                            else "bbox",
+                                            class_metrics=True, backend="faster_coco_eval")}
 
     def loss(self, logits: Any, target: Any, weight: Any = None,
              label_smoothing: float = 0.0) -> Any:

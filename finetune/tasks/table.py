@@ -12,13 +12,14 @@ from finetune.extensions import Table
 from finetune.tasks.base import Task
 from finetune.tasks.classification import Multiclass
 from finetune.tasks.detection import Detection
+from finetune.tasks.instances import InstanceSegmentation
 from finetune.tasks.multilabel import Multilabel
 from finetune.tasks.segmentation import Segmentation
 
 DEFAULT = "multiclass"  # a run dir written before the task was recorded
 
 TASKS = Table("task", "finetune.tasks", "task")
-TASKS.add(Multiclass(), Multilabel(), Detection(), Segmentation())
+TASKS.add(Multiclass(), Multilabel(), Detection(), Segmentation(), InstanceSegmentation())
 
 
 def task_of(cfg_or_name: Any) -> Task:

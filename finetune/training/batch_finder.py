@@ -59,7 +59,7 @@ def batch_problems(cfg: DictConfig, task_kind: str) -> list[str]:
                         "trains more layers and needs more memory than the first, which is "
                         "what the finder would measure; give a number")
     if task_kind != "classifier":
-        problems.append(f"data.batch_size={BATCH_AUTO} with task=detection: the batch-size "
+        problems.append(f"data.batch_size={BATCH_AUTO} with task={cfg.task}: the batch-size "
                         "finder is built for classifiers so far; give data.batch_size")
     return problems
 

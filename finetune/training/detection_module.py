@@ -1,6 +1,7 @@
 """The LightningModule's steps for a detector: in training the model computes its own losses
 from the targets (classifier, box regression, RPN objectness...), each logged; in
-validation it finds boxes, and the task's metric (COCO mAP) measures them. Freezing, the
+validation it finds boxes (and masks), and the task's metric (COCO mAP of boxes, and of masks
+for instance segmentation) measures them. Freezing, the
 unfreeze schedule, optimizer groups, the loss guard and DDP's rank check are the
 FinetuneModule's own."""
 
@@ -45,16 +46,16 @@ class DetectorModule(FinetuneModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:  # type: ignore[override]
         images, targets = batch
         found = self._forward(images)
-        self.val_metrics.update(found, targets)
+        self.val_metrics.update(self.task.metric_found(found), targets)
+        # the boxes are kept for val_predictions.csv; masks (image-sized each) are not
         self._predictions.extend(
-            {k: v.detach().cpu() for k, v in f.items()} for f in found)
+            {k: v.detach().cpu() for k, v in f.items() if k != "masks"} for f in found)
 
     def on_validation_epoch_end(self) -> None:
         result = self.val_metrics.compute()
         self.val_metrics.reset()
-        scalars = {k: v for k, v in result.items() if k in self.task.metrics()}
-        self.log_dict(scalars, prog_bar=True, sync_dist=True)
-        per_class, classes = result.get("val/map_per_class"), result.get("val/classes")
+        self.log_dict(self.task.scalars(result), prog_bar=True, sync_dist=True)
+        per_class, classes = result.get(self.task.per_class_key), result.get("val/classes")
         self.per_class_ap = {} if per_class is None or classes is None else {
             int(c) - LABEL_OFFSET: float(v) for c, v in zip(
                 classes.reshape(-1).tolist(), per_class.reshape(-1).tolist(), strict=True)}
@@ -75,6 +76,8 @@ class DetectorModule(FinetuneModule):
         return joined[:len(data.val_set)] if data is not None else joined
 
     def summary(self, names: list[str]) -> dict[str, Any]:
-        """AP per class at the last validation (-1: the class had no boxes there)."""
-        return {"val/ap_per_class": {names[c]: round(v, 6) for c, v in
-                                     sorted(self.per_class_ap.items()) if 0 <= c < len(names)}}
+        """AP per class at the last validation (-1: the class had no boxes there): of the
+        masks when the task finds masks."""
+        key = "val/mask_ap_per_class" if self.task.instance_masks else "val/ap_per_class"
+        return {key: {names[c]: round(v, 6) for c, v in sorted(self.per_class_ap.items())
+                      if 0 <= c < len(names)}}

@@ -1,6 +1,7 @@
-"""The plan of a `task: detection` run: the box data read and checked, the detector built
-once — torchvision's by name, or any classifier (cut by the surgery) under Faster R-CNN,
-RetinaNet or FCOS — its pretrained tensors loaded and reported, the freeze plan and optimizer
+"""The plan of a `task: detection` or `task: instance_segmentation` run: the box data (and
+each object's mask) read and checked, the detector built once — torchvision's by name, or
+any classifier (cut by the surgery) under Faster R-CNN, RetinaNet, FCOS or Mask R-CNN — its
+pretrained tensors loaded and reported, the freeze plan and optimizer
 groups on the detector's own module paths; every problem found, at once.
 
 A classifier's weights load into the classifier before it becomes the backbone, so a run,
@@ -29,6 +30,7 @@ from finetune.models.detectors import (
     class_layers,
     detector_names,
     detector_on,
+    finds_masks,
     unknown_arguments,
 )
 from finetune.models.sources import BUILDER_LOADS, builder_loads_problem, model_source_of
@@ -41,7 +43,7 @@ from finetune.weights.loading import load_for_plan
 from finetune.weights.sources import source_of
 
 DEFAULT_SIZE = 800  # torchvision's detectors resize the shorter side to 800 px
-CACHE_REASON = ("off: task=detection (the detector trains on whole images of any size; the "
+CACHE_REASON = ("off: task={task} (the detector trains on whole images of any size; the "
                 "feature cache serves classifiers)")
 
 
@@ -68,13 +70,33 @@ def detector_kwargs(cfg: DictConfig, size: int, prep: backbones.Preprocessing,
     return {**sizes, "image_mean": list(prep.mean), "image_std": list(prep.std)}
 
 
+def mask_problems(cfg: DictConfig, by_name: bool) -> list[str]:
+    """A detector that does not find what the task asks: masks without a Mask R-CNN, or a
+    Mask R-CNN head for boxes alone (a mask branch that would train on nothing)."""
+    wants = task_of(cfg).instance_masks
+    name, head = cfg.model.name, cfg.model.detector.head
+    if by_name and wants and not finds_masks(name):
+        masked = ", ".join(n for n in detector_names() if finds_masks(n))
+        return [f"model.name={name}: finds no masks; task={cfg.task} trains a Mask R-CNN "
+                f"({masked}), or a classifier under model.detector.head=maskrcnn"]
+    if not by_name and wants != finds_masks(head):
+        if wants:
+            return [f"model.detector.head={head}: finds no masks; task={cfg.task} puts the "
+                    "classifier under model.detector.head=maskrcnn"]
+        return [f"model.detector.head={head}: finds masks, and task={cfg.task} has none to "
+                "train it on; use fasterrcnn, retinanet or fcos, or "
+                "task=instance_segmentation with masked data"]
+    return []
+
+
 def _config_problems(cfg: DictConfig) -> list[str]:
     problems = config_problems(cfg) + device_problems(cfg.trainer)
     if cfg.adapter.type is not None:
-        problems.append("adapter.type with task=detection: adapters are built for "
+        problems.append(f"adapter.type with task={cfg.task}: adapters are built for "
                         "classifiers so far; fine-tune the detector with freeze.train_from "
                         "instead")
     name, by_name = cfg.model.name, cfg.model.name in detector_names()
+    problems += mask_problems(cfg, by_name)
     if by_name:
         loads = sorted(set(cfg.model.kwargs) & set(BUILDER_LOADS))
         problems += [builder_loads_problem(loads[0], "model.kwargs")] if loads else []
@@ -94,7 +116,7 @@ def _config_problems(cfg: DictConfig) -> list[str]:
                             f"{name} has its own backbone and neck")
     else:
         found = model_source_of(cfg).problems(name)
-        problems += [f"{p}; task=detection also takes torchvision's detectors by name "
+        problems += [f"{p}; task={cfg.task} also takes torchvision's detectors by name "
                      f"({', '.join(detector_names()[:4])}, ...)" for p in found]
         if found:
             return problems
@@ -128,7 +150,7 @@ def build_model(cfg: DictConfig, class_names: list[str], size: int,
     try:
         if name in detector_names():
             kwargs = {**sizes, **user_kwargs}
-            model = build_detector(name, count, **kwargs)
+            model = build_detector(name, count, task_of(cfg).instance_masks, **kwargs)
             if _unknown(model, user_kwargs, name, "model.kwargs", problems):
                 return None
             head_paths = class_layers(model)
@@ -179,7 +201,7 @@ def dry_run_problem(model: torch.nn.Module, size: int, channels: int, name: str)
 
 
 def plan_detector(plan: RunPlan, load: bool, train_sources: bool) -> RunPlan:
-    """Fill `plan` (a task=detection run's): data, model, weights, freeze and groups."""
+    """Fill `plan` (a detector's run): data, model, weights, freeze and groups."""
     cfg = plan.cfg
     plan.problems += _config_problems(cfg)
     if any(p.startswith(("model.", "weights.")) for p in plan.problems) \
@@ -199,7 +221,8 @@ def plan_detector(plan: RunPlan, load: bool, train_sources: bool) -> RunPlan:
                                             channels=cfg.data.channels)
         data_format = FORMATS[cfg.data.name]
         if data_format.holds == "boxes" and not data_format.problems(cfg.data):
-            plan.data = build_box_datamodule(cfg.data, cfg.head.num_classes, cfg.seed)
+            plan.data = build_box_datamodule(cfg.data, cfg.head.num_classes, cfg.seed,
+                                             task_of(cfg).instance_masks)
             plan.class_names = plan.data.class_names
             plan.problems += task_of(cfg).monitored_problems(cfg, len(plan.class_names))
     except FinetuneError as err:
@@ -223,5 +246,5 @@ def plan_detector(plan: RunPlan, load: bool, train_sources: bool) -> RunPlan:
         return plan
     plan.built = built
     apply_freeze(built.model, plan.freeze)
-    plan.cache_reason = CACHE_REASON
+    plan.cache_reason = CACHE_REASON.format(task=cfg.task)
     return plan

@@ -53,7 +53,7 @@ def lr_problems(cfg: DictConfig, task_kind: str) -> list[str]:
         problems.append("optim.lr=auto with resume: a resumed run continues with the rate the "
                         "first run found; give it as optim.lr (that run's metrics.json, `lr`)")
     if task_kind != "classifier":
-        problems.append("optim.lr=auto with task=detection: the learning-rate finder is built "
+        problems.append(f"optim.lr=auto with task={cfg.task}: the learning-rate finder is built "
                         "for classifiers so far; give optim.lr")
     return problems
 

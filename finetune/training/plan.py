@@ -140,7 +140,7 @@ def plan_run(cfg: DictConfig, context: RunContext | None = None, *, load: bool =
                           f"{LR_PLACEHOLDER:g}")
     if task_of(cfg).model_kind == "detector":
         if str(cfg.data.uint8_batches).lower() == "true":
-            plan.problems.append("data.uint8_batches=true with task=detection: torchvision's "
+            plan.problems.append(f"data.uint8_batches=true with task={cfg.task}: torchvision's "
                                  "detectors take float images and normalize them inside the "
                                  "model; leave it auto")
         return plan_detector(plan, load, train_sources)
