@@ -315,8 +315,8 @@ def test_a_manifests_task_must_be_installed(tested_run: Path, tmp_path: Path,
         assert finetune.load(run).manifest.task == "multilabel"
         return
     with pytest.raises(FinetuneError, match=r"the manifest's task .* is not one of multiclass, "
-                                            r"multilabel, detection, segmentation \(a task a "
-                                            r"plugin adds "):
+                                            r"multilabel, detection, segmentation, "
+                                            r"instance_segmentation \(a task a plugin adds "):
         finetune.load(run)
 
 

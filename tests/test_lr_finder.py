@@ -48,8 +48,9 @@ def test_where_the_finder_cannot_run_it_is_one_sentence() -> None:
     assert said("optim.lr=auto", "trainer.num_nodes=2")[0].startswith(
         "optim.lr=auto with several processes (DDP)")
     assert said("optim.lr=auto", "resume=somewhere")[0].startswith("optim.lr=auto with resume")
-    assert said("optim.lr=auto", kind="detector")[0].startswith(
-        "optim.lr=auto with task=detection")
+    for task in ("detection", "instance_segmentation", "segmentation"):  # named as given
+        assert said("optim.lr=auto", f"task={task}", kind="detector")[0].startswith(
+            f"optim.lr=auto with task={task}: the learning-rate finder is built")
 
 
 def test_a_bad_rate_stops_the_run_before_it_starts(tmp_path: Path) -> None:

@@ -157,6 +157,11 @@ RUN_ELSEWHERE = {
     # its masks are the user's; run on digit masks from torchvision's file (ours, random)
     "deeplabv3_resnet50_seg":
         "test_recipes.py::test_deeplabv3_recipe_loads_torchvisions_weights_but_the_class_layers",
+    # its COCO data is the user's; run on digit canvases from torchvision's file (ours, random)
+    "maskrcnn_resnet50_fpn_inst":
+        "test_recipes.py::test_maskrcnn_recipe_replaces_both_predictors_and_loads_the_rest",
+    # shrunk, and every use of its run dir checked
+    "digits_instances": "test_instance_segmentation.py::instance_run",
     # the recipe as shipped, with a floor on what it learns
     "digits_segmentation":
         "test_segmentation.py::test_digits_segmentation_learns_from_the_digits_classifier",
@@ -171,12 +176,13 @@ def _overrides(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", [n for n in SHIPPED if n not in (
-    "vgg16_relu5_3", "fasterrcnn_vgg16_relu5_3", "deeplabv3_resnet50_seg")])
+    "vgg16_relu5_3", "fasterrcnn_vgg16_relu5_3", "deeplabv3_resnet50_seg",
+    "maskrcnn_resnet50_fpn_inst")])
 def test_every_shipped_recipe_validates(name: str, torch_home: Path, recipes_hub: Path,
                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """(vgg16_relu5_3, fasterrcnn_vgg16_relu5_3 and deeplabv3_resnet50_seg are inspected with
-    their weights in test_recipes.py: the 528 MB vgg16 file and the 161 MB DeepLabv3 file are
-    written once, there.)"""
+    """(vgg16_relu5_3, fasterrcnn_vgg16_relu5_3, deeplabv3_resnet50_seg and
+    maskrcnn_resnet50_fpn_inst are inspected with their weights in test_recipes.py: the 528 MB
+    vgg16 file and the DeepLabv3 and Mask R-CNN files are written once, there.)"""
     from finetune.commands.recipes import validate_recipe
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
