@@ -5,8 +5,9 @@ same detector and data.
 Both train the same Faster R-CNN (the recipe's ResNet-18 with an FPN on layer2-layer4, from
 the same random initial weights: the plan builds it under the same seed) on the same digit
 canvases through the same transform, in the same order (finetune's seeded epoch order), with
-the same batch size, threads and optimizer (SGD, lr 0.01, momentum 0.9, weight decay 1e-4 on
-weights and none on biases and norms, constant lr). Both count steady-state images/s the
+the same batch size, threads and optimizer (SGD at the recipe's lr, momentum 0.9, weight decay
+1e-4 on weights and none on biases and norms, constant lr; the gradient's norm clipped where
+the recipe clips it). Both count steady-state images/s the
 same way: the first epoch and the first batch of each epoch left out, validation never
 counted. The training losses are compared at every step the framework logs.
 
@@ -65,7 +66,9 @@ def plain_loop(a: argparse.Namespace) -> tuple[float, list[float]]:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": 1e-4},
-                                 {"params": rest, "weight_decay": 0.0}], lr=0.01, momentum=0.9)
+                                 {"params": rest, "weight_decay": 0.0}], lr=cfg.optim.lr,
+                                momentum=0.9)
+    clip = cfg.trainer.gradient_clip_val  # the recipe's (digits_instances clips at 5)
     losses: list[float] = []
     seconds = images = 0.0
     for epoch in range(2):
@@ -76,6 +79,8 @@ def plain_loop(a: argparse.Namespace) -> tuple[float, list[float]]:
             loss = sum(model(images_, targets).values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(decay + rest, clip)
             optimizer.step()
             losses.append(float(loss.detach()))
             if epoch == 1:
