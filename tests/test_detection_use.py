@@ -185,8 +185,10 @@ def test_the_report_shows_ap_per_class_the_pr_curve_and_the_worst_images(
     run, _ = detection_run
     page = (run / "report.html").read_text()
     for part in ('id="ap-per-class"', 'id="pr-curve"', 'id="worst"', "mAP@0.5",
-                 "Validated only: val/map"):
+                 "Validated only: val/map", "most missed and false boxes",
+                 "a found box matches a true one of its class at IoU"):
         assert part in page, part
+    assert read_json(run / "evaluation.json")["val"]["match"]["on"] == "boxes"
     assert 'id="calibration"' not in page and "accuracy" not in page.split("<section")[0]
     worst = read_json(run / "evaluation.json")["val"]["worst"]
     counts = [w["missed"] + w["false"] for w in worst]

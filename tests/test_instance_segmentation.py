@@ -6,8 +6,10 @@ too; every problem of the data and the config is said at once, before anything t
 
 from __future__ import annotations
 
+import base64
 import csv
 import importlib.util
+import io
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +30,20 @@ from finetune.compose.prepare import compose_config
 from finetune.data.box_datasets import BoxDataset, box_transform, canvas_items
 from finetune.data.canvases import digit_canvases, write_canvases
 from finetune.data.instance_masks import decode
-from finetune.rundir.box_evaluation import BoxOutputs, box_metrics
+from finetune.rundir.box_evaluation import (
+    SHOWN_SCORE,
+    THUMBNAIL,
+    BoxOutputs,
+    MaskMistakes,
+    box_metrics,
+    evaluate_boxes,
+    image_mask_mistakes,
+    mask_iou,
+    mistakes,
+    thumbnail,
+    worst_so_far,
+)
+from finetune.rundir.box_inference import found_boxes
 from finetune.rundir.detector_export import MASK_TOLERANCE, paired
 from finetune.tasks.instances import MASK_MAP_METRICS, InstanceSegmentation
 from finetune.training.plan import plan_run
@@ -67,6 +82,8 @@ def test_a_run_measures_masks_and_boxes_and_reports_both(instance_run: tuple[Pat
     assert all("mask_ap" in row for row in saved["per_class"])
     page = (run / "report.html").read_text()
     assert "mask mAP" in page and "box mAP" in page and "mask AP (IoU 0.5:0.95)" in page
+    assert "most missed and false masks" in page and saved["match"]["on"] == "masks"
+    assert "a found mask matches a true one of its class at mask IoU" in page
     trained = finetune.load(run)
     assert type(trained).__name__ == "MaskRCNN"
     assert trained.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 6
@@ -364,3 +381,122 @@ def test_a_predicted_mask_is_its_pixels_above_one_half() -> None:
     assert found[0]["masks"].tolist() == [[[False, False, True, True]],
                                           [[True, False, True, False]]]
     assert found[1] is boxes
+
+
+def _masked(found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**found, "masks": found["masks"][:, 0] > 0.5}
+
+
+def _diagonal(x: int, y: int, side: int) -> np.ndarray:
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[range(y, y + side), range(x, x + side)] = True  # the square's box, 1/side of it
+    return mask
+
+
+MASK_TRUTH = _objects([_square(1, 1, 6), _square(10, 10, 8)], [1, 2])
+
+
+@pytest.mark.parametrize(("found", "on_masks", "on_boxes"), [
+    (_objects([_square(1, 1, 6), _square(10, 10, 8)], [1, 2], [0.9, 0.8]), (0, 0), (0, 0)),
+    (_objects([_square(1, 1, 6), _square(10, 10, 8)], [2, 2], [0.9, 0.8]), (1, 1), (1, 1)),
+    # the right box, the wrong pixels: a mistake on masks only
+    (_objects([_diagonal(1, 1, 6), _square(10, 10, 8)], [1, 2], [0.9, 0.8]), (1, 1), (0, 0)),
+    (_objects([_square(1, 1, 6), _square(10, 10, 8)], [1, 2], [0.9, 0.3]), (1, 0), (1, 0)),
+    (_objects([_square(1, 1, 6), _square(1, 1, 6), _square(10, 10, 8)], [1, 1, 2],
+              [0.9, 0.8, 0.7]), (0, 1), (0, 1)),  # a duplicate: one false
+    (_objects([], [], []), (2, 0), (2, 0)),  # nothing found
+])
+def test_mask_mistakes_count_every_case_of_the_matching_rule(
+        found: dict[str, torch.Tensor], on_masks: tuple[int, int],
+        on_boxes: tuple[int, int]) -> None:
+    """The worst images of an instance run count mistakes on masks: the rule of the boxes'
+    (class, score, best overlap first, one match each) with the masks' IoU."""
+    assert mistakes(_masked(found), _masked(MASK_TRUTH), on="masks") == on_masks
+    assert mistakes(found, MASK_TRUTH) == on_boxes
+    # as evaluation counts an image: Mask R-CNN's probabilities against the dataset's masks
+    counted = image_mask_mistakes(
+        0, found, {k: v for k, v in MASK_TRUTH.items() if k != "masks"},
+        {"masks": MASK_TRUTH["masks"][:, 0].to(torch.uint8)})
+    assert (counted.missed, counted.false) == on_masks
+    empty = _masked(_objects([], []))
+    assert mistakes(_masked(found), empty, on="masks") == (
+        0, int((found["scores"] >= SHOWN_SCORE).sum()))
+
+
+def test_mask_iou_is_the_pixels_shared_over_the_pixels_covered() -> None:
+    a = torch.from_numpy(np.stack([_square(0, 0, 4), _square(0, 0, 2), np.zeros((20, 20),
+                                                                                bool)]))
+    b = torch.from_numpy(np.stack([_square(2, 0, 4), np.zeros((20, 20), bool)]))
+    assert mask_iou(a, b).flatten().tolist() == pytest.approx([8 / 24, 0, 0, 0, 0, 0])
+
+
+def test_the_worst_images_kept_while_streaming_are_the_worst_of_all() -> None:
+    """Kept batch by batch, at most `shown` at a time, the worst images are those a sort of
+    every image gives: most mistakes first, the earlier image first among equals, none
+    without a mistake."""
+    counts = [(0, 0), (2, 1), (0, 1), (3, 0), (1, 2), (0, 0), (1, 0), (0, 3), (2, 2), (1, 1)]
+    images = [MaskMistakes(i, m, f, torch.zeros(0, 4, 4, dtype=torch.bool),
+                           torch.zeros(0, 4, 4, dtype=torch.bool))
+              for i, (m, f) in enumerate(counts)]
+    everything = sorted((i for i, (m, f) in enumerate(counts) if m + f),
+                        key=lambda i: (-sum(counts[i]), i))
+    for shown in (1, 3, 5, 20):
+        kept: list[MaskMistakes] = []
+        for start in range(0, len(images), 3):
+            kept = worst_so_far(kept, images[start:start + 3], shown)
+            assert len(kept) <= shown
+        assert [m.index for m in kept] == everything[:shown]
+
+
+def test_the_worst_images_are_counted_on_masks_and_drawn_with_them(
+        instance_run: tuple[Path, Path]) -> None:
+    """An instance run's evaluation ranks its images by mask mistakes — the counts of each
+    image recounted one by one from the model's own masks — and draws the masks: what the
+    masks change in a thumbnail lies inside them, green where only a true mask is, red where
+    only a found one is."""
+    run, _ = instance_run
+    model = finetune.load(run, device="cpu")
+    classes = ["5", "6", "7", "8", "9"]
+    canvases = digit_canvases(8, size=64, digits=[5, 6, 7, 8, 9], per_canvas=(1, 3),
+                              scales=(3, 4), seed=9, start=160)
+    dataset = BoxDataset(canvas_items(canvases, classes), box_transform(False), masks=True)
+    result, outputs = evaluate_boxes(model, dataset, classes)
+    assert result["match"]["on"] == "masks"
+    recount = []
+    with torch.inference_mode():
+        for index in range(len(dataset)):
+            image, truth = dataset[index]
+            found = model([image])[0]
+            recount.append((index, *mistakes(_masked(found), {**truth, "masks": truth[
+                "masks"].bool()}, on="masks")))
+    recount = sorted((r for r in recount if r[1] + r[2]), key=lambda r: (-(r[1] + r[2]), r[0]))
+    assert recount, "the tiny model makes mask mistakes"
+    assert [(w["item"], w["missed"], w["false"]) for w in result["worst"]] == [
+        (outputs.items[i], missed, false) for i, missed, false in recount[:8]]
+    checked = 0
+    for kept in outputs.worst_masks:
+        boxes = found_boxes(outputs.found[kept.index], classes, SHOWN_SCORE)
+        truth = [{"box": b.tolist()} for b in outputs.targets[kept.index]["boxes"]]
+        assert len(kept.found) == len(boxes) and len(kept.truth) == len(truth)
+        pictures = [np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",")[1]))),
+                               dtype=np.int32)
+                    for uri in (thumbnail(dataset, kept.index, boxes, truth, kept),
+                                thumbnail(dataset, kept.index, boxes, truth))]
+        changed = (pictures[0] != pictures[1]).any(-1)
+        size = pictures[0].shape[:2]
+        assert max(size) == THUMBNAIL
+
+        def scaled(masks: torch.Tensor, size: tuple[int, ...] = size) -> np.ndarray:
+            if not len(masks):
+                return np.zeros(size, dtype=bool)
+            return torch.nn.functional.interpolate(masks[None].float(), size=size)[0].bool(
+                ).any(0).numpy()
+
+        true_px, found_px = scaled(kept.truth), scaled(kept.found)
+        assert not (changed & ~(true_px | found_px)).any()
+        only_true, only_found = changed & true_px & ~found_px, changed & found_px & ~true_px
+        red, green = pictures[0][..., 0], pictures[0][..., 1]
+        assert (green[only_true] > red[only_true]).all()
+        assert (red[only_found] > green[only_found]).all()
+        checked += int(only_true.any()) + int(only_found.any())
+    assert checked, "some thumbnail showed a true or a found mask alone"

@@ -15,7 +15,9 @@ A Mask R-CNN's masks (a dataset that holds them) are measured as they come, batc
 by a second MeanAveragePrecision with iou_type segm, which keeps them run-length encoded:
 an image's masks are image-sized, and holding every one until the end would not fit in
 memory on real data. Its figures are mask_map, mask_map_50, mask_map_75, mask_mar_100 and a
-mask AP per class; the rest (the curve, the worst images, the rows) is the boxes'.
+mask AP per class; the curve and the rows are the boxes'. Its worst images are counted on
+masks (a found mask matches a true one of its class at mask IoU 0.5) while they stream by: the
+few worst so far keep their masks, drawn filled, true in green and found in red.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
+from torchvision.utils import draw_segmentation_masks
 
 from finetune.data.box_datasets import BoxDataset, collate_boxes
 from finetune.models.detectors import LABEL_OFFSET
-from finetune.rundir.box_inference import draw, found_boxes, png_bytes
+from finetune.rundir.box_inference import MASK_ALPHA, draw, found_boxes, png_bytes
 
 WORST_SHOWN = 8  # the worst images a report shows
 MATCH_IOU = 0.5  # a found box matches a true one of its class at this IoU (mAP@0.5's)
@@ -51,6 +54,20 @@ class BoxOutputs:
     items: list[str]
     # the masks measured as they came (None: the detector or the data has none)
     mask_metric: MeanAveragePrecision | None = None
+    # the images with the most mask mistakes, worst first (None: no masks measured)
+    worst_masks: list[MaskMistakes] | None = None
+
+
+@dataclass
+class MaskMistakes:
+    """An image's mistakes counted on masks, and its masks to draw: the found ones scoring at
+    least SHOWN_SCORE and the true ones, bool (objects, height, width) on the CPU."""
+
+    index: int
+    missed: int
+    false: int
+    found: torch.Tensor
+    truth: torch.Tensor
 
 
 def _map(iou_type: str, backend: str = "faster_coco_eval") -> MeanAveragePrecision:
@@ -73,6 +90,7 @@ def collect_boxes(model: nn.Module, dataset: BoxDataset, batch_size: int = 4,
     model.eval()
     found, targets = [], []
     masks = _map("segm") if dataset.masks else None
+    worst: list[MaskMistakes] = []
     remap = None if label_map is None else torch.as_tensor(label_map, dtype=torch.long)
     with torch.inference_mode():
         for images, truth in DataLoader(dataset, batch_size=batch_size, shuffle=False,
@@ -89,14 +107,40 @@ def collect_boxes(model: nn.Module, dataset: BoxDataset, batch_size: int = 4,
                 masks.update([{**f, "masks": f["masks"][:, 0] > 0.5} for f in out],
                              [{**b, "masks": t["masks"].bool()}
                               for b, t in zip(batch_targets, truth, strict=True)])
+                worst = worst_so_far(worst, [
+                    image_mask_mistakes(len(found) + k, f, b, t)
+                    for k, (f, b, t) in enumerate(zip(out, batch_targets, truth, strict=True))])
             found += [{k: v for k, v in f.items() if k != "masks"} for f in out]
             targets += batch_targets
     model.train(was_training)
     paths = dataset.paths
     items = [str(p) for p in paths] if paths is not None else [f"#{i}" for i in
                                                                range(len(found))]
-    return BoxOutputs(found, targets, items,
-                      masks if masks is not None and masks.detection_mask else None)
+    measured = masks is not None and bool(masks.detection_mask)
+    return BoxOutputs(found, targets, items, masks if measured else None,
+                      worst if measured else None)
+
+
+def image_mask_mistakes(index: int, found: dict[str, torch.Tensor],
+                        target: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]
+                        ) -> MaskMistakes:
+    """One image's mask mistakes (`mistakes` on masks), with its masks kept to draw."""
+    found_masks = found["masks"][:, 0] > 0.5
+    true_masks = truth["masks"].bool().cpu()
+    missed, false = mistakes({**found, "masks": found_masks}, {**target, "masks": true_masks},
+                             on="masks")
+    order = found["scores"].argsort(descending=True)
+    shown = order[found["scores"][order] >= SHOWN_SCORE]
+    return MaskMistakes(index, missed, false, found_masks[shown], true_masks)
+
+
+def worst_so_far(kept: list[MaskMistakes], new: list[MaskMistakes],
+                 shown: int = WORST_SHOWN) -> list[MaskMistakes]:
+    """The `shown` images with the most mistakes among `kept` and `new`, worst first (the
+    earlier image first among equals); images without a mistake are not kept."""
+    ranked = sorted((m for m in kept + new if m.missed + m.false),
+                    key=lambda m: (-(m.missed + m.false), m.index))
+    return ranked[:shown]
 
 
 def _per_class(values: Any) -> list[float]:
@@ -162,19 +206,30 @@ def _mask_figures(result: dict[str, Any], per_class: list[dict[str, Any]], found
             for key in ("map", "map_50", "map_75", "mar_100")}
 
 
+def mask_iou(found: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(N, M) IoU of N and M bool (objects, height, width) masks (0 where both are empty)."""
+    a, b = found.flatten(1).float(), truth.flatten(1).float()
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1)
+
+
 def mistakes(found: dict[str, torch.Tensor], truth: dict[str, torch.Tensor],
-             min_score: float = SHOWN_SCORE, iou: float = MATCH_IOU) -> tuple[int, int]:
-    """(missed, false) of one image: found boxes scoring at least `min_score`, best first,
-    each matched to the unmatched true box of its class it overlaps most (IoU >= `iou`)."""
+             min_score: float = SHOWN_SCORE, iou: float = MATCH_IOU, on: str = "boxes"
+             ) -> tuple[int, int]:
+    """(missed, false) of one image: found objects scoring at least `min_score`, best first,
+    each matched to the unmatched true object of its class it overlaps most (IoU >= `iou`),
+    the overlap that of their boxes or (`on="masks"`) of their masks."""
     keep = found["scores"] >= min_score
-    boxes, labels = found["boxes"][keep], found["labels"][keep]
+    shapes, labels = found[on][keep], found["labels"][keep]
     order = found["scores"][keep].argsort(descending=True)
-    overlaps = box_iou(boxes, truth["boxes"]) if len(boxes) and len(truth["boxes"]) else None
+    measure = mask_iou if on == "masks" else box_iou
+    overlaps = measure(shapes, truth[on]) if len(shapes) and len(truth[on]) else None
     matched: set[int] = set()
     false = 0
     for i in order.tolist():
         best, best_iou = None, iou
-        for j in range(len(truth["boxes"])):
+        for j in range(len(truth["labels"])):
             if j in matched or int(truth["labels"][j]) != int(labels[i]):
                 continue
             value = float(overlaps[i, j]) if overlaps is not None else 0.0
@@ -184,30 +239,36 @@ def mistakes(found: dict[str, torch.Tensor], truth: dict[str, torch.Tensor],
             false += 1
         else:
             matched.add(best)
-    return len(truth["boxes"]) - len(matched), false
+    return len(truth["labels"]) - len(matched), false
 
 
 def worst_images(outputs: BoxOutputs, dataset: BoxDataset, class_names: list[str],
                  shown: int = WORST_SHOWN) -> list[dict[str, Any]]:
-    """The images with the most mistakes (missed + false boxes), worst first, each with its
-    true and found boxes drawn (a PNG data URI: the report needs no other file)."""
-    counted = [(i, *mistakes(f, t)) for i, (f, t) in enumerate(zip(
-        outputs.found, outputs.targets, strict=True))]
-    counted = sorted((c for c in counted if c[1] + c[2]), key=lambda c: (-(c[1] + c[2]), c[0]))
+    """The images with the most mistakes (missed + false objects), worst first, each with its
+    true and found boxes drawn (a PNG data URI: the report needs no other file). With masks
+    measured, the mistakes are the masks' and the masks are drawn too."""
+    if outputs.worst_masks is not None:
+        counted = [(m.index, m.missed, m.false, m) for m in outputs.worst_masks]
+    else:
+        counted = [(i, *mistakes(f, t), None) for i, (f, t) in enumerate(zip(
+            outputs.found, outputs.targets, strict=True))]
+        counted = sorted((c for c in counted if c[1] + c[2]),
+                         key=lambda c: (-(c[1] + c[2]), c[0]))
     rows = []
-    for i, missed, false in counted[:shown]:
+    for i, missed, false, masks in counted[:shown]:
         boxes = found_boxes(outputs.found[i], class_names, SHOWN_SCORE)
         truth = [{"box": b.tolist()} for b in outputs.targets[i]["boxes"]]
         rows.append({"item": outputs.items[i], "missed": missed, "false": false,
                      "true_boxes": len(truth), "found_boxes": len(boxes),
-                     "thumbnail": thumbnail(dataset, i, boxes, truth)})
+                     "thumbnail": thumbnail(dataset, i, boxes, truth, masks)})
     return rows
 
 
 def thumbnail(dataset: BoxDataset, index: int, found: list[dict[str, Any]],
-              truth: list[dict[str, Any]]) -> str | None:
-    """Image `index` with its boxes drawn, at most THUMBNAIL px, as a PNG data URI; None
-    when it cannot be read now."""
+              truth: list[dict[str, Any]], masks: MaskMistakes | None = None) -> str | None:
+    """Image `index` with its boxes drawn (and its true and found masks filled in, green and
+    red, when given), at most THUMBNAIL px, as a PNG data URI; None when it cannot be read
+    now."""
     try:
         pixels = dataset.image(index)
     except (OSError, ValueError):
@@ -218,6 +279,13 @@ def thumbnail(dataset: BoxDataset, index: int, found: list[dict[str, Any]],
     mode = "nearest" if factor > 1 else "area"
     pixels = nn.functional.interpolate(pixels[None].float(), scale_factor=factor, mode=mode
                                        )[0].round().clamp(0, 255).byte()
+    if masks is not None:
+        for shapes, colour in ((masks.truth, "lime"), (masks.found, "red")):
+            if len(shapes):
+                sized = nn.functional.interpolate(shapes[None].float(), size=pixels.shape[-2:],
+                                                  mode="nearest")[0].bool()
+                pixels = draw_segmentation_masks(pixels, sized, alpha=MASK_ALPHA,
+                                                 colors=colour)
     scaled = [[{**b, "box": [v * factor for v in b["box"]]} for b in boxes]
               for boxes in (found, truth)]
     image = draw(pixels, *scaled)
@@ -238,5 +306,6 @@ def evaluate_boxes(model: nn.Module, dataset: BoxDataset, class_names: list[str]
     outputs = collect_boxes(model, dataset, batch_size, label_map)
     result = box_metrics(outputs, class_names)
     result["worst"] = worst_images(outputs, dataset, class_names)
-    result["match"] = {"iou": MATCH_IOU, "min_score": SHOWN_SCORE}
+    result["match"] = {"iou": MATCH_IOU, "min_score": SHOWN_SCORE,
+                       "on": "masks" if outputs.worst_masks is not None else "boxes"}
     return result, outputs

@@ -59,13 +59,17 @@ def box_sections(results: dict[str, dict[str, Any]]) -> list[str]:
             f"<br>{esc(w.get('true_boxes'))} true, {esc(w.get('found_boxes'))} found<br>"
             f'<span class="muted">{esc(Path(str(w.get("item"))).name)}</span></div>'
             for w in worst)
-        rule = (f"<p class=\"muted\">boxes scoring at least {num(match.get('min_score'), 2)}; "
-                f"a found box matches a true one of its class at IoU &ge; "
+        shape = "mask" if match.get("on") == "masks" else "box"
+        rule = (f"<p class=\"muted\">{shape}s scoring at least "
+                f"{num(match.get('min_score'), 2)}; a found {shape} matches a true one of its "
+                f"class at {'mask ' if shape == 'mask' else ''}IoU &ge; "
                 f"{num(match.get('iou'), 2)}. Green: true; red: found.</p>")
         parts["worst"].append(heading + rule
-                              + (cells or '<p class="ok">no missed or false box</p>'))
+                              + (cells or f'<p class="ok">no missed or false {shape}</p>'))
+    masked = any(isinstance(r.get("match"), dict) and r["match"].get("on") == "masks"
+                 for r in results.values())
     titles = {"ap-per-class": "AP per class", "pr-curve": "Precision-recall curves",
-              "worst": "Worst images (most missed and false boxes)"}
+              "worst": f"Worst images (most missed and false {'masks' if masked else 'boxes'})"}
     said = ", ".join(results) or "no evaluation"
     return [section(k, titles[k], "".join(v) or '<p class="muted">(no evaluation)</p>', said)
             for k, v in parts.items()]
