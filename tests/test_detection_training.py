@@ -1,7 +1,8 @@
 """A detector trains as a classifier does: stopped and resumed it ends where the
 uninterrupted run does, bit for bit, across an unfreeze; under DDP on two CPU processes its
 ranks stay identical and its validation boxes are gathered in the data's order; a split
-sweep over the detector's own paths ranks its jobs by val/map."""
+sweep over the detector's own paths ranks its jobs by val/map. The resume and DDP tests run
+a Mask R-CNN on instance masks too."""
 
 from __future__ import annotations
 
@@ -32,10 +33,14 @@ def _boxes_by_item(path: Path) -> dict[str, list[list[str]]]:
     return dict(found)
 
 
-def test_a_resumed_detector_equals_the_uninterrupted_run(tmp_path: Path) -> None:
-    whole = train_here(*TINY, *PHASES, "trainer.max_epochs=3", run_dir=tmp_path / "whole")
-    first = train_here(*TINY, *PHASES, "trainer.max_epochs=1", run_dir=tmp_path / "first")
-    last = train_here(*TINY, *PHASES, "trainer.max_epochs=3", f"resume={first}",
+@pytest.mark.parametrize("recipe", ["digits_detection", "digits_instances"])
+def test_a_resumed_detector_equals_the_uninterrupted_run(tmp_path: Path, recipe: str) -> None:
+    """Boxes, and a Mask R-CNN's masks too: the resumed run's weights, optimizer state,
+    figures (mask mAP among them) and validation boxes are the uninterrupted run's."""
+    tiny = [f"recipe={recipe}", *TINY[1:]]
+    whole = train_here(*tiny, *PHASES, "trainer.max_epochs=3", run_dir=tmp_path / "whole")
+    first = train_here(*tiny, *PHASES, "trainer.max_epochs=1", run_dir=tmp_path / "first")
+    last = train_here(*tiny, *PHASES, "trainer.max_epochs=3", f"resume={first}",
                       run_dir=tmp_path / "last")
     a, b = load_file(whole / "model.safetensors"), load_file(last / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -46,15 +51,21 @@ def test_a_resumed_detector_equals_the_uninterrupted_run(tmp_path: Path) -> None
     assert states[0].keys() == states[1].keys() and len(states[0]) > 10
     assert all(torch.equal(states[0][k]["momentum_buffer"], states[1][k]["momentum_buffer"])
                for k in states[0])
-    assert read_json(last / "metrics.json")["val/map"] == read_json(whole / "metrics.json")[
-        "val/map"]
+    figures = [read_json(run / "metrics.json") for run in (whole, last)]
+    assert figures[0]["task"] == figures[1]["task"] == (
+        "instance_segmentation" if recipe == "digits_instances" else "detection")
+    shared = [k for k in figures[0] if k.startswith(("val/", "best/"))]
+    assert "val/map" in shared and ("val/mask_map" in shared) == (recipe == "digits_instances")
+    assert {k: figures[1][k] for k in shared} == {k: figures[0][k] for k in shared}
     assert _boxes_by_item(whole / "val_predictions.csv") == _boxes_by_item(
         last / "val_predictions.csv")
 
 
-def test_two_process_ddp_trains_a_detector(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", ["digits_detection", "digits_instances"])
+def test_two_process_ddp_trains_a_detector(tmp_path: Path, recipe: str) -> None:
     run = tmp_path / "run"
-    result = run_cli(*TINY, *PHASES, "trainer.max_epochs=2", "trainer.strategy=ddp",
+    tiny = [f"recipe={recipe}", *TINY[1:]]
+    result = run_cli(*tiny, *PHASES, "trainer.max_epochs=2", "trainer.strategy=ddp",
                      "trainer.devices=2", "trainer.accelerator=cpu", f"hydra.run.dir={run}",
                      cwd=tmp_path)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
@@ -71,10 +82,12 @@ def test_two_process_ddp_trains_a_detector(tmp_path: Path) -> None:
     # validation was split across the ranks and gathered in the data's order: every image
     # once, each with the boxes the trained detector finds in it alone
     gathered = _boxes_by_item(run / "val_predictions.csv")
-    evaluate_run(run, output=tmp_path / "eval")
+    result, _ = evaluate_run(run, output=tmp_path / "eval")
     alone = _boxes_by_item(tmp_path / "eval" / "eval_predictions.csv")
     assert len(gathered) == metrics["val_images"] == 8
     assert gathered == alone
+    assert ("val/mask_map" in metrics) == ("mask_map" in result) == (
+        recipe == "digits_instances")
 
 
 @pytest.fixture(scope="module")
