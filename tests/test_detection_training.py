@@ -14,7 +14,9 @@ import pytest
 import torch
 from conftest import main_here, read_json, run_cli, train_here
 from safetensors.torch import load_file
+from torchvision.ops.misc import FrozenBatchNorm2d
 
+import finetune
 from finetune.commands.evaluate import evaluate_run
 
 TINY = ["recipe=digits_detection", "weights.source=none", "trainer.limit_train_batches=3",
@@ -88,6 +90,28 @@ def test_two_process_ddp_trains_a_detector(tmp_path: Path, recipe: str) -> None:
     assert gathered == alone
     assert ("val/mask_map" in metrics) == ("mask_map" in result) == (
         recipe == "digits_instances")
+
+
+def test_frozen_bn_keeps_a_classifier_backbones_statistics_and_reloads(tmp_path: Path) -> None:
+    """model.detector.frozen_bn=true under a detector head: the classifier's BatchNorm trains
+    nothing — its statistics leave the run as they came, its affine is no parameter — where
+    the default (auto: BatchNorm for a classifier) moves them; the run dir rebuilds it."""
+    one = [*TINY, "trainer.max_epochs=1", "trainer.limit_val_batches=1"]
+    frozen = train_here(*one, "model.detector.frozen_bn=true", run_dir=tmp_path / "frozen")
+    plain = train_here(*one, run_dir=tmp_path / "plain")
+    stats = {run: {k: v for k, v in load_file(run / "model.safetensors").items()
+                   if k.startswith("backbone.body.") and k.endswith("running_mean")}
+             for run in (frozen, plain)}
+    assert len(stats[frozen]) == len(stats[plain]) == 20
+    assert all(not v.any() for v in stats[frozen].values())  # as built: zeros
+    assert all(v.any() for v in stats[plain].values())
+    counts = [read_json(run / "metrics.json")["trainable_params"] for run in (frozen, plain)]
+    assert counts[1] - counts[0] == 2 * 4800  # resnet18's BatchNorm weights and biases
+    model = finetune.load(frozen, device="cpu")
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == 20
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.inference_mode():
+        assert set(model([torch.rand(3, 64, 64)])[0]) == {"boxes", "labels", "scores"}
 
 
 @pytest.fixture(scope="module")

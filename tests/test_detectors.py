@@ -6,18 +6,23 @@ training step on digit canvases and predicting boxes inside the image."""
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
+from omegaconf import OmegaConf
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from finetune.data.canvases import digit_canvases
 from finetune.data.instance_masks import canvas_instances
 from finetune.models.detectors import (
+    FROZEN_BN_PRETRAINED,
     HEADS,
     LABEL_OFFSET,
     DetectorProblem,
@@ -28,7 +33,11 @@ from finetune.models.detectors import (
     detector_names,
     detector_on,
     feature_channels,
+    finds_masks,
+    freeze_batchnorm,
 )
+from finetune.training.detection_plan import frozen_bn
+from tests.conftest import save_torchvision_checkpoint
 
 SIZE = 64
 CLASSES = ["1", "4", "7"]
@@ -170,3 +179,76 @@ def test_what_cannot_be_a_detector_is_one_sentence() -> None:
                                               r"under one of fasterrcnn, retinanet, fcos, "
                                               r"maskrcnn$"):
         detector_on(SingleMap(resnet.layer1, 64), "ssd", 3)
+
+
+def _norms(model: nn.Module) -> dict[str, tuple[str, float]]:
+    return {n: (type(m).__name__, m.eps) for n, m in model.named_modules()
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))}
+
+
+@pytest.fixture(scope="module")
+def backbone_home(torch_home: Path) -> Path:
+    """torch's cache with the backbones torchvision's detectors start from by default:
+    resnet50 (IMAGENET1K_V2) and mobilenet_v3_large (IMAGENET1K_V2), random."""
+    save_torchvision_checkpoint(torch_home, "mobilenet_v3_large", "IMAGENET1K_V2")
+    return torch_home
+
+
+@pytest.mark.parametrize("name", detector_names())
+def test_a_pretrained_detectors_batchnorm_is_as_torchvision_builds_it(
+        name: str, backbone_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's builder given pretrained (backbone) weights, read from its own cache
+    (our random files): every normalization layer of ours — built without weights, frozen by
+    the rule `auto` applies to pretrained runs — has its type and eps, path for path."""
+    monkeypatch.setenv("TORCH_HOME", str(backbone_home))
+    with torch.device("meta"):
+        ours = build_detector(name, len(CLASSES), finds_masks(name),
+                              frozen_bn=name in FROZEN_BN_PRETRAINED)
+        if name == "ssd300_vgg16":  # its VGG has no normalization layer to freeze
+            assert _norms(ours) == {}
+            return
+        with warnings.catch_warnings():  # meta tensors take no values: the types are compared
+            warnings.simplefilter("ignore")
+            theirs = torchvision.models.get_model(name, weights=None, weights_backbone="DEFAULT",
+                                                  num_classes=len(CLASSES) + 1)
+    assert _norms(ours) == _norms(theirs) and _norms(ours)
+    frozen = [n for n, (kind, _) in _norms(ours).items() if kind == "FrozenBatchNorm2d"]
+    assert bool(frozen) == (name in FROZEN_BN_PRETRAINED)
+    assert all(n.startswith("backbone.body.") for n in frozen)
+
+
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_frozen_bn_rule_on_every_case(value: object) -> None:
+    """auto: frozen for torchvision's detectors that freeze it, when the run's weights are
+    pretrained (any source but none); never for a classifier under a detector head; true and
+    false as said."""
+    for name in [*detector_names(), "resnet18", "convnext_tiny"]:
+        for source in ("none", "torchvision", "run", "recipe", "file", "timm"):
+            cfg = OmegaConf.create({"model": {"name": name, "detector": {"frozen_bn": value}},
+                                    "weights": {"source": source}})
+            want = (name in FROZEN_BN_PRETRAINED and source != "none") if value == "auto" \
+                else value
+            assert frozen_bn(cfg) is want, (name, source, value)
+
+
+def test_a_frozen_batchnorm_computes_the_layers_eval_output_and_trains_nothing() -> None:
+    """Swapped in, each BatchNorm2d becomes a FrozenBatchNorm2d with its statistics, affine
+    and eps: the output is the layer's in eval mode, in train mode too;
+    nothing of it is a parameter, and its state has no num_batches_tracked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e-3),
+                          nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))
+    for bn in (model[1], model[2][1]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model.eval()(x)
+        assert freeze_batchnorm(model) == 2
+        assert [m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)] == [1e-3,
+                                                                                       1e-5]
+        assert torch.allclose(model.train()(x), want, atol=1e-6)
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias"]
+    assert not [k for k in model.state_dict() if k.endswith("num_batches_tracked")]

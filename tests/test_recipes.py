@@ -9,7 +9,9 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file
+from torchvision.ops.misc import FrozenBatchNorm2d
 
+import finetune
 from finetune import locations
 from finetune.commands.inspect import inspect_plan, render
 from finetune.compose.prepare import compose_config
@@ -229,6 +231,17 @@ def test_maskrcnn_recipe_replaces_both_predictors_and_loads_the_rest(
     trainable = {n.split(".")[2] for n, p in plan.built.model.named_parameters()
                  if p.requires_grad and n.startswith("backbone.body.")}
     assert trainable == {"layer2", "layer3", "layer4"}
+    # its backbone's BatchNorm frozen as torchvision builds it for these weights: none
+    # trains, each holds the file's statistics
+    norms = {n: m for n, m in plan.built.model.named_modules()
+             if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))}
+    assert len(norms) == 53 and all(isinstance(m, FrozenBatchNorm2d) for m in norms.values())
+    published = torch.load(next((offline_home / "hub" / "checkpoints").glob("maskrcnn*")),
+                           weights_only=True)
+    assert all(torch.equal(m.running_var, published[f"{n}.running_var"])
+               for n, m in norms.items())
+    assert any("53 BatchNorm layers of maskrcnn_resnet50_fpn's backbone are "
+               "FrozenBatchNorm2d" in n for n in plan.notes)
     run = train_here("recipe=maskrcnn_resnet50_fpn_inst", *overrides, "data.batch_size=2",
                      "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                      "trainer.limit_val_batches=1", run_dir=tmp_path / "run")
@@ -236,3 +249,7 @@ def test_maskrcnn_recipe_replaces_both_predictors_and_loads_the_rest(
     assert metrics["status"] == "complete" and 0 <= metrics["val/mask_map"] <= 1
     trained = load_file(run / "model.safetensors")
     assert trained["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 11
+    assert all(torch.equal(trained[f"{n}.running_mean"], published[f"{n}.running_mean"])
+               for n in norms)  # trained a step, the statistics are the file's still
+    loaded = finetune.load(run, device="cpu")
+    assert isinstance(loaded.backbone.body.layer3[0].bn1, FrozenBatchNorm2d)

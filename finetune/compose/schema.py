@@ -34,6 +34,9 @@ class DetectorConfig:
     head: str = "fasterrcnn"
     levels: list[str] = field(default_factory=list)  # FPN levels by node; []: one map
     kwargs: dict[str, Any] = field(default_factory=dict)  # to the detector (min_size, ...)
+    # auto | true | false: the backbone's BatchNorm as FrozenBatchNorm2d (auto: as
+    # torchvision builds its pretrained detectors; finetune/training/detection_plan.py)
+    frozen_bn: Any = "auto"
 
 
 @dataclass
@@ -340,6 +343,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
                                        *MASK_MAP_METRICS[:4]),
     # finetune/models/detectors.py HEADS
     "model.detector.head": ("fasterrcnn", "retinanet", "fcos", "maskrcnn"),
+    "model.detector.frozen_bn": ("auto", True, False),
     "model.segmenter.head": ("deeplabv3", "fcn"),  # finetune/models/segmenters.py HEADS
     "data.box_format": ("xyxy", "xywh", "cxcywh"),  # finetune/data/boxes.py BOX_FORMATS
     "data.empty_images": ("keep", "refuse"),  # finetune/data/box_checks.py EMPTY_POLICIES

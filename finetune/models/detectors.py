@@ -10,7 +10,10 @@ score each class on its own and never see label 0.
 
 Nothing is downloaded: every builder is called with `weights=None, weights_backbone=None`;
 pretrained tensors load afterwards through the weight sources, by name and shape, as for a
-classifier (the class layers, of another size, are reported new).
+classifier (the class layers, of another size, are reported new). Built that way a detector
+has BatchNorm in its backbone where torchvision's builder, given pretrained weights, puts
+FrozenBatchNorm2d (statistics and affine fixed: a detector trains on a few images per
+step); `frozen_bn` gives it torchvision's layers back (`freeze_batchnorm`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 LABEL_OFFSET = 1  # the data's class i is the detector's label i + 1; 0 is the background
 
@@ -37,6 +41,13 @@ FAMILIES = {"fasterrcnn": "boxes", "maskrcnn": "boxes and masks", "retinanet": "
 # what a classifier's features can go under (maskrcnn: instance masks)
 HEADS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
 MASK_FAMILY = "boxes and masks"
+# torchvision's detectors whose builders freeze their backbone's BatchNorm when given
+# pretrained weights (`norm_layer = FrozenBatchNorm2d if is_trained else nn.BatchNorm2d`);
+# the v2 models and SSD keep BatchNorm (checked against torchvision in tests/test_detectors.py)
+FROZEN_BN_PRETRAINED = frozenset({
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
+    "fcos_resnet50_fpn"})
 
 
 class DetectorProblem(Exception):
@@ -54,11 +65,32 @@ def finds_masks(name_or_head: str) -> bool:
     return FAMILIES.get(name_or_head.split("_")[0]) == MASK_FAMILY
 
 
-def build_detector(name: str, num_classes: int, masks: bool = False, **kwargs: Any
-                   ) -> nn.Module:
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Every BatchNorm2d under `module` replaced by a FrozenBatchNorm2d holding its weight,
+    bias, running statistics and eps (it computes what the layer does in eval mode, in
+    training too, and trains nothing). The count."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                value = getattr(child, key)
+                if value is not None:
+                    getattr(frozen, key).copy_(value.detach())
+            setattr(module, name, frozen)
+            count += 1
+        else:
+            count += freeze_batchnorm(child)
+    return count
+
+
+def build_detector(name: str, num_classes: int, masks: bool = False, frozen_bn: bool = False,
+                   **kwargs: Any) -> nn.Module:
     """torchvision's detector `name` for `num_classes` object classes (K + 1 outputs),
     random weights; `kwargs` go to its builder (min_size, max_size, box_score_thresh...).
-    `masks`: keep Mask R-CNN's mask branch (instance masks); otherwise it goes."""
+    `masks`: keep Mask R-CNN's mask branch (instance masks); otherwise it goes. `frozen_bn`:
+    its backbone's body with FrozenBatchNorm2d as torchvision builds it for pretrained
+    weights (without weights its builder makes them BatchNorm2d of FrozenBatchNorm2d's eps)."""
     if name not in detector_names():
         raise DetectorProblem(f"model.name={name!r} is not one of torchvision's detectors "
                               f"({', '.join(detector_names())}); a classifier's features "
@@ -75,6 +107,8 @@ def build_detector(name: str, num_classes: int, masks: bool = False, **kwargs: A
         # of a COCO file are reported unused)
         roi = model.roi_heads
         roi.mask_roi_pool = roi.mask_head = roi.mask_predictor = None
+    if frozen_bn:
+        freeze_batchnorm(getattr(model.backbone, "body", model.backbone))
     return model
 
 

@@ -26,7 +26,13 @@ from finetune.data.transforms import TTA, eval_transform, tta_transform
 from finetune.errors import FinetuneError
 from finetune.models.backbones import Preprocessing
 from finetune.models.builder import assemble
-from finetune.models.detectors import backbone_of, build_detector, detector_names, detector_on
+from finetune.models.detectors import (
+    backbone_of,
+    build_detector,
+    detector_names,
+    detector_on,
+    freeze_batchnorm,
+)
 from finetune.models.segmenters import build_segmenter, segmenter_names, segmenter_on
 from finetune.rundir import artifacts
 from finetune.rundir.manifest import Manifest, read_manifest
@@ -92,11 +98,14 @@ def recorded_detector(manifest: Manifest, prep: Preprocessing) -> nn.Module:
         return build_detector(manifest.model_name, count,
                               task_of(manifest.task).instance_masks, **kwargs)
     classifier, head = kwargs.pop("classifier", {}), kwargs.pop("detector", "fasterrcnn")
-    levels = kwargs.pop("levels", [])
+    levels, frozen = kwargs.pop("levels", []), kwargs.pop("frozen_bn", False)
     parts = assemble(manifest.model_name, classifier, None, 0.0, [], manifest.surgery,
                      prep.crop, prep.channels, source=manifest.model_source)
     backbone = backbone_of(parts.model, list(levels) or None, prep.crop, prep.channels)
-    return detector_on(backbone, head, count, **kwargs)
+    model = detector_on(backbone, head, count, **kwargs)
+    if frozen:
+        freeze_batchnorm(model.backbone)
+    return model
 
 
 def recorded_segmenter(manifest: Manifest, prep: Preprocessing) -> nn.Module:

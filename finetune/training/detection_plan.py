@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from finetune.compose.precheck import config_problems
 from finetune.compose.ranges import range_problems
@@ -24,6 +25,7 @@ from finetune.data.formats import FORMATS
 from finetune.errors import FinetuneError
 from finetune.models import backbones
 from finetune.models.detectors import (
+    FROZEN_BN_PRETRAINED,
     DetectorProblem,
     backbone_of,
     build_detector,
@@ -31,6 +33,7 @@ from finetune.models.detectors import (
     detector_names,
     detector_on,
     finds_masks,
+    freeze_batchnorm,
     unknown_arguments,
 )
 from finetune.models.sources import BUILDER_LOADS, builder_loads_problem, model_source_of
@@ -136,6 +139,17 @@ def _unknown(model: torch.nn.Module, given: dict[str, Any], name: str | None, wh
     return bool(unknown)
 
 
+def frozen_bn(cfg: DictConfig) -> bool:
+    """Whether the detector's backbone gets FrozenBatchNorm2d (model.detector.frozen_bn):
+    `auto` does as torchvision's builder does — frozen for its detectors that freeze them
+    when given pretrained weights, when this run's weights are pretrained (any source but
+    none); a classifier under a detector head keeps its BatchNorm."""
+    value = cfg.model.detector.get("frozen_bn", "auto")
+    if value == "auto":
+        return cfg.model.name in FROZEN_BN_PRETRAINED and cfg.weights.source != "none"
+    return bool(value)
+
+
 def build_model(cfg: DictConfig, class_names: list[str], size: int,
                 prep: backbones.Preprocessing, entry: Any, load: bool, train_sources: bool,
                 problems: list[str], notes: list[str]) -> Built | None:
@@ -147,12 +161,16 @@ def build_model(cfg: DictConfig, class_names: list[str], size: int,
     user_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
     detector_user = OmegaConf.to_container(cfg.model.detector.kwargs, resolve=True)
     assert isinstance(user_kwargs, dict) and isinstance(detector_user, dict)
+    # recorded only when on: the run dirs of before rebuild as they were
+    frozen = {"frozen_bn": True} if frozen_bn(cfg) else {}
     try:
         if name in detector_names():
-            kwargs = {**sizes, **user_kwargs}
+            kwargs = {**sizes, **user_kwargs, **frozen}
             model = build_detector(name, count, task_of(cfg).instance_masks, **kwargs)
             if _unknown(model, user_kwargs, name, "model.kwargs", problems):
                 return None
+            if frozen:
+                notes.append(_frozen_note(model, name))
             head_paths = class_layers(model)
             report = load_for_plan(model, cfg.weights, name, head_paths, None, class_names,
                                    load, train_sources, notes)
@@ -167,6 +185,9 @@ def build_model(cfg: DictConfig, class_names: list[str], size: int,
         model = detector_on(backbone, cfg.model.detector.head, count, **detector_args)
         if _unknown(model, detector_user, None, "model.detector.kwargs", problems):
             return None
+        if frozen:
+            freeze_batchnorm(model.backbone)
+            notes.append(_frozen_note(model, name))
     except FinetuneError as err:  # the weights: a file, min_loaded, weights.require
         problems.extend(err.problems)
         return None
@@ -179,8 +200,16 @@ def build_model(cfg: DictConfig, class_names: list[str], size: int,
                         "raise data.image_size or cut the classifier earlier")
         return None
     return Built(model, {"classifier": kwargs, "detector": cfg.model.detector.head,
-                         "levels": levels, **detector_args},
+                         "levels": levels, **detector_args, **frozen},
                  class_layers(model), report, [])
+
+
+def _frozen_note(model: torch.nn.Module, name: str) -> str:
+    count = sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules())
+    return (f"model: the {count} BatchNorm layers of {name}'s backbone are FrozenBatchNorm2d "
+            "(statistics and affine fixed: torchvision's choice for its pretrained detectors, "
+            "which train on a few images per step); model.detector.frozen_bn=false trains "
+            "them")
 
 
 def dry_run_problem(model: torch.nn.Module, size: int, channels: int, name: str) -> str | None:
