@@ -794,7 +794,7 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "            for value in np.unique(labelled[(labelled < 0) | (labelled >= len(classes))]):",
      "            for value in []:", "tests/test_masks.py -k every_problem"),
     ("a digit canvas mask labels faint edges too", "finetune/data/masks.py",
-     "region = canvas.pixels[y1:y2, x1:x2] >= INK", "region = canvas.pixels[y1:y2, x1:x2] > 0",
+     "region = pixels[y1:y2, x1:x2] >= INK", "region = pixels[y1:y2, x1:x2] > 0",
      "tests/test_masks.py -k inked"),
     ("auto reads the pooled map", "finetune/models/segmenters.py",
      "            pooled = True  # (a map, but the head reads what comes before it is pooled)\n"
@@ -868,10 +868,9 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "    wanted = (\"roi_heads.box_predictor\", \"roi_heads.mask_predictor.mask_fcn_logits\",",
      "    wanted = (\"roi_heads.box_predictor\",", "tests/test_recipes.py -k maskrcnn"),
     ("validation's masks unthresholded", "finetune/tasks/instances.py",
-     "        return [{**f, \"masks\": f[\"masks\"][:, 0] > 0.5} if \"masks\" in f else f "
-     "for f in found]",
-     "        return [{**f, \"masks\": f[\"masks\"][:, 0] > 0.05} if \"masks\" in f else f "
-     "for f in found]",
+     "        return [{**f, \"masks\": f[\"masks\"][:, 0] > MASK_THRESHOLD} if \"masks\" in f "
+     "else f",
+     "        return [{**f, \"masks\": f[\"masks\"][:, 0] > 0.05} if \"masks\" in f else f",
      "tests/test_instance_segmentation.py -k above_one_half"),
     ("mask AP per class read from the boxes", "finetune/tasks/instances.py",
      "    per_class_key = \"val/segm_map_per_class\"",
@@ -890,10 +889,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "            entry[\"mask\"], entry[\"mask_pixels\"] = encode(pixels), int(pixels.size)",
      "tests/test_instance_segmentation.py -k predict_writes"),
     ("an instance run's worst images counted on boxes", "finetune/rundir/box_evaluation.py",
-     "    missed, false = mistakes({**found, \"masks\": found_masks}, "
-     "{**target, \"masks\": true_masks},\n                             on=\"masks\")",
-     "    missed, false = mistakes({**found, \"masks\": found_masks}, "
-     "{**target, \"masks\": true_masks},\n                             on=\"boxes\")",
+     "    missed, false = mistakes(found, truth, on=\"masks\")",
+     "    missed, false = mistakes(found, truth, on=\"boxes\")",
      "tests/test_instance_segmentation.py -k 'mask_mistakes or drawn_with'"),
     ("mask IoU over the smaller mask, not the union", "finetune/rundir/box_evaluation.py",
      "    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter",
@@ -904,8 +901,8 @@ MUTANTS: list[tuple[str, str, str, str, str]] = [
      "    ranked = sorted((m for m in new if m.missed + m.false),",
      "tests/test_instance_segmentation.py -k streaming"),
     ("the worst images' index counts from the batch", "finetune/rundir/box_evaluation.py",
-     "                    image_mask_mistakes(len(found) + k, f, b, t)",
-     "                    image_mask_mistakes(k, f, b, t)",
+     "                    image_mask_mistakes(len(found) + k, f, t)",
+     "                    image_mask_mistakes(k, f, t)",
      "tests/test_instance_segmentation.py -k drawn_with"),
     ("found masks below the shown score drawn", "finetune/rundir/box_evaluation.py",
      "    shown = order[found[\"scores\"][order] >= SHOWN_SCORE]",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -116,6 +117,26 @@ def main_here(command: str, *args: str, capsys: pytest.CaptureFixture[str]
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def ranked_leaderboard(sweep: Path, metric: str, capsys: pytest.CaptureFixture[str]
+                       ) -> list[dict[str, str]]:
+    """`finetune report SWEEP` in this process: it says it ranked the jobs by `metric`
+    (val/map, val/miou...), the leaderboard lists them best first, and each row's figure and
+    split point are its job's own. The leaderboard's rows."""
+    code, out, err = main_here("report", str(sweep), capsys=capsys)
+    assert code == 0 and f"ranked by {metric}" in out, err
+    with open(sweep / "leaderboard.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    column = metric.replace("/", "_")
+    assert {f"best_{column}", column} <= set(rows[0])
+    values = [float(r[column]) for r in rows]
+    assert values == sorted(values, reverse=True)
+    for row in rows:  # each figure is its job's
+        job = json.loads((sweep / row["job"] / "metrics.json").read_text())
+        assert float(row[column]) == pytest.approx(job[metric], abs=1e-4)
+        assert row["train_from"] == job["train_from"]
+    return rows
 
 
 def cli_errors(result: subprocess.CompletedProcess, prefix: str = "finetune: error:"

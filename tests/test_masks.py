@@ -152,7 +152,7 @@ def test_a_digit_canvas_mask_marks_exactly_its_inked_pixels() -> None:
     names = ["background", "5", "7"]
     canvases = digit_canvases(6, size=48, digits=[5, 7], per_canvas=(1, 2), scales=(2, 3))
     for canvas in canvases:
-        mask = canvas_mask(canvas, names)
+        mask = canvas_mask(canvas.pixels, canvas.boxes, names)
         assert set(np.unique(mask)) <= {0, 1, 2}
         assert np.array_equal(mask > 0, canvas.pixels >= INK)  # ink is a digit, nothing else
         for x1, y1, x2, y2, digit in canvas.boxes:

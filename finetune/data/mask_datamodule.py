@@ -126,8 +126,8 @@ def read_mask_items(cfg: Any, num_classes: int | None, seed: int
                                 f"{', '.join(names[1:])}); set head.num_classes={len(names)} "
                                 "or leave it out")
         train, val = data_format.canvases(cfg, seed, cfg.val_fraction)
-        return ([MaskItem(c.pixels, canvas_mask(c, names)) for c in train],
-                [MaskItem(c.pixels, canvas_mask(c, names)) for c in val], names)
+        return ([MaskItem(c.pixels, canvas_mask(c.pixels, c.boxes, names)) for c in train],
+                [MaskItem(c.pixels, canvas_mask(c.pixels, c.boxes, names)) for c in val], names)
     found = data_format.read_masks(cfg)
     problems = check_masks(found, int(cfg.ignore_index), num_classes)
     if problems:

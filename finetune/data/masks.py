@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -24,9 +23,6 @@ from PIL import Image
 from finetune.compose.safe_files import read_text
 from finetune.data.images import IMAGE_SUFFIXES
 from finetune.locations import inside
-
-if TYPE_CHECKING:  # (canvases imports scikit-learn)
-    from finetune.data.canvases import Canvas
 
 # Pascal VOC's segmentation classes, in id order (0 is the background; 255 marks borders).
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
@@ -198,12 +194,14 @@ def check_masks(found: MaskSet, ignore_index: int, num_classes: int | None) -> l
     return problems
 
 
-def canvas_mask(canvas: Canvas, names: list[str]) -> np.ndarray:
-    """A digit canvas's mask: each digit's inked pixels get its class (its place in `names`,
-    whose first is the background); every other pixel the background, 0."""
-    mask = np.zeros(canvas.pixels.shape, dtype=np.int64)
+def canvas_mask(pixels: np.ndarray, boxes: list[tuple[int, int, int, int, str]],
+                names: list[str]) -> np.ndarray:
+    """A digit canvas's mask (its pixels and boxes, finetune/data/canvases.py): each digit's
+    inked pixels get its class (its place in `names`, whose first is the background); every
+    other pixel the background, 0."""
+    mask = np.zeros(pixels.shape, dtype=np.int64)
     index = {n: i for i, n in enumerate(names)}
-    for x1, y1, x2, y2, digit in canvas.boxes:
-        region = canvas.pixels[y1:y2, x1:x2] >= INK
+    for x1, y1, x2, y2, digit in boxes:
+        region = pixels[y1:y2, x1:x2] >= INK
         mask[y1:y2, x1:x2][region] = index[digit]
     return mask

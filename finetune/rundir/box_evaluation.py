@@ -36,6 +36,7 @@ from torchvision.utils import draw_segmentation_masks
 from finetune.data.box_datasets import BoxDataset, collate_boxes
 from finetune.models.detectors import LABEL_OFFSET
 from finetune.rundir.box_inference import MASK_ALPHA, draw, found_boxes, png_bytes
+from finetune.tasks.instances import MASK_THRESHOLD
 
 WORST_SHOWN = 8  # the worst images a report shows
 MATCH_IOU = 0.5  # a found box matches a true one of its class at this IoU (mAP@0.5's)
@@ -104,12 +105,13 @@ def collect_boxes(model: nn.Module, dataset: BoxDataset, batch_size: int = 4,
                     labels = remap[labels - LABEL_OFFSET] + LABEL_OFFSET
                 batch_targets.append({"boxes": t["boxes"].float(), "labels": labels})
             if masks is not None and all("masks" in f for f in out):
-                masks.update([{**f, "masks": f["masks"][:, 0] > 0.5} for f in out],
-                             [{**b, "masks": t["masks"].bool()}
-                              for b, t in zip(batch_targets, truth, strict=True)])
+                found_masks = [{**f, "masks": f["masks"][:, 0] > MASK_THRESHOLD} for f in out]
+                true_masks = [{**b, "masks": t["masks"].bool()}
+                              for b, t in zip(batch_targets, truth, strict=True)]
+                masks.update(found_masks, true_masks)
                 worst = worst_so_far(worst, [
-                    image_mask_mistakes(len(found) + k, f, b, t)
-                    for k, (f, b, t) in enumerate(zip(out, batch_targets, truth, strict=True))])
+                    image_mask_mistakes(len(found) + k, f, t)
+                    for k, (f, t) in enumerate(zip(found_masks, true_masks, strict=True))])
             found += [{k: v for k, v in f.items() if k != "masks"} for f in out]
             targets += batch_targets
     model.train(was_training)
@@ -122,16 +124,13 @@ def collect_boxes(model: nn.Module, dataset: BoxDataset, batch_size: int = 4,
 
 
 def image_mask_mistakes(index: int, found: dict[str, torch.Tensor],
-                        target: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]
-                        ) -> MaskMistakes:
-    """One image's mask mistakes (`mistakes` on masks), with its masks kept to draw."""
-    found_masks = found["masks"][:, 0] > 0.5
-    true_masks = truth["masks"].bool().cpu()
-    missed, false = mistakes({**found, "masks": found_masks}, {**target, "masks": true_masks},
-                             on="masks")
+                        truth: dict[str, torch.Tensor]) -> MaskMistakes:
+    """One image's mask mistakes (`mistakes` on masks: both bool (objects, height, width)),
+    with its masks kept to draw."""
+    missed, false = mistakes(found, truth, on="masks")
     order = found["scores"].argsort(descending=True)
     shown = order[found["scores"][order] >= SHOWN_SCORE]
-    return MaskMistakes(index, missed, false, found_masks[shown], true_masks)
+    return MaskMistakes(index, missed, false, found["masks"][shown], truth["masks"])
 
 
 def worst_so_far(kept: list[MaskMistakes], new: list[MaskMistakes],

@@ -31,6 +31,7 @@ from finetune.errors import FinetuneError
 from finetune.models.detectors import LABEL_OFFSET
 from finetune.rundir import artifacts
 from finetune.rundir.inference import detector_input, max_pixels_of, read_batches
+from finetune.tasks.instances import MASK_THRESHOLD
 
 DEFAULT_MIN_SCORE = 0.5  # what a person looks at; evaluation keeps every box (mAP needs them)
 BOX_HEADER = ["path", "class", "score", "x1", "y1", "x2", "y2"]
@@ -66,7 +67,7 @@ def found_boxes(found: dict[str, torch.Tensor], classes: list[str], min_score: f
                  "score": round(float(scores[i]), 4),
                  "box": [round(float(v), 1) for v in boxes[i].tolist()]}
         if masks is not None:
-            pixels = (masks[i, 0] > 0.5).cpu().numpy()
+            pixels = (masks[i, 0] > MASK_THRESHOLD).cpu().numpy()
             entry["mask"], entry["mask_pixels"] = encode(pixels), int(pixels.sum())
         out.append(entry)
     return out

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
+from finetune.tasks.instances import MASK_THRESHOLD
 
 BOX_TOLERANCE = 1e-2  # pixels
 SCORE_TOLERANCE = 1e-4
@@ -63,16 +64,18 @@ def torchscript(model: nn.Module, path: Path) -> Callable[[list[torch.Tensor]], 
     return run
 
 
-def finds_masks(model: nn.Module) -> bool:
-    """Whether the detector is a Mask R-CNN with its mask branch."""
-    return getattr(getattr(model, "roi_heads", None), "mask_predictor", None) is not None
+def has_mask_branch(model: nn.Module) -> bool:
+    """Whether the detector is a Mask R-CNN with its mask branch (torchvision's RoIHeads
+    says)."""
+    heads = getattr(model, "roi_heads", None)
+    return heads is not None and heads.has_mask()
 
 
 def onnx(model: nn.Module, path: Path) -> Callable[[list[torch.Tensor]], list[Found]] | None:
     """Export one image's graph; a runner through onnxruntime, or None without it."""
     if importlib.util.find_spec("onnx") is None:
         raise FinetuneError("format=onnx needs the onnx package: pip install 'finetune[onnx]'")
-    outputs = ["boxes", "labels", "scores", *(["masks"] if finds_masks(model) else [])]
+    outputs = ["boxes", "labels", "scores", *(["masks"] if has_mask_branch(model) else [])]
     axes = {"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0], "masks": [0, 2, 3]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -123,7 +126,7 @@ def parity(model: nn.Module, runner: Callable[[list[torch.Tensor]], list[Found]]
                             f"(tolerance {SCORE_TOLERANCE}) and masks in up to {mask_diff:.3g} "
                             f"of their pixels (tolerance {MASK_TOLERANCE}) between the {fmt} "
                             "export and the model; nothing was written")
-    masked = {"parity_max_mask_diff": mask_diff} if finds_masks(model) else {}
+    masked = {"parity_max_mask_diff": mask_diff} if has_mask_branch(model) else {}
     return {"parity_boxes_compared": compared, "parity_max_box_diff": box_diff,
             "parity_max_score_diff": score_diff, **masked,
             "tolerance": {"boxes": BOX_TOLERANCE, "scores": SCORE_TOLERANCE,
@@ -148,7 +151,7 @@ def paired(want: Found, have: Found) -> tuple[float, float, float]:
         if "masks" in want:
             if "masks" not in have or have["masks"][j].shape != want["masks"][i].shape:
                 return box_diff, score_diff, float("inf")
-            differ = (have["masks"][j] > 0.5) != (want["masks"][i] > 0.5)
+            differ = (have["masks"][j] > MASK_THRESHOLD) != (want["masks"][i] > MASK_THRESHOLD)
             mask_diff = max(mask_diff, float(differ.float().mean()))
     return box_diff, score_diff, mask_diff
 

@@ -165,7 +165,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path | None = None) -> d
     if detector:
         info = {"format": fmt, "file": str(target), "run": str(Path(run_dir).resolve()),
                 "class_names": model.class_names,
-                **detector_export.io_description(fmt, detector_export.finds_masks(model)),
+                **detector_export.io_description(fmt, detector_export.has_mask_branch(model)),
                 **checked, "model_sha256": model.manifest.model_sha256,
                 "task": model.manifest.task, "torch": torch.__version__}
         artifacts.write_json(info_file, info)

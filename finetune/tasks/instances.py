@@ -17,6 +17,9 @@ from finetune.tasks.detection import MAP_METRICS, Detection
 
 # What validation measures: mask mAP (monitored) and detection's box figures under their
 # names there (val/map is box mAP in both tasks).
+# A predicted mask is the pixels whose probability is above this (COCO's and torchvision's
+# rule: validation, evaluate, predict and export's parity all read masks so).
+MASK_THRESHOLD = 0.5
 MASK_MAP_METRICS = ("val/mask_map", "val/mask_map_50", "val/mask_map_75",
                     "val/mask_mar_100", *MAP_METRICS)
 
@@ -42,7 +45,8 @@ class InstanceSegmentation(Detection):
     def metric_found(self, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Mask R-CNN's masks are probabilities (objects, 1, H, W); COCO's are its pixels
         above one half."""
-        return [{**f, "masks": f["masks"][:, 0] > 0.5} if "masks" in f else f for f in found]
+        return [{**f, "masks": f["masks"][:, 0] > MASK_THRESHOLD} if "masks" in f else f
+                for f in found]
 
     def problems(self, cfg: Any) -> list[str]:
         found = super().problems(cfg)
